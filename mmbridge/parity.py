@@ -1,0 +1,311 @@
+"""Numerical parity between TensorFlow and the bridged graph (onnxruntime, converted torch).
+
+One tolerance table, keyed by (stage, dtype), each entry with the reason it is as loose as it
+is. Elementwise criterion (``numpy.isclose`` form): ``|got - ref| <= atol + rtol * |ref|``.
+Integer and string outputs must match exactly. For each output the report gives the max
+absolute error, the max relative error (``|got - ref| / max(|ref|, tiny)``) and the smallest
+``atol`` that would pass at the entry's ``rtol`` (``required_atol``), so a failing check says
+by how much it failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ParityError
+from .specs import Tolerance
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .artifact import BridgeArtifact
+
+from .artifact import GOLDEN_FILE  # noqa: E402
+
+# (stage, dtype) -> Tolerance. Stages: "onnx" = TF vs onnxruntime on the exported graph;
+# "torch" = TF (or ORT) vs the onnx2torch module in eval mode; "autocast" = fp32 reference vs the
+# torch module under torch.autocast.
+TOLERANCES: dict[tuple[str, str], Tolerance] = {
+    ("onnx", "float32"): Tolerance(1e-5, 1e-4, "ORT (MLAS) and TF (Eigen/oneDNN) sum in different orders: ~1 ulp per "
+                                   "accumulation, growing with depth; rtol covers outputs far from 1"),
+    ("onnx", "float64"): Tolerance(1e-10, 1e-9, "reduction order only"),
+    ("onnx", "float16"): Tolerance(1e-2, 1e-2, "fp16 has 11 significant bits (eps 9.8e-4)"),
+    ("torch", "float32"): Tolerance(1e-5, 1e-4, "torch CPU kernels sum in another order than TF/ORT, as above"),
+    ("torch", "float16"): Tolerance(1e-2, 1e-2, "fp16 has 11 significant bits (eps 9.8e-4)"),
+    ("autocast", "bfloat16"): Tolerance(5e-2, 5e-2, "bf16 has 8 significant bits (eps 7.8e-3); errors add up per layer"),
+    ("autocast", "float16"): Tolerance(1e-2, 1e-2, "fp16 has 11 significant bits (eps 9.8e-4)"),
+}
+# Where a known numeric difference makes a stage looser than the table, bridges state it with a
+# reason, e.g. bilinear resize on 0-255 pixels: Tolerance(1e-3, 0, "TF computes the interpolation
+# weights in another order than ORT's Resize; measured up to 4e-3 on 0-255 inputs").
+
+
+def tolerance_for(stage: str, dtype: str) -> Tolerance:
+    """Look up the table; integer, bool and string outputs get ``Tolerance(0, 0)`` (exact).
+
+    Raises:
+        KeyError: no entry for a floating dtype at that stage.
+    """
+    if not (dtype.startswith("float") or dtype == "bfloat16"):
+        return Tolerance(0.0, 0.0, "integer / bool / string outputs must match exactly")
+    try:
+        return TOLERANCES[(stage, dtype)]
+    except KeyError:
+        raise KeyError(f"no parity tolerance for stage {stage!r}, dtype {dtype!r}; known: {sorted(TOLERANCES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputParity:
+    """Parity of one output of one backend against the reference.
+
+    Attributes:
+        backend: ``"ort"`` or ``"torch"`` (what was compared against the reference).
+        output: output name.
+        shape: reference shape.
+        dtype: reference dtype.
+        max_abs: max ``|got - ref|`` (0 for exact-match dtypes that match).
+        max_rel: max ``|got - ref| / max(|ref|, 1e-12)``.
+        required_atol: smallest atol that would pass at ``tolerance.rtol``.
+        tolerance: the tolerance applied.
+        passed: whether every element is within tolerance (and shapes/dtypes agree).
+        problem: why it failed when it is not a number (shape or dtype mismatch), else "".
+    """
+
+    backend: str
+    output: str
+    shape: tuple[int, ...]
+    dtype: str
+    max_abs: float
+    max_rel: float
+    required_atol: float
+    tolerance: Tolerance
+    passed: bool
+    problem: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+@dataclasses.dataclass
+class ParityReport:
+    """Per output and backend parity; ``passed`` only if every row passed."""
+
+    rows: list[OutputParity]
+    reference: str = "tensorflow"
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference, "passed": self.passed, "rows": [r.to_dict() for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ParityReport:
+        rows = []
+        for r in d["rows"]:
+            r = dict(r)
+            r["tolerance"] = Tolerance(**r["tolerance"])
+            r["shape"] = tuple(r["shape"])
+            rows.append(OutputParity(**r))
+        return cls(rows, d.get("reference", "tensorflow"))
+
+    def __str__(self) -> str:
+        lines = [f"parity vs {self.reference}: {'PASSED' if self.passed else 'FAILED'}"]
+        lines.append(f"  {'backend':7} {'output':24} {'shape':18} {'dtype':8} {'max_abs':>9} {'max_rel':>9} "
+                     f"{'need_atol':>9} {'atol':>8} {'rtol':>8}  ok")
+        for r in self.rows:
+            lines.append(
+                f"  {r.backend:7} {r.output[:24]:24} {str(list(r.shape))[:18]:18} {r.dtype:8} {r.max_abs:9.2e} "
+                f"{r.max_rel:9.2e} {r.required_atol:9.2e} {r.tolerance.atol:8.1e} {r.tolerance.rtol:8.1e}  "
+                f"{'yes' if r.passed else 'NO ' + r.problem}"
+            )
+        return "\n".join(lines)
+
+    def raise_if_failed(self, what: str = "bridge") -> ParityReport:
+        """Raise :class:`ParityError` (carrying this report) unless every row passed."""
+        if not self.passed:
+            bad = [r for r in self.rows if not r.passed]
+            worst = ", ".join(
+                f"{r.backend}:{r.output} max_abs={r.max_abs:.3g} (needs atol {r.required_atol:.3g} at rtol {r.tolerance.rtol:g})"
+                if not r.problem else f"{r.backend}:{r.output} {r.problem}"
+                for r in bad
+            )
+            raise ParityError(
+                f"{what} does not compute what TensorFlow computes: {worst}. If the difference is expected "
+                f"(documented numerics), pass tolerance=mmbridge.Tolerance(atol, rtol, reason=...).\n{self}",
+                report=self,
+            )
+        return self
+
+
+def compare(
+    got: Mapping[str, np.ndarray],
+    ref: Mapping[str, np.ndarray],
+    *,
+    backend: str,
+    stage: str,
+    tolerance: Tolerance | None = None,
+) -> list[OutputParity]:
+    """Compare named outputs elementwise; see the module doc for the criterion.
+
+    Args:
+        got: backend outputs by name (numpy arrays or anything ``np.asarray`` takes).
+        ref: reference outputs by name; every reference name must be in ``got``.
+        backend: label for the rows.
+        stage: tolerance-table stage (``"onnx"``, ``"torch"``, ``"autocast"``).
+        tolerance: override for floating outputs (integers stay exact).
+    """
+    rows = []
+    for name, r in ref.items():
+        r = np.asarray(r)
+        dtype = _dtype(r)
+        tol = tolerance if (tolerance is not None and dtype.startswith("float")) else tolerance_for(stage, dtype)
+        if name not in got:
+            rows.append(OutputParity(backend, name, r.shape, dtype, np.inf, np.inf, np.inf, tol, False, "missing output"))
+            continue
+        g = np.asarray(got[name])
+        if g.shape != r.shape:
+            rows.append(OutputParity(backend, name, r.shape, dtype, np.inf, np.inf, np.inf, tol, False,
+                                     f"shape {list(g.shape)} != reference {list(r.shape)}"))
+            continue
+        if dtype == "string" or r.dtype == bool:
+            eq = np.asarray(g.astype(r.dtype) == r) if dtype != "string" else np.asarray(
+                np.vectorize(_s)(g) == np.vectorize(_s)(r))
+            n_bad = int((~eq).sum())
+            rows.append(OutputParity(backend, name, r.shape, dtype, float(n_bad > 0), float(n_bad > 0), 0.0, tol,
+                                     n_bad == 0, f"{n_bad} elements differ" if n_bad else ""))
+            continue
+        if not dtype.startswith("float") and _dtype(g) != dtype:
+            # integer outputs: values must match exactly, and so must the dtype
+            rows.append(OutputParity(backend, name, r.shape, dtype, np.inf, np.inf, np.inf, tol, False,
+                                     f"dtype {_dtype(g)} != reference {dtype}"))
+            continue
+        gf, rf = g.astype(np.float64), r.astype(np.float64)
+        if r.size == 0:
+            rows.append(OutputParity(backend, name, r.shape, dtype, 0.0, 0.0, 0.0, tol, True))
+            continue
+        nonfinite = ~np.isfinite(rf) | ~np.isfinite(gf)
+        same_nonfinite = np.array_equal(np.isnan(rf), np.isnan(gf)) and np.array_equal(
+            np.where(np.isinf(rf), rf, 0), np.where(np.isinf(gf), gf, 0))
+        diff = np.where(nonfinite, 0.0, np.abs(gf - rf))
+        max_abs = float(diff.max())
+        max_rel = float((diff / np.maximum(np.abs(rf), 1e-12)).max())
+        required = float(np.max(np.maximum(diff - tol.rtol * np.abs(np.where(nonfinite, 0, rf)), 0.0)))
+        ok = same_nonfinite and required <= tol.atol
+        rows.append(OutputParity(backend, name, r.shape, dtype, max_abs, max_rel, required, tol, bool(ok),
+                                 "" if same_nonfinite else "NaN/Inf positions differ"))
+    return rows
+
+
+def _s(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _dtype(a: np.ndarray) -> str:
+    if a.dtype == object or a.dtype.kind in "SU":
+        return "string"
+    return a.dtype.name
+
+
+def run_ort(model_or_path: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run an ONNX model (``ModelProto``, bytes or path) on CPU with plain ``session.run``."""
+    from .backends.ort_session import make_session
+
+    sess = make_session(model_or_path, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    feed = {i.name: inputs[i.name] for i in sess.get_inputs()}
+    return dict(zip(names, sess.run(names, feed)))
+
+
+def verify(
+    artifact: BridgeArtifact,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    *,
+    reference: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | Mapping[str, np.ndarray] | None = None,
+    backends: Sequence[str] = ("ort",),
+    tolerance: Tolerance | None = None,
+    raise_on_failure: bool = True,
+) -> ParityReport:
+    """Check that a bridge computes what TensorFlow computes.
+
+    Args:
+        artifact: the exported bridge.
+        inputs: input arrays by name (layouts and dtypes as in ``artifact.input_specs``);
+            default: the sample inputs stored at export (``golden.npz``).
+        reference: TF outputs by name, or a callable ``inputs -> outputs`` (e.g. the Keras
+            model); default: the TF outputs stored at export for the stored inputs. Needed when
+            ``inputs`` are given.
+        backends: which to check: ``"ort"`` (onnxruntime CPU) and/or ``"torch"`` (the
+            onnx2torch module in eval mode, on CPU).
+        tolerance: override the table for floating outputs (see :data:`TOLERANCES`).
+        raise_on_failure: raise :class:`ParityError` instead of returning a failing report.
+
+    Returns:
+        A :class:`ParityReport` with one row per (backend, output).
+
+    Raises:
+        ParityError: a row failed and ``raise_on_failure``.
+        ValueError: ``inputs`` given without ``reference``, or an unknown backend.
+    """
+    if inputs is None:
+        golden = load_golden(artifact)
+        inputs, ref = golden["inputs"], golden["outputs"]
+        if reference is not None:
+            raise ValueError("verify(): `reference` was given without `inputs`; pass both, or neither to use the stored golden pair")
+    else:
+        if reference is None:
+            raise ValueError(
+                "verify(): `inputs` were given without `reference`; pass the TF outputs (or the TF callable) "
+                "as reference=, or omit both to check the golden pair stored at export"
+            )
+        ref = dict(reference(inputs)) if callable(reference) else dict(reference)
+    ref = {k: np.asarray(v) for k, v in ref.items()}
+    rows: list[OutputParity] = []
+    for backend in backends:
+        if backend == "ort":
+            got = run_ort(artifact.onnx_path, inputs)
+            rows += compare(got, ref, backend="ort", stage="onnx", tolerance=tolerance)
+        elif backend == "torch":
+            got = run_torch(artifact, inputs)
+            rows += compare(got, ref, backend="torch", stage="torch", tolerance=tolerance)
+        else:
+            raise ValueError(f"verify(): unknown backend {backend!r}; use 'ort' and/or 'torch'")
+    report = ParityReport(rows)
+    if raise_on_failure:
+        report.raise_if_failed(f"bridge {artifact.name!r}")
+    return report
+
+
+def run_torch(artifact: BridgeArtifact, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run the artifact's onnx2torch module (eval mode, CPU, no grad) on numpy inputs."""
+    import torch
+
+    module = artifact.to_torch(trainable=True).eval()
+    args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in artifact.input_specs]
+    with torch.no_grad():
+        out = module(*args)
+    if isinstance(out, Mapping):
+        out = [out[n] for n in artifact.output_names]
+    elif not isinstance(out, (tuple, list)):
+        out = [out]
+    return {n: o.detach().cpu().numpy() for n, o in zip(artifact.output_names, out)}
+
+
+def load_golden(artifact: BridgeArtifact) -> dict[str, dict[str, np.ndarray]]:
+    """The sample inputs and TF outputs stored at export: ``{"inputs": {...}, "outputs": {...}}``.
+
+    Raises:
+        FileNotFoundError: the artifact has no ``golden.npz`` (exported with ``verify=False``).
+    """
+    path = artifact.path / GOLDEN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: this artifact was exported without parity data; pass inputs= and reference=")
+    with np.load(path, allow_pickle=False) as z:
+        inputs = {k[len("in/"):]: z[k] for k in z.files if k.startswith("in/")}
+        outputs = {k[len("out/"):]: z[k] for k in z.files if k.startswith("out/")}
+    return {"inputs": inputs, "outputs": outputs}
