@@ -92,6 +92,7 @@ def export(
     tolerance: Tolerance | None = None,
     sample_inputs: Mapping[str, np.ndarray] | Callable[[int, int], Mapping[str, np.ndarray]] | None = None,
     inputs_as_nchw: Sequence[str] | None = None,
+    trainable: bool = False,
     optimize: bool = True,
     verify: bool = True,
     cache_dir: str | os.PathLike | None = None,
@@ -117,6 +118,8 @@ def export(
             {name: array}``; default: drawn from the specs' dtypes and value ranges, batch 2.
         inputs_as_nchw: input names that the ONNX graph should take as NCHW instead of TF's
             NHWC (tf2onnx's ``inputs_as_nchw``; the parity check transposes for TF).
+        trainable: export for fine-tuning: BatchNormalization, Dropout and LayerNormalization
+            stay real ONNX ops (see :mod:`mmbridge.trainable`) instead of being folded away.
         optimize: run onnxoptimizer's parity-preserving passes.
         verify: check parity against TF (always done unless False; ``ParityError`` on failure).
         cache_dir: cache root (default ``$MMBRIDGE_CACHE`` or the user cache dir).
@@ -163,7 +166,8 @@ def export(
     options = dict(
         input_specs=[s.to_dict() for s in input_specs] if input_specs else None,
         opset=opset, name=name, role=role, tolerance=tolerance.to_dict() if tolerance else None,
-        inputs_as_nchw=list(inputs_as_nchw) if inputs_as_nchw else None, optimize=optimize, verify=verify,
+        inputs_as_nchw=list(inputs_as_nchw) if inputs_as_nchw else None, trainable=bool(trainable),
+        optimize=optimize, verify=verify,
     )
 
     if isinstance(obj, (str, os.PathLike)):
@@ -431,7 +435,7 @@ def _fingerprint_payload(obj: Any, kind: str, fn: Any, specs: Sequence[TensorSpe
         except (NotImplementedError, TypeError, AttributeError, ValueError):
             keras_done = False
     if not keras_done:
-        gd = _freeze(fn, specs, tf)[0]
+        gd = _freeze(fn, specs, tf, options.get("trainable", False))[0]
         h.update(gd.SerializeToString(deterministic=True))
     return h.digest()
 
@@ -477,7 +481,7 @@ def export_patches() -> Iterator[None]:
             setattr(mod, attr, orig)
 
 
-def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any) -> tuple[Any, list[str], list[str], list[str]]:
+def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = False) -> tuple[Any, list[str], list[str], list[str]]:
     """Trace ``fn`` and freeze variables and captured tensors into constants.
 
     Returns:
@@ -486,7 +490,9 @@ def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any) -> tuple[Any, list[st
     """
     from tf2onnx import tf_loader
 
-    with export_patches():
+    from .trainable import trainable_patches
+
+    with export_patches(), (trainable_patches() if trainable else contextlib.nullcontext()):
         cf = fn.get_concrete_function()
     n = len(specs)
     inputs = [t.name for t in cf.inputs[:n]]
@@ -510,11 +516,14 @@ def _convert(graph_def: Any, inputs: list[str], outputs: list[str], opset: int, 
              name: str) -> Any:
     import tf2onnx
 
+    from .tf_ops import tf2onnx_handlers
+
+    handlers, extra_opset = tf2onnx_handlers()
     with _quiet_tf2onnx():
         try:
             model, _ = tf2onnx.convert.from_graph_def(
                 graph_def, name=name, input_names=inputs, output_names=outputs, opset=opset,
-                inputs_as_nchw=inputs_as_nchw,
+                inputs_as_nchw=inputs_as_nchw, custom_op_handlers=handlers or None, extra_opset=extra_opset or None,
             )
         except Exception as exc:  # tf2onnx raises bare Exceptions / ValueErrors on internal failures
             raise ExportError(f"tf2onnx could not convert {name!r} at opset {opset}: {type(exc).__name__}: {exc}") from exc
@@ -756,10 +765,15 @@ def _build(obj: Any, fn: Any, kind: str, specs: Sequence[TensorSpec], name: str,
     unknown_nchw = set(nchw) - {s.name for s in specs}
     if unknown_nchw:
         raise SpecError(f"inputs_as_nchw names {sorted(unknown_nchw)} that are not inputs {[s.name for s in specs]}")
-    graph_def, in_names, out_names, out_keys = _freeze(fn, specs, tf)
+    graph_def, in_names, out_names, out_keys = _freeze(fn, specs, tf, options["trainable"])
     model = _convert(graph_def, in_names, out_names, opset, [n for n in in_names if n.split(":")[0] in nchw], name)
     _rename_io(model, {t: s.name for t, s in zip(in_names, specs)}, dict(zip(out_names, out_keys)))
-    notes = repair_and_check_ops(model, name)
+    notes = []
+    if options["trainable"]:
+        from .trainable import postprocess
+
+        notes += postprocess(model)
+    notes += repair_and_check_ops(model, name)
     model = check_model(model, name)
 
     # parity data: TF on NHWC inputs; the ONNX graph gets NCHW for inputs_as_nchw
@@ -818,6 +832,7 @@ def _build(obj: Any, fn: Any, kind: str, specs: Sequence[TensorSpec], name: str,
         "versions": export_versions(),
         "parity": report.to_dict(),
         "rewrites": notes,
+        "trainable": options["trainable"],
         "optimizer": {"applied": applied, "rejected": rejected},
         "export_seconds": round(time.perf_counter() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
