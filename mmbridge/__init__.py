@@ -76,6 +76,10 @@ __all__ = sorted(
 def __getattr__(name: str) -> Any:
     target = _LAZY.get(name)
     if target is None:
+        from importlib.util import find_spec
+
+        if not name.startswith("__") and find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)  # submodules, e.g. mmbridge._tf
         raise AttributeError(f"module 'mmbridge' has no attribute {name!r}")
     module_name, _, attr = target.partition(":")
     obj: Any = importlib.import_module(module_name, __name__)

@@ -1,0 +1,7 @@
+"""``python -m mmbridge`` == the ``mmbridge`` console script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,154 @@
+"""The ``mmbridge`` command line.
+
+    mmbridge export MODULE:ATTR|SAVEDMODEL_DIR|MODEL.keras|BRIDGE --out DIR [--opset N] [--name NAME]
+    mmbridge verify DIR [--backend ort --backend torch]
+    mmbridge bridges [PATTERN]
+    mmbridge info
+    mmbridge train CONFIG.yaml [key=value ...]       (mmbridge.train.cli)
+    mmbridge evaluate CONFIG.yaml --checkpoint PATH    (mmbridge.train.cli)
+    mmbridge demo [--data DIR]                         (mmbridge.train.cli)
+    mmbridge bench [--quick] [--device cpu|cuda]       (mmbridge.bench.cli)
+
+Exports run in a child process, so this process never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import MMBridgeError
+
+# (module, function) pairs that add subcommands owned by other subpackages
+_EXTERNAL_PARSERS = (
+    ("mmbridge.train.cli", "add_train_parser"),
+    ("mmbridge.train.cli", "add_evaluate_parser"),
+    ("mmbridge.train.cli", "add_demo_parser"),
+    ("mmbridge.bench.cli", "add_bench_parser"),
+)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .exporter import export
+    from .specs import TensorSpec
+
+    specs = None
+    if args.input_spec:
+        specs = [TensorSpec.from_dict(json.loads(s)) for s in args.input_spec]
+    art = export(args.source, out=args.out, opset=args.opset, name=args.name, role=args.role,
+                 input_specs=specs, force=args.force, trainable=args.trainable,
+                 inputs_as_nchw=args.inputs_as_nchw or None)
+    print(f"exported {art.name!r} -> {art.path}")
+    print(f"  fingerprint {art.fingerprint[:16]}  opset {art.opset}  inputs "
+          + ", ".join(f"{s.name}{list(s.shape)}:{s.dtype}" for s in art.input_specs))
+    from .parity import ParityReport
+
+    if art.parity:
+        print(ParityReport.from_dict(art.parity))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .artifact import BridgeArtifact
+    from .parity import verify
+
+    art = BridgeArtifact.load(args.artifact)
+    report = verify(art, backends=args.backend or ["ort"], raise_on_failure=False)
+    print(report)
+    return 0 if report.passed else 1
+
+
+def _cmd_bridges(args: argparse.Namespace) -> int:
+    from .registry import bridges
+
+    names = bridges.names(args.pattern)
+    if not names:
+        print(f"no bridges match {args.pattern!r} (register them with @mmbridge.register_bridge, "
+              f"or through the 'mmbridge.plugins' entry point group)")
+    for n in names:
+        spec = bridges.get(n)
+        ins = ", ".join(f"{s.name}{list(s.shape)}:{s.dtype}" for s in spec.input_specs)
+        print(f"{n:32} {spec.role:10} opset {spec.opset:<3} {ins}  {spec.description}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .info import report
+
+    info = report()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if key == "versions":
+            print("versions:")
+            for k, v in value.items():
+                print(f"  {k:24} {v or '-'}")
+        elif key == "conflicts":
+            print("conflicts:" + ("" if value else " none"))
+            for c in value:
+                print(f"  ! {c}")
+        else:
+            print(f"{key}: {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser with every subcommand (external ones only if their module imports)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="mmbridge", description="TF preprocessing and Keras encoders in PyTorch, via ONNX.")
+    parser.add_argument("--version", action="version", version=f"mmbridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a TF object to a checked ONNX artifact (runs TF in a child process)")
+    p.add_argument("source", help="MODULE:ATTR, a SavedModel directory, a .keras/.h5 file, or a registered bridge name")
+    p.add_argument("--out", required=True, help="directory to write the artifact to (model.onnx, meta.json, golden.npz)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--name", default=None)
+    p.add_argument("--role", choices=("preprocess", "encoder"), default=None)
+    p.add_argument("--input-spec", action="append", metavar="JSON",
+                   help='input spec as JSON, repeatable: \'{"name": "image", "shape": ["batch", 224, 224, 3], "dtype": "uint8", "layout": "NHWC"}\'')
+    p.add_argument("--inputs-as-nchw", action="append", metavar="NAME", help="input to take as NCHW in the ONNX graph")
+    p.add_argument("--trainable", action="store_true", help="keep BatchNorm/Dropout/LayerNorm for fine-tuning")
+    p.add_argument("--force", action="store_true", help="re-export even on a cache hit")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("verify", help="re-check an artifact's parity against its stored TF outputs")
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--backend", action="append", choices=("ort", "torch"), help="backends to check (default: ort)")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("bridges", help="list registered bridges")
+    p.add_argument("pattern", nargs="?", default="*")
+    p.set_defaults(func=_cmd_bridges)
+
+    p = sub.add_parser("info", help="versions, execution providers, GPUs, cache dir and known conflicts")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_info)
+
+    for module, fn in _EXTERNAL_PARSERS:
+        try:
+            add = getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError):
+            continue
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mmbridge`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MMBridgeError as exc:
+        print(f"mmbridge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Training and evaluation of :class:`~mmbridge.HybridModel` (DESIGN.md parts 9 and 10).
+
+* :mod:`.trainer`: :class:`Trainer` (autocast, GradScaler, DDP, accumulation, checkpoints,
+  early stopping, TensorBoard, tqdm, torchmetrics);
+* :mod:`.distributed`: torchrun / Kubeflow environment -> process group and device;
+* :mod:`.checkpoint`: atomic, ``weights_only``-loadable checkpoints with RNG states;
+* :mod:`.metrics`: torchmetrics collections and JSON / Markdown reports;
+* :mod:`.encoders`: small native torch encoders (image CNN, text, numeric MLP);
+* :mod:`.config`: the YAML schema, validated up front (every problem at once);
+* :mod:`.build`: config -> data + model (imports ORT / exports only after validation);
+* :mod:`.cli`: ``mmbridge train | evaluate | demo``.
+
+Importing this package is light (no TensorFlow, no onnxruntime).
+"""

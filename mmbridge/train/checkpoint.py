@@ -1,0 +1,91 @@
+"""Checkpoints: written atomically, loadable with ``torch.load(weights_only=True)``.
+
+Everything in a checkpoint is a tensor or a plain Python value (dict, list, str, int, float,
+bool, None), so ``weights_only=True`` can load it: RNG states are stored as tensors and numbers,
+not as the tuples numpy and ``random`` hand out. A checkpoint is written to a temporary file in
+the same directory, flushed to disk, then moved over the old one with ``os.replace``, so a crash
+while saving leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CacheError
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU, CUDA, numpy, python) as tensors and plain values."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(py_version), "internal": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore RNG states saved by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (temporary file + fsync + ``os.replace``).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CacheError: the file is missing or is not a loadable mmbridge checkpoint (names the path
+            and the fix).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"checkpoint {path} does not exist; pass the path of a .pt file written by mmbridge train")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing here
+        raise CacheError(f"checkpoint {path} could not be loaded with weights_only=True ({exc}); "
+                         f"it is partial, corrupt or not written by mmbridge") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CacheError(f"checkpoint {path} has no 'model' entry; it was not written by mmbridge train")
+    return ckpt
