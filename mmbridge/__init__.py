@@ -51,7 +51,7 @@ _LAZY = {
     "Trainer": ".train.trainer:Trainer",
 }
 
-from .errors import (  # noqa: E402  (errors are tiny and always needed)
+from .errors import (  # noqa: E402, F401  (errors are tiny and always needed; re-exported)
     CacheError,
     ConfigError,
     ConversionError,

@@ -44,11 +44,11 @@ from typing import Any
 import numpy as np
 
 from . import _tf
-from .artifact import BridgeArtifact, cached_or_build, cache_root
+from .artifact import BridgeArtifact, cache_root, cached_or_build
 from .errors import ExportError, SpecError, UnsupportedOpsError
 from .info import export_versions
+from .parity import GOLDEN_FILE, ParityReport, compare, run_ort
 from .specs import BridgeSpec, TensorSpec, Tolerance, samples_from_specs
-from .parity import GOLDEN_FILE, compare, ParityReport, run_ort
 
 logger = logging.getLogger("mmbridge.export")
 
@@ -442,8 +442,7 @@ def _fingerprint_payload(obj: Any, kind: str, fn: Any, specs: Sequence[TensorSpe
 
 def _iter_layers(obj: Any) -> Iterator[Any]:
     yield obj
-    for layer in getattr(obj, "_flatten_layers", lambda **k: [])(include_self=False, recursive=True):
-        yield layer
+    yield from getattr(obj, "_flatten_layers", lambda **k: [])(include_self=False, recursive=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,6 +620,86 @@ def register_onnx_rewrite(op_type: str, rewrite: Callable[[Any, Any, Callable[[s
     ONNX_REWRITES[op_type] = rewrite
 
 
+def _const_value(graph: Any, name: str) -> np.ndarray | None:
+    from onnx import numpy_helper
+
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+    return None
+
+
+def _static_shape(graph: Any, name: str, known: Mapping[str, Any] | None = None) -> list[int | None] | None:
+    for vi in list(graph.value_info) + list(graph.input) + list(graph.output) + list((known or {}).values()):
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    return None
+
+
+def resize_scales_to_sizes(model: Any) -> int:
+    """Make ``Resize`` nodes with constant ``scales`` use exact ``sizes`` (onnx/onnx#4919).
+
+    tf2onnx encodes a static resize (7x9 -> 5x13) as float scales (13/9 = 1.4444444). ONNX
+    defines the output size as ``floor(in * scale)``, which in float32 can land one short (12
+    instead of 13; ../shared/cases/10, and 24 -> 39 instead of 40 for Keras ``Resizing``), so
+    onnx.checker rejects the graph and onnx2torch/ORT disagree with TF. TF's target size is the
+    integer ``round(in * scale)``; this pass feeds it as ``sizes`` (batch and channel dims taken
+    from the input's runtime shape), which also fixes the coordinate transform to TF's
+    ``in / out`` ratio.
+
+    Returns:
+        The number of Resize nodes rewritten.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if not any(n.op_type == "Resize" for g in _iter_graphs(model.graph) for n in g.node):
+        return 0
+    try:  # shapes for the lookups below (tf2onnx writes no value_info)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        known = {vi.name: vi for vi in inferred.graph.value_info}
+    except Exception:  # noqa: BLE001 - without shapes nothing is rewritten
+        known = {}
+    count = 0
+    for graph in _iter_graphs(model.graph):
+        new_nodes = []
+        for node in graph.node:
+            if node.op_type != "Resize" or len(node.input) < 3 or not node.input[2] or (len(node.input) > 3 and node.input[3]):
+                new_nodes.append(node)
+                continue
+            scales = _const_value(graph, node.input[2])
+            in_shape = _static_shape(graph, node.input[0], known)
+            if scales is None or in_shape is None or len(in_shape) != scales.size:
+                new_nodes.append(node)
+                continue
+            scales = scales.astype(np.float64)
+            resized = [i for i, sc in enumerate(scales) if sc != 1.0]
+            if any(in_shape[i] is None for i in resized):
+                new_nodes.append(node)
+                continue
+            target = np.array([int(round(in_shape[i] * scales[i])) if i in resized else 0 for i in range(scales.size)], np.int64)
+            mask = np.array([i in resized for i in range(scales.size)])
+            base = node.name or node.output[0]
+            shape_out, sizes = f"{base}__mmb_shape", f"{base}__mmb_sizes"
+            mask_name, target_name = f"{base}__mmb_mask", f"{base}__mmb_target"
+            graph.initializer.extend([numpy_helper.from_array(mask, mask_name), numpy_helper.from_array(target, target_name)])
+            new_nodes.append(helper.make_node("Shape", [node.input[0]], [shape_out], name=shape_out))
+            new_nodes.append(helper.make_node("Where", [mask_name, target_name, shape_out], [sizes], name=sizes))
+            del node.input[2:]
+            node.input.extend(["", sizes])
+            new_nodes.append(node)
+            count += 1
+        if count:
+            del graph.node[:]
+            graph.node.extend(new_nodes)
+    return count
+
+
 def _iter_graphs(graph: Any) -> Iterator[Any]:
     yield graph
     for node in graph.node:
@@ -773,6 +852,9 @@ def _build(obj: Any, fn: Any, kind: str, specs: Sequence[TensorSpec], name: str,
         from .trainable import postprocess
 
         notes += postprocess(model)
+    n_resize = resize_scales_to_sizes(model)
+    if n_resize:
+        notes.append(f"Resize scales -> exact sizes (TF's target size): {n_resize} node(s)")
     notes += repair_and_check_ops(model, name)
     model = check_model(model, name)
 

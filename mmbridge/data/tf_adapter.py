@@ -114,7 +114,7 @@ def tf_data_to_torch(dataset: Any, *, rank: int | None = None, world_size: int |
         ValueError: invalid rank / world size.
         ImportOrderError: TensorFlow was imported before torch's compiler stack.
     """
-    from .._tf import import_tensorflow
+    from mmbridge._tf import import_tensorflow
 
     tf = import_tensorflow()
     if not isinstance(dataset, tf.data.Dataset):
