@@ -33,8 +33,16 @@ def main(req_path: str, res_path: str) -> int:
         tol = Tolerance(**opts.pop("tolerance")) if opts.get("tolerance") else None
         opts.pop("tolerance", None)
         opts.pop("input_specs", None)
-        art = export(req["ref"], input_specs=specs, tolerance=tol, sample_inputs=samples, cache_dir=req["cache_dir"],
-                     force=req["force"], isolate=False, **opts)
+        if req.get("fingerprint"):  # the parent fingerprinted the file(s): use the same cache key
+            from pathlib import Path
+
+            from mmbridge.exporter import _export_live, _load_reference
+
+            art = _export_live(_load_reference(req["ref"]), dict(req["options"]), samples, Path(req["cache_dir"]),
+                               req["force"], req["fingerprint"])
+        else:
+            art = export(req["ref"], input_specs=specs, tolerance=tol, sample_inputs=samples,
+                         cache_dir=req["cache_dir"], force=req["force"], isolate=False, **opts)
         result = {"path": str(art.path)}
     except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
         err = {"type": type(exc).__name__, "message": str(exc)}

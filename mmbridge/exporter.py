@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 
 from . import _tf
-from .artifact import BridgeArtifact, cache_root, cached_or_build
-from .errors import ExportError, SpecError, UnsupportedOpsError
+from .artifact import BridgeArtifact, cache_root, cached_or_build, entry_dir
+from .errors import CacheError, ExportError, SpecError, UnsupportedOpsError
 from .info import export_versions
 from .parity import GOLDEN_FILE, ParityReport, compare, run_ort
 from .specs import BridgeSpec, TensorSpec, Tolerance, samples_from_specs
@@ -174,15 +174,46 @@ def export(
         path_like = os.fspath(obj)
         if isolate is None:
             isolate = True
+        if callable(sample_inputs):  # numpy-only callables: evaluate here, pass arrays on
+            sample_inputs = dict(sample_inputs(2, 0))
+        fingerprint = None
+        if os.path.exists(path_like):
+            # files are fingerprinted by their bytes, without TF: a cache hit never starts TF
+            options["name"] = options["name"] or _path_name(path_like)
+            fingerprint = _path_fingerprint(path_like, options, sample_inputs)
+            if not force:
+                with contextlib.suppress(CacheError):
+                    return _copy_out(BridgeArtifact.load(entry_dir(options["name"], fingerprint, root)), out)
         if isolate:
-            if callable(sample_inputs) or sample_inputs is not None and not isinstance(sample_inputs, Mapping):
-                raise SpecError("export(): a callable sample_inputs cannot cross into the export process; "
-                                "pass a {name: array} dict or isolate=False")
-            art = _export_in_child(path_like, options, sample_inputs, root, force)
+            art = _export_in_child(path_like, options, sample_inputs, root, force, fingerprint)
             return _copy_out(art, out)
         obj = _load_reference(path_like)
+        return _copy_out(_export_live(obj, options, sample_inputs, root, force, fingerprint), out)
     art = _export_live(obj, options, sample_inputs, root, force)
     return _copy_out(art, out)
+
+
+def _path_name(path: str) -> str:
+    p = Path(path)
+    return p.stem if p.is_file() else (p.resolve().name or "saved_model")
+
+
+def _path_fingerprint(path: str, options: Mapping[str, Any], samples: Mapping[str, np.ndarray] | None) -> str:
+    """sha256 of a Keras file or every file of a SavedModel directory, plus options and versions."""
+    from .artifact import sha256_file
+
+    h = hashlib.sha256(b"path-v1")
+    h.update(json.dumps({k: v for k, v in options.items() if k != "name"}, sort_keys=True, default=str).encode())
+    h.update(json.dumps(export_versions(), sort_keys=True).encode())
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(root) if f != root else f.name).encode())
+        h.update(sha256_file(f).encode())
+    for k in sorted(samples or {}):
+        a = np.ascontiguousarray(np.asarray(samples[k]))
+        h.update(f"{k}:{a.dtype}:{a.shape}".encode() + (a.tobytes() if a.dtype != object else repr(a.tolist()).encode()))
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,12 +281,12 @@ class _SavedModelSource:
 # child-process export
 # ---------------------------------------------------------------------------------------------
 def _export_in_child(ref: str, options: dict[str, Any], sample_inputs: Mapping[str, np.ndarray] | None,
-                     root: Path, force: bool) -> BridgeArtifact:
+                     root: Path, force: bool, fingerprint: str | None = None) -> BridgeArtifact:
     """Run the export in ``python -m mmbridge._export_child`` and load the artifact it wrote."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mmbridge-export-") as tmp:
-        request = {"ref": ref, "options": options, "cache_dir": str(root), "force": force}
+        request = {"ref": ref, "options": options, "cache_dir": str(root), "force": force, "fingerprint": fingerprint}
         if sample_inputs is not None:
             np.savez(os.path.join(tmp, "samples.npz"), **{k: np.asarray(v) for k, v in sample_inputs.items()})
             request["samples"] = os.path.join(tmp, "samples.npz")
@@ -296,14 +327,15 @@ def _export_in_child(ref: str, options: dict[str, Any], sample_inputs: Mapping[s
 # ---------------------------------------------------------------------------------------------
 # in-process export
 # ---------------------------------------------------------------------------------------------
-def _export_live(obj: Any, options: dict[str, Any], sample_inputs: Any, root: Path, force: bool) -> BridgeArtifact:
+def _export_live(obj: Any, options: dict[str, Any], sample_inputs: Any, root: Path, force: bool,
+                 fingerprint: str | None = None) -> BridgeArtifact:
     tf = _tf.import_tensorflow()
     t0 = time.perf_counter()
     specs = _resolve_specs(obj, options["input_specs"], tf)
     name = options["name"] or _default_name(obj)
     fn, kind = _as_tf_callable(obj, specs, tf)
-    fp_payload = _fingerprint_payload(obj, kind, fn, specs, options, tf)
-    fingerprint = hashlib.sha256(fp_payload).hexdigest()
+    if fingerprint is None:
+        fingerprint = hashlib.sha256(_fingerprint_payload(obj, kind, fn, specs, options, tf)).hexdigest()
 
     def build():
         return _build(obj, fn, kind, specs, name, options, sample_inputs, tf, t0)

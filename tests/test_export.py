@@ -283,3 +283,45 @@ def test_cli_export_verify_bridges_info(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "cannot import module 'no_such_module_xyz'" in r.stderr
     assert ExportError  # imported for the error family used above
+
+
+REGISTERED_MODULE = textwrap.dedent('''
+    import mmbridge
+    from mmbridge import TensorSpec
+
+    @mmbridge.register_bridge("test_scale_shift", role="preprocess",
+                              input_specs=[TensorSpec("x", ("batch", 3), "float32", "NC", (0, 1))])
+    def build_scale_shift():
+        """x * 3 - 1, as a tf.function."""
+        from mmbridge._tf import import_tensorflow
+        tf = import_tensorflow()
+        return tf.function(lambda x: x * 3.0 - 1.0)
+''')
+
+
+@pytest.mark.slow
+def test_files_and_registered_bridges_export_in_a_child_and_hit_the_cache_without_tf(keras, tmp_path):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5,), name="features")
+    model = keras.Model(inp, keras.layers.Dense(2)(inp))
+    model.save(tmp_path / "enc.keras")
+    (tmp_path / "mmb_registered.py").write_text(REGISTERED_MODULE)
+    code = textwrap.dedent(f'''
+        import json, sys, time, mmbridge, mmb_registered
+        t = time.perf_counter(); a = mmbridge.export({str(tmp_path / "enc.keras")!r}, cache_dir={str(tmp_path / "c")!r})
+        b = mmbridge.export("test_scale_shift", cache_dir={str(tmp_path / "c")!r})
+        print(json.dumps({{"a": str(a.path), "b": str(b.path), "tf": "tensorflow" in sys.modules,
+                          "a_ok": a.parity["passed"], "b_ok": b.parity["passed"], "b_role": b.role,
+                          "b_out": mmbridge.parity.run_ort(b.onnx_path, {{"x": [[0.0, 0.5, 1.0]]}})["output"].tolist()}}))
+    ''')
+    env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs = []
+    for _ in range(2):  # cold (children export), then warm (the file: a cache hit without a child)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["a"] == warm["a"] and cold["b"] == warm["b"]
+    assert not cold["tf"] and not warm["tf"]  # TensorFlow never entered these processes
+    assert cold["a_ok"] and cold["b_ok"] and cold["b_role"] == "preprocess"
+    assert np.allclose(cold["b_out"], [[-1.0, 0.5, 2.0]], atol=1e-6)
