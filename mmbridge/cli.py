@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="re-check an artifact's parity against its stored TF outputs")
     p.add_argument("artifact", help="artifact directory")
-    p.add_argument("--backend", action="append", choices=("ort", "torch"), help="backends to check (default: ort)")
+    p.add_argument("--backend", action="append", choices=("ort", "ort_module", "torch"),
+                   help="backends to check (default: ort)")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("bridges", help="list registered bridges")

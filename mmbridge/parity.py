@@ -240,8 +240,9 @@ def verify(
         reference: TF outputs by name, or a callable ``inputs -> outputs`` (e.g. the Keras
             model); default: the TF outputs stored at export for the stored inputs. Needed when
             ``inputs`` are given.
-        backends: which to check: ``"ort"`` (onnxruntime CPU) and/or ``"torch"`` (the
-            onnx2torch module in eval mode, on CPU).
+        backends: which to check: ``"ort"`` (onnxruntime CPU, plain ``session.run``),
+            ``"ort_module"`` (the IO-binding module of :func:`~mmbridge.to_ort`, CPU) and/or
+            ``"torch"`` (the onnx2torch module in eval mode, on CPU).
         tolerance: override the table for floating outputs (see :data:`TOLERANCES`).
         raise_on_failure: raise :class:`ParityError` instead of returning a failing report.
 
@@ -270,11 +271,19 @@ def verify(
         if backend == "ort":
             got = run_ort(artifact.onnx_path, inputs)
             rows += compare(got, ref, backend="ort", stage="onnx", tolerance=tolerance)
+        elif backend == "ort_module":  # the IO-binding nn.Module, so the binding code is checked too
+            import torch
+
+            module = artifact.to_ort()
+            outs = module(*[torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in artifact.input_specs])
+            outs = (outs,) if isinstance(outs, torch.Tensor) else outs
+            got = {n: o.numpy() for n, o in zip(artifact.output_names, outs)}
+            rows += compare(got, ref, backend="ort_module", stage="onnx", tolerance=tolerance)
         elif backend == "torch":
             got = run_torch(artifact, inputs)
             rows += compare(got, ref, backend="torch", stage="torch", tolerance=tolerance)
         else:
-            raise ValueError(f"verify(): unknown backend {backend!r}; use 'ort' and/or 'torch'")
+            raise ValueError(f"verify(): unknown backend {backend!r}; use 'ort', 'ort_module' and/or 'torch'")
     report = ParityReport(rows)
     if raise_on_failure:
         report.raise_if_failed(f"bridge {artifact.name!r}")

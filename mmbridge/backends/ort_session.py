@@ -24,6 +24,7 @@ def make_session(
     graph_optimization_level: str = "ORT_ENABLE_ALL",
     options: dict[str, Any] | None = None,
     extensions: bool | None = None,
+    config_entries: dict[str, str] | None = None,
 ) -> Any:
     """Create an ``onnxruntime.InferenceSession``.
 
@@ -37,6 +38,9 @@ def make_session(
         options: extra ``SessionOptions`` attributes to set (``{"enable_mem_pattern": False}``).
         extensions: register onnxruntime-extensions' custom ops; ``None`` detects it from the
             model (a ``ModelProto`` or a path; serialised bytes are not inspected).
+        config_entries: ``SessionOptions.add_session_config_entry`` pairs, e.g.
+            ``{"session.intra_op.allow_spinning": "0"}`` (stop ORT's worker threads spinning
+            after each run, which leaves the cores to torch between calls).
 
     Raises:
         onnxruntime's own errors (``InvalidGraph``, ``Fail``...) when the graph cannot load.
@@ -52,6 +56,8 @@ def make_session(
         so.inter_op_num_threads = int(inter_op_threads)
     for key, value in (options or {}).items():
         setattr(so, key, value)
+    for key, value in (config_entries or {}).items():
+        so.add_session_config_entry(str(key), str(value))
     proto = None
     if hasattr(model, "SerializeToString"):
         proto = model
