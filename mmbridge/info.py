@@ -30,12 +30,33 @@ def versions(names: tuple[str, ...] = EXPORT_DISTRIBUTIONS + RUNTIME_DISTRIBUTIO
     return out
 
 
+# mmbridge's own modules that shape an exported graph: their bytes are part of every fingerprint,
+# so a cached artifact is never reused after the export code changed.
+_EXPORT_CODE = ("exporter.py", "trainable.py", "tf_ops.py")
+_export_code_hash: str | None = None
+
+
+def export_code_hash() -> str:
+    """sha256 (first 16 hex digits) of mmbridge's export modules (:data:`_EXPORT_CODE`)."""
+    global _export_code_hash
+    if _export_code_hash is None:
+        import hashlib
+        from pathlib import Path
+
+        h = hashlib.sha256()
+        for name in _EXPORT_CODE:
+            path = Path(__file__).with_name(name)
+            h.update(name.encode() + (path.read_bytes() if path.is_file() else b""))
+        _export_code_hash = h.hexdigest()[:16]
+    return _export_code_hash
+
+
 def export_versions() -> dict[str, str]:
-    """Versions that determine an exported graph (only the installed ones)."""
+    """Versions that determine an exported graph (only the installed ones), and the export code hash."""
     from . import __version__
 
     v = {n: dist_version(n) for n in EXPORT_DISTRIBUTIONS}
-    return {"mmbridge": __version__, **{k: x for k, x in v.items() if x}}
+    return {"mmbridge": __version__, "mmbridge_export_code": export_code_hash(), **{k: x for k, x in v.items() if x}}
 
 
 def conflicts() -> list[str]:

@@ -1,0 +1,794 @@
+"""ONNX -> trainable ``torch.nn.Module``: onnx2torch plus what training needs.
+
+:func:`to_torch` (also ``mmbridge.convert``, ``mmbridge.to_torch`` and
+``BridgeArtifact.to_torch``) runs onnx2torch 1.5.15, extended with :mod:`.converters`, and then
+fixes the module so that it trains like the Keras original (DESIGN.md part 4):
+
+* **every weight is an ``nn.Parameter``.** onnx2torch keeps every initializer that is an operand
+  (MatMul / Add / Gather / Mul...) as a buffer, one copy per use. Here each ONNX initializer
+  becomes exactly one tensor in the submodule ``weights``: an ``nn.Parameter`` when it is a
+  weight, a buffer otherwise. For artifacts exported with ``trainable=True`` the initializer names
+  say which is which exactly (``mmb_var__<keras path>`` = trainable, ``mmb_state__`` = state; see
+  :mod:`mmbridge.trainable`), so the parameter count equals the Keras trainable count. For other
+  graphs a float initializer is a weight when it feeds MatMul / Gemm / Conv / ConvTranspose /
+  Einsum, the table input of Gather, the scale / bias of a normalisation, or an Add / Sub right
+  after one of those (a bias) -- including zero biases;
+* **BatchNormalization** becomes :class:`BatchNorm1d` / :class:`BatchNorm2d` /
+  :class:`BatchNorm3d` (subclasses of torch's, so ``isinstance(m, nn.modules.batchnorm._BatchNorm)``
+  holds) with ONNX's epsilon and ``momentum = 1 - onnx_momentum`` (Keras 0.99 -> torch 0.01), whose
+  running variance is updated with the *population* variance of the batch, as Keras and the ONNX
+  spec do (torch's own BatchNorm uses the unbiased one, which drifts by ``n / (n - 1)``);
+* **Dropout** with a constant ratio becomes ``nn.Dropout(p)``;
+* **Resize** with constant scales on static spatial dims uses the output size onnxruntime and TF
+  compute (``floor(float32(in) * float32(scale))``) instead of passing the scale to
+  ``F.interpolate``, whose double arithmetic gives one pixel less (case 10, onnx/onnx#4919);
+* ``MatMul(x, W) + Add(b)`` with weights becomes :class:`Linear` (an ``nn.Linear``: one
+  ``addmm``, stays in the autocast dtype);
+* ``auto_pad=SAME_UPPER`` / ``SAME_LOWER`` Conv and MaxPool (what tf2onnx emits for ``padding=
+  "same"`` with dynamic H/W) run behind a :class:`SamePad` computed from the input size;
+* reshape targets that tf2onnx computes at run time become constants where ONNX shape inference
+  (with data propagation) pins them, and constant Reshape / Squeeze / Unsqueeze arguments become
+  Python ints, so ``torch.compile`` traces CNN and Transformer bridges with a static spec (all
+  dims but the batch fixed) without graph breaks;
+* the module is returned in ``eval()`` mode; ``train()`` / ``eval()`` switch BatchNorm and
+  Dropout like Keras ``training=True`` / ``False``.
+
+Unsupported operators are reported all at once (:class:`~mmbridge.errors.ConversionError`).
+
+Shape notation: ``N`` batch, ``C`` channels, ``H``/``W`` spatial; layouts are those of the
+artifact's input specs (``artifact.input_specs``; NHWC unless exported with ``inputs_as_nchw``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from mmbridge.errors import ConversionError
+from mmbridge.trainable import STATE_MARK, VAR_MARK
+
+# ONNX op -> input positions that hold weights (when they are float initializers).
+WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
+    "MatMul": (0, 1),
+    "Gemm": (0, 1, 2),
+    "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
+    "Einsum": tuple(range(8)),
+    "Gather": (0,),
+    "BatchNormalization": (1, 2),
+    "LayerNormalization": (1, 2),
+    "InstanceNormalization": (1, 2),
+    "GroupNormalization": (1, 2),
+    "PRelu": (1,),
+}
+# ONNX op -> input positions that hold non-trainable state (buffers).
+STATE_INPUTS: dict[str, tuple[int, ...]] = {"BatchNormalization": (3, 4)}
+# Ops whose output an Add / Sub with a float initializer is a bias of.
+_BIAS_PRODUCERS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
+
+
+# ---------------------------------------------------------------------------------------------
+# modules mmbridge puts into converted graphs
+# ---------------------------------------------------------------------------------------------
+class _PopulationVarianceBN:
+    """Mixin: training-mode BatchNorm whose running variance uses the population variance.
+
+    Normalisation, gradients and the running-mean update are torch's fused ``F.batch_norm``
+    (batch statistics); only the running variance differs: Keras and the ONNX spec move it
+    towards the population variance ``var_pop`` (divided by ``n``), torch towards the unbiased
+    one (``n / (n - 1)`` larger). After torch's update, ``running_var`` is corrected in O(C):
+    ``new = (1 - m) * old + (torch_new - (1 - m) * old) * (n - 1) / n``, which equals
+    ``(1 - m) * old + m * var_pop`` (``n`` = elements per channel in the batch).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        self._check_input_dim(x)
+        if not (self.training and self.track_running_stats):
+            return super().forward(x)  # type: ignore[misc]
+        m = self.momentum if self.momentum is not None else 0.1
+        n = x.numel() // x.shape[1]
+        # torch updates a copy (the buffer itself must not change under autograd's saved inputs)
+        torch_var = self.running_var.detach().clone()
+        y = nn.functional.batch_norm(x, self.running_mean, torch_var, self.weight, self.bias, True, m, self.eps)
+        with torch.no_grad():
+            keep = (1.0 - m) * self.running_var
+            self.running_var.copy_(keep + (torch_var - keep) * ((n - 1) / n) if n > 1 else torch_var)
+            self.num_batches_tracked.add_(1)
+        return y
+
+
+class BatchNorm1d(_PopulationVarianceBN, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` (input ``[N, C]`` or ``[N, C, L]``) with Keras / ONNX running-variance update."""
+
+
+class BatchNorm2d(_PopulationVarianceBN, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (input ``[N, C, H, W]``) with Keras / ONNX running-variance update."""
+
+
+class BatchNorm3d(_PopulationVarianceBN, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` (input ``[N, C, D, H, W]``) with Keras / ONNX running-variance update."""
+
+
+_BN_CLASSES = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+
+
+class Linear(nn.Linear):
+    """ONNX ``MatMul(x, W) [+ b]`` with weight ``W`` ``[in, out]`` (Keras Dense layout) as ``nn.Linear``.
+
+    ``weight`` is ``W.T`` (``[out, in]``, torch layout), ``bias`` is ``b`` (``[out]``) or None.
+    Input ``[..., in]``, output ``[..., out]``. Being a real ``nn.Linear`` makes it run as one
+    ``addmm`` and keeps it in the autocast dtype (a separate ``Add`` with an fp32 bias would
+    promote every bf16 activation back to fp32).
+    """
+
+
+class Reshape(nn.Module):
+    """ONNX ``Reshape`` (``allowzero=0``): ``0`` copies the input dim, ``-1`` is inferred.
+
+    With a constant target (``shape`` given at construction) the dims are Python ints, so
+    ``torch.compile`` traces it without a graph break (onnx2torch's ``OnnxReshape`` builds a
+    ``torch.Size`` from a tensor, which dynamo rejects). Otherwise the target tensor (int64
+    ``[rank]``) is read at run time.
+    """
+
+    def __init__(self, shape: tuple[int, ...] | None = None):
+        super().__init__()
+        self.shape = tuple(int(d) for d in shape) if shape is not None else None
+
+    def forward(self, x: torch.Tensor, shape: torch.Tensor | None = None) -> torch.Tensor:
+        dims = self.shape if self.shape is not None else [int(d) for d in shape.tolist()]
+        return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(dims)])
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}" if self.shape is not None else "shape=<runtime>"
+
+
+class SamePad(nn.Module):
+    """ONNX ``auto_pad=SAME_UPPER`` / ``SAME_LOWER`` computed from the input size at run time.
+
+    Pads ``[N, C, *spatial]`` so that a following VALID Conv / MaxPool with ``kernel``,
+    ``strides``, ``dilations`` outputs ``ceil(in / stride)`` per spatial axis (ONNX rule: the odd
+    pixel goes at the end for ``SAME_UPPER``, at the start for ``SAME_LOWER``). ``value`` is the
+    pad value (0 for Conv, ``-inf`` for MaxPool). Works for any H / W (dynamic specs).
+    """
+
+    def __init__(self, kernel: list[int], strides: list[int], dilations: list[int], upper: bool, value: float = 0.0):
+        super().__init__()
+        self.kernel, self.strides, self.dilations = list(kernel), list(strides), list(dilations)
+        self.upper = upper
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads: list[Any] = []
+        for i in reversed(range(len(self.kernel))):  # F.pad: last axis first
+            size = x.shape[2 + i]
+            s, k, d = self.strides[i], self.kernel[i], self.dilations[i]
+            out = (size + s - 1) // s
+            total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+            small = total // 2
+            pads += [small, total - small] if self.upper else [total - small, small]
+        return nn.functional.pad(x, pads, value=self.value)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel}, strides={self.strides}, {'SAME_UPPER' if self.upper else 'SAME_LOWER'}"
+
+
+class ResizeToSize(nn.Module):
+    """ONNX ``Resize`` whose spatial output size is known: ``F.interpolate(x, size=size)``.
+
+    Input ``[N, C, *spatial]`` float; output ``[N, C, *size]``. ``mode`` is torch's
+    (``"nearest"``, ``"bilinear"``...); ``align_corners`` as in ``F.interpolate``.
+    """
+
+    def __init__(self, size: tuple[int, ...], mode: str, align_corners: bool | None):
+        super().__init__()
+        self.size = tuple(int(s) for s in size)
+        self.mode = mode
+        self.align_corners = align_corners
+
+    def forward(self, x: torch.Tensor, *unused: Any, **unused_kw: Any) -> torch.Tensor:
+        return nn.functional.interpolate(x, size=self.size, mode=self.mode, align_corners=self.align_corners)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, mode={self.mode!r}, align_corners={self.align_corners}"
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry point
+# ---------------------------------------------------------------------------------------------
+def to_torch(source: Any, *, trainable: bool = True) -> fx.GraphModule:
+    """Convert an ONNX bridge into a ``torch.nn.Module`` (an ``fx.GraphModule``), in eval mode.
+
+    Args:
+        source: a :class:`~mmbridge.BridgeArtifact`, an ``onnx.ModelProto``, or a path to a
+            ``.onnx`` file or an artifact directory. Not modified.
+        trainable: True (default): weights are ``nn.Parameter`` with ``requires_grad=True``
+            (see the module doc for which initializers are weights), BatchNorm keeps running
+            statistics as buffers. False: a frozen module: the same parameters, all with
+            ``requires_grad=False`` (:func:`frozen_parameters` lists them; unfreeze with
+            ``requires_grad_(True)``). A frozen module has nothing for DDP to synchronise:
+            keep it outside ``DistributedDataParallel``.
+
+    Returns:
+        The module, in ``eval()`` mode. Call it with positional tensors in the order of the
+        artifact's input specs (same dtypes; float32 images ``[N, H, W, C]`` for a Keras CNN unless
+        exported with ``inputs_as_nchw``); any batch size works when the spec's batch dim is
+        symbolic. It returns one tensor, or a tuple in ``artifact.output_names`` order.
+        ``module.mmbridge_sources`` maps each parameter / buffer name to the ONNX initializer it
+        came from (for trainable exports that name contains the Keras variable path).
+
+    Raises:
+        ConversionError: the graph has operators no converter handles; the message lists every
+            one (op type, opset, node names) and how to register a converter. Also raised when a
+            converter fails on a node, naming that node.
+        FileNotFoundError: ``source`` is a path that does not exist.
+        TypeError: ``source`` is none of the accepted kinds.
+    """
+    from . import converters  # noqa: F401  (registers mmbridge's converters with onnx2torch)
+
+    model = _load(source)
+    model, same_pad = _prepare(model)
+    check_supported(model)
+    static_resize = _static_resize_sizes(model)
+    import onnx2torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            gm = onnx2torch.convert(model, attach_onnx_mapping=True)
+        except NotImplementedError as exc:
+            raise ConversionError(f"onnx2torch could not convert the graph: {exc}. {_HOW_TO_REGISTER}") from exc
+        except (KeyError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
+            raise ConversionError(f"onnx2torch failed while converting the graph: {type(exc).__name__}: {exc}") from exc
+    nodes = {_unique_name(n): n for n in model.graph.node}
+    _materialise_weights(gm, model, nodes, trainable)
+    _fuse_linear(gm, nodes)
+    _replace_modules(gm, nodes, static_resize, same_pad)
+    for _, mod in list(gm.named_modules()):
+        if hasattr(mod, "onnx_mapping"):
+            del mod.onnx_mapping
+    gm.graph.lint()
+    gm.recompile()
+    if not trainable:
+        for p in gm.parameters():
+            p.requires_grad_(False)
+    return gm.eval()
+
+
+_HOW_TO_REGISTER = (
+    "To support an op, register a converter with onnx2torch's registry: "
+    "`from onnx2torch.node_converters.registry import add_converter; "
+    "@add_converter(operation_type='Op', version=N) def _(node, graph): ...` (see mmbridge/backends/converters.py "
+    "for examples), or re-export at another opset (mmbridge.export(..., opset=17) or onnx.version_converter), "
+    "or keep this bridge frozen in onnxruntime (artifact.to_ort())."
+)
+
+
+def check_supported(model: Any) -> None:
+    """Raise one error listing every node of ``model`` that no onnx2torch converter handles.
+
+    Args:
+        model: an ``onnx.ModelProto``.
+
+    Raises:
+        ConversionError: lists each unsupported ``(domain, op_type, opset)`` with its node names
+            and how to register a converter.
+    """
+    from onnx2torch.node_converters.registry import get_converter
+
+    from . import converters  # noqa: F401
+
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    missing: dict[tuple[str, str, int], list[str]] = {}
+    for node in model.graph.node:
+        domain = node.domain or ""
+        version = opsets.get(domain, opsets.get("ai.onnx", 0)) if domain not in ("", "ai.onnx") else opsets.get("", opsets.get("ai.onnx", 0))
+        try:
+            get_converter(operation_type=node.op_type, version=version, domain=domain)
+        except NotImplementedError:
+            missing.setdefault((domain or "ai.onnx", node.op_type, version), []).append(node.name or "<unnamed>")
+    if missing:
+        lines = []
+        for (domain, op, version), names in sorted(missing.items()):
+            shown = ", ".join(repr(n) for n in names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+            lines.append(f"  - {op} (domain {domain}, opset {version}): {len(names)} node(s): {shown}")
+        raise ConversionError(
+            f"cannot convert the ONNX graph to torch: {sum(len(v) for v in missing.values())} node(s) of "
+            f"{len(missing)} operator type(s) have no converter:\n" + "\n".join(lines) + "\n" + _HOW_TO_REGISTER
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# preparation of the ONNX graph
+# ---------------------------------------------------------------------------------------------
+def _load(source: Any) -> Any:
+    import onnx
+
+    if hasattr(source, "onnx_path") and hasattr(source, "meta"):  # BridgeArtifact
+        return copy.deepcopy(source.model)
+    if isinstance(source, onnx.ModelProto):
+        return copy.deepcopy(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            path = os.path.join(path, "model.onnx")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"to_torch({os.fspath(source)!r}): no such ONNX file or artifact directory")
+        return onnx.load(path)
+    raise TypeError(f"to_torch(): expected a BridgeArtifact, an onnx.ModelProto or a path, got {type(source).__name__}")
+
+
+def _unique_name(node: Any) -> str:
+    return (f"{node.domain}/" + (node.name.replace(".", "/") or node.op_type)).lstrip("/")
+
+
+def _prepare(model: Any) -> tuple[Any, dict[str, SamePad]]:
+    """Unique node names, initializer graph inputs stripped, ``auto_pad=SAME_*`` made explicit,
+    shapes inferred, computed reshape targets made constant where shapes allow.
+
+    Returns:
+        ``(model, {unique node name: SamePad to run before that node})``.
+    """
+    import onnx
+
+    g = model.graph
+    seen: set[str] = set()
+    for i, node in enumerate(g.node):
+        name = node.name or f"{node.op_type}_{i}"
+        base, k = name, 0
+        while _unique_name_of(name, node.domain) in seen:
+            k += 1
+            name = f"{base}_{k}"
+        node.name = name
+        seen.add(_unique_name_of(name, node.domain))
+    init_names = {t.name for t in g.initializer}
+    for inp in [i for i in g.input if i.name in init_names]:
+        g.input.remove(inp)
+    same_pad: dict[str, SamePad] = {}
+    for node in g.node:
+        if node.op_type not in ("Conv", "MaxPool"):
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        mode = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+        if mode not in ("SAME_UPPER", "SAME_LOWER"):
+            continue
+        if node.op_type == "Conv":
+            w = next((t for t in g.initializer if t.name == node.input[1]), None)
+            if w is None:
+                continue
+            kernel = list(attrs["kernel_shape"].ints) if "kernel_shape" in attrs else list(w.dims[2:])
+        else:
+            kernel = list(attrs["kernel_shape"].ints)
+        rank = len(kernel)
+        strides = list(attrs["strides"].ints) if "strides" in attrs else [1] * rank
+        dilations = list(attrs["dilations"].ints) if "dilations" in attrs else [1] * rank
+        attrs["auto_pad"].s = b"VALID"  # onnx2torch converts VALID; SamePad runs first
+        same_pad[_unique_name(node)] = SamePad(kernel, strides, dilations, mode == "SAME_UPPER",
+                                                float("-inf") if node.op_type == "MaxPool" else 0.0)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - onnx2torch runs its own (safe) inference too
+        return model, same_pad
+    _constant_reshape_targets(model)
+    _specialise_reshape_targets(model)
+    return model, same_pad
+
+
+def _dims(vi: Any) -> list[int | str | None]:
+    out: list[int | str | None] = []
+    for d in vi.type.tensor_type.shape.dim:
+        out.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    return out
+
+
+def _constant_reshape_targets(model: Any) -> int:
+    """Give ``Reshape`` nodes with a computed target a constant one where shapes allow.
+
+    tf2onnx computes many reshape targets at run time (``Shape -> Gather -> Concat``) because
+    the batch dim is dynamic. When shape inference (with data propagation) knows every output
+    dim, or knows all but the batch dim and that one is the input's, the target becomes a
+    constant (``0`` = copy the input dim, ONNX ``allowzero=0``), which ``torch.compile`` traces
+    without data-dependent graph breaks. Returns the number of rewritten nodes.
+    """
+    from onnx import numpy_helper
+
+    g = model.graph
+    infos = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    inits = {t.name for t in g.initializer}
+    rewritten = 0
+    for node in g.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] in inits:
+            continue
+        if any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
+        src, dst = infos.get(node.input[0]), infos.get(node.output[0])
+        if src is None or dst is None or not dst.type.tensor_type.HasField("shape"):
+            continue
+        in_dims, out_dims = _dims(src), _dims(dst)
+        target, unknown = [], 0
+        for i, d in enumerate(out_dims):
+            if isinstance(d, int) and d > 0:
+                target.append(d)
+            elif isinstance(d, str) and i < len(in_dims) and in_dims[i] == d:
+                target.append(0)
+            else:
+                target.append(-1)
+                unknown += 1
+        if unknown > 1 or not target:
+            continue
+        name = f"{node.name}__mmb_target"
+        g.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), name))
+        node.input[1] = name
+        rewritten += 1
+    return rewritten
+
+
+def _unique_name_of(name: str, domain: str) -> str:
+    return (f"{domain}/" + name.replace(".", "/")).lstrip("/")
+
+
+def _specialise_reshape_targets(model: Any) -> int:
+    """Constant targets for the computed reshapes shape inference could not pin (batch-only graphs).
+
+    Only when every graph input is static except its first (batch) dim: the output shape of each
+    remaining reshape is measured with onnxruntime for batch 2 (two different input values) and
+    batch 3. A reshape whose output shape agrees across the runs except in at most one dim (the
+    one that scales with the batch, written ``-1``) gets that shape as a constant target (for
+    einsum attention: ``[N * heads, -1, d]`` becomes ``[-1, 12, 8]``). Shapes that change with the
+    input values are left alone. Returns the number of rewritten nodes.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    todo = [n for n in g.node if n.op_type == "Reshape" and len(n.input) > 1 and n.input[1] not in inits
+            and not any(a.name == "allowzero" and a.i for a in n.attribute)]
+    if not todo:
+        return 0
+    inputs = [i for i in g.input if i.name not in inits]
+    shapes = {i.name: _dims(i) for i in inputs}
+    if any(not dims or any(not isinstance(d, int) for d in dims[1:]) for dims in shapes.values()):
+        return 0
+    infos = {vi.name: vi for vi in list(g.value_info) + list(g.output)}
+    todo = [n for n in todo if n.output[0] in infos and infos[n.output[0]].type.tensor_type.elem_type]
+    if not todo:
+        return 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    for n in todo:  # probe each reshape's output shape
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(
+            n.output[0], infos[n.output[0]].type.tensor_type.elem_type, None))
+    try:
+        from .ort_session import make_session
+
+        sess = make_session(probe)
+        rng = np.random.default_rng(0)
+        runs = []
+        for batch, seed in ((2, 0), (2, 1), (3, 2)):
+            feed = {}
+            for i in inputs:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+                shape = [batch] + [int(d) for d in shapes[i.name][1:]]
+                feed[i.name] = (rng.integers(0, 2, size=shape) if np.issubdtype(dtype, np.integer) or dtype == np.bool_
+                                else rng.normal(size=shape) * seed).astype(dtype)
+            runs.append([tuple(np.shape(o)) for o in sess.run(None, feed)])
+    except Exception:  # noqa: BLE001 - a graph ORT cannot probe keeps its computed targets
+        return 0
+    rewritten = 0
+    for k, node in enumerate(todo):
+        a, b, c = (runs[0][k], runs[1][k], runs[2][k])
+        if a != b or len(a) != len(c):
+            continue
+        varying = [i for i, (x, y) in enumerate(zip(a, c)) if x != y]
+        if len(varying) > 1:
+            continue
+        target = [-1 if i in varying else d for i, d in enumerate(a)]
+        name = f"{node.name}__mmb_target"
+        g.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), name))
+        node.input[1] = name
+        rewritten += 1
+    return rewritten
+
+
+def _static_resize_sizes(model: Any) -> dict[str, tuple[int, ...]]:
+    """Resize nodes with constant scales and static spatial input dims -> their output sizes.
+
+    onnxruntime (and TF) compute ``floor(float32(in) * float32(scale))``; ``F.interpolate``
+    with ``scale_factor`` computes in double and gets ``floor(12.9999997) = 12`` for a 9 -> 13
+    resize (case 10). Returns ``{unique node name: spatial output size}``.
+    """
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    shapes = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    out: dict[str, tuple[int, ...]] = {}
+    for node in model.graph.node:
+        if node.op_type != "Resize" or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        if len(node.input) > 3 and node.input[3]:
+            continue
+        scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+        shape = shapes.get(node.input[0])
+        if scales.size == 0 or shape is None or len(shape) != scales.size or any(s is None for s in shape[2:]):
+            continue
+        sizes = tuple(int(np.floor(np.float32(d) * s)) for d, s in zip(shape[2:], scales[2:]))
+        out[_unique_name(node)] = sizes
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# post-conversion passes
+# ---------------------------------------------------------------------------------------------
+def _initializer_roles(model: Any, trainable: bool) -> dict[str, str]:
+    """ONNX initializer name -> ``"param"`` | ``"buffer"`` (see the module doc)."""
+    import onnx
+
+    inits = {t.name: t for t in model.graph.initializer}
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    marked = any(VAR_MARK in n or STATE_MARK in n for n in inits)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    roles = {n: "buffer" for n in inits}
+    if marked:
+        for n in inits:
+            if VAR_MARK in n and inits[n].data_type in float_types:
+                roles[n] = "param"
+        return roles
+    for node in model.graph.node:
+        for pos, x in enumerate(node.input):
+            if x not in inits or inits[x].data_type not in float_types:
+                continue
+            t = inits[x]
+            if node.op_type in WEIGHT_INPUTS and pos in WEIGHT_INPUTS[node.op_type]:
+                if node.op_type == "Gather" or len(t.dims) >= 1:
+                    roles[x] = "param"
+            elif node.op_type in ("Add", "Sub") and len(t.dims) >= 1:
+                other = [y for y in node.input if y != x]
+                if other and other[0] in producer and producer[other[0]].op_type in _BIAS_PRODUCERS:
+                    roles[x] = "param"
+    return roles
+
+
+def _sanitize(name: str) -> str:
+    for mark in (VAR_MARK, STATE_MARK):
+        if mark in name:
+            name = name[name.index(mark) + len(mark):]
+            break
+    name = name.split(":")[0]
+    return re.sub(r"[^A-Za-z0-9_]", "_", name).strip("_") or "w"
+
+
+def _call_inputs(node: fx.Node, module: nn.Module) -> list[tuple[Any, str]]:
+    """``(fx argument, onnx value name)`` pairs of one converted call (onnx2torch's arg layout)."""
+    mapping = getattr(module, "onnx_mapping", None)
+    if mapping is None:
+        return []
+    names = [n for n in mapping.inputs if n]
+    flat = list(node.args) + list(node.kwargs.values())
+    return list(zip(flat, names))
+
+
+def _materialise_weights(gm: fx.GraphModule, model: Any, nodes: dict[str, Any], trainable: bool) -> None:
+    """One tensor per ONNX initializer in ``gm.weights``: Parameter or buffer by role."""
+    from onnx import numpy_helper
+
+    roles = _initializer_roles(model, trainable)
+    inits = {t.name: t for t in model.graph.initializer}
+    holder = nn.Module()
+    targets: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    used_names: set[str] = set()
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        for arg, onnx_name in _call_inputs(node, module):
+            if not isinstance(arg, fx.Node) or arg.op != "get_attr" or onnx_name not in inits:
+                continue
+            if onnx_name not in targets:
+                base = _sanitize(onnx_name)
+                name, k = base, 1
+                while name in used_names:
+                    k += 1
+                    name = f"{base}_{k}"
+                used_names.add(name)
+                value = torch.from_numpy(np.array(numpy_helper.to_array(inits[onnx_name]), copy=True))
+                if roles.get(onnx_name) == "param":
+                    holder.register_parameter(name, nn.Parameter(value))
+                else:
+                    holder.register_buffer(name, value)
+                targets[onnx_name] = f"weights.{name}"
+                sources[f"weights.{name}"] = onnx_name
+            arg.target = targets[onnx_name]
+    gm.add_module("weights", holder)
+    leftover = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("initializers.")]
+    if hasattr(gm, "initializers") and not leftover:  # else: a converter layout this pass does not know; keep them
+        delattr(gm, "initializers")
+    # modules that absorbed their initializers (Conv, Gemm -> Linear, BatchNorm, LayerNorm)
+    for mod_name, module in gm.named_modules():
+        onnx_node = nodes.get(mod_name)
+        if onnx_node is None:
+            continue
+        for pname, _ in list(module.named_parameters()) + list(module.named_buffers()):
+            src = _absorbed_source(onnx_node, pname.rsplit(".", 1)[-1])  # Conv may be Sequential(Pad, Conv2d)
+            if src:
+                sources[f"{mod_name}.{pname}"] = src
+    gm.mmbridge_sources = sources
+
+
+def _absorbed_source(node: Any, pname: str) -> str | None:
+    pos = {"Conv": {"weight": 1, "bias": 2}, "ConvTranspose": {"weight": 1, "bias": 2}, "Gemm": {"weight": 1, "bias": 2},
+           "BatchNormalization": {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4},
+           "LayerNormalization": {"weight": 1, "bias": 2}}.get(node.op_type, {}).get(pname)
+    if pos is None or pos >= len(node.input):
+        return None
+    return node.input[pos] or None
+
+
+def _fuse_linear(gm: fx.GraphModule, nodes: dict[str, Any]) -> None:
+    """``MatMul(x, W)`` (+ ``Add(., b)``) with parameter ``W`` ``[in, out]`` -> :class:`Linear`."""
+    params = dict(gm.named_parameters())
+    getattr_users: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            getattr_users[n.target] = getattr_users.get(n.target, 0) + len(n.users)
+    transposed: set[str] = getattr(gm, "mmbridge_transposed", set())
+
+    def param_arg(arg: Any, ndim: int) -> str | None:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr" and arg.target in params:
+            if params[arg.target].dim() == ndim and getattr_users.get(arg.target) == 1:
+                return arg.target
+        return None
+
+    for node in list(gm.graph.nodes):
+        onnx_node = nodes.get(node.target) if node.op == "call_module" else None
+        if onnx_node is None or onnx_node.op_type != "MatMul" or len(node.args) != 2:
+            continue
+        w_name = param_arg(node.args[1], 2)
+        if w_name is None:
+            continue
+        w = params[w_name]
+        bias_name, add_node = None, None
+        if len(node.users) == 1:
+            user = next(iter(node.users))
+            add_onnx = nodes.get(user.target) if user.op == "call_module" else None
+            if add_onnx is not None and add_onnx.op_type == "Add" and len(user.args) == 2:
+                other = user.args[1] if user.args[0] is node else user.args[0]
+                b = param_arg(other, 1)
+                if b is not None and params[b].shape[0] == w.shape[1]:
+                    bias_name, add_node = b, user
+        lin = Linear(w.shape[0], w.shape[1], bias=bias_name is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w.detach().t())
+            if bias_name is not None:
+                lin.bias.copy_(params[bias_name].detach())
+        lin.weight.requires_grad_(w.requires_grad)
+        if bias_name is not None:
+            lin.bias.requires_grad_(params[bias_name].requires_grad)
+        parent, _, leaf = node.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, leaf, lin)
+        sources = gm.mmbridge_sources
+        sources[f"{node.target}.weight"] = sources.pop(w_name)
+        transposed.add(f"{node.target}.weight")
+        w_arg = node.args[1]
+        node.args = (node.args[0],)
+        if add_node is not None:
+            sources[f"{node.target}.bias"] = sources.pop(bias_name)
+            b_arg = add_node.args[0] if add_node.args[1] is node else add_node.args[1]
+            add_node.replace_all_uses_with(node)
+            gm.graph.erase_node(add_node)
+            gm.graph.erase_node(b_arg)
+        gm.graph.erase_node(w_arg)
+    gm.mmbridge_transposed = transposed
+
+
+def _replace_modules(gm: fx.GraphModule, nodes: dict[str, Any], static_resize: dict[str, tuple[int, ...]],
+                     same_pad: dict[str, SamePad]) -> None:
+    """BatchNorm -> population-variance BN; Dropout -> nn.Dropout(p); Reshape -> :class:`Reshape`;
+    Squeeze / Unsqueeze with constant axes -> static axes; static Resize -> :class:`ResizeToSize`;
+    ``auto_pad=SAME_*`` Conv / MaxPool -> ``Sequential(SamePad, module)``."""
+    from onnx2torch.node_converters.dropout import OnnxDropoutDynamic
+    from onnx2torch.node_converters.reshape import OnnxReshape
+    from onnx2torch.node_converters.squeeze import OnnxSqueezeDynamicAxes, OnnxSqueezeStaticAxes
+    from onnx2torch.node_converters.unsqueeze import OnnxUnsqueezeDynamicAxes, OnnxUnsqueezeStaticAxes
+
+    static_axes = {OnnxSqueezeDynamicAxes: OnnxSqueezeStaticAxes, OnnxUnsqueezeDynamicAxes: OnnxUnsqueezeStaticAxes}
+    from onnx2torch.node_converters.resize import (
+        OnnxResize,
+        _get_torch_align_corners,
+        _onnx_mode_to_torch_mode,
+    )
+
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        new: nn.Module | None = None
+        if type(module) in _BN_CLASSES:
+            new = _BN_CLASSES[type(module)](module.num_features, eps=module.eps, momentum=module.momentum)
+            new.load_state_dict(module.state_dict())
+        elif isinstance(module, OnnxDropoutDynamic):
+            ratio = 0.5
+            if len(node.args) > 1:
+                r = node.args[1]
+                if not (isinstance(r, fx.Node) and r.op == "get_attr"):
+                    continue  # a computed ratio: keep onnx2torch's module
+                ratio = float(_fetch_attr(gm, r.target))
+            elif "ratio" in node.kwargs:
+                continue
+            new = nn.Dropout(p=ratio)
+            node.args = node.args[:1]
+            node.kwargs = {}
+        elif isinstance(module, OnnxReshape) and len(node.args) == 2:
+            target = node.args[1]
+            if isinstance(target, fx.Node) and target.op == "get_attr":
+                new = Reshape(tuple(int(d) for d in _fetch_attr(gm, target.target).tolist()))
+                node.args = node.args[:1]
+            else:
+                new = Reshape()
+        elif type(module) in static_axes and len(node.args) == 2:
+            axes = node.args[1]
+            if not (isinstance(axes, fx.Node) and axes.op == "get_attr"):
+                continue
+            new = static_axes[type(module)]([int(a) for a in _fetch_attr(gm, axes.target).tolist()])
+            node.args = node.args[:1]
+        elif isinstance(module, OnnxResize) and node.target in static_resize:
+            onnx_node = nodes[node.target]
+            attrs = {a.name: a for a in onnx_node.attribute}
+            mode = attrs["mode"].s.decode() if "mode" in attrs else "nearest"
+            ctm = attrs["coordinate_transformation_mode"].s.decode() if "coordinate_transformation_mode" in attrs else "half_pixel"
+            size = static_resize[node.target]
+            new = ResizeToSize(size, _onnx_mode_to_torch_mode(mode, len(size)), _get_torch_align_corners(mode, ctm))
+            node.args = node.args[:1]
+            node.kwargs = {}
+        if node.target in same_pad:
+            new = nn.Sequential(same_pad.pop(node.target), new if new is not None else module)
+        if new is not None:
+            parent, _, leaf = node.target.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    _drop_unused_weights(gm)
+
+
+def _fetch_attr(gm: nn.Module, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _drop_unused_weights(gm: fx.GraphModule) -> None:
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    holder = getattr(gm, "weights", None)
+    if holder is None:
+        return
+    for name in list(dict(holder.named_parameters(recurse=False))) + list(dict(holder.named_buffers(recurse=False))):
+        if f"weights.{name}" not in used:
+            delattr(holder, name)
+            gm.mmbridge_sources.pop(f"weights.{name}", None)
+
+
+def parameter_count(module: nn.Module, *, trainable_only: bool = True) -> int:
+    """Number of scalar values in ``module``'s parameters (``requires_grad`` ones by default)."""
+    return int(sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only))
+
+
+def frozen_parameters(module: nn.Module) -> list[str]:
+    """Names of parameters with ``requires_grad=False`` (what DDP would not synchronise)."""
+    return [n for n, p in module.named_parameters() if not p.requires_grad]
+
+
+__all__ = ["to_torch", "check_supported", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Linear", "Reshape", "ResizeToSize",
+           "parameter_count", "frozen_parameters", "WEIGHT_INPUTS", "STATE_INPUTS"]
