@@ -102,6 +102,11 @@ def import_tensorflow() -> ModuleType:
     first = not tf_loaded()
     if first:
         preload_torch_stack()
+        # onnxruntime-extensions must bind its own RE2 before TF's copy is loaded, or its regex
+        # ops silently return their input (measured; see mmbridge.tf_ops.preload_extensions)
+        from .tf_ops import preload_extensions
+
+        preload_extensions()
     else:
         guard_torch_stack("mmbridge's TensorFlow export")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -463,6 +463,9 @@ def _fingerprint_payload(obj: Any, kind: str, fn: Any, specs: Sequence[TensorSpe
                 a = np.asarray(w.numpy())
                 h.update(f"{w.path if hasattr(w, 'path') else w.name}:{a.dtype}:{a.shape}".encode())
                 h.update(np.ascontiguousarray(a).tobytes())
+            from .preprocessing import state_fingerprint
+
+            h.update(state_fingerprint(obj))  # adapted vocabularies / bin boundaries: not weights
             keras_done = True
         except (NotImplementedError, TypeError, AttributeError, ValueError):
             keras_done = False
@@ -512,12 +515,13 @@ def export_patches() -> Iterator[None]:
             setattr(mod, attr, orig)
 
 
-def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = False) -> tuple[Any, list[str], list[str], list[str]]:
+def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = False) -> tuple[Any, list[str], list[str], list[str], dict]:
     """Trace ``fn`` and freeze variables and captured tensors into constants.
 
     Returns:
-        ``(graph_def, input tensor names, output tensor names, output keys)``; only the
-        placeholders of ``specs`` are inputs (captured tensors become constants).
+        ``(graph_def, input tensor names, output tensor names, output keys, tables)``; only the
+        placeholders of ``specs`` are inputs (captured tensors become constants); ``tables``
+        holds the contents of captured lookup tables (:func:`mmbridge.tf_ops.table_contents`).
     """
     from tf2onnx import tf_loader
 
@@ -525,6 +529,9 @@ def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = Fal
 
     with export_patches(), (trainable_patches() if trainable else contextlib.nullcontext()):
         cf = fn.get_concrete_function()
+    from .tf_ops import table_contents
+
+    tables = table_contents(cf)
     n = len(specs)
     inputs = [t.name for t in cf.inputs[:n]]
     if any(t.dtype == tf.resource for t in cf.inputs[:n]):
@@ -540,22 +547,25 @@ def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = Fal
     if len(flat_keys) != len(outputs):
         flat_keys = [f"output_{i}" for i in range(len(outputs))]
     graph_def = tf_loader.from_function(cf, inputs, outputs)
-    return graph_def, inputs, outputs, flat_keys
+    return graph_def, inputs, outputs, flat_keys, tables
 
 
 def _convert(graph_def: Any, inputs: list[str], outputs: list[str], opset: int, inputs_as_nchw: list[str] | None,
-             name: str) -> Any:
+             name: str, tables: dict | None = None) -> Any:
     import tf2onnx
 
+    from .errors import MMBridgeError
     from .tf_ops import tf2onnx_handlers
 
-    handlers, extra_opset = tf2onnx_handlers()
+    handlers, extra_opset = tf2onnx_handlers(tables)
     with _quiet_tf2onnx():
         try:
             model, _ = tf2onnx.convert.from_graph_def(
                 graph_def, name=name, input_names=inputs, output_names=outputs, opset=opset,
                 inputs_as_nchw=inputs_as_nchw, custom_op_handlers=handlers or None, extra_opset=extra_opset or None,
             )
+        except MMBridgeError:  # a refusal raised by one of mmbridge's handlers: already explains itself
+            raise
         except Exception as exc:  # tf2onnx raises bare Exceptions / ValueErrors on internal failures
             raise ExportError(f"tf2onnx could not convert {name!r} at opset {opset}: {type(exc).__name__}: {exc}") from exc
     return model
@@ -625,7 +635,7 @@ _ADVICE = {
     "StaticRegexReplace": "string ops: keep tokenisation outside the graph (feed token ids), or use the ORT backend with onnxruntime-extensions",
     "RegexReplace": "string ops: keep tokenisation outside the graph (feed token ids)",
     "StringSplitV2": "string ops: keep tokenisation outside the graph (feed token ids)",
-    "StringToHashBucketFast": "Hashing on strings: hash outside the graph, or pass integer ids",
+    "StringToHashBucketFast": "Hashing on strings: hash outside the graph, or pass integer ids (integer Hashing is exact)",
     "HashTableV2": "lookup tables (StringLookup / IntegerLookup / TextVectorization vocabularies): map ids outside the graph",
     "LookupTableFindV2": "lookup tables (StringLookup / IntegerLookup / TextVectorization vocabularies): map ids outside the graph",
     "Bucketize": "Discretization: bucketise outside the graph, or express the boundaries with Less/Sum",
@@ -871,13 +881,16 @@ def _build(obj: Any, fn: Any, kind: str, specs: Sequence[TensorSpec], name: str,
            tf: Any, t0: float) -> tuple[Any, dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     import onnx
 
+    from .preprocessing import backend_requirements
+
     opset = options["opset"]
     nchw = options["inputs_as_nchw"] or []
     unknown_nchw = set(nchw) - {s.name for s in specs}
     if unknown_nchw:
         raise SpecError(f"inputs_as_nchw names {sorted(unknown_nchw)} that are not inputs {[s.name for s in specs]}")
-    graph_def, in_names, out_names, out_keys = _freeze(fn, specs, tf, options["trainable"])
-    model = _convert(graph_def, in_names, out_names, opset, [n for n in in_names if n.split(":")[0] in nchw], name)
+    graph_def, in_names, out_names, out_keys, tables = _freeze(fn, specs, tf, options["trainable"])
+    model = _convert(graph_def, in_names, out_names, opset, [n for n in in_names if n.split(":")[0] in nchw], name,
+                     tables)
     _rename_io(model, {t: s.name for t, s in zip(in_names, specs)}, dict(zip(out_names, out_keys)))
     notes = []
     if options["trainable"]:
@@ -947,6 +960,7 @@ def _build(obj: Any, fn: Any, kind: str, specs: Sequence[TensorSpec], name: str,
         "parity": report.to_dict(),
         "rewrites": notes,
         "trainable": options["trainable"],
+        "backend": backend_requirements(model),
         "optimizer": {"applied": applied, "rejected": rejected},
         "export_seconds": round(time.perf_counter() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

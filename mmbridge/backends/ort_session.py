@@ -70,6 +70,10 @@ def make_session(
     if extensions:
         from onnxruntime_extensions import get_library_path
 
+        from mmbridge.tf_ops import preload_extensions
+
+        preload_extensions()  # before the library is first registered (RE2 symbol binding)
+
         so.register_custom_ops_library(get_library_path())
     return ort.InferenceSession(model, sess_options=so, providers=list(providers))
 
