@@ -42,6 +42,10 @@ def is_hf_model(module: nn.Module) -> bool:
     return type(module).__module__.startswith("transformers.") and hasattr(module, "config")
 
 
+def _is_ort_module(module: nn.Module) -> bool:
+    return type(module).__name__ == "ORTModule" and type(module).__module__.startswith("mmbridge.backends")
+
+
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over the T axis of ``hidden [N, T, H]`` where ``mask [N, T]`` (1 = token) is set.
 
@@ -94,9 +98,15 @@ class Branch(nn.Module):
         out_dim: width F of the pooled encoder output; ``None`` infers it (see :func:`compose`).
         trainable: False freezes the encoder: ``requires_grad`` False, run under
             ``no_grad``, eval mode kept even after ``model.train()``. The projection always trains.
+            Declared, never implied: an onnxruntime encoder (``to_ort()``) with ``trainable=True``
+            raises :class:`~mmbridge.errors.ConfigError`.
         projection: add ``Linear(F, fusion_dim)``; False requires ``F == fusion_dim``.
 
     Attributes set by :func:`compose`: ``name``, ``proj`` (the projection or ``nn.Identity``).
+
+    Raises:
+        TypeError: ``encoder`` / ``preprocess`` is not an ``nn.Module``.
+        ConfigError: an onnxruntime encoder with ``trainable=True``.
     """
 
     def __init__(self, encoder: nn.Module, *, preprocess: nn.Module | None = None,
@@ -107,6 +117,11 @@ class Branch(nn.Module):
             raise TypeError(f"Branch(encoder=...) must be a torch.nn.Module, got {type(encoder).__name__}")
         if preprocess is not None and not isinstance(preprocess, nn.Module):
             raise TypeError(f"Branch(preprocess=...) must be a torch.nn.Module or None, got {type(preprocess).__name__}")
+        if trainable and _is_ort_module(encoder):
+            raise ConfigError(
+                "Branch(encoder=<onnxruntime ORTModule>, trainable=True): an onnxruntime branch has no gradients "
+                "and cannot train; pass trainable=False, or use artifact.to_torch() for a trainable encoder"
+            )
         self.encoder = encoder
         self.preprocess = preprocess
         self.input_keys: tuple[str, ...] | None = tuple(input_keys) if input_keys is not None else None
@@ -215,9 +230,13 @@ class HybridModel(nn.Module):
             batch: dict of tensors with a leading batch axis N, keyed as the branches'
                 ``input_keys`` (e.g. ``"image"`` uint8 ``[N, H, W, 3]``, ``"text"`` int64
                 ``[N, T]``, ``"text_mask"`` int64 ``[N, T]``, ``"numeric"`` float32 ``[N, F]``).
+                Optional ``"<branch>_present"`` (bool or 0/1 ``[N]``) marks per sample whether
+                that branch's input is real (rows with 0 are masked like a missing modality;
+                their input values are still computed but ignored).
 
         Returns:
-            ``{"n": N, "branches": {name: state or None}}`` (None = modality missing).
+            ``{"n": N, "branches": {name: state or None}, "masks": {name: [N] presence}}``
+            (None = modality missing from the batch).
 
         Raises:
             MMBridgeError: no branch has its inputs in ``batch``.
@@ -231,12 +250,14 @@ class HybridModel(nn.Module):
                     n = int(batch[branch.input_keys[0]].shape[0])
             else:
                 states[name] = None
+        masks = {name: batch[f"{name}_present"] for name in self.branches
+                 if states[name] is not None and batch.get(f"{name}_present") is not None}
         if n is None:
             raise MMBridgeError(
                 f"none of the model's inputs is in the batch: the branches read {self.input_keys} but the "
                 f"batch has keys {sorted(batch)}; pass at least one modality"
             )
-        return {"n": n, "branches": states}
+        return {"n": n, "branches": states, "masks": masks}
 
     def trainable_stage(self, state: Mapping[str, Any], *, return_embeddings: bool = False) -> Any:
         """Trainable encoders, projections, modality dropout, fusion and task head.
@@ -258,8 +279,14 @@ class HybridModel(nn.Module):
         ref = next(iter(tokens.values()))
         present = torch.tensor([state["branches"][k] is not None for k in self.names], device=ref.device)
         present = present.unsqueeze(0).expand(n, -1).clone()
+        for name, mask in state.get("masks", {}).items():  # per-sample presence, e.g. rows without numeric data
+            present[:, self.names.index(name)] &= mask.to(device=present.device, dtype=torch.bool)
+        if not present.any(1).all():
+            rows = torch.nonzero(~present.any(1)).flatten().tolist()
+            raise MMBridgeError(f"batch rows {rows[:10]} have no modality present (every <name>_present is 0); "
+                                f"drop them or provide at least one modality")
         stacked = torch.stack(
-            [tokens[k] if k in tokens else ref.new_zeros(ref.shape) for k in self.names], dim=1
+            [tokens[k].to(ref.dtype) if k in tokens else ref.new_zeros(ref.shape) for k in self.names], dim=1
         )  # [N, M, D]
         if self.training and self.modality_dropout > 0:
             present = self._drop_modalities(present)

@@ -259,6 +259,9 @@ def to_torch(source: Any, *, trainable: bool = True) -> fx.GraphModule:
     if not trainable:
         for p in gm.parameters():
             p.requires_grad_(False)
+    specs = getattr(source, "input_specs", None)
+    if specs is not None:  # lets compose() infer the branch width with a dry run
+        gm.input_specs = tuple(specs)
     return gm.eval()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CacheError
+from mmbridge.errors import CacheError
 
 
 def rng_state() -> dict[str, Any]:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from mmbridge.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

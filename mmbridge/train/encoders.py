@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..composition import masked_mean
+from mmbridge.composition import masked_mean
 
 
 class ConvEncoder(nn.Module):

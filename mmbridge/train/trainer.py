@@ -1,0 +1,486 @@
+"""The training loop: :class:`Trainer`.
+
+One readable loop, in this order per optimiser step::
+
+    frozen = model.frozen_stage(batch)            # preprocessing + frozen branches, no grad
+    with autocast(bf16 | fp16 | off):
+        logits = ddp(frozen)                      # DDP wraps only the trainable stage
+        loss = cross_entropy(logits, label) / micro_steps_in_this_step
+    scaler.scale(loss).backward()                 # no gradient all-reduce until the last micro step
+    scaler.step(optimizer); scaler.update(); scheduler.step()
+
+Distributed runs come from torchrun (or a Kubeflow PyTorchJob) through
+:func:`mmbridge.train.distributed.setup`; data is sharded with ``DistributedSampler`` (also in a
+single process, so that the order of samples depends only on ``seed`` and the epoch: this is
+what makes resuming exact). Checkpoints (``last.pt`` every epoch and every
+``checkpoint_every_steps`` optimiser steps, ``best.pt`` on a new best validation value) hold the
+model, optimiser, scaler, scheduler, counters, early-stopping state and every rank's RNG states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from mmbridge.errors import ConfigError
+
+from . import checkpoint as ckpt_io
+from . import distributed
+from .metrics import make_metrics
+
+logger = logging.getLogger("mmbridge.train")
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python's ``random`` with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Train and evaluate a :class:`~mmbridge.HybridModel` (single process or under torchrun).
+
+    Args:
+        model: the model (any ``nn.Module`` whose ``forward(batch)`` returns logits works;
+            a HybridModel gets DDP around its trainable stage only).
+        train_data: a map-style dataset of dict items (``"label"`` int64 scalar plus the model's
+            input keys, e.g. ``"image"`` uint8 ``[H, W, 3]``, ``"text"`` int64 ``[T]``).
+        val_data: validation dataset (same items); enables early stopping and ``best.pt``.
+        out_dir: directory for checkpoints (``last.pt``, ``best.pt``), TensorBoard logs
+            (``tensorboard/``) and reports. Created on rank 0.
+        epochs: number of epochs.
+        batch_size: per-process batch size (the global batch is ``batch_size * world_size *
+            grad_accum``).
+        lr: AdamW learning rate. weight_decay: AdamW weight decay.
+        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast + ``GradScaler``).
+        grad_accum: micro-batches per optimiser step (gradients are synced only on the last).
+        grad_clip: max global gradient norm (None: no clipping).
+        scheduler: ``"cosine"`` (``CosineAnnealingLR`` over all optimiser steps) or ``"none"``.
+        seed: seed of the model's dropout RNG (``seed + rank``), the sampler and the loaders.
+        num_workers: DataLoader workers per process.
+        task: ``"classification"`` (cross-entropy) or ``"regression"`` (MSE on ``[N, K]``
+            targets). Default: ``model.task`` when present.
+        num_classes: C, for metrics. Default: ``train_data.num_classes`` or the head's.
+        monitor: validation metric for early stopping / ``best.pt`` (default ``"val/top1"``,
+            ``"val/loss"`` for regression). mode: ``"max"`` or ``"min"`` (default from the name).
+        patience: stop after this many epochs without improvement (None: never stop early).
+        checkpoint_every_steps: also write ``last.pt`` every this many optimiser steps.
+        keep_checkpoints: also keep a copy of each epoch's checkpoint as ``epoch-NNNN.pt``.
+        deterministic: use deterministic CUDA kernels (``torch.use_deterministic_algorithms``,
+            cuDNN deterministic, ``CUBLAS_WORKSPACE_CONFIG``) so that resuming on a GPU is exact
+            too; slower. CPU runs are deterministic without it.
+        max_steps_per_epoch: cap on micro-batches per epoch (quick runs).
+        log_every: TensorBoard step-loss interval, in optimiser steps.
+        progress: tqdm bar on rank 0. tensorboard: SummaryWriter on rank 0.
+        device: ``"cpu"``, ``"cuda"`` or None (CUDA if available).
+        extra_state: plain values saved in every checkpoint under ``"extra"`` (e.g. the config
+            and the label mapping).
+
+    Raises:
+        ConfigError: an unknown ``precision`` / ``scheduler`` / ``task``, ``grad_accum < 1``, or
+            ``fp16`` / ``bf16`` on a device that cannot autocast to it.
+    """
+
+    def __init__(self, model: nn.Module, train_data: Dataset, val_data: Dataset | None = None, *,
+                 out_dir: str | os.PathLike = "runs/mmbridge", epochs: int = 10, batch_size: int = 32,
+                 lr: float = 1e-3, weight_decay: float = 0.01, precision: str = "fp32", grad_accum: int = 1,
+                 grad_clip: float | None = None, scheduler: str = "cosine", seed: int = 0, num_workers: int = 0,
+                 task: str | None = None, num_classes: int | None = None, monitor: str | None = None,
+                 mode: str | None = None, patience: int | None = None, checkpoint_every_steps: int | None = None,
+                 keep_checkpoints: bool = False, deterministic: bool = False,
+                 max_steps_per_epoch: int | None = None, log_every: int = 10, progress: bool = True,
+                 tensorboard: bool = True, device: str | None = None,
+                 extra_state: Mapping[str, Any] | None = None):
+        problems = []
+        if precision not in PRECISIONS:
+            problems.append(f"precision={precision!r} is not one of {sorted(PRECISIONS)}")
+        if scheduler not in ("cosine", "none"):
+            problems.append(f"scheduler={scheduler!r} is not 'cosine' or 'none'")
+        if grad_accum < 1:
+            problems.append(f"grad_accum={grad_accum} must be >= 1")
+        task = task or getattr(model, "task", "classification")
+        if task not in ("classification", "regression"):
+            problems.append(f"task={task!r} is not 'classification' or 'regression'")
+        if problems:
+            raise ConfigError("Trainer: " + "; ".join(problems))
+        self.env = distributed.setup(device)
+        self.device = self.env.device
+        self.model = model.to(self.device)
+        self.train_data, self.val_data = train_data, val_data
+        self.out_dir = Path(out_dir)
+        self.epochs, self.batch_size, self.grad_accum = int(epochs), int(batch_size), int(grad_accum)
+        self.grad_clip, self.seed, self.num_workers = grad_clip, int(seed), int(num_workers)
+        self.precision, self.task = precision, task
+        self.amp_dtype = PRECISIONS[precision]
+        self.num_classes = num_classes or getattr(train_data, "num_classes", None) or _head_classes(model)
+        self.monitor = monitor or ("val/top1" if task == "classification" else "val/loss")
+        self.mode = mode or ("min" if self.monitor.rsplit("/", 1)[-1] in ("loss", "mse", "mae") else "max")
+        self.patience = patience
+        self.checkpoint_every_steps = checkpoint_every_steps
+        self.keep_checkpoints = keep_checkpoints
+        self.max_steps_per_epoch = max_steps_per_epoch
+        self.log_every = max(1, int(log_every))
+        self.progress = progress
+        self.extra_state = dict(extra_state or {})
+        if self.amp_dtype is not None and self.device.type == "cpu" and self.amp_dtype == torch.float16:
+            logger.warning("fp16 autocast on CPU is slow and rarely useful; prefer precision=bf16 on CPU")
+
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        seed_everything(self.seed + self.env.rank)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("Trainer: the model has no trainable parameters (every branch frozen and no head?)")
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.sampler = DistributedSampler(train_data, num_replicas=self.env.world_size, rank=self.env.rank,
+                                          shuffle=True, seed=self.seed, drop_last=False)
+        self.steps_per_epoch = self._micro_steps()
+        total = self.epochs * math.ceil(self.steps_per_epoch / self.grad_accum)
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, total))
+                          if scheduler == "cosine" else None)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+
+        core = self.model.trainable_module() if hasattr(self.model, "trainable_module") else None
+        if self.env.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            target = core if core is not None else self.model
+            self.runner: nn.Module = DDP(
+                target, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=getattr(self.model, "modality_dropout", 0.0) > 0,
+            )
+        else:
+            self.runner = core if core is not None else self.model
+        self._staged = core is not None
+
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best: float | None = None
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.history: list[dict[str, Any]] = []
+        self.writer = None
+        if self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                self.writer = summary_writer(self.out_dir / "tensorboard")
+
+    # ------------------------------------------------------------------------------------------
+    def _micro_steps(self) -> int:
+        n = math.ceil(len(self.sampler) / self.batch_size)
+        return min(n, self.max_steps_per_epoch) if self.max_steps_per_epoch else n
+
+    def _loader(self, epoch: int) -> DataLoader:
+        # a fresh generator per epoch: the loader never draws from the global RNG, so resuming
+        # (which restores the global RNG) sees the same dropout masks as an uninterrupted run
+        self.sampler.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        return DataLoader(self.train_data, batch_size=self.batch_size, sampler=self.sampler,
+                          num_workers=self.num_workers, generator=gen, drop_last=False,
+                          pin_memory=self.device.type == "cuda")
+
+    def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        if self._staged:
+            return self.runner(self.model.frozen_stage(batch))
+        return self.runner(batch)
+
+    def _loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out = out.float()
+        if self.task == "classification":
+            return nn.functional.cross_entropy(out, target)
+        return nn.functional.mse_loss(out, target.float().reshape(out.shape))
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self, resume: str | os.PathLike | None = None, *, stop_after_epochs: int | None = None,
+            restore_best: bool = False) -> dict[str, Any]:
+        """Train for the remaining epochs; validate, checkpoint and early-stop after each.
+
+        Args:
+            resume: a checkpoint path, ``"auto"`` (``out_dir/last.pt`` if it exists) or None.
+            stop_after_epochs: return after this many epochs of this call (simulates an
+                interrupted job; the checkpoint is written first).
+            restore_best: load ``best.pt``'s weights at the end (when validation ran).
+
+        Returns:
+            ``{"history": [per-epoch dict], "best": value, "best_epoch": int, "monitor": name,
+            "stopped_early": bool, "epochs_run": int, "train_time_s": float}``; each history
+            entry holds ``epoch``, ``train/loss`` (mean over the epoch, all ranks), ``lr`` and the
+            validation metrics (``val/loss``, ``val/top1``, ``val/top5``, ``val/macro_f1``).
+        """
+        if resume == "auto":
+            resume = self.out_dir / "last.pt" if (self.out_dir / "last.pt").is_file() else None
+        if resume is not None:
+            self.load_checkpoint(resume)
+            if self.env.is_main:
+                print(f"resumed from {resume}: epoch {self.epoch + 1}/{self.epochs}, micro-step {self.step_in_epoch} "
+                      f"of {self.steps_per_epoch}, optimiser step {self.global_step}"
+                      + (" (training already finished)" if self.epoch >= self.epochs else ""), flush=True)
+        t0 = time.perf_counter()
+        stopped_early, run = False, 0
+        while self.epoch < self.epochs:
+            record = self._train_epoch()
+            if self.val_data is not None:
+                record.update(self.evaluate(self.val_data, prefix="val"))
+                stopped_early = self._early_stopping(record)
+            self.history.append(record)
+            self._log_epoch(record)
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.save_checkpoint(self.out_dir / "last.pt")
+            if self.keep_checkpoints and self.env.is_main:
+                shutil.copyfile(self.out_dir / "last.pt", self.out_dir / f"epoch-{self.epoch:04d}.pt")
+            run += 1
+            if stopped_early or (stop_after_epochs is not None and run >= stop_after_epochs):
+                break
+        elapsed = time.perf_counter() - t0
+        if restore_best and self.val_data is not None and (self.out_dir / "best.pt").is_file():
+            distributed.barrier()
+            self.model.load_state_dict(ckpt_io.load(self.out_dir / "best.pt")["model"])
+        if self.writer is not None:
+            self.writer.flush()
+        return {"history": self.history, "best": self.best, "best_epoch": self.best_epoch,
+                "monitor": self.monitor, "stopped_early": stopped_early, "epochs_run": run,
+                "train_time_s": elapsed}
+
+    def _train_epoch(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        self.model.train()
+        steps = self.steps_per_epoch
+        start = self.step_in_epoch
+        loader = itertools.islice(self._loader(self.epoch), start, steps)
+        bar = tqdm(loader, total=steps, initial=start, desc=f"epoch {self.epoch + 1}/{self.epochs}",
+                   disable=not (self.progress and self.env.is_main), leave=False, dynamic_ncols=True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(bar, start=start):
+            batch = self._to_device(batch)
+            group_start = (i // self.grad_accum) * self.grad_accum
+            group_size = min(self.grad_accum, steps - group_start)
+            last_micro = i + 1 == group_start + group_size
+            sync = contextlib.nullcontext()
+            if self.env.distributed and not last_micro:
+                sync = self.runner.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self._forward(batch)
+                    loss = self._loss(out, batch["label"])
+                self.scaler.scale(loss / group_size).backward()
+            n = batch["label"].shape[0]
+            loss_sum += loss.detach().double() * n
+            count += n
+            self.step_in_epoch = i + 1
+            if last_micro:
+                self._optimizer_step()
+                if self.writer is not None and self.global_step % self.log_every == 0:
+                    self.writer.add_scalar("train/loss_step", loss.item(), self.global_step)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if (self.checkpoint_every_steps and self.global_step % self.checkpoint_every_steps == 0
+                        and self.step_in_epoch < steps):
+                    self.save_checkpoint(self.out_dir / "last.pt")
+        bar.close()
+        distributed.all_reduce_sum(loss_sum)
+        distributed.all_reduce_sum(count)
+        return {"epoch": self.epoch + 1, "train/loss": (loss_sum / count.clamp_min(1)).item(),
+                "lr": self.optimizer.param_groups[0]["lr"], "step": self.global_step}
+
+    def _optimizer_step(self) -> None:
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.global_step += 1
+
+    def _early_stopping(self, record: dict[str, Any]) -> bool:
+        value = record.get(self.monitor)
+        if value is None:
+            raise ConfigError(f"Trainer: monitor {self.monitor!r} is not among the validation metrics "
+                              f"{sorted(k for k in record if k.startswith('val/'))}; set monitor to one of them")
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better:
+            self.best, self.best_epoch, self.bad_epochs = float(value), self.epoch + 1, 0
+            self.save_checkpoint(self.out_dir / "best.pt", weights_only_model=True)
+        else:
+            self.bad_epochs += 1
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+    def _log_epoch(self, record: dict[str, Any]) -> None:
+        if not self.env.is_main:
+            return
+        msg = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+        print(msg, flush=True)
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    self.writer.add_scalar(k if "/" in k else f"train/{k}", v, record["epoch"])
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset, prefix: str = "test", batch_size: int | None = None) -> dict[str, float]:
+        """Loss and metrics on ``dataset`` (sharded over ranks without padding; all ranks agree).
+
+        Args:
+            dataset: map-style dataset of dict items (see the class doc).
+            prefix: key prefix (``"val"`` -> ``"val/top1"``).
+            batch_size: default: the training batch size.
+
+        Returns:
+            ``{f"{prefix}/loss", f"{prefix}/top1", f"{prefix}/top5" (C >= 5), f"{prefix}/macro_f1"}``
+            for classification (fractions in [0, 1]); ``loss``, ``mse``, ``mae`` for regression.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        shard = Subset(dataset, range(self.env.rank, len(dataset), self.env.world_size))
+        loader = DataLoader(shard, batch_size=batch_size or self.batch_size, shuffle=False,
+                            num_workers=self.num_workers)
+        metrics = make_metrics(self.task, self.num_classes).to(self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        model = self.model
+        for batch in loader:
+            batch = self._to_device(batch)
+            with self._autocast():
+                out = model(batch)
+            out = out.float()
+            target = batch["label"]
+            loss_sum += self._loss(out, target).double() * target.shape[0]
+            count += target.shape[0]
+            metrics.update(out, target if self.task == "classification" else target.float().reshape(out.shape))
+        distributed.all_reduce_sum(loss_sum)
+        distributed.all_reduce_sum(count)
+        result = {f"{prefix}/loss": (loss_sum / count.clamp_min(1)).item()}
+        result.update({f"{prefix}/{k}": float(v) for k, v in metrics.compute().items()})
+        self.model.train(was_training)
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self, *, weights_only_model: bool = False) -> dict[str, Any]:
+        """Everything a checkpoint holds (tensors and plain values only; see :mod:`.checkpoint`).
+
+        Collective under DDP (gathers every rank's RNG states): call it on every rank.
+        """
+        rng = ckpt_io.rng_state()
+        if self.env.distributed:
+            gathered: list[Any] = [None] * self.env.world_size
+            dist.all_gather_object(gathered, rng)
+            rng_all = gathered
+        else:
+            rng_all = [rng]
+        state: dict[str, Any] = {
+            "format": "mmbridge.train/1",
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "best": self.best, "best_epoch": self.best_epoch, "monitor": self.monitor,
+            "num_classes": self.num_classes, "task": self.task, "extra": self.extra_state,
+        }
+        if weights_only_model:
+            return state
+        state.update({
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "bad_epochs": self.bad_epochs, "history": self.history, "world_size": self.env.world_size,
+            "sampler_epoch": self.epoch, "sampler_seed": self.seed, "rng": rng_all,
+        })
+        return state
+
+    def save_checkpoint(self, path: str | os.PathLike, *, weights_only_model: bool = False) -> Path:
+        """Write a checkpoint atomically on rank 0 (all ranks must call it; ends with a barrier)."""
+        state = self.state_dict(weights_only_model=weights_only_model)
+        if self.env.is_main:
+            ckpt_io.save_atomic(state, path)
+        distributed.barrier()
+        return Path(path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore model, optimiser, scaler, scheduler, counters and this rank's RNG states.
+
+        Raises:
+            CacheError: unreadable checkpoint (see :func:`mmbridge.train.checkpoint.load`).
+            ConfigError: the checkpoint holds only weights (``best.pt``), or was written with a
+                different number of steps per epoch than this run has.
+        """
+        state = ckpt_io.load(path, map_location="cpu")
+        if "optimizer" not in state:
+            raise ConfigError(f"checkpoint {path} holds only model weights (a best.pt); resume from last.pt, "
+                              f"or load it with model.load_state_dict(...)")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.best, self.best_epoch = state["best"], int(state["best_epoch"])
+        self.bad_epochs, self.history = int(state["bad_epochs"]), list(state["history"])
+        rng = state["rng"]
+        if len(rng) != self.env.world_size:
+            logger.warning("checkpoint %s was written by %d processes, this run has %d: resuming is not exact",
+                           path, len(rng), self.env.world_size)
+        ckpt_io.set_rng_state(rng[self.env.rank % len(rng)])
+
+    def close(self) -> None:
+        """Flush and close TensorBoard; destroy the process group if this trainer started one."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        distributed.cleanup()
+
+
+def summary_writer(log_dir: str | os.PathLike):
+    """A TensorBoard ``SummaryWriter`` that does not import TensorFlow.
+
+    TensorBoard imports TensorFlow when it is installed (``tensorboard.compat.tf``) unless the
+    marker module ``tensorboard.compat.notf`` exists, in which case it uses its own stub (its
+    "no_tensorflow" build). The training process should not load TF (DESIGN.md, "TF
+    isolation"), so unless TF is already loaded the marker is installed first.
+    """
+    import sys
+    import types
+
+    if "tensorflow" not in sys.modules:
+        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(log_dir))
+
+
+def _head_classes(model: nn.Module) -> int | None:
+    head = getattr(model, "head", None)
+    return getattr(head, "num_classes", None) or getattr(head, "num_outputs", None)

@@ -1,0 +1,204 @@
+"""YAML config validation (every problem at once), overrides, examples, and the train/evaluate CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmbridge.errors import ConfigError
+from mmbridge.train.config import DEFAULTS, load_config
+from mmbridge.train.distributed import read_env
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "examples" / "pokedex").glob("*.yaml"))
+
+BAD = textwrap.dedent("""
+    data:
+      root: /no/such/dir
+      modalities: [image, audio]
+      image_size: 4
+    model:
+      branches:
+        image:
+          encoder: {type: convv}
+          trainable: maybe
+        text:
+          encoder: {type: artifact, path: /no/artifact, backend: ort}
+        numeric:
+          encoder: {type: mlp, hiden: 3}
+          input_keys: [tabular]
+      fusion: attentoin
+      fusion_dim: 30
+      modality_dropout: 1.5
+    training:
+      epochs: 0
+      precision: fp8
+      lr: -1
+      learning_rate: 0.1
+    outptu: {}
+""")
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["training.batch_size=0", "oops"])
+    msg = str(err.value)
+    expected = [
+        "outptu: unknown key; did you mean 'output'?",
+        "data.root: '/no/such/dir' is not a directory",
+        "data.modalities: must be a non-empty list of ['image', 'text', 'numeric'], got ['image', 'audio']",
+        "data.image_size: must be an int >= 8",
+        "model.fusion: unknown fusion head 'attentoin'; did you mean 'attention'?",
+        "model.modality_dropout: must be a number in [0, 1), got 1.5",
+        "model.branches.image.encoder.type: unknown 'convv'; did you mean 'conv'?",
+        "model.branches.image.trainable: must be true or false, got 'maybe'",
+        "model.branches.text.encoder.path: '/no/artifact' is not an artifact directory",
+        "model.branches.text: an onnxruntime (backend: ort) encoder cannot train",
+        "model.branches.numeric.encoder.hiden: unknown key; did you mean 'hidden'?",
+        "model.branches.numeric.input_keys: ['tabular'] not provided by data.modalities",
+        "training.epochs: must be an int >= 1, got 0",
+        "training.precision: must be fp32, bf16 or fp16, got 'fp8'",
+        "training.lr: must be a positive number, got -1",
+        "training.learning_rate: unknown key",
+        "training.batch_size: must be an int >= 1, got 0",
+        "override 'oops': expected dotted.key=value",
+    ]
+    missing = [e for e in expected if e not in msg]
+    assert not missing, f"not reported: {missing}\n--- message:\n{msg}"
+    n = int(msg.split(": ", 1)[1].split(" problems")[0])
+    assert n == msg.count("\n  - ") and n >= len(expected)
+
+
+def test_attention_heads_and_head_kwargs_are_checked():
+    base = {"model": {"branches": {"numeric": {"encoder": {"type": "mlp"}}}}, "data": {"modalities": ["numeric"]}}
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.fusion=attention", "model.fusion_dim=30", "model.fusion_kwargs.num_layer=1"],
+                    data=base)
+    msg = str(err.value)
+    assert "model.fusion_dim: 30 is not divisible by fusion_kwargs.num_heads=4" in msg
+    assert "model.fusion_kwargs.num_layer: not an argument of the 'attention' head" in msg
+
+
+def test_defaults_and_overrides_are_typed_yaml():
+    base = {"model": {"branches": {"text": {"encoder": {"type": "text"}}}}, "data": {"modalities": ["text"]}}
+    cfg = load_config(None, ["training.epochs=3", "training.lr=3e-4", "model.fusion=gated", "training.patience=null",
+                             "model.fusion_kwargs={dropout: 0.2}"], data=base)
+    assert cfg["training"]["epochs"] == 3 and cfg["training"]["lr"] == pytest.approx(3e-4)
+    assert cfg["model"]["fusion"] == "gated" and cfg["model"]["fusion_kwargs"] == {"dropout": 0.2}
+    assert cfg["training"]["batch_size"] == DEFAULTS["training"]["batch_size"]
+    br = cfg["model"]["branches"]["text"]
+    assert br["input_keys"] == ["text", "text_mask"] and br["encoder"] == {"type": "text", "dim": 64, "kind": "bag"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_configs_validate(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    overrides = [] if (REPO.parent / "shared" / "data" / "pokedex").is_dir() else ["data.root=null"]
+    cfg = load_config(path, overrides)
+    assert cfg["model"]["branches"] and cfg["output"]["dir"].startswith("runs/pokedex/")
+
+
+def test_validation_runs_before_tf_or_onnxruntime_is_imported(tmp_path):
+    (tmp_path / "bad.yaml").write_text(BAD)
+    code = textwrap.dedent(f"""
+        import sys
+        from mmbridge.train.cli import main
+        rc = main(["train", {str(tmp_path / "bad.yaml")!r}])
+        print("RC", rc, "tensorflow" in sys.modules, "onnxruntime" in sys.modules)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "RC 2 False False" in proc.stdout, proc.stdout + proc.stderr
+    assert "problems:" in proc.stderr and "training.precision" in proc.stderr
+
+
+def test_kubeflow_and_torchrun_environments():
+    assert read_env({}) == {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1}
+    kubeflow = {"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "job-master-0", "MASTER_PORT": "23456"}
+    assert read_env(kubeflow) == {"rank": 3, "world_size": 4, "local_rank": 0, "local_world_size": 1}
+    torchrun = dict(kubeflow, LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")
+    assert read_env(torchrun)["local_rank"] == 1 and read_env(torchrun)["local_world_size"] == 2
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not set") as err:
+        read_env({"RANK": "5", "WORLD_SIZE": "2"})
+    assert "RANK=5 is not in [0, WORLD_SIZE=2)" in str(err.value)
+
+
+def test_train_then_evaluate_cli_on_builtin_sample(tmp_path, capsys):
+    from mmbridge.train.cli import main
+
+    cfg = {
+        "data": {"root": None, "image_size": 16, "max_length": 16, "modalities": ["text", "numeric"]},
+        "model": {"branches": {"text": {"encoder": {"type": "text", "dim": 32}},
+                               "numeric": {"encoder": {"type": "mlp", "hidden": 16}}},
+                  "fusion": "gated", "fusion_dim": 32},
+        "training": {"epochs": 2, "batch_size": 16, "lr": 0.01, "precision": "fp32", "progress": False},
+        "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "data: the built-in sample" in out
+    train_report = json.loads((tmp_path / "run" / "report.json").read_text())
+    row = next(iter(train_report["results"].values()))
+    assert main(["evaluate", str(tmp_path / "c.yaml"), "--checkpoint", str(tmp_path / "run" / "best.pt"),
+                 "--out", str(tmp_path / "eval")]) == 0
+    ev = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
+    erow = next(iter(ev["results"].values()))
+    # restore_best=True: the train report's test metrics come from best.pt, as does evaluate's
+    assert erow["test/top1"] == pytest.approx(row["test/top1"]) and erow["val/loss"] == pytest.approx(row["val/loss"])
+    assert (tmp_path / "eval" / "eval_report.md").read_text().count("| run |") == 1
+    # a config that does not match the checkpoint is refused with the keys
+    assert main(["evaluate", str(tmp_path / "c.yaml"), "model.fusion_dim=16", "--checkpoint",
+                 str(tmp_path / "run" / "best.pt")]) == 2
+    assert "does not fit the model" in capsys.readouterr().err
+
+
+def test_launcher_examples_reference_real_configs():
+    job = yaml.safe_load((REPO / "examples" / "kubeflow" / "pytorchjob.yaml").read_text())
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    for role in ("Master", "Worker"):
+        (container,) = specs[role]["template"]["spec"]["containers"]
+        assert container["name"] == "pytorch"  # the training operator requires it
+        cmd = container["command"]
+        assert cmd[:4] == ["python", "-m", "mmbridge.cli", "train"]
+        assert (REPO / "examples" / "pokedex" / Path(cmd[4]).name).is_file()
+    sbatch = (REPO / "examples" / "slurm" / "train.sbatch").read_text()
+    assert "torch.distributed.run" in sbatch and "-m mmbridge.cli train" in sbatch
+    assert subprocess.run(["bash", "-n", str(REPO / "examples" / "slurm" / "train.sbatch")]).returncode == 0
+
+
+@pytest.mark.tf
+@pytest.mark.slow
+def test_demo_runs_end_to_end_without_tf_in_the_training_process(tmp_path):
+    """export (child) -> ORT preprocessing + converted Keras encoder -> compose -> bf16 -> report."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("tf2onnx") is None:
+        pytest.skip("TensorFlow / tf2onnx are not installed (install mmbridge[tf])")
+    code = textwrap.dedent(f"""
+        import sys
+        from mmbridge.cli import main
+        rc = main(["demo", "--out", {str(tmp_path / "demo")!r}, "--epochs", "2"])
+        print("RC", rc, "TF", "tensorflow" in sys.modules)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "RC 0 TF False" in proc.stdout, out[-4000:]
+    assert "using the small synthetic sample built into the package" in out
+    assert "<- ORTModule -> GraphModule" in out  # bridged TF preprocessing on ORT, Keras encoder in torch
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    row = next(iter(report["results"].values()))
+    assert row["precision"] == "bf16" and row["epochs"] == 2
+    assert 0.0 <= row["test/top1"] <= 1.0 and row["test/loss"] > 0
+    assert (tmp_path / "demo" / "best.pt").is_file() and (tmp_path / "demo" / "report.md").is_file()
+    import torch
+
+    losses = [h["train/loss"] for h in torch.load(tmp_path / "demo" / "last.pt", weights_only=True)["history"]]
+    assert losses[1] < losses[0], losses
