@@ -183,7 +183,7 @@ def export(
             fingerprint = _path_fingerprint(path_like, options, sample_inputs)
             if not force:
                 with contextlib.suppress(CacheError):
-                    return _copy_out(BridgeArtifact.load(entry_dir(options["name"], fingerprint, root)), out)
+                    return _copy_out(BridgeArtifact.load(entry_dir(options["name"], fingerprint, root), check="size"), out)
         if isolate:
             art = _export_in_child(path_like, options, sample_inputs, root, force, fingerprint)
             return _copy_out(art, out)
@@ -959,6 +959,7 @@ def _build(obj: Any, fn: Any, kind: str, specs: Sequence[TensorSpec], name: str,
         "versions": export_versions(),
         "parity": report.to_dict(),
         "rewrites": notes,
+        "tolerance": options["tolerance"],  # what export checked with; verify() reuses it
         "trainable": options["trainable"],
         "backend": backend_requirements(model),
         "optimizer": {"applied": applied, "rejected": rejected},

@@ -243,7 +243,8 @@ def verify(
         backends: which to check: ``"ort"`` (onnxruntime CPU, plain ``session.run``),
             ``"ort_module"`` (the IO-binding module of :func:`~mmbridge.to_ort`, CPU) and/or
             ``"torch"`` (the onnx2torch module in eval mode, on CPU).
-        tolerance: override the table for floating outputs (see :data:`TOLERANCES`).
+        tolerance: override for floating outputs; default: the tolerance the bridge was exported
+            with (``meta.json``), else the table (:data:`TOLERANCES`).
         raise_on_failure: raise :class:`ParityError` instead of returning a failing report.
 
     Returns:
@@ -266,6 +267,8 @@ def verify(
             )
         ref = dict(reference(inputs)) if callable(reference) else dict(reference)
     ref = {k: np.asarray(v) for k, v in ref.items()}
+    if tolerance is None and artifact.meta.get("tolerance"):
+        tolerance = Tolerance(**artifact.meta["tolerance"])  # the bridge's own, stated at export
     rows: list[OutputParity] = []
     for backend in backends:
         if backend == "ort":

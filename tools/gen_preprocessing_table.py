@@ -40,8 +40,11 @@ Every Keras preprocessing layer, `tf.image` and `tf.strings` step below was expo
 **String graphs run on the onnxruntime backend.** String inputs and string ops (`StringLookup`,
 `TextVectorization`, `tf.strings.*`) use onnxruntime-extensions custom ops (domain
 `ai.onnx.contrib`, registered automatically when a session needs them) and `ai.onnx.ml`
-`LabelEncoder`; such a bridge runs with `artifact.to_ort()`, not `to_torch()`, and must end in
-integer ids (or float vectors) at the torch boundary: torch has no string tensors.
+`LabelEncoder`; such a bridge runs in onnxruntime, not `to_torch()`, and must end in integer
+ids (or float vectors) at the torch boundary: torch has no string tensors. A bridge with
+*string inputs* is fed numpy arrays through an onnxruntime session
+(`mmbridge.backends.ort_session.make_session(artifact.onnx_path).run(...)`, typically in the
+data loader); `artifact.to_ort()` takes torch tensors and so accepts only numeric inputs.
 `mmbridge.preprocessing.backend_requirements(model)` reports this for a graph.
 
 Keras `Hashing` on integers is exact: TF hashes the decimal string with FarmHash Fingerprint64,

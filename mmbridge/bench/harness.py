@@ -2,9 +2,9 @@
 
 Method (the same for every suite):
 
-1. **Warm-up.** Each variant is called ``warmup`` times (at least once); the last warm-up call
-   calibrates ``number``, the calls per repetition, so that one repetition lasts at least
-   ``min_rep_s`` (the ``timeit.Timer.autorange`` idea). A variant that raises here is recorded
+1. **Warm-up.** Each variant is called ``warmup`` times (at least once: tracing, first-call
+   setup), then (unless the warm-up call took over 1 s) once more to calibrate ``number``, the calls per repetition, so that one
+   repetition lasts at least ``min_rep_s`` (the ``timeit.Timer.autorange`` idea). A variant that raises here is recorded
    as ``status="error"`` with the exception and left out; the others still run.
 2. **Interleaved repetitions.** ``repeats`` rounds; in each round every variant runs one
    repetition, in an order rotated by one each round (no variant always runs first). A
@@ -13,9 +13,11 @@ Method (the same for every suite):
    The time of one call is the repetition time divided by ``number``.
 3. **Statistics.** Per variant: the median and the interquartile range (25th..75th percentile,
    ``numpy.percentile``, linear) of the per-call times in ms, and throughput in items/s
-   (``items_per_call / median``). The **ratio** of a variant is ``median(variant) /
-   median(baseline)`` (below 1: faster than the baseline); its spread is the IQR of the *paired*
-   per-round ratios, so load that hits both variants of a round cancels out.
+   (``items_per_call / median``). The **ratio** of a variant is the median over rounds of the
+   *paired* per-round ratio ``t(variant) / t(baseline)`` (below 1: faster than the baseline) and
+   its spread the IQR of those paired ratios: two variants timed back to back share the load
+   of that moment, so a burst from another process mostly cancels out. ``extra.ratio_of_medians``
+   (``median(variant) / median(baseline)``) is kept for comparison.
 4. **Peak memory**, in one extra untimed call per variant, in MiB:
    ``peak_rss_mib``: the largest resident-set growth during the call over the RSS just before
    it, sampled every 1 ms from ``/proc/self/statm`` by a thread (Linux; ``None`` elsewhere) —
@@ -80,6 +82,7 @@ class HarnessConfig:
         return cls(warmup=1, repeats=5, min_rep_s=0.02, max_case_s=20.0, device=device)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (stored in ``bench.json`` under ``config.harness``)."""
         return dataclasses.asdict(self)
 
 
@@ -144,8 +147,9 @@ class Result:
         timing: per-call statistics in ms (``None`` unless ok).
         items_per_call: samples per call.
         samples_per_s: ``items_per_call / median`` in samples/s.
-        ratio: ``median / baseline median`` (unitless; < 1 is faster than the baseline); 1.0 on
-            the baseline row; ``None`` when either side did not run.
+        ratio: median of the paired per-round ratios ``t(variant) / t(baseline)`` (unitless; < 1
+            is faster than the baseline); 1.0 on the baseline row; ``None`` when either side did
+            not run.
         ratio_p25, ratio_p75: IQR of the paired per-round ratios.
         peak_rss_mib, peak_py_mib, peak_cuda_mib: peak memory of one call, in MiB (see module doc).
         params: case parameters (batch, image size, threads...).
@@ -172,9 +176,11 @@ class Result:
 
     @property
     def median_ms(self) -> float | None:
+        """Median time of one call in ms, or None when the row was not measured."""
         return self.timing.median_ms if self.timing else None
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: every field, ``timing`` as a dict, plus ``median_ms``."""
         d = dataclasses.asdict(self)
         d["median_ms"] = self.median_ms
         return d
@@ -217,6 +223,7 @@ class BenchRun:
     wall_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """The whole run as a JSON-ready dict (the ``bench.json`` schema, ``schema_version`` 1)."""
         return {
             "schema_version": SCHEMA_VERSION,
             "started": self.started,
@@ -363,7 +370,8 @@ def measure_case(
         variants: the variants; ``fn=None`` ones become ``status="skipped"`` rows.
         baseline: name of the variant every ratio is taken against; if it is skipped or fails,
             the other rows have ``ratio=None`` and a note.
-        items_per_call: samples per call (for samples/s), unless a variant sets its own.
+        items_per_call: samples per call (for samples/s), unless a variant sets its own; 0
+            when throughput means nothing (an export), leaving ``samples_per_s`` None.
         config: harness settings (default :class:`HarnessConfig`).
         params: case parameters stored on every row.
         log: progress callback (one line per variant), e.g. ``print``.
@@ -394,8 +402,9 @@ def measure_case(
             log(f"  {case} / {v.name}: skipped ({row.note})")
             continue
         try:
-            t = 0.0
             for _ in range(max(1, cfg.warmup)):
+                t = _time_rep(v.fn, 1, sync)
+            if t < 1.0:  # calibrate on a call after the warm-up (tracing, first-call setup); slow calls: number=1 anyway
                 t = _time_rep(v.fn, 1, sync)
         except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the others
             row.status, row.note = "error", _err(exc)
@@ -410,7 +419,7 @@ def measure_case(
     round_s = sum(max(cfg.min_rep_s, number[v.name] * per_call_s[v.name]) for v in live)
     repeats = cfg.repeats
     if round_s > 0 and round_s * repeats > cfg.max_case_s:
-        repeats = max(cfg.min_repeats, int(cfg.max_case_s // round_s))
+        repeats = min(cfg.repeats, max(cfg.min_repeats, int(cfg.max_case_s // round_s)))
     times: dict[str, list[float]] = {v.name: [] for v in live}
     for r in range(repeats):
         k = r % len(live) if live else 0
@@ -427,7 +436,8 @@ def measure_case(
         if row.status != "ok" or not times[v.name]:
             continue
         row.timing = Timing.from_times(times[v.name], number[v.name])
-        row.samples_per_s = round(row.items_per_call / (row.timing.median_ms / 1e3), 3)
+        if row.items_per_call > 0:
+            row.samples_per_s = round(row.items_per_call / (row.timing.median_ms / 1e3), 3)
         if cfg.memory:
             try:
                 row.__dict__.update(peak_memory(v.fn, cfg.device))
@@ -442,10 +452,13 @@ def measure_case(
         if base.status != "ok" or base.timing is None:
             row.note = (row.note + "; " if row.note else "") + f"no ratio: baseline {baseline!r} {base.status}"
         else:
-            row.ratio = row.timing.median_ms / base.timing.median_ms
             paired = [a / b for a, b in zip(row.timing.times_ms, base.timing.times_ms) if b > 0]
             if paired:
-                row.ratio_p25, row.ratio_p75 = (float(x) for x in np.percentile(paired, [25, 75]))
+                p25, med, p75 = (float(x) for x in np.percentile(paired, [25, 50, 75]))
+                row.ratio, row.ratio_p25, row.ratio_p75 = med, p25, p75
+            else:
+                row.ratio = row.timing.median_ms / base.timing.median_ms
+            row.extra.setdefault("ratio_of_medians", round(row.timing.median_ms / base.timing.median_ms, 4))
         if row.timing is not None:
             log(f"  {case} / {v.name}: {row.timing.median_ms:.3f} ms "
                 f"(IQR {row.timing.iqr_ms:.3f}, n={len(row.timing.times_ms)}x{row.timing.number})"
@@ -506,7 +519,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     competing for the CPU) and ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (process peak RSS,
     MiB on Linux, where ru_maxrss is in KiB).
     """
-    from ..info import versions
+    from mmbridge.info import versions
 
     env: dict[str, Any] = {
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -26,14 +26,15 @@ from .harness import BenchRun, Result
 JSON_FILE = "bench.json"
 MD_FILE = "bench.md"
 PNG_FILE = "bench.png"
+_HIDDEN_EXTRA = {"ratio_of_medians"}  # in the JSON, not in the table
 
 
 def write_json(run: BenchRun, path: str | os.PathLike) -> Path:
-    """Write ``run`` as JSON (atomically: temp file then rename). Returns the path."""
+    """Write ``run`` as JSON (atomically: temp file then rename; non-finite floats as null). Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(run.to_dict(), indent=2, default=_default, allow_nan=False))
+    tmp.write_text(json.dumps(_finite(run.to_dict()), indent=2, default=_default, allow_nan=False))
     os.replace(tmp, path)
     return path
 
@@ -52,6 +53,17 @@ def load_json(path: str | os.PathLike) -> BenchRun:
         config=d.get("config", {}), external=d.get("external", {}), notes=d.get("notes", []),
         started=d.get("started", ""), finished=d.get("finished", ""), wall_s=d.get("wall_s", 0.0),
     )
+
+
+def _finite(obj: Any) -> Any:
+    """NaN / inf floats -> None, recursively (JSON has no NaN; a reader should see "not measured")."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _default(obj: Any) -> Any:
@@ -78,7 +90,7 @@ def _ratio_cell(r: Result) -> str:
     if r.variant == r.baseline:
         return "1 (baseline)"
     spread = f" ({_f(r.ratio_p25)}–{_f(r.ratio_p75)})" if r.ratio_p25 is not None else ""
-    return f"**{r.ratio:.2f}×**{spread}"
+    return f"**{_f(r.ratio) if r.ratio < 0.1 else f'{r.ratio:.2f}'}×**{spread}"
 
 
 def markdown(run: BenchRun, *, command: str | None = None) -> str:
@@ -100,9 +112,9 @@ def markdown(run: BenchRun, *, command: str | None = None) -> str:
                                                             "tensorflow", "tf2onnx", "onnx", "onnx2torch") if v.get(k)),
         "",
         "Method: warm-up, then every variant of a case timed in interleaved rounds (order rotated each round); "
-        "time per call = median over rounds, spread = interquartile range (IQR). **Ratio** = median time / median "
-        "time of the case's baseline (below 1 = faster than the baseline), in brackets the IQR of the per-round "
-        "paired ratios. Peak memory = largest RSS growth during one call (sampled every 1 ms), in MiB.",
+        "time per call = median over rounds, spread = interquartile range (IQR). **Ratio** = median over rounds of "
+        "the paired ratio t(variant) / t(baseline) measured back to back (below 1 = faster than the baseline), in "
+        "brackets its IQR. Peak memory = largest RSS growth during one call (sampled every 1 ms), in MiB.",
         "",
     ]
     for note in run.notes:
@@ -121,7 +133,8 @@ def markdown(run: BenchRun, *, command: str | None = None) -> str:
                 lines.append(f"| {r.case} | {r.variant} | {r.baseline} | {r.status} | | | | {_esc(r.note)} |")
                 continue
             t = r.timing
-            extra = "; ".join(f"{k} {_f(x) if isinstance(x, float) else x}" for k, x in r.extra.items())
+            extra = "; ".join(f"{k} {_f(x) if isinstance(x, float) else x}" for k, x in r.extra.items()
+                              if k not in _HIDDEN_EXTRA)
             note = "; ".join(s for s in (_esc(r.note), _esc(extra)) if s)
             lines.append(
                 f"| {r.case} | {r.variant} | {r.baseline} | {_f(t.median_ms)} ({_f(t.iqr_ms, 2)}) | "
@@ -134,6 +147,10 @@ def markdown(run: BenchRun, *, command: str | None = None) -> str:
             lines.append(f"- `{name}`: {info.get('status', '?')}" + (f" — {_esc(info.get('note', ''))}" if info.get("note") else ""))
         lines.append("")
     return "\n".join(lines)
+
+
+def _short(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
 
 
 def _esc(s: str) -> str:
@@ -164,28 +181,39 @@ def write_png(run: BenchRun, path: str | os.PathLike) -> Path | None:
     rows = [r for r in run.results if r.ratio is not None and r.variant != r.baseline and r.ratio > 0]
     if not rows:
         return None
-    labels = [f"{r.suite}: {r.case} — {r.variant} / {r.baseline}" for r in rows]
+    labels = [f"{_short(r.case, 56)} — {r.variant} / {r.baseline}" for r in rows]
     ratios = [r.ratio for r in rows]
     lo = [max(0.0, r.ratio - (r.ratio_p25 if r.ratio_p25 is not None else r.ratio)) for r in rows]
     hi = [max(0.0, (r.ratio_p75 if r.ratio_p75 is not None else r.ratio) - r.ratio) for r in rows]
-    suites = sorted({r.suite for r in rows})
+    suites = list(dict.fromkeys(r.suite for r in rows))
     cmap = plt.get_cmap("tab10")
     colors = [cmap(suites.index(r.suite) % 10) for r in rows]
-    fig_h = max(2.5, 0.28 * len(rows) + 1.2)
-    fig, ax = plt.subplots(figsize=(11, fig_h))
+    fig_h = max(2.5, 0.26 * len(rows) + 1.5)
+    fig, ax = plt.subplots(figsize=(12, fig_h))
     y = list(range(len(rows)))[::-1]
-    ax.barh(y, ratios, xerr=[lo, hi], color=colors, alpha=0.85, capsize=2)
+    # bars grow from the 1.0 line: left of it = faster than the baseline, right = slower
+    ax.barh(y, [x - 1.0 for x in ratios], left=1.0, xerr=[lo, hi], color=colors, alpha=0.85, capsize=2,
+            error_kw={"elinewidth": 0.8})
+    for yi, x, r in zip(y, ratios, rows):
+        end = (r.ratio_p75 or x) if x >= 1 else (r.ratio_p25 or x)  # beyond the whisker
+        label = f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+        ax.text(end, yi, f" {label}" if x >= 1 else f"{label} ", va="center", ha="left" if x >= 1 else "right", fontsize=6)
     ax.axvline(1.0, color="black", lw=1)
     ax.set_xscale("log")
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=7)
-    ax.set_xlabel("time ratio vs baseline (median; bars: IQR of paired ratios) — below 1 is faster")
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel("time ratio vs the case's baseline (median of paired per-round ratios; whiskers: IQR); < 1 = faster")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=cmap(i % 10), label=s) for i, s in enumerate(suites)], fontsize=7, loc="lower right")
     env = run.environment
-    ax.set_title(f"mmbridge bench on {env.get('device', '?')} — {env.get('cpu', '')[:60]}", fontsize=9)
-    fig.tight_layout()
+    ax.set_title(f"mmbridge bench, {env.get('device', '?')}: {env.get('cpu', '')[:50]}, "
+                 f"{env.get('cpu_affinity') or env.get('cpu_count')} cores, torch threads {env.get('torch_threads', '?')}",
+                 fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -1,0 +1,148 @@
+"""Tests of the benchmark harness and reports (no timing asserts: these machines are noisy).
+
+* harness: interleaved timing, ratios against the baseline, skipped and failing variants;
+* report: JSON round trip, Markdown table, PNG;
+* the CLI at ``--size tiny``: every suite runs one tiny case, in a child process (TF, DDP).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmbridge.bench import BenchRun, HarnessConfig, Result, Variant, measure_case
+from mmbridge.bench import report as bench_report
+from mmbridge.bench.suites import SUITES
+
+REPO = Path(__file__).resolve().parents[1]
+ROW_KEYS = {"suite", "case", "variant", "baseline", "status", "note", "timing", "items_per_call", "samples_per_s",
+            "ratio", "ratio_p25", "ratio_p75", "peak_rss_mib", "peak_py_mib", "peak_cuda_mib", "params", "extra",
+            "median_ms"}
+TINY = HarnessConfig(warmup=1, repeats=3, min_rep_s=0.001, max_case_s=5.0)
+
+
+def _work(n: int):
+    def fn():
+        return sum(i * i for i in range(n))
+
+    return fn
+
+
+def _boom():
+    raise RuntimeError("variant exploded")
+
+
+def test_measure_case_rows_ratios_skips_and_errors():
+    rows = measure_case(
+        "unit", "sum of squares", [
+            Variant("small", _work(2000)),
+            Variant("big", _work(8000)),
+            Variant("missing", None, "backend not installed"),
+            Variant("broken", _boom),
+        ], baseline="small", items_per_call=4, config=TINY,
+    )
+    by = {r.variant: r for r in rows}
+    assert [r.variant for r in rows] == ["small", "big", "missing", "broken"]
+    assert by["small"].ratio == 1.0 and by["small"].status == "ok"
+    assert by["big"].status == "ok" and math.isfinite(by["big"].ratio) and by["big"].ratio > 0
+    assert by["big"].ratio_p25 <= by["big"].ratio <= by["big"].ratio_p75
+    assert len(by["big"].timing.times_ms) == 3 and by["big"].timing.median_ms > 0
+    assert by["big"].samples_per_s == pytest.approx(4 / (by["big"].timing.median_ms / 1e3), rel=1e-3)
+    assert by["missing"].status == "skipped" and by["missing"].note == "backend not installed"
+    assert by["broken"].status == "error" and "RuntimeError: variant exploded" in by["broken"].note
+    assert all(r.baseline == "small" for r in rows)
+
+
+def test_measure_case_without_baseline_gives_no_ratio():
+    rows = measure_case("unit", "c", [Variant("base", None, "nope"), Variant("x", _work(100))], baseline="base",
+                        config=TINY)
+    assert rows[1].status == "ok" and rows[1].ratio is None and "baseline 'base' skipped" in rows[1].note
+
+
+def test_measure_case_rejects_unknown_baseline():
+    with pytest.raises(ValueError, match="baseline 'nope' is not one of the variants"):
+        measure_case("unit", "c", [Variant("a", _work(10))], baseline="nope", config=TINY)
+
+
+def test_report_files_round_trip(tmp_path):
+    rows = measure_case("unit", "sum", [Variant("a", _work(500)), Variant("b", _work(1500))], baseline="a", config=TINY)
+    run = BenchRun(results=rows, environment={"device": "cpu", "cpu": "test"}, config={"command": "mmbridge bench --x"},
+                   started="2026-01-01T00:00:00Z")
+    paths = bench_report.write_all(run, tmp_path)
+    back = bench_report.load_json(paths["json"])
+    assert [r.variant for r in back.results] == ["a", "b"]
+    assert back.results[1].ratio == pytest.approx(rows[1].ratio)
+    md = paths["markdown"].read_text()
+    assert "| case | variant | baseline |" in md and "mmbridge bench --x" in md and "1 (baseline)" in md
+    pytest.importorskip("matplotlib")
+    assert paths["png"] is not None and paths["png"].stat().st_size > 1000
+
+
+def test_merge_results_from_another_script():
+    run = BenchRun()
+    good = Result("ort", "c", "v", "v", ratio=1.0).to_dict()
+    n = bench_report.merge_results(run, [good, {"not": "a row"}], source="bench_ort.py")
+    assert n == 1 and run.results[0].note.endswith("from bench_ort.py")
+
+
+def test_add_bench_parser_registers_the_subcommand():
+    import argparse
+
+    from mmbridge.bench.cli import add_bench_parser, run_from_args
+
+    parser = argparse.ArgumentParser(prog="mmbridge")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", "--quick", "--suites", "preprocess,cache", "--out", "x"])
+    assert args.func is run_from_args and args.quick and args.suites == "preprocess,cache" and args.device == "cpu"
+
+
+def test_unknown_suite_is_refused(tmp_path, capsys):
+    from mmbridge.bench.cli import main
+
+    assert main(["--size", "tiny", "--suites", "preprocess,nope", "--out", str(tmp_path)]) == 2
+    assert "unknown suite(s) ['nope']" in capsys.readouterr().err
+
+
+@pytest.mark.tf
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_cli_tiny_runs_every_suite(tmp_path):
+    """``python -m mmbridge.bench.cli --size tiny``: every suite, JSON + Markdown + PNG, sane rows."""
+    pytest.importorskip("tf2onnx")
+    out = tmp_path / "bench"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmbridge.bench.cli", "--size", "tiny", "--no-external", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["schema_version"] == 1
+    assert {"versions", "cpu", "device", "loadavg_1m", "ru_maxrss_mib"} <= set(doc["environment"])
+    assert doc["config"]["size"] == "tiny"
+    suites = {r["suite"] for r in doc["results"]}
+    assert suites == set(SUITES), suites
+    for r in doc["results"]:
+        assert ROW_KEYS <= set(r), set(r) ^ ROW_KEYS
+        assert r["status"] in ("ok", "skipped", "error"), r
+        if r["status"] != "ok":
+            assert r["note"], r  # every skip or error says why
+            continue
+        assert r["timing"]["median_ms"] > 0
+        assert r["samples_per_s"] is None if r["suite"] == "cache" else r["samples_per_s"] > 0
+        if r["ratio"] is not None:
+            assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
+    # the numbers that need TF must have been measured (TF is installed: the `tf` marker)
+    measured = {(r["suite"], r["variant"]) for r in doc["results"] if r["status"] == "ok"}
+    assert {("preprocess", "tf"), ("preprocess", "ort_session"), ("encoders", "tf"), ("cache", "export_cache_hit"),
+            ("amp", "bf16"), ("ddp", "2_ranks")} <= measured, measured
+    md = (out / "bench.md").read_text()
+    for suite in SUITES:
+        assert f"## {suite}" in md
+    assert (out / "bench.png").stat().st_size > 1000
