@@ -158,6 +158,9 @@ def test_keras_applications_zoo(keras, tmp_path_factory, arch):
     art = mmbridge.export(model, name=arch, cache_dir=cache)
     x = np.random.default_rng(5).uniform(0, 255 if arch.startswith(("Eff", "ConvNeXt")) else 1, (2, 64, 64, 3)).astype("float32")
     _check(art, lambda x: model(x, training=False), {art.input_specs[0].name: x}, scale_rtol=1e-4)
+    # the same golden pair through the IO-binding ORT module and the converted torch module
+    report = mmbridge.verify(art, backends=("ort_module", "torch"))
+    assert report.passed and {r.backend for r in report.rows} == {"ort_module", "torch"}, str(report)
     # no TF-only op survived; grouped conv (ConvNeXt depthwise 7x7) is an ONNX Conv with group > 1
     if arch == "ConvNeXtTiny":
         groups = [a.i for n in art.model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
