@@ -216,17 +216,24 @@ class BridgeArtifact:
                 json.dump(meta, f, indent=2, sort_keys=True, default=_json_default)
                 f.flush()
                 os.fsync(f.fileno())
-            if dest.exists():
-                trash = dest.parent / f".trash-{dest.name}-{uuid.uuid4().hex[:8]}"
-                os.rename(dest, trash)
-                os.rename(tmp, dest)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(tmp, dest)
+            replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return BridgeArtifact(dest, meta)
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Move the complete directory ``src`` to ``dest`` by renames (atomic on POSIX within a file
+    system): an existing ``dest`` is renamed aside first and deleted after, so a reader sees the
+    old directory or the new one, never a mix. ``src`` must be a sibling of ``dest``."""
+    if dest.exists():
+        trash = dest.parent / f".trash-{dest.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(dest, trash)
+        os.rename(src, dest)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(src, dest)
 
 
 def _plain(a: Any) -> Any:

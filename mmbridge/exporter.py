@@ -976,17 +976,17 @@ def _copy_out(art: BridgeArtifact, out: str | os.PathLike | None) -> BridgeArtif
     import shutil
     import uuid
 
+    from .artifact import replace_dir
+
     dest = Path(out)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(art.path, tmp)
-    if dest.exists():
-        trash = dest.parent / f".trash-{dest.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(dest, trash)
-        os.rename(tmp, dest)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)
+    try:
+        shutil.copytree(art.path, tmp)
+        replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return BridgeArtifact.load(dest)
 
 

@@ -194,19 +194,10 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m mmbridge.train.cli train ...``) for when mmbridge.cli is absent."""
-    from mmbridge.errors import MMBridgeError
+    """``python -m mmbridge.train.cli ...``: the same as the ``mmbridge`` command (:func:`mmbridge.cli.main`)."""
+    from mmbridge.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="mmbridge")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train_parser, add_evaluate_parser, add_demo_parser):
-        add(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except MMBridgeError as exc:
-        print(f"mmbridge {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
