@@ -1,7 +1,8 @@
 """mmbridge: TensorFlow preprocessing graphs and Keras encoders inside PyTorch training, via ONNX.
 
-``import mmbridge`` is light and never imports TensorFlow (see :mod:`mmbridge._tf`); the public
-names below are loaded on first use.
+``import mmbridge`` never imports TensorFlow; it loads torch's compiler stack (torchvision,
+torch._dynamo, triton) unless TF is already loaded, so that TF imported *after* mmbridge is safe
+(see :mod:`mmbridge._tf`). The public names below are loaded on first use.
 
 Typical use::
 
@@ -71,6 +72,27 @@ __all__ = sorted(
      "ImportOrderError", "MMBridgeError", "ParityError", "RegistryError", "RuntimeBackendError", "SpecError",
      "UnsupportedOpsError"]
 )
+
+
+def _preload_at_import() -> None:
+    """Load torch's compiler stack now, unless TensorFlow is already loaded.
+
+    Importing TF and then torchvision / torch._dynamo / triton segfaults the process
+    (../shared/cases/01). Loading the stack when mmbridge is imported makes the natural order
+    (``import mmbridge`` first, then keras / tensorflow) safe; if TF came first, nothing is
+    imported here and the operations that need the stack raise :class:`ImportOrderError` with
+    the fix. Costs ~2.5 s on a 2-core CPU; ``MMBRIDGE_NO_PRELOAD=1`` skips it.
+    """
+    import os
+    import sys
+
+    if "tensorflow" not in sys.modules and os.environ.get("MMBRIDGE_NO_PRELOAD") != "1":
+        from ._tf import preload_torch_stack
+
+        preload_torch_stack()
+
+
+_preload_at_import()
 
 
 def __getattr__(name: str) -> Any:

@@ -122,14 +122,17 @@ class BridgeArtifact:
         return f"BridgeArtifact({self.name!r}, role={self.role}, opset={self.opset}, inputs=[{ins}], path={str(self.path)!r})"
 
     # -- backends ---------------------------------------------------------------------------
-    def to_torch(self, *, trainable: bool = True, **kwargs: Any) -> torch.nn.Module:
+    def to_torch(self, *, trainable: bool = True) -> torch.nn.Module:
         """Materialise as a ``torch.nn.Module`` (onnx2torch + mmbridge converters).
 
         See :func:`mmbridge.backends.torch_backend.to_torch` for arguments, shapes and errors.
         """
+        from ._tf import guard_torch_stack
+
+        guard_torch_stack("BridgeArtifact.to_torch()")  # onnx2torch imports torchvision
         from .backends.torch_backend import to_torch
 
-        return to_torch(self, trainable=trainable, **kwargs)
+        return to_torch(self, trainable=trainable)
 
     def to_ort(self, *, device: Any = None, **session_options: Any) -> torch.nn.Module:
         """Materialise as a frozen onnxruntime session wrapped in an ``nn.Module`` (IO binding).
@@ -225,9 +228,18 @@ class BridgeArtifact:
 
 def replace_dir(src: Path, dest: Path) -> None:
     """Move the complete directory ``src`` to ``dest`` by renames (atomic on POSIX within a file
-    system): an existing ``dest`` is renamed aside first and deleted after, so a reader sees the
-    old directory or the new one, never a mix. ``src`` must be a sibling of ``dest``."""
+    system): an existing ``dest`` artifact is renamed aside first and deleted after, so a reader
+    sees the old directory or the new one, never a mix. ``src`` must be a sibling of ``dest``.
+
+    Raises:
+        CacheError: ``dest`` exists, is not empty and is not an artifact (nothing is deleted).
+    """
     if dest.exists():
+        if not (dest / META_FILE).is_file() and (not dest.is_dir() or any(dest.iterdir())):
+            raise CacheError(
+                f"{dest} exists and is not an mmbridge artifact (no {META_FILE}); refusing to replace it. "
+                f"Give a new or empty directory, e.g. {dest / 'my_bridge'}"
+            )
         trash = dest.parent / f".trash-{dest.name}-{uuid.uuid4().hex[:8]}"
         os.rename(dest, trash)
         os.rename(src, dest)

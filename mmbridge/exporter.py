@@ -153,9 +153,18 @@ def export(
         role = role or spec.role
         tolerance = tolerance or spec.tolerance
         sample_inputs = sample_inputs or spec.sample_inputs
-        for k, v in spec.export_kwargs.items():
-            if k == "inputs_as_nchw" and inputs_as_nchw is None:
-                inputs_as_nchw = v
+        from .registry import BRIDGE_EXPORT_KEYS
+
+        ek = dict(spec.export_kwargs)
+        unknown = sorted(set(ek) - set(BRIDGE_EXPORT_KEYS))
+        if unknown:
+            raise SpecError(f"bridge {spec.name!r}: export options {unknown} are not export() arguments; "
+                            f"allowed: {list(BRIDGE_EXPORT_KEYS)}")
+        # the registration's options apply where the call left the argument at its default
+        inputs_as_nchw = inputs_as_nchw if inputs_as_nchw is not None else ek.get("inputs_as_nchw")
+        trainable = trainable or bool(ek.get("trainable", False))
+        optimize = optimize and bool(ek.get("optimize", True))
+        verify = verify and bool(ek.get("verify", True))
         obj = spec.builder
         if isolate is None and callable(obj) and _importable_ref(obj):
             obj = _importable_ref(obj)

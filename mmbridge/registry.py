@@ -25,6 +25,9 @@ from .specs import BridgeSpec, Role, SampleFn, TensorSpec, Tolerance
 
 bridges: Registry[BridgeSpec] = Registry("bridge", "mmbridge.bridges.names()")
 
+# mmbridge.export() options a registration may fix (the call's own non-default values win)
+BRIDGE_EXPORT_KEYS = ("inputs_as_nchw", "trainable", "optimize", "verify")
+
 
 def register_bridge(
     name: str,
@@ -53,12 +56,19 @@ def register_bridge(
         sample_inputs: ``(batch, seed) -> {name: array}`` for parity checks.
         description: one line for listings.
         override: replace an existing bridge of the same name instead of raising.
-        **export_kwargs: passed to :func:`mmbridge.export` (e.g. ``inputs_as_nchw=["image"]``).
+        **export_kwargs: :func:`mmbridge.export` options for this bridge, one of
+            :data:`BRIDGE_EXPORT_KEYS` (``inputs_as_nchw=["image"]``, ``trainable=True``...).
 
     Raises:
+        TypeError: an export option that is not in :data:`BRIDGE_EXPORT_KEYS`.
         RegistryError: ``name`` is already registered and ``override`` is False.
         SpecError: invalid role or duplicate input names.
     """
+
+    unknown = sorted(set(export_kwargs) - set(BRIDGE_EXPORT_KEYS))
+    if unknown:
+        raise TypeError(f"register_bridge({name!r}): unknown export options {unknown}; "
+                        f"allowed: {list(BRIDGE_EXPORT_KEYS)}")
 
     def deco(builder: Callable[[], Any]) -> Callable[[], Any]:
         spec = BridgeSpec(

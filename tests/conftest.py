@@ -23,7 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 if "MMBRIDGE_CACHE" not in os.environ:
+    import atexit
+    import shutil
+
     os.environ["MMBRIDGE_CACHE"] = tempfile.mkdtemp(prefix="mmbridge-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MMBRIDGE_CACHE"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

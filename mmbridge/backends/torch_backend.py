@@ -237,6 +237,9 @@ def to_torch(source: Any, *, trainable: bool = True) -> fx.GraphModule:
     model, same_pad = _prepare(model)
     check_supported(model)
     static_resize = _static_resize_sizes(model)
+    from mmbridge._tf import guard_torch_stack
+
+    guard_torch_stack("mmbridge.to_torch()")  # onnx2torch imports torchvision: segfault after TF
     import onnx2torch
 
     with warnings.catch_warnings():

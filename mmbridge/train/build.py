@@ -65,13 +65,19 @@ def _artifact(comp: Mapping[str, Any], where: str, role: str):
         return BridgeArtifact.load(comp["path"])
     from mmbridge.exporter import export
 
-    # rank 0 exports (child process); the others wait, then load the cached artifact
+    # rank 0 exports (in a child process); it broadcasts the artifact path, or its error, and the
+    # other ranks load that path: no rank but 0 starts TensorFlow, and none waits on a failed export
+    path, error = None, None
     if distributed.read_env()["rank"] == 0:
-        art = export(comp["ref"], name=comp.get("name"), role=role, trainable=bool(comp.get("trainable_export")))
-    distributed.barrier()
-    if distributed.read_env()["rank"] != 0:
-        art = export(comp["ref"], name=comp.get("name"), role=role, trainable=bool(comp.get("trainable_export")))
-    return art
+        try:
+            path = str(export(comp["ref"], name=comp.get("name"), role=role,
+                              trainable=bool(comp.get("trainable_export"))).path)
+        except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
+            error = f"{type(exc).__name__}: {exc}"
+    path, error = distributed.broadcast_object((path, error))
+    if error is not None:
+        raise ConfigError(f"{where}: exporting {comp['ref']!r} failed on rank 0: {error}")
+    return BridgeArtifact.load(path, check="size")
 
 
 def build_component(comp: Mapping[str, Any], where: str, *, train_ds: Any = None, trainable: bool = True,
