@@ -92,6 +92,9 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, monkeypatch
     monkeypatch.setattr(Trainer, "_optimizer_step", real_step)
     saved = ckpt_io.load(tmp_path / "cut" / "last.pt")
     assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (0, 4, 2)
+    import shutil
+
+    shutil.copy(tmp_path / "cut" / "last.pt", tmp_path / "mid_epoch.pt")
 
     resumed = Trainer(build("attention"), TRAIN, VAL, out_dir=tmp_path / "cut", **kw)
     resumed.fit(resume="auto")
@@ -99,6 +102,11 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, monkeypatch
     assert _same(full.model.state_dict(), resumed.model.state_dict())
     assert _same(full.optimizer.state_dict()["state"][0], resumed.optimizer.state_dict()["state"][0])
     assert [h["val/loss"] for h in full.history] == [h["val/loss"] for h in resumed.history]
+
+    # the same mid-epoch checkpoint under another epoch layout is refused, naming what changed
+    other = Trainer(build("attention"), TRAIN, VAL, out_dir=tmp_path / "other", **dict(kw, batch_size=4))
+    with pytest.raises(ConfigError, match="batch_size 8 in the checkpoint vs 4 now"):
+        other.load_checkpoint(tmp_path / "mid_epoch.pt")  # saved before the resumed run overwrote last.pt
 
 
 def test_resume_at_epoch_boundary(tmp_path):

@@ -417,6 +417,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "bad_epochs": self.bad_epochs, "history": self.history, "world_size": self.env.world_size,
             "sampler_epoch": self.epoch, "sampler_seed": self.seed, "rng": rng_all,
+            "steps_per_epoch": self.steps_per_epoch, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
         })
         return state
 
@@ -440,6 +441,15 @@ class Trainer:
         if "optimizer" not in state:
             raise ConfigError(f"checkpoint {path} holds only model weights (a best.pt); resume from last.pt, "
                               f"or load it with model.load_state_dict(...)")
+        if int(state["step_in_epoch"]) > 0:  # mid-epoch: the position only means something in the same epoch layout
+            ours = {"steps_per_epoch": self.steps_per_epoch, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+            diff = {k: (state.get(k), v) for k, v in ours.items() if state.get(k) is not None and state.get(k) != v}
+            if diff:
+                raise ConfigError(
+                    f"checkpoint {path} stopped mid-epoch (micro-step {state['step_in_epoch']}) under a different "
+                    f"epoch layout: " + ", ".join(f"{k} {a} in the checkpoint vs {b} now" for k, (a, b) in diff.items())
+                    + "; resume with the same batch_size / grad_accum / data, or from an end-of-epoch checkpoint"
+                )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
