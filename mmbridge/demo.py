@@ -112,7 +112,6 @@ def run_demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "ru
         ExportError / ParityError: the TF export failed (the child's error is re-raised).
         DataError: the data checks failed.
     """
-    import importlib.util
 
     from .train.cli import run_train
     from .train.config import load_config
@@ -125,7 +124,7 @@ def run_demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "ru
     else:
         print(f"mmbridge demo: using your data in {Path(data).resolve()}", flush=True)
     size = DEFAULT_IMAGE_SIZE if data is None else 64  # image_encoder_32 / image_encoder_64
-    backend = "ort" if importlib.util.find_spec("mmbridge.backends.ort_backend") else "torch"
+    backend = "ort"  # frozen TF preprocessing runs on onnxruntime (IO binding)
     cfg = load_config(None, data=demo_config(None if data is None else str(data), str(out),
                                              epochs or (8 if data is None else 15), size,
                                              preprocess_backend=backend))
