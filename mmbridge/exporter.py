@@ -761,7 +761,7 @@ def _iter_graphs(graph: Any) -> Iterator[Any]:
                 yield from _iter_graphs(g)
 
 
-def _is_known_op(op_type: str, domain: str, model: Any) -> bool:
+def _is_known_op(op_type: str, domain: str) -> bool:
     from onnx import defs
 
     if domain in ("", "ai.onnx", "ai.onnx.ml"):
@@ -795,11 +795,11 @@ def repair_and_check_ops(model: Any, name: str) -> list[str]:
     for graph in _iter_graphs(model.graph):
         new_nodes = []
         for node in graph.node:
-            if node.domain in ("", "ai.onnx") and node.op_type in ONNX_REWRITES and not _is_known_op(node.op_type, "", model):
+            if node.domain in ("", "ai.onnx") and node.op_type in ONNX_REWRITES and not _is_known_op(node.op_type, ""):
                 new_nodes.extend(ONNX_REWRITES[node.op_type](graph, node, new_name))
                 notes[node.op_type] = notes.get(node.op_type, 0) + 1
                 continue
-            if not _is_known_op(node.op_type, node.domain, model):
+            if not _is_known_op(node.op_type, node.domain):
                 origin = node.name.rsplit("/", 1)[0] if "/" in node.name else node.name
                 bad.append({"op_type": node.op_type, "domain": node.domain or "ai.onnx", "node": node.name,
                             "origin": origin, "advice": _ADVICE.get(node.op_type, "")})
