@@ -67,7 +67,7 @@ from typing import Any
 
 #: Version of what :func:`trainable_patches` / :func:`postprocess` produce; part of what determines
 #: a trainable export's graph (the exporter should hash it into the fingerprint).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: Name prefixes of the marker placeholders / initializers (see the module doc).
 VAR_MARK = "mmb_var__"
@@ -125,11 +125,21 @@ def trainable_patches() -> Iterator[None]:
     orig_read = kcore.Variable.__tf_tensor__
 
     def read(self: Any, dtype: Any = None, name: Any = None) -> Any:
-        t = orig_read(self, dtype=dtype, name=name)
-        if not tf.inside_function() or not t.dtype.is_floating:
-            return t
-        mark = (VAR_MARK if self.trainable else STATE_MARK) + _safe_path(self.path)
-        return tf.raw_ops.PlaceholderWithDefault(input=t, shape=t.shape, name=mark)
+        if not tf.inside_function():
+            return orig_read(self, dtype=dtype, name=name)
+        # Inside a tf.while_loop / tf.cond body (a Keras RNN step) the read would become a loop
+        # input that is not a constant after freezing, and tf2onnx refuses a PlaceholderWithDefault
+        # with a non-constant default. Read the variable and place the marker in the enclosing
+        # function graph instead; the body captures it (tf2onnx: a loop-carried Loop input).
+        graph = outer = tf.compat.v1.get_default_graph()
+        while any(c.__name__ == "ControlFlowFuncGraph" for c in type(outer).__mro__):
+            outer = outer.outer_graph
+        with (outer.as_default() if outer is not graph else contextlib.nullcontext()):
+            t = orig_read(self, dtype=dtype, name=name)
+            if not t.dtype.is_floating:
+                return t
+            mark = (VAR_MARK if self.trainable else STATE_MARK) + _safe_path(self.path)
+            return tf.raw_ops.PlaceholderWithDefault(input=t, shape=t.shape, name=mark)
 
     orig_bn = BatchNormalization.call
 

@@ -175,7 +175,7 @@ def test_reduce18_every_op_matches_ort(op, keepdims):
 
 
 # ---------------------------------------------------------------------------------------------
-# case 12: OneHot (Keras CategoryEncoding) and the Loop of a Keras 3 GRU
+# case 12: OneHot (Keras CategoryEncoding) and the Loop of a Keras 3 GRU (more in test_recurrent.py)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("axis", [-1, 1, 0])
 def test_case12_onehot_matches_ort(axis):
@@ -191,6 +191,7 @@ def test_case12_onehot_matches_ort(axis):
 
 
 @pytest.mark.tf
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")  # inside onnx2torch's Slice
 def test_case12_keras_category_encoding_and_gru(keras, tmp_path):
     i2 = keras.Input((1,), dtype="int32")
     ohe = keras.Model(i2, keras.layers.CategoryEncoding(num_tokens=5, output_mode="one_hot")(i2))
@@ -202,11 +203,50 @@ def test_case12_keras_category_encoding_and_gru(keras, tmp_path):
     keras.utils.set_random_seed(0)
     i1 = keras.Input((6, 4))
     gru = keras.Model(i1, keras.layers.GRU(3)(i1))
-    art = mmbridge.export(gru, name="case12_gru", cache_dir=tmp_path)  # ORT runs it fine
+    art = mmbridge.export(gru, name="case12_gru", cache_dir=tmp_path)
+    assert "Loop" in [n.op_type for n in art.model.graph.node]  # tf2onnx's form of the Keras 3 GRU
+    tm = art.to_torch()  # raised ConversionError (no Loop converter) before
+    assert tb.parameter_count(tm) == 81 == int(sum(np.prod(w.shape) for w in gru.trainable_weights))
+    for batch in (2, 5):
+        xs = np.random.RandomState(batch).randn(batch, 6, 4).astype(np.float32)
+        got = _run(tm, xs)[0]
+        np.testing.assert_allclose(got, np.asarray(gru(xs)), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got, _ort(art.model, {"input": xs})[0], rtol=0, atol=1e-5)
+
+
+def test_case12_unsupported_loop_forms_raise_conversion_error():
+    """A Loop carrying an ONNX sequence, and a Loop body with an op that has no converter: ORT runs
+    both; ``to_torch`` refuses with the node's name and points to ``to_ort()``."""
+    seq_t = helper.make_tensor_sequence_value_info("s", TP.FLOAT, [2])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Add", ["x", "x"], ["y"])], "body",
+        [helper.make_tensor_value_info("i", TP.INT64, []), helper.make_tensor_value_info("c_in", TP.BOOL, []),
+         helper.make_tensor_sequence_value_info("s_in", TP.FLOAT, [2])],
+        [helper.make_tensor_value_info("c_out", TP.BOOL, []), helper.make_tensor_sequence_value_info("s_in", TP.FLOAT, [2]),
+         helper.make_tensor_value_info("y", TP.FLOAT, [2])])
+    trips = numpy_helper.from_array(np.array(3, np.int64), "M")
+    m = _model([helper.make_node("Loop", ["M", "", "s"], ["s_out", "ys"], name="seq_loop", body=body)],
+               [helper.make_tensor_value_info("x", TP.FLOAT, [2]), seq_t], [helper.make_tensor_value_info("ys", TP.FLOAT, None)],
+               [trips])
+    x = np.array([1.0, 2.0], np.float32)
+    assert _ort(m, {"x": x, "s": [x]})[0].shape == (3, 2)
     with pytest.raises(mmbridge.ConversionError) as err:
-        art.to_torch()
+        tb.to_torch(m)
     msg = str(err.value)
-    assert "Loop (domain ai.onnx, opset 17)" in msg and "gru" in msg and "to_ort()" in msg and "add_converter" in msg
+    assert "Loop node 'seq_loop'" in msg and "sequence_type" in msg and "to_ort()" in msg
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Det", ["x"], ["d"], name="det")], "body",
+        [helper.make_tensor_value_info("i", TP.INT64, []), helper.make_tensor_value_info("c_in", TP.BOOL, [])],
+        [helper.make_tensor_value_info("c_out", TP.BOOL, []), helper.make_tensor_value_info("d", TP.FLOAT, [])])
+    m = _model([helper.make_node("Loop", ["M", ""], ["ds"], name="det_loop", body=body)],
+               [helper.make_tensor_value_info("x", TP.FLOAT, [2, 2])], [helper.make_tensor_value_info("ds", TP.FLOAT, None)],
+               [trips])
+    assert _ort(m, {"x": np.eye(2, dtype=np.float32)})[0].shape == (3,)
+    with pytest.raises(mmbridge.ConversionError) as err:
+        tb.to_torch(m)
+    msg = str(err.value)
+    assert "Det (domain ai.onnx, opset 17)" in msg and "'det' (in the body of Loop 'det_loop')" in msg and "to_ort()" in msg
 
 
 # ---------------------------------------------------------------------------------------------

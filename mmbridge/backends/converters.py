@@ -16,7 +16,9 @@ Registered (op-since_version):
 * ``Resize-18/19``, ``Pad-18``, ``ScatterND-18``: delegated to onnx2torch's converter of the
   previous version when the new attributes / inputs keep their defaults; otherwise the
   converter raises ``NotImplementedError`` naming the attribute (reported by
-  :func:`mmbridge.backends.torch_backend.to_torch` with the node name).
+  :func:`mmbridge.backends.torch_backend.to_torch` with the node name);
+* ``Loop`` (all versions) and ``LSTM`` / ``GRU`` / ``RNN`` (7, 14, 22): in :mod:`.loop`, which this
+  module imports (Keras 3 ``GRU`` / ``LSTM`` / ``SimpleRNN``; issue 3, case 12).
 
 Shape notation: ``N`` batch, ``C`` channels, ``*`` any further axes.
 """
@@ -43,6 +45,8 @@ from onnx2torch.utils.common import (
     onnx_mapping_from_node,
 )
 from torch import nn
+
+from . import loop
 
 _REGISTERED = False
 
@@ -248,7 +252,7 @@ def register_all() -> list[str]:
         for op, version, fn in provided:
             _add(op, version, fn)
         _REGISTERED = True
-    return [f"{op}-{v}" for op, v, _ in provided]
+    return [f"{op}-{v}" for op, v, _ in provided] + loop.register_all()
 
 
 register_all()

@@ -11,8 +11,10 @@ fixes the module so that it trains like the Keras original (DESIGN.md part 4):
   say which is which exactly (``mmb_var__<keras path>`` = trainable, ``mmb_state__`` = state; see
   :mod:`mmbridge.trainable`), so the parameter count equals the Keras trainable count. For other
   graphs a float initializer is a weight when it feeds MatMul / Gemm / Conv / ConvTranspose /
-  Einsum, the table input of Gather, the scale / bias of a normalisation, or an Add / Sub right
-  after one of those (a bias) -- including zero biases;
+  Einsum, the table input of Gather, the scale / bias of a normalisation, ``W`` / ``R`` / ``B`` /
+  ``P`` of LSTM / GRU / RNN, or an Add / Sub right after one of those (a bias) -- including zero
+  biases -- and a loop-invariant input of a ``Loop`` whose body feeds it to one of those slots or
+  to any Add / Sub (Keras RNN weights, :func:`.loop.loop_weight_initializers`);
 * **BatchNormalization** becomes :class:`BatchNorm1d` / :class:`BatchNorm2d` /
   :class:`BatchNorm3d` (subclasses of torch's, so ``isinstance(m, nn.modules.batchnorm._BatchNorm)``
   holds) with ONNX's epsilon and ``momentum = 1 - onnx_momentum`` (Keras 0.99 -> torch 0.01), whose
@@ -67,6 +69,9 @@ WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
     "InstanceNormalization": (1, 2),
     "GroupNormalization": (1, 2),
     "PRelu": (1,),
+    "LSTM": (1, 2, 3, 7),  # W, R, B, P
+    "GRU": (1, 2, 3),
+    "RNN": (1, 2, 3),
 }
 # ONNX op -> input positions that hold non-trainable state (buffers).
 STATE_INPUTS: dict[str, tuple[int, ...]] = {"BatchNormalization": (3, 4)}
@@ -293,22 +298,37 @@ def check_supported(model: Any) -> None:
 
     opsets = {o.domain or "": o.version for o in model.opset_import}
     missing: dict[tuple[str, str, int], list[str]] = {}
-    for node in model.graph.node:
+    for node, label in _nodes_with_subgraphs(model.graph):
         domain = node.domain or ""
         version = opsets.get(domain, opsets.get("ai.onnx", 0)) if domain not in ("", "ai.onnx") else opsets.get("", opsets.get("ai.onnx", 0))
         try:
             get_converter(operation_type=node.op_type, version=version, domain=domain)
         except NotImplementedError:
-            missing.setdefault((domain or "ai.onnx", node.op_type, version), []).append(node.name or "<unnamed>")
+            missing.setdefault((domain or "ai.onnx", node.op_type, version), []).append(label)
     if missing:
         lines = []
         for (domain, op, version), names in sorted(missing.items()):
-            shown = ", ".join(repr(n) for n in names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+            shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
             lines.append(f"  - {op} (domain {domain}, opset {version}): {len(names)} node(s): {shown}")
         raise ConversionError(
             f"cannot convert the ONNX graph to torch: {sum(len(v) for v in missing.values())} node(s) of "
             f"{len(missing)} operator type(s) have no converter:\n" + "\n".join(lines) + "\n" + _HOW_TO_REGISTER
         )
+
+
+def _nodes_with_subgraphs(graph: Any, prefix: str = "") -> list[tuple[Any, str]]:
+    """Every node of ``graph`` and of its subgraphs (``Loop`` bodies...), with a label for messages:
+    ``'name'`` or ``'name' (in the body of Loop 'loop')``."""
+    import onnx
+
+    out: list[tuple[Any, str]] = []
+    for node in graph.node:
+        name = node.name or "<unnamed>"
+        out.append((node, f"{name!r}{prefix}"))
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                out += _nodes_with_subgraphs(sub, f" (in the {a.name} of {node.op_type} {name!r})")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,6 +583,11 @@ def _initializer_roles(model: Any, trainable: bool) -> dict[str, str]:
                 other = [y for y in node.input if y != x]
                 if other and other[0] in producer and producer[other[0]].op_type in _BIAS_PRODUCERS:
                     roles[x] = "param"
+    from .loop import loop_weight_initializers  # Keras RNN weights passed into a Loop
+
+    float_inits = {n for n, t in inits.items() if t.data_type in float_types and len(t.dims) >= 1}
+    for x in loop_weight_initializers(model.graph, float_inits, WEIGHT_INPUTS):
+        roles[x] = "param"
     return roles
 
 
@@ -702,9 +727,15 @@ def _fuse_linear(gm: fx.GraphModule, nodes: dict[str, Any]) -> None:
 def _replace_modules(gm: fx.GraphModule, nodes: dict[str, Any], static_resize: dict[str, tuple[int, ...]],
                      same_pad: dict[str, SamePad]) -> None:
     """BatchNorm -> population-variance BN; Dropout -> nn.Dropout(p); Reshape -> :class:`Reshape`;
-    Squeeze / Unsqueeze with constant axes -> static axes; static Resize -> :class:`ResizeToSize`;
+    Squeeze / Unsqueeze with constant axes -> static axes; Pad with constant pads -> static pads; static Resize -> :class:`ResizeToSize`;
     ``auto_pad=SAME_*`` Conv / MaxPool -> ``Sequential(SamePad, module)``."""
     from onnx2torch.node_converters.dropout import OnnxDropoutDynamic
+    from onnx2torch.node_converters.pad import (
+        OnnxPadDynamic,
+        OnnxPadStatic,
+        _onnx_padding_to_torch,
+        _torch_padding_to_mode_format,
+    )
     from onnx2torch.node_converters.reshape import OnnxReshape
     from onnx2torch.node_converters.squeeze import OnnxSqueezeDynamicAxes, OnnxSqueezeStaticAxes
     from onnx2torch.node_converters.unsqueeze import OnnxUnsqueezeDynamicAxes, OnnxUnsqueezeStaticAxes
@@ -748,6 +779,16 @@ def _replace_modules(gm: fx.GraphModule, nodes: dict[str, Any], static_resize: d
             if not (isinstance(axes, fx.Node) and axes.op == "get_attr"):
                 continue
             new = static_axes[type(module)]([int(a) for a in _fetch_attr(gm, axes.target).tolist()])
+            node.args = node.args[:1]
+        elif isinstance(module, OnnxPadDynamic) and len(node.args) in (2, 3) and not node.kwargs:
+            # constant pads (and value): Python ints, so torch.compile sees no data-dependent .tolist()
+            consts = [a for a in node.args[1:] if a is not None]
+            if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in consts):
+                continue
+            pads = _onnx_padding_to_torch([int(p) for p in _fetch_attr(gm, node.args[1].target).tolist()])
+            value = node.args[2] if len(node.args) == 3 else None
+            new = OnnxPadStatic(_torch_padding_to_mode_format(pads, module.mode), mode=module.mode,
+                                constant_value=float(_fetch_attr(gm, value.target)) if value is not None else 0.0)
             node.args = node.args[:1]
         elif isinstance(module, OnnxResize) and node.target in static_resize:
             onnx_node = nodes[node.target]
