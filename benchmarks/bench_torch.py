@@ -96,8 +96,14 @@ def _torch_tiny_transformer() -> Any:
     return Twin()
 
 
-def build_models(quick: bool, cache_dir: str) -> dict[str, dict[str, Any]]:
+ALL_MODELS = ("small_cnn", "tiny_transformer", "mobilenet_v2", "resnet50", "efficientnet_b0")
+
+
+def build_models(quick: bool, cache_dir: str, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Export + convert each model and build its native twin.
+
+    ``only``: names from :data:`ALL_MODELS` to build (default: the two small ones with ``quick``,
+    all of them without).
 
     Returns:
         ``{name: {"converted", "native", "input" (a callable batch -> tensor), "keras_params",
@@ -119,7 +125,7 @@ def build_models(quick: bool, cache_dir: str) -> dict[str, dict[str, Any]]:
                              lambda b: torch.randint(0, _TX["vocab"], (b, _TX["seq"]), dtype=torch.int32,
                                                      generator=torch.Generator().manual_seed(0))),
     }
-    if not quick:
+    if not quick or (only and set(only) - set(specs)):
         import torchvision
 
         for name, kfn, tfn in (("mobilenet_v2", "MobileNetV2", "mobilenet_v2"), ("resnet50", "ResNet50", "resnet50"),
@@ -130,6 +136,8 @@ def build_models(quick: bool, cache_dir: str) -> dict[str, dict[str, Any]]:
                 dict(inputs_as_nchw=None),
                 lambda b: torch.rand(b, 3, 224, 224, generator=torch.Generator().manual_seed(0)),
             )
+    if only:
+        specs = {k: v for k, v in specs.items() if k in only}
     out = {}
     for name, (kbuild, tbuild, kw, make_input) in specs.items():
         t0 = time.perf_counter()
@@ -181,7 +189,8 @@ def bench_model(name: str, m: dict[str, Any], batch: int, device: str, config: A
 
     def step(mod: Any) -> Any:
         opt = torch.optim.SGD(mod.parameters(), lr=1e-3)
-        target = torch.zeros(batch, 10, device=device)
+        with torch.no_grad():
+            target = torch.zeros_like(mod(x))  # 10 logits for the small models, 1000 for the ImageNet ones
 
         def run() -> Any:
             opt.zero_grad(set_to_none=True)
@@ -206,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench_out", help="output directory, or a .json file path")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 16 quick, 32 full)")
     p.add_argument("--cache-dir", default=None, help="artifact cache (default: a temporary directory)")
+    p.add_argument("--models", nargs="+", choices=ALL_MODELS, default=None,
+                   help="models to run (default: small_cnn tiny_transformer with --quick, all without)")
     args = p.parse_args(argv)
 
     import mmbridge
@@ -227,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
               else HarnessConfig(repeats=11, device=args.device))
     config.memory = False
     batch = args.batch or (16 if args.quick else 32)
-    models = build_models(args.quick, cache)
+    models = build_models(args.quick, cache, args.models)
     rows = []
     for name, m in models.items():
         print(f"[bench_torch] {name} b{batch} on {args.device}", flush=True)

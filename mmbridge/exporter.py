@@ -133,7 +133,7 @@ def export(
 
     Raises:
         UnsupportedOpsError: the graph needs ops with no ONNX form; lists each op, node, origin.
-        ExportError: tf2onnx failed, or the result fails ``onnx.checker`` / onnxruntime loading.
+        ExportError: tf2onnx failed, or the result fails ``onnx.checker`` / onnxruntime loading or running.
         ParityError: ORT's outputs differ from TF's beyond the tolerance.
         ImportOrderError: in-process export with TF imported before torch's compiler stack.
         SpecError: input specs are missing or disagree with the TF object.
@@ -854,6 +854,9 @@ def check_model(model: Any, name: str) -> Any:
 def optimize_model(model: Any, check: Callable[[Any], bool], passes: Sequence[str] = SAFE_PASSES) -> tuple[Any, list[str], list[str]]:
     """Apply onnxoptimizer passes one at a time, keeping each only if ``check(model)`` holds.
 
+    A pass that crashes, or whose graph ``check`` cannot run (e.g. onnxruntime refuses it), is
+    rejected like one that breaks parity.
+
     Args:
         model: the ``onnx.ModelProto``.
         check: ``model -> bool``; True if the candidate still passes parity.
@@ -878,7 +881,11 @@ def optimize_model(model: Any, check: Callable[[Any], bool], passes: Sequence[st
         cand_bytes = cand.SerializeToString()
         if cand_bytes == current:
             continue
-        if check(cand):
+        try:
+            ok = check(cand)
+        except Exception:  # noqa: BLE001 - a pass whose graph onnxruntime cannot run is rejected, like a mismatch
+            ok = False
+        if ok:
             model, current = cand, cand_bytes
             applied.append(p)
         else:
@@ -931,6 +938,14 @@ def _build(obj: Any, fn: Any, kind: str, specs: Sequence[TensorSpec], name: str,
         got = run_ort(m, onnx_inputs)
         return all(r.passed for r in compare(got, ref, backend="ort", stage="onnx", tolerance=tol))
 
+    try:  # the unoptimised graph must run at all; otherwise no optimiser pass could be judged
+        run_ort(model, onnx_inputs)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail / InvalidArgument types
+        raise ExportError(
+            f"exported bridge {name!r}: the ONNX graph tf2onnx wrote (opset {opset}) does not run in onnxruntime: "
+            f"{type(exc).__name__}: {str(exc)[-400:]}. This is a converter bug for this graph, not your model; "
+            f"try another opset (e.g. opset={17 if opset != 17 else 18}), trainable={not options['trainable']}, "
+            f"or a dynamic batch / larger spatial size in input_specs, and report it with `mmbridge info`") from exc
     applied: list[str] = []
     rejected: list[str] = []
     if options["optimize"]:

@@ -328,3 +328,24 @@ def test_files_and_registered_bridges_export_in_a_child_and_hit_the_cache_withou
     assert not cold["tf"] and not warm["tf"]  # TensorFlow never entered these processes
     assert cold["a_ok"] and cold["b_ok"] and cold["b_role"] == "preprocess"
     assert np.allclose(cold["b_out"], [[-1.0, 0.5, 2.0]], atol=1e-6)
+
+
+def test_graph_that_onnxruntime_cannot_run_is_an_export_error_and_nothing_is_cached(tf, tmp_path, monkeypatch):
+    """tf2onnx can write a graph that loads but fails at run time (seen: ConvNeXtTiny, trainable, opset 18,
+    1x1 spatial in the last stage, a mis-permuted Transpose); that must be an ExportError with a way out."""
+    import mmbridge.exporter as exporter
+
+    def broken_run(model, inputs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Reshape node")
+
+    monkeypatch.setattr(exporter, "run_ort", broken_run)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+    def double(x):
+        return x * 2.0
+
+    with pytest.raises(mmbridge.ExportError) as ei:
+        mmbridge.export(double, name="runs_badly", cache_dir=tmp_path, opset=18)
+    msg = str(ei.value)
+    assert "'runs_badly'" in msg and "opset 18" in msg and "Reshape node" in msg and "opset=17" in msg
+    assert not any(p.name.startswith("runs_badly-") for p in tmp_path.iterdir())
