@@ -25,6 +25,10 @@ def run_train(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
     Writes into ``output.dir``: ``config.yaml``, ``last.pt``, ``best.pt``, ``tensorboard/``,
     ``report.json`` and ``report.md`` (val and test metrics, training time).
 
+    A config with ``framework: keras`` is handed to :func:`mmbridge.train.keras_run.run_keras`
+    (the model is built and trained in Keras; same report files and return shape, no ``.pt``
+    checkpoints, plus ``<branch>_encoder.keras`` / ``<branch>_preprocess.keras``).
+
     Returns:
         ``{"fit": Trainer.fit(...) result, "val": metrics, "test": metrics, "report": path or None}``
         (the same on every rank; ``report`` is set on rank 0).
@@ -32,6 +36,10 @@ def run_train(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
     Raises:
         ConfigError, DataError, CacheError: as raised by the data layer, model build or resume.
     """
+    if cfg.get("framework", "torch") == "keras":
+        from .keras_run import run_keras
+
+        return run_keras(cfg, name=name)
     from . import distributed
     from .build import build_data, build_model, data_root, trainer_kwargs
     from .config import dump
@@ -92,9 +100,16 @@ def run_evaluate(cfg: Mapping[str, Any], checkpoint: str, *, out: str | None = N
 
     Raises:
         CacheError: the checkpoint cannot be loaded with ``weights_only=True``.
-        ConfigError: its weights do not fit the config's model (names the mismatching keys).
+        ConfigError: its weights do not fit the config's model (names the mismatching keys); or the
+            config has ``framework: keras`` (those runs write no torch checkpoint; ``mmbridge train``
+            already evaluated them into ``output.dir/report.json``).
     """
     from mmbridge.errors import ConfigError
+
+    if cfg.get("framework", "torch") == "keras":
+        raise ConfigError(f"mmbridge evaluate: framework: keras runs write no torch checkpoint to evaluate; "
+                          f"`mmbridge train` already evaluated the restored best weights on val and test: read "
+                          f"{Path(cfg['output']['dir']) / 'report.json'} (or report.md)")
 
     from . import checkpoint as ckpt_io
     from . import distributed

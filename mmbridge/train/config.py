@@ -3,8 +3,9 @@
 Validation runs before anything heavy is imported (no TensorFlow, no onnxruntime, no data
 read) and reports **every** problem in one :class:`~mmbridge.errors.ConfigError`.
 
-Schema (defaults in :data:`DEFAULTS`)::
+Schema (defaults in :data:`DEFAULTS` and :data:`TOP_LEVEL`)::
 
+    framework: torch           # torch | keras (mmbridge.train.keras_run: the model built and trained in Keras)
     data:                      # mmbridge.data.load_splits(...)
       root: ../shared/data/pokedex   # null -> the built-in sample (mmbridge.data.sample_dir())
       modalities: [image, text, numeric]
@@ -41,9 +42,16 @@ Encoder / preprocess ``type``\\ s and their keys (:data:`COMPONENT_KEYS`):
   ``standardize`` uses the train split's mean / std);
 * ``hf`` (``path``: a local model directory or ``minilm``): ``transformers.AutoModel``, offline;
 * ``artifact`` (``path``, ``backend`` torch|ort): an exported :class:`~mmbridge.BridgeArtifact`;
-* ``export`` (``ref`` "module:attr", ``backend``, ``trainable_export``, ``name``): exported in a
-  child process (TensorFlow never enters the training process), then bridged;
+* ``export`` (``ref``, ``backend``, ``trainable_export``, ``name``): exported in a child process
+  (TensorFlow never enters the training process), then bridged. ``ref`` is an importable
+  ``"module:attr"`` reference or the path of an existing Keras file (``.keras``, ``.h5``) or
+  SavedModel directory, e.g. the ``image_encoder.keras`` a ``framework: keras`` run writes;
 * ``import`` (``target`` "module:attr", ``kwargs``): any callable returning an ``nn.Module``.
+
+``framework: keras`` accepts only the branch types that have a Keras counterpart (``conv``,
+``text``, ``mlp``; see :mod:`mmbridge.train.keras_run`), no ``preprocess``, ``fusion: concat``,
+``task: classification``, ``precision: fp32`` and ``grad_accum: 1``; anything else is reported
+with the branch or key it concerns.
 
 Relative paths are relative to the current directory. Overrides are ``dotted.key=value`` with
 the value parsed as YAML (``training.epochs=3``, ``model.fusion=gated``,
@@ -100,6 +108,15 @@ DEFAULTS: dict[str, Any] = {
                  "restore_best": True, "log_every": 10, "progress": True},
     "output": {"dir": "runs/mmbridge", "tensorboard": True, "name": None},
 }
+
+#: Top-level keys that are plain values, not sections: name -> default.
+TOP_LEVEL: dict[str, Any] = {"framework": "torch"}
+FRAMEWORKS = ("torch", "keras")
+#: Encoder types that ``framework: keras`` builds as Keras layers (see :mod:`mmbridge.train.keras_run`).
+KERAS_ENCODERS = {"conv": "Conv2D + BatchNormalization CNN", "text": "Embedding + bidirectional GRU / masked mean",
+                  "mlp": "adapted Normalization + Dense"}
+#: File endings accepted as a Keras model file by an ``export`` component's ``ref``.
+KERAS_FILE_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 BRANCH_DEFAULTS: dict[str, Any] = {"input_keys": None, "preprocess": None, "encoder": None, "out_dim": None,
                                    "trainable": True, "projection": True}
@@ -216,7 +233,11 @@ def validate(raw: Mapping[str, Any], *, problems: list[str] | None = None, where
     """
     problems = problems if problems is not None else []
     cfg: dict[str, Any] = {}
-    _unknown("", raw, list(DEFAULTS), problems)
+    _unknown("", raw, list(TOP_LEVEL) + list(DEFAULTS), problems)
+    for key, default in TOP_LEVEL.items():
+        cfg[key] = raw.get(key, default)
+    _check(cfg["framework"] in FRAMEWORKS, problems,
+           f"framework: must be one of {list(FRAMEWORKS)}, got {cfg['framework']!r}")
     for section, defaults in DEFAULTS.items():
         given = raw.get(section) or {}
         if not isinstance(given, Mapping):
@@ -228,6 +249,8 @@ def validate(raw: Mapping[str, Any], *, problems: list[str] | None = None, where
     _validate_data(cfg["data"], problems)
     _validate_model(cfg["model"], cfg["data"], problems)
     _validate_training(cfg["training"], cfg["model"], problems)
+    if cfg["framework"] == "keras":
+        _validate_keras(cfg, problems)
     o = cfg["output"]
     _check(isinstance(o["dir"], str) and o["dir"] != "", problems, f"output.dir: must be a non-empty path, got {o['dir']!r}")
     _check(o["name"] is None or isinstance(o["name"], str), problems, f"output.name: must be a string or null, got {o['name']!r}")
@@ -352,8 +375,8 @@ def _validate_component(where: str, comp: Any, types: Sequence[str], problems: l
         if not isinstance(path, str) or not (Path(path) / "model.onnx").is_file():
             problems.append(f"{where}.path: {path!r} is not an artifact directory (no model.onnx); export one with "
                             f"`mmbridge export ... --out DIR`")
-    if kind == "export" and not (isinstance(filled["ref"], str) and ":" in filled["ref"]):
-        problems.append(f"{where}.ref: must be an importable 'module:attribute' reference, got {filled['ref']!r}")
+    if kind == "export":
+        _validate_export_ref(where, filled["ref"], problems)
     if kind == "import":
         if not (isinstance(filled["target"], str) and ":" in filled["target"]):
             problems.append(f"{where}.target: must be a 'module:attribute' reference, got {filled['target']!r}")
@@ -370,6 +393,76 @@ def _validate_component(where: str, comp: Any, types: Sequence[str], problems: l
     if kind == "mlp":
         _check(_is_int(filled["hidden"], 1), problems, f"{where}.hidden: must be a positive int, got {filled['hidden']!r}")
     return filled
+
+
+def _is_module_ref(ref: str) -> bool:
+    """``"package.module:attr"``: a colon, no path separator, no Keras file ending."""
+    return ":" in ref and "/" not in ref and "\\" not in ref and not ref.endswith(KERAS_FILE_SUFFIXES)
+
+
+def _validate_export_ref(where: str, ref: Any, problems: list[str]) -> None:
+    """An ``export`` ``ref``: a ``"module:attr"`` reference, or an existing Keras file / SavedModel dir."""
+    accepted = ("an importable 'module:attribute' reference, or the path of an existing Keras model file "
+                f"({', '.join(KERAS_FILE_SUFFIXES)}) or SavedModel directory")
+    if not isinstance(ref, str) or not ref:
+        problems.append(f"{where}.ref: must be {accepted}, got {ref!r}")
+        return
+    if _is_module_ref(ref):
+        return
+    p = Path(ref)
+    if p.is_dir():
+        if not (p / "saved_model.pb").is_file():
+            problems.append(f"{where}.ref: {ref!r} is a directory without saved_model.pb; it must be {accepted}")
+        return
+    if p.is_file():
+        if not ref.endswith(KERAS_FILE_SUFFIXES):
+            problems.append(f"{where}.ref: {ref!r} is a file but not a Keras model ({', '.join(KERAS_FILE_SUFFIXES)}); "
+                            f"it must be {accepted}")
+        return
+    if ref.endswith(KERAS_FILE_SUFFIXES):
+        problems.append(
+            f"{where}.ref: {ref!r} does not exist (relative paths are relative to {os.getcwd()}); run the "
+            f"`framework: keras` config that writes it first (for the pokedex hybrid: run "
+            f"examples/pokedex/tf-only.yaml first, `mmbridge train examples/pokedex/tf-only.yaml "
+            f"output.dir={p.parent.as_posix()}`), or point ref at an existing Keras file or SavedModel directory")
+        return
+    problems.append(f"{where}.ref: {ref!r} is neither a 'module:attribute' reference nor an existing path; "
+                    f"it must be {accepted}")
+
+
+def _validate_keras(cfg: dict[str, Any], problems: list[str]) -> None:
+    """What ``framework: keras`` (:mod:`mmbridge.train.keras_run`) can build and train."""
+    m, t = cfg["model"], cfg["training"]
+    known = ", ".join(f"{k} ({v})" for k, v in KERAS_ENCODERS.items())
+    for name, b in m["branches"].items():
+        if not isinstance(b, dict):
+            continue
+        enc = b.get("encoder")
+        kind = enc.get("type") if isinstance(enc, dict) else None
+        if kind is not None and kind not in KERAS_ENCODERS:
+            problems.append(f"model.branches.{name}.encoder.type: {kind!r} has no Keras equivalent under "
+                            f"framework: keras (branch {name!r}); use one of {known}, or framework: torch")
+        if b.get("preprocess") is not None:
+            problems.append(f"model.branches.{name}.preprocess: not supported under framework: keras (branch "
+                            f"{name!r}); the Keras model does its own preprocessing (Rescaling for images, an "
+                            f"adapted Normalization for numeric features); remove it")
+        if kind == "conv" and isinstance(b.get("input_keys"), list) and b["input_keys"] != ["image"]:
+            problems.append(f"model.branches.{name}.input_keys: a Keras conv branch reads exactly [image], "
+                            f"got {b['input_keys']!r}")
+    if m["fusion"] != "concat":
+        problems.append(f"model.fusion: framework: keras supports only 'concat', got {m['fusion']!r}; "
+                        f"use framework: torch for {m['fusion']!r}")
+    if m["task"] != "classification":
+        problems.append(f"model.task: framework: keras supports only 'classification', got {m['task']!r}")
+    if t["precision"] != "fp32":
+        problems.append(f"training.precision: framework: keras trains in fp32 only, got {t['precision']!r}; "
+                        f"pass training.precision=fp32")
+    if t["grad_accum"] != 1:
+        problems.append(f"training.grad_accum: framework: keras has no gradient accumulation, got {t['grad_accum']!r}; "
+                        f"use 1")
+    if t["device"] == "cuda":
+        problems.append("training.device: framework: keras runs on the CPU (mmbridge hides GPUs from TensorFlow); "
+                        "use cpu or null")
 
 
 def _validate_training(t: dict[str, Any], m: dict[str, Any], problems: list[str]) -> None:
@@ -398,5 +491,5 @@ def _validate_training(t: dict[str, Any], m: dict[str, Any], problems: list[str]
 
 
 def dump(cfg: Mapping[str, Any]) -> str:
-    """The config as YAML text (to save next to checkpoints)."""
+    """The config as YAML text (to save next to checkpoints); ``framework`` first, then the sections."""
     return yaml.safe_dump(dict(cfg), sort_keys=False)
