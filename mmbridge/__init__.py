@@ -65,12 +65,13 @@ from .errors import (  # noqa: E402, F401  (errors are tiny and always needed; r
     RuntimeBackendError,
     SpecError,
     UnsupportedOpsError,
+    WeightMappingError,
 )
 
 __all__ = sorted(
     [*_LAZY, "__version__", "CacheError", "ConfigError", "ConversionError", "DataError", "ExportError",
      "ImportOrderError", "MMBridgeError", "ParityError", "RegistryError", "RuntimeBackendError", "SpecError",
-     "UnsupportedOpsError"]
+     "UnsupportedOpsError", "WeightMappingError"]
 )
 
 

@@ -77,3 +77,7 @@ class DataError(MMBridgeError, ValueError):
 
 class ConfigError(MMBridgeError, ValueError):
     """A YAML config or CLI override is invalid; the message lists every problem at once."""
+
+
+class WeightMappingError(MMBridgeError, ValueError):
+    """A pretrained state dict does not line up with the model it is loaded into (count, shape or kind)."""

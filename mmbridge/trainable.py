@@ -125,7 +125,9 @@ def trainable_patches() -> Iterator[None]:
     orig_read = kcore.Variable.__tf_tensor__
 
     def read(self: Any, dtype: Any = None, name: Any = None) -> Any:
-        if not tf.inside_function():
+        if not tf.inside_function() or not tf.as_dtype(self.dtype).is_floating:
+            # integer / bool variables (counters, seed state) are read where they are used: a read
+            # hoisted out of a loop body would see a stale value
             return orig_read(self, dtype=dtype, name=name)
         # Inside a tf.while_loop / tf.cond body (a Keras RNN step) the read would become a loop
         # input that is not a constant after freezing, and tf2onnx refuses a PlaceholderWithDefault
@@ -136,8 +138,6 @@ def trainable_patches() -> Iterator[None]:
             outer = outer.outer_graph
         with (outer.as_default() if outer is not graph else contextlib.nullcontext()):
             t = orig_read(self, dtype=dtype, name=name)
-            if not t.dtype.is_floating:
-                return t
             mark = (VAR_MARK if self.trainable else STATE_MARK) + _safe_path(self.path)
             return tf.raw_ops.PlaceholderWithDefault(input=t, shape=t.shape, name=mark)
 

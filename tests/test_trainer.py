@@ -214,3 +214,25 @@ def test_cuda_amp_training_learns_and_resumes(tmp_path, precision):
     c = Trainer(build("attention"), TRAIN, VAL, out_dir=tmp_path / "b", **kw)
     c.fit(resume="auto")
     assert _same(a.model.state_dict(), c.model.state_dict())
+
+
+def test_text_and_checkpoint_writes_are_atomic_and_keep_the_usual_mode(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    path = ckpt_io.write_text_atomic(tmp_path / "report.json", '{"a": 1}')
+    assert json.loads(path.read_text()) == {"a": 1}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+    ckpt = ckpt_io.save_atomic({"model": {}}, tmp_path / "last.pt")
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o666 & ~umask
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        ckpt_io.write_text_atomic(tmp_path / "report.json", '{"a": 2}')
+    assert json.loads(path.read_text()) == {"a": 1}  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "report.json"]  # no temporary left

@@ -8,8 +8,11 @@
 #   SEEDS="0" EXTRA="training.epochs=5" bash examples/pokedex/run_all.sh   # a quick look
 #
 # tf-only runs before hybrid: hybrid reads runs/pokedex/tf-only-s$seed/{image_encoder,numeric_preprocess}.keras.
-# tf-only (framework: keras) trains in fp32 only, so a training.precision in EXTRA is not passed to it.
+# tf-only (framework: keras) trains in fp32, on the CPU, without accumulation: training.precision,
+# training.device and training.grad_accum in EXTRA are not passed to it.
 set -euo pipefail
+# the README's .venv when it exists and no other interpreter is given (PYTHON=...)
+PY=${PYTHON:-$(if [ -x .venv/bin/python ]; then echo .venv/bin/python; else echo python; fi)}
 SEEDS=${SEEDS:-"0 1 2"}
 NPROC=${NPROC:-1}
 EXTRA=${EXTRA:-}
@@ -20,13 +23,13 @@ for cfg in numeric text text-minilm image fusion-native tf-only torch-only hybri
     extra=$EXTRA
     per_cfg=()
     if [ "$NPROC" -gt 1 ] && [ "$cfg" != tf-only ]; then
-      launch=(python -m torch.distributed.run --nproc-per-node "$NPROC" -m mmbridge.cli)
+      launch=("$PY" -m torch.distributed.run --nproc-per-node "$NPROC" -m mmbridge.cli)
     else
-      launch=(python -m mmbridge.cli)
+      launch=("$PY" -m mmbridge.cli)
     fi
     if [ "$cfg" = tf-only ]; then
       # shellcheck disable=SC2001
-      extra=$(echo "$EXTRA" | sed 's/training\.precision=[^ ]*//g')
+      extra=$(echo "$EXTRA" | sed -E 's/training\.(precision|device|grad_accum)=[^ ]*//g')
     fi
     if [ "$cfg" = hybrid ]; then
       per_cfg=("model.branches.image.encoder.ref=runs/pokedex/tf-only-s$seed/image_encoder.keras"
@@ -38,4 +41,4 @@ for cfg in numeric text text-minilm image fusion-native tf-only torch-only hybri
     RUNS+=("$dir")
   done
 done
-python -m mmbridge.train.metrics runs/pokedex "${RUNS[@]}" --title "pokedex: single modality vs fusion vs TF-only vs torch-only vs hybrid"
+"$PY" -m mmbridge.train.metrics runs/pokedex "${RUNS[@]}" --title "pokedex: single modality vs fusion vs TF-only vs torch-only vs hybrid"

