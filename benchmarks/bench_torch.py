@@ -133,7 +133,8 @@ def build_models(quick: bool, cache_dir: str, only: list[str] | None = None) -> 
             specs[name] = (
                 (lambda k, kfn=kfn: getattr(k.applications, kfn)(weights=None, input_shape=(224, 224, 3))),
                 (lambda tfn=tfn: getattr(torchvision.models, tfn)(weights=None)),
-                dict(inputs_as_nchw=None),
+                dict(inputs_as_nchw=["image"],
+                     input_specs=[mmbridge.TensorSpec("image", ("batch", 224, 224, 3), "float32", layout="NHWC")]),
                 lambda b: torch.rand(b, 3, 224, 224, generator=torch.Generator().manual_seed(0)),
             )
     if only:
@@ -143,8 +144,6 @@ def build_models(quick: bool, cache_dir: str, only: list[str] | None = None) -> 
         t0 = time.perf_counter()
         kmodel = kbuild(keras)
         nchw = kw.get("inputs_as_nchw")
-        if nchw is None and "input_specs" not in kw:  # keras.applications: name the input for NCHW
-            nchw = [kmodel.inputs[0].name.split(":")[0]] if kmodel.inputs[0].name else None
         art = mmbridge.export(kmodel, name=f"bench_{name}", trainable=True, cache_dir=cache_dir,
                               inputs_as_nchw=nchw, input_specs=kw.get("input_specs"))
         converted = art.to_torch()
@@ -189,8 +188,10 @@ def bench_model(name: str, m: dict[str, Any], batch: int, device: str, config: A
 
     def step(mod: Any) -> Any:
         opt = torch.optim.SGD(mod.parameters(), lr=1e-3)
-        with torch.no_grad():
-            target = torch.zeros_like(mod(x))  # 10 logits for the small models, 1000 for the ImageNet ones
+        was_training = mod.training
+        with torch.no_grad():  # in eval mode: BatchNorm statistics stay as they are
+            target = torch.zeros_like(mod.eval()(x))  # 10 logits for the small models, 1000 for the ImageNet ones
+        mod.train(was_training)
 
         def run() -> Any:
             opt.zero_grad(set_to_none=True)

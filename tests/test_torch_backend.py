@@ -231,3 +231,19 @@ def test_converting_and_training_never_imports_tensorflow(mlp, tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_swish_becomes_one_silu_and_shared_sigmoid_is_kept():
+    """x * sigmoid(x) (Keras swish) -> nn.SiLU; a Sigmoid with another user stays as it is."""
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"], name="sig"), helper.make_node("Mul", ["s", "x"], ["sw"], name="swish"),
+             helper.make_node("Sigmoid", ["sw"], ["s2"], name="sig2"), helper.make_node("Mul", ["sw", "s2"], ["g"], name="gate"),
+             helper.make_node("Add", ["g", "s2"], ["y"], name="add")]
+    m = _model(nodes, [helper.make_tensor_value_info("x", TP.FLOAT, ["N", 5])],
+               [helper.make_tensor_value_info("y", TP.FLOAT, ["N", 5])], [])
+    tm = tb.to_torch(m)
+    assert sum(isinstance(mod, torch.nn.SiLU) for mod in tm.modules()) == 1
+    assert sum(isinstance(mod, torch.nn.Sigmoid) for mod in tm.modules()) == 1  # sig2 has two users
+    x = np.random.RandomState(3).randn(4, 5).astype(np.float32) * 4
+    with torch.no_grad():
+        got = tm(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, _ort(m, {"x": x})[0], rtol=1e-6, atol=1e-6)

@@ -258,6 +258,7 @@ def to_torch(source: Any, *, trainable: bool = True) -> fx.GraphModule:
     nodes = {_unique_name(n): n for n in model.graph.node}
     _materialise_weights(gm, model, nodes, trainable)
     _fuse_linear(gm, nodes)
+    _fuse_silu(gm)
     _replace_modules(gm, nodes, static_resize, same_pad)
     for _, mod in list(gm.named_modules()):
         if hasattr(mod, "onnx_mapping"):
@@ -722,6 +723,41 @@ def _fuse_linear(gm: fx.GraphModule, nodes: dict[str, Any]) -> None:
             gm.graph.erase_node(b_arg)
         gm.graph.erase_node(w_arg)
     gm.mmbridge_transposed = transposed
+
+
+def _fuse_silu(gm: fx.GraphModule) -> int:
+    """``Mul(x, Sigmoid(x))`` (Keras ``swish`` / ``silu``, as tf2onnx writes it) -> one ``nn.SiLU``.
+
+    torch's SiLU is one fused kernel forward and backward and saves only ``x`` for the backward;
+    the two-op form writes and keeps an extra activation-sized tensor (EfficientNet has 65 of
+    them). Same values up to rounding (``x * sigmoid(x)`` is SiLU's definition). Only a Sigmoid
+    whose sole user is that Mul is fused. Returns the number of fused pairs.
+    """
+    from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
+
+    fused = 0
+    for sig in list(gm.graph.nodes):
+        if sig.op != "call_module" or not isinstance(gm.get_submodule(sig.target), nn.Sigmoid):
+            continue
+        if len(sig.args) != 1 or sig.kwargs or len(sig.users) != 1:
+            continue
+        (mul,) = sig.users
+        x = sig.args[0]
+        if mul.op != "call_module" or mul.kwargs or len(mul.args) != 2 or set(mul.args) != {x, sig}:
+            continue
+        module = gm.get_submodule(mul.target)
+        if not isinstance(module, OnnxBinaryMathOperation) or module.math_op_function is not torch.mul \
+                or module.broadcast == 1:
+            continue
+        parent, _, leaf = mul.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, leaf, nn.SiLU())
+        mul.args = (x,)
+        gm.graph.erase_node(sig)
+        fused += 1
+    if fused:
+        gm.graph.lint()
+        gm.recompile()
+    return fused
 
 
 def _replace_modules(gm: fx.GraphModule, nodes: dict[str, Any], static_resize: dict[str, tuple[int, ...]],
