@@ -56,18 +56,17 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (temporary file + fsync + ``os.replace``).
+def _write_atomic(path: str | os.PathLike, write: Any, binary: bool) -> Path:
+    """``write(file)`` into a temporary file beside ``path``, fsync, usual mode, then ``os.replace``.
 
-    Returns:
-        The path written.
+    On any error the temporary file is removed and ``path`` keeps its old content.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _default_mode())
@@ -77,6 +76,15 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (temporary file + fsync + ``os.replace``).
+
+    Returns:
+        The path written.
+    """
+    return _write_atomic(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -85,21 +93,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     Reports, configs and metadata next to checkpoints go through this, so a crash never leaves a
     half-written file or a new config beside an old run's weights. Returns the path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _write_atomic(path, lambda f: f.write(text), binary=False)
 
 
 def load(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
