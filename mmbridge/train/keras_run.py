@@ -18,7 +18,9 @@ validation names the branch):
   ``Conv2D(width * 2**i, 3, strides=2, padding="same", use_bias=False)`` ->
   ``BatchNormalization(momentum=0.9)`` -> ``ReLU``, then ``GlobalAveragePooling2D`` ->
   ``[N, width * 2**(depth-1)]`` (the layout of :class:`~mmbridge.train.encoders.ConvEncoder`).
-  Saved as ``<branch>_encoder.keras`` (e.g. ``image_encoder.keras``) for a hybrid to bridge.
+  Saved as ``<branch>_encoder.keras`` (e.g. ``image_encoder.keras``) for a hybrid to bridge,
+  always with ``trainable=True`` (even for a frozen branch) so that a trainable export keeps
+  its weights as parameters.
 * ``text`` (``dim``, ``kind``), inputs ``text`` int32 ``[N, T]`` token ids and ``text_mask``
   int32 ``[N, T]`` (1 = token; without it, id 0 is padding): ``Embedding(vocab, dim)``, then
   for ``kind: gru`` a ``Bidirectional(GRU(dim // 2, return_sequences=True))`` run under the mask,
