@@ -41,7 +41,6 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -180,20 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="artifact cache (default: a temporary directory)")
     args = p.parse_args(argv)
 
-    import mmbridge
+    from mmbridge.bench.harness import HarnessConfig, environment, script_output
 
-    mmbridge.preload_torch_stack()
-    import torch
-
-    from mmbridge.bench.harness import HarnessConfig, environment
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_ort: --device cuda but torch sees no CUDA device", file=sys.stderr)
+    out_file = script_output("bench_ort", args.device, args.out)
+    if out_file is None:
         return 2
     t0 = time.perf_counter()
-    out = Path(args.out)
-    out_file = out if out.suffix == ".json" else out / "bench_ort.json"
-    out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = None if args.cache_dir else tempfile.TemporaryDirectory(prefix="mmbridge-bench-ort-")
     cache = args.cache_dir or tmp.name
     # quick: 9 interleaved rounds (not the harness's 5): the module-vs-bare ratio is a few percent

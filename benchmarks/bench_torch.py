@@ -34,7 +34,6 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 
@@ -220,20 +219,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="models to run (default: small_cnn tiny_transformer with --quick, all without)")
     args = p.parse_args(argv)
 
-    import mmbridge
+    from mmbridge.bench.harness import HarnessConfig, environment, script_output
 
-    mmbridge.preload_torch_stack()
-    import torch
-
-    from mmbridge.bench.harness import HarnessConfig, environment
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_torch: --device cuda but torch sees no CUDA device", file=sys.stderr)
+    out_file = script_output("bench_torch", args.device, args.out)
+    if out_file is None:
         return 2
     t0 = time.perf_counter()
-    out = Path(args.out)
-    out_file = out if out.suffix == ".json" else out / "bench_torch.json"
-    out_file.parent.mkdir(parents=True, exist_ok=True)
     cache = args.cache_dir or tempfile.mkdtemp(prefix="mmbridge-bench-torch-")
     config = (HarnessConfig(warmup=1, repeats=5, min_rep_s=0.03, max_case_s=10.0, device=args.device) if args.quick
               else HarnessConfig(repeats=11, device=args.device))

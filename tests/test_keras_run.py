@@ -68,7 +68,6 @@ def test_keras_run_writes_report_and_keras_parts(keras_run):
     assert load_config(keras_run / "config.yaml")["framework"] == "keras"
     for name in ("image_encoder.keras", "numeric_preprocess.keras"):
         assert (keras_run / name).stat().st_size > 0
-    assert not [p.name for p in keras_run.iterdir() if ".tmp-" in p.name]  # atomic writes left nothing behind
     # the comparison table reads it like a torch run
     from mmbridge.train.metrics import compare_reports
 
@@ -153,3 +152,45 @@ def test_keras_runs_refuse_evaluate_and_torchrun(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "29500")
     with pytest.raises(ConfigError, match="trains in one process"):
         run_keras(cfg)
+
+
+def test_save_keras_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    """No TF needed: any object with ``save(path)``; a failure at the rename keeps the old bytes."""
+    import os
+
+    from mmbridge.train.keras_run import save_keras_atomic
+
+    class FakeModel:
+        def __init__(self, payload: bytes):
+            self.payload = payload
+
+        def save(self, path):
+            open(path, "wb").write(self.payload)
+
+    target = tmp_path / "image_encoder.keras"
+    save_keras_atomic(FakeModel(b"old"), target)
+    assert target.read_bytes() == b"old"
+
+    def no_rename(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(OSError, match="No space"):
+        save_keras_atomic(FakeModel(b"new"), target)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["image_encoder.keras"]  # the temporary is gone
+    with pytest.raises(ValueError, match="must end in .keras"):
+        save_keras_atomic(FakeModel(b"x"), tmp_path / "model.h5")
+
+
+@pytest.mark.tf
+def test_numeric_preprocess_centres_constant_columns_without_blowing_them_up(keras):
+    from mmbridge.train.keras_run import numeric_preprocess
+
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.normal(5, 2, 1000), np.full(1000, 0.1), np.full(1000, 123.456)], 1).astype(np.float32)
+    model = numeric_preprocess(keras, x)
+    probe = np.array([[5.0, 0.2, 124.456]], np.float32)  # constant columns off by 0.1 and 1.0
+    out = np.asarray(model(probe))
+    np.testing.assert_allclose(out[0, 1:], [0.1, 1.0], atol=1e-5)  # centred, divided by 1 (Keras alone: 836)
+    assert abs(out[0, 0]) < 0.2  # the varying column is standardised

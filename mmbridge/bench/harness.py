@@ -556,5 +556,34 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     return env
 
 
+def script_output(script: str, device: str, out: str | os.PathLike) -> Any:
+    """Start-up shared by the ``benchmarks/bench_*.py`` scripts: torch's stack, device check, output path.
+
+    Loads torch's compiler stack before anything may import TensorFlow
+    (:func:`mmbridge.preload_torch_stack`), refuses ``device="cuda"`` without a CUDA device, and
+    resolves ``out`` (a directory, or a path ending in ``.json``) to the JSON file to write,
+    creating its folder.
+
+    Returns:
+        The ``pathlib.Path`` of the JSON file (``<out>/<script>.json`` for a directory), or None
+        after printing ``"<script>: --device cuda but torch sees no CUDA device"`` to stderr
+        (the caller exits with status 2).
+    """
+    from pathlib import Path
+
+    import mmbridge
+
+    mmbridge.preload_torch_stack()
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"{script}: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return None
+    path = Path(out)
+    out_file = path if path.suffix == ".json" else path / f"{script}.json"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    return out_file
+
+
 __all__ = ["HarnessConfig", "Variant", "Timing", "Result", "BenchRun", "measure_case", "skipped_case",
-           "peak_memory", "rss_bytes", "environment", "SCHEMA_VERSION"]
+           "peak_memory", "rss_bytes", "environment", "script_output", "SCHEMA_VERSION"]

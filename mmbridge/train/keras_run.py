@@ -310,7 +310,8 @@ def numeric_preprocess(keras: Any, x_train: np.ndarray, *, standardize: bool = T
     """A ``keras.Model`` standardising numeric features: float32 ``[N, F]`` -> float32 ``[N, F]``.
 
     One ``keras.layers.Normalization(axis=-1)``: adapted on ``x_train`` (per-column mean and
-    population variance; a column with zero variance gets variance 1, so it is only centred),
+    population variance; a column constant in ``x_train`` gets its value as mean and variance 1,
+    so it is only centred: Keras's own float32 adapt would leave round-off as its variance),
     or with ``standardize=False`` mean 0 and variance 1 (the identity).
 
     Args:
@@ -335,8 +336,14 @@ def numeric_preprocess(keras: Any, x_train: np.ndarray, *, standardize: bool = T
     if standardize:
         norm.adapt(x_train)
         var = np.asarray(norm.adapt_variance.numpy())
-        if (var <= 0).any():
-            norm.adapt_variance.assign(np.where(var > 0, var, 1.0).astype(var.dtype))
+        # a constant column: Keras's batched float32 adapt leaves round-off (measured 1.4e-6 for a
+        # column of 123.456) as its variance, and would then scale that column by ~800; decide
+        # constancy from the data itself
+        constant = (np.ptp(x_train, axis=0) == 0) | (var <= 0)
+        if constant.any():  # centred exactly (the adapted mean is off by float32 round-off too)
+            mean = np.asarray(norm.adapt_mean.numpy())
+            norm.adapt_mean.assign(np.where(constant, x_train[0], mean).astype(mean.dtype))
+            norm.adapt_variance.assign(np.where(constant, 1.0, var).astype(var.dtype))
             norm.finalize_state()
     return keras.Model(inp, norm(inp), name=name)
 
