@@ -356,6 +356,7 @@ _DDP_WORKER = textwrap.dedent("""
         want = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
         json.dump({"n_params": int(flat.numel()), "rank_diff": float((gathered[0] - gathered[1]).abs().max()),
                    "ref_diff": float((flat - want).abs().max())}, open(sys.argv[2], "w"))
+    dist.barrier()  # tear down together: gloo can abort a rank that exits while its peer still works
     dist.destroy_process_group()
 """)
 

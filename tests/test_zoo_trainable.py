@@ -124,6 +124,7 @@ _DDP_WORKER = textwrap.dedent("""
                         "n_params": int(flat.numel())}
     if rank == 0:
         json.dump(result, open(sys.argv[2], "w"))
+    dist.barrier()  # tear down together: gloo can abort a rank that exits while its peer still works
     dist.destroy_process_group()
 """)
 
