@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from mmbridge.bench.cli import main
+from mmbridge.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main([*sys.argv[1:], "--suites", "cache", "--no-external"]))

@@ -49,7 +49,7 @@ import numpy as np
 def build_graphs(quick: bool, cache_dir: str) -> dict[str, dict[str, Any]]:
     """Export the benchmark graphs; returns ``{graph: {"artifact", "tf_fn", "input_shape"}}``."""
     import mmbridge
-    from mmbridge._tf import import_tensorflow
+    from mmbridge.export._tf import import_tensorflow
     from mmbridge.specs import TensorSpec
 
     tf = import_tensorflow()
@@ -100,8 +100,8 @@ def bench_graph(name: str, g: dict[str, Any], batch: int, device: str, config: A
     import torch
 
     import mmbridge  # noqa: F401
-    from mmbridge.backends.ort_backend import _ONNX_TO_TORCH
     from mmbridge.bench.harness import Variant, measure_case
+    from mmbridge.runtime.module import _ONNX_TO_TORCH
 
     art = g["artifact"]
     spec = art.input_specs[0]
@@ -135,7 +135,7 @@ def bench_graph(name: str, g: dict[str, Any], batch: int, device: str, config: A
     np.testing.assert_allclose(out.cpu().numpy(), ref.cpu().numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(numpy_run()[0], ref.cpu().numpy(), rtol=1e-5, atol=1e-5)
 
-    from mmbridge._tf import import_tensorflow
+    from mmbridge.export._tf import import_tensorflow
 
     tf = import_tensorflow()
     x_tf = tf.constant(x_np)

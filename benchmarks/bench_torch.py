@@ -110,7 +110,7 @@ def build_models(quick: bool, cache_dir: str, only: list[str] | None = None) -> 
     """
     import mmbridge
 
-    tf = mmbridge._tf.import_tensorflow()  # after torch's stack (import order, DESIGN.md)
+    tf = mmbridge.export._tf.import_tensorflow()  # after torch's stack (import order, DESIGN.md)
     import keras
     import torch
 

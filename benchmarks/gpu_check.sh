@@ -11,7 +11,7 @@
 #   case21.txt          ../shared/cases/21 (raw CUDA IO-binding stream race), if present
 #   bench_ort/          benchmarks/bench_ort.py --quick --device cuda (JSON) + bench_ort.log
 #   bench_torch/        benchmarks/bench_torch.py --quick --device cuda, if that script exists
-#   bench_suites/       python -m mmbridge.bench.cli --quick --device cuda --suites preprocess,encoders
+#   bench_suites/       python -m mmbridge.cli.bench --quick --device cuda --suites preprocess,encoders
 #                       --no-external (only with time left; JSON + Markdown)
 #   status.txt          exit code and seconds of each step
 # Needs onnxruntime-gpu (not onnxruntime) for the CUDA EP; without it the ORT GPU tests skip with
@@ -78,7 +78,7 @@ if [ -f benchmarks/bench_torch.py ]; then
     >"$OUT_DIR/bench_torch.log" 2>&1 || overall=1
 fi
 
-run_step bench_suites 120 "$PY" -m mmbridge.bench.cli --quick --device cuda --suites preprocess,encoders \
+run_step bench_suites 120 "$PY" -m mmbridge.cli.bench --quick --device cuda --suites preprocess,encoders \
   --no-external --out "$OUT_DIR/bench_suites" >"$OUT_DIR/bench_suites.log" 2>&1
 
 echo "total: $(($(date +%s) - start)) s" | tee -a "$OUT_DIR/status.txt"

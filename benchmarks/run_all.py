@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from mmbridge.bench.cli import main
+from mmbridge.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 ``import mmbridge`` never imports TensorFlow; it loads torch's compiler stack (torchvision,
 torch._dynamo, triton) unless TF is already loaded, so that TF imported *after* mmbridge is safe
-(see :mod:`mmbridge._tf`). The public names below are loaded on first use.
+(see :mod:`mmbridge._torch_stack`). The public names below are loaded on first use.
 
 Typical use::
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from mmbridge._version import __version__  # noqa: E402, F401  (re-exported)
 
 # public name -> "module:attribute" (relative to the package)
 _LAZY = {
@@ -30,29 +30,29 @@ _LAZY = {
     "bridges": ".registry:bridges",
     "register_bridge": ".registry:register_bridge",
     "get_bridge": ".registry:get_bridge",
-    "export": ".exporter:export",
+    "export": ".export",
     "BridgeArtifact": ".artifact:BridgeArtifact",
     "load_artifact": ".artifact:BridgeArtifact.load",
-    "cache_root": ".artifact:cache_root",
+    "cache_root": ".store:cache_root",
     "verify": ".parity:verify",
     "ParityReport": ".parity:ParityReport",
-    "preload_torch_stack": "._tf:preload_torch_stack",
+    "preload_torch_stack": "._torch_stack:preload_torch_stack",
     "versions": ".info:versions",
     # backends
-    "convert": ".backends.torch_backend:to_torch",
-    "to_torch": ".backends.torch_backend:to_torch",
-    "to_ort": ".backends.ort_backend:to_ort",
-    "ORTModule": ".backends.ort_backend:ORTModule",
+    "convert": ".convert",
+    "to_torch": ".convert.core:to_torch",
+    "to_ort": ".runtime.module:to_ort",
+    "ORTModule": ".runtime.module:ORTModule",
     # composition and training
-    "compose": ".composition:compose",
-    "HybridModel": ".composition:HybridModel",
-    "Branch": ".composition:Branch",
-    "fusion_heads": ".heads:fusion_heads",
-    "task_heads": ".heads:task_heads",
+    "compose": ".composition.model:compose",
+    "HybridModel": ".composition.model:HybridModel",
+    "Branch": ".composition.model:Branch",
+    "fusion_heads": ".composition.heads:fusion_heads",
+    "task_heads": ".composition.heads:task_heads",
     "Trainer": ".train.trainer:Trainer",
 }
 
-from .errors import (  # noqa: E402, F401  (errors are tiny and always needed; re-exported)
+from mmbridge.errors import (  # noqa: E402, F401  (errors are tiny and always needed; re-exported)
     CacheError,
     ConfigError,
     ConversionError,
@@ -79,7 +79,7 @@ def _preload_at_import() -> None:
     """Load torch's compiler stack now, unless TensorFlow is already loaded.
 
     Importing TF and then torchvision / torch._dynamo / triton segfaults the process
-    (../shared/cases/01). Loading the stack when mmbridge is imported makes the natural order
+    (tensorflow/tensorflow#57669). Loading the stack when mmbridge is imported makes the natural order
     (``import mmbridge`` first, then keras / tensorflow) safe; if TF came first, nothing is
     imported here and the operations that need the stack raise :class:`ImportOrderError` with
     the fix. Costs ~2.5 s on a 2-core CPU; ``MMBRIDGE_NO_PRELOAD=1`` skips it.
@@ -88,7 +88,7 @@ def _preload_at_import() -> None:
     import sys
 
     if "tensorflow" not in sys.modules and os.environ.get("MMBRIDGE_NO_PRELOAD") != "1":
-        from ._tf import preload_torch_stack
+        from mmbridge._torch_stack import preload_torch_stack
 
         preload_torch_stack()
 
@@ -102,11 +102,11 @@ def __getattr__(name: str) -> Any:
         from importlib.util import find_spec
 
         if not name.startswith("__") and find_spec(f"{__name__}.{name}") is not None:
-            return importlib.import_module(f".{name}", __name__)  # submodules, e.g. mmbridge._tf
+            return importlib.import_module(f".{name}", __name__)  # submodules, e.g. mmbridge._torch_stack
         raise AttributeError(f"module 'mmbridge' has no attribute {name!r}")
     module_name, _, attr = target.partition(":")
     obj: Any = importlib.import_module(module_name, __name__)
-    for part in attr.split("."):
+    for part in attr.split(".") if attr else ():
         obj = getattr(obj, part)
     globals()[name] = obj
     return obj

@@ -12,7 +12,7 @@ import fnmatch
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
-from .errors import RegistryError
+from mmbridge.errors import RegistryError
 
 T = TypeVar("T")
 

@@ -1,8 +1,8 @@
 """``mmbridge demo``: the whole pipeline on the built-in sample (or ``--data DIR``), end to end.
 
 1. **export** (TF -> ONNX, in a child process, so this process never imports TensorFlow):
-   :func:`image_preprocess` (a ``tf.function``: uint8 NHWC -> float32 in [-1, 1]) and
-   :func:`image_encoder_32` / :func:`image_encoder_64` (a small Keras CNN), both by ``"mmbridge.demo:<name>"`` reference;
+   :func:`~mmbridge.baselines.tf_models.image_preprocess` (a ``tf.function``: uint8 NHWC -> float32 in [-1, 1]) and
+   ``image_encoder_32`` / ``image_encoder_64`` (a small Keras CNN), both by ``"mmbridge.baselines.tf_models:<name>"`` reference;
 2. **bridge**: the preprocessing runs on onnxruntime (frozen, IO binding), the Keras encoder is
    converted to a trainable torch module;
 3. **compose** with a native torch text branch (embedding bag) and a numeric MLP branch, attention fusion;
@@ -10,8 +10,8 @@
    top-1, checkpoints in ``OUT``;
 5. **evaluate** on the test split: ``OUT/report.json`` and ``OUT/report.md``.
 
-The TF builders below import TensorFlow inside their bodies (through
-:func:`mmbridge._tf.import_tensorflow`), so importing this module is light.
+The TF builders live in :mod:`mmbridge.baselines.tf_models` (the only place beside the export
+side that may import TensorFlow); this module never imports it.
 """
 
 from __future__ import annotations
@@ -24,56 +24,6 @@ from typing import Any
 DEFAULT_IMAGE_SIZE = 32
 
 
-def image_preprocess() -> Any:
-    """TF preprocessing: uint8 ``[N, H, W, 3]`` NHWC in [0, 255] -> float32 ``[N, H, W, 3]`` in [-1, 1].
-
-    ``x / 127.5 - 1`` (the MobileNet / EfficientNet-Lite convention), as a ``tf.function`` with
-    an input signature whose N, H and W are dynamic. Imports TensorFlow.
-    """
-    from ._tf import import_tensorflow
-
-    tf = import_tensorflow()
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="image")])
-    def preprocess(image):
-        return tf.cast(image, tf.float32) / 127.5 - 1.0
-
-    return preprocess
-
-
-def _image_encoder(size: int) -> Any:
-    """A small Keras CNN: float32 ``[N, size, size, 3]`` NHWC -> float32 ``[N, 64]`` (seeded, untrained).
-
-    Conv(16, 3x3, stride 2, same) -> Conv(32, stride 2) -> Conv(64, stride 2) -> global average
-    pool -> Dense(64, relu). The spatial size is fixed so that tf2onnx writes explicit pads
-    (with dynamic H, W "same" becomes ``auto_pad=SAME_UPPER``, which onnx2torch cannot convert).
-    Imports TensorFlow / Keras.
-    """
-    from ._tf import import_tensorflow
-
-    import_tensorflow()
-    import keras
-
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((size, size, 3), name="image")
-    x = inp
-    for width in (16, 32, 64):
-        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    out = keras.layers.Dense(64, activation="relu")(x)
-    return keras.Model(inp, out, name=f"demo_image_encoder_{size}")
-
-
-def image_encoder_32() -> Any:
-    """:func:`_image_encoder` for 32x32 images (the built-in sample); export ref ``mmbridge.demo:image_encoder_32``."""
-    return _image_encoder(32)
-
-
-def image_encoder_64() -> Any:
-    """:func:`_image_encoder` for 64x64 images (``--data``); export ref ``mmbridge.demo:image_encoder_64``."""
-    return _image_encoder(64)
-
-
 def demo_config(data: str | None, out: str, epochs: int, image_size: int, *,
                 preprocess_backend: str = "ort") -> dict[str, Any]:
     """The demo as a ``mmbridge train`` config (see :mod:`mmbridge.train.config`)."""
@@ -81,9 +31,9 @@ def demo_config(data: str | None, out: str, epochs: int, image_size: int, *,
         "data": {"root": data, "image_size": image_size, "tokenizer": "word", "max_length": 48},
         "model": {
             "branches": {
-                "image": {"preprocess": {"type": "export", "ref": "mmbridge.demo:image_preprocess",
+                "image": {"preprocess": {"type": "export", "ref": "mmbridge.baselines.tf_models:image_preprocess",
                                          "backend": preprocess_backend, "name": "demo_preprocess"},
-                          "encoder": {"type": "export", "ref": f"mmbridge.demo:image_encoder_{image_size}",
+                          "encoder": {"type": "export", "ref": f"mmbridge.baselines.tf_models:image_encoder_{image_size}",
                                       "backend": "torch", "name": f"demo_image_encoder_{image_size}"}},
                 "text": {"encoder": {"type": "text", "kind": "bag", "dim": 64}},
                 "numeric": {"encoder": {"type": "mlp", "hidden": 64}},
@@ -99,7 +49,7 @@ def demo_config(data: str | None, out: str, epochs: int, image_size: int, *,
 
 def run_demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "runs/demo",
              epochs: int | None = None) -> dict[str, Any]:
-    """Run the demo (see the module doc) and return :func:`mmbridge.train.cli.run_train`'s result.
+    """Run the demo (see the module doc) and return :func:`mmbridge.train.run.run_train`'s result.
 
     Args:
         data: dataset folder in the layout of :func:`mmbridge.data.load_splits`; None: the
@@ -113,11 +63,11 @@ def run_demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "ru
         DataError: the data checks failed.
     """
 
-    from .train.cli import run_train
-    from .train.config import load_config
+    from mmbridge.train.config import load_config
+    from mmbridge.train.run import run_train
 
     if data is None:
-        from .data import sample_dir
+        from mmbridge.data import sample_dir
 
         print(f"mmbridge demo: no --data given, using the small synthetic sample built into the package "
               f"({sample_dir()}); pass --data DIR to run on your own folder", flush=True)

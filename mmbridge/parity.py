@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ParityError
-from .specs import Tolerance
+from mmbridge.errors import ParityError
+from mmbridge.specs import Tolerance
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .artifact import BridgeArtifact
+    from mmbridge.artifact import BridgeArtifact
 
-from .artifact import GOLDEN_FILE  # noqa: E402
+from mmbridge.artifact import GOLDEN_FILE  # noqa: E402
 
 # (stage, dtype) -> Tolerance. Stages: "onnx" = TF vs onnxruntime on the exported graph;
 # "torch" = TF (or ORT) vs the onnx2torch module in eval mode; "autocast" = fp32 reference vs the
@@ -214,7 +214,7 @@ def _dtype(a: np.ndarray) -> str:
 
 def run_ort(model_or_path: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run an ONNX model (``ModelProto``, bytes or path) on CPU with plain ``session.run``."""
-    from .backends.ort_session import make_session
+    from mmbridge.runtime.session import make_session
 
     sess = make_session(model_or_path, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]

@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._registry import Registry
-from .specs import BridgeSpec, Role, SampleFn, TensorSpec, Tolerance
+from mmbridge._registry import Registry
+from mmbridge.specs import BridgeSpec, Role, SampleFn, TensorSpec, Tolerance
 
 bridges: Registry[BridgeSpec] = Registry("bridge", "mmbridge.bridges.names()")
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import SpecError
+from mmbridge.errors import SpecError
 
 Dim = int | str | None
 """One dimension: a fixed size, a symbolic name (``"batch"``), or ``None`` (unnamed dynamic)."""

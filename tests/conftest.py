@@ -1,6 +1,6 @@
 """Shared test fixtures.
 
-* The torch compiler stack is loaded before anything imports TensorFlow (see mmbridge._tf).
+* The torch compiler stack is loaded before anything imports TensorFlow (see mmbridge._torch_stack).
 * Every test session uses a fresh artifact cache (``MMBRIDGE_CACHE``) unless one is set.
 * ``tf`` / ``keras`` fixtures import TensorFlow the safe way and skip when it is missing.
 * ``pokedex_dir``: the real test data beside the repo (``../shared/data/pokedex``), else skip.
@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
 def tf():
     pytest.importorskip("tf2onnx")
     try:
-        return mmbridge._tf.import_tensorflow()
+        return mmbridge.export._tf.import_tensorflow()
     except ImportError:
         pytest.skip("TensorFlow is not installed (install mmbridge[tf])")
 

@@ -94,7 +94,7 @@ def test_merge_results_from_another_script():
 def test_add_bench_parser_registers_the_subcommand():
     import argparse
 
-    from mmbridge.bench.cli import add_bench_parser, run_from_args
+    from mmbridge.cli.bench import add_bench_parser, run_from_args
 
     parser = argparse.ArgumentParser(prog="mmbridge")
     add_bench_parser(parser.add_subparsers(dest="command", required=True))
@@ -103,7 +103,7 @@ def test_add_bench_parser_registers_the_subcommand():
 
 
 def test_unknown_suite_is_refused(tmp_path, capsys):
-    from mmbridge.bench.cli import main
+    from mmbridge.cli.bench import main
 
     assert main(["--size", "tiny", "--suites", "preprocess,nope", "--out", str(tmp_path)]) == 2
     assert "unknown suite(s) ['nope']" in capsys.readouterr().err
@@ -113,12 +113,12 @@ def test_unknown_suite_is_refused(tmp_path, capsys):
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_cli_tiny_runs_every_suite(tmp_path):
-    """``python -m mmbridge.bench.cli --size tiny``: every suite, JSON + Markdown + PNG, sane rows."""
+    """``python -m mmbridge.cli.bench --size tiny``: every suite, JSON + Markdown + PNG, sane rows."""
     pytest.importorskip("tf2onnx")
     out = tmp_path / "bench"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
-        [sys.executable, "-m", "mmbridge.bench.cli", "--size", "tiny", "--no-external", "--out", str(out)],
+        [sys.executable, "-m", "mmbridge.cli.bench", "--size", "tiny", "--no-external", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -35,7 +35,7 @@ def test_case01_tf_imported_first_gives_import_order_error_not_segfault():
 def test_case01_in_process_export_loads_torch_stack_first():
     r = _run(
         "import sys, mmbridge\n"
-        "tf = mmbridge._tf.import_tensorflow()\n"
+        "tf = mmbridge.export._tf.import_tensorflow()\n"
         "assert 'torchvision' in sys.modules and 'torch._dynamo' in sys.modules\n"
         "import onnx2torch, torchvision\n"
         "print('ok')\n"
@@ -47,7 +47,7 @@ def test_case01_in_process_export_loads_torch_stack_first():
 def test_case01_export_of_reference_keeps_tensorflow_out_of_this_process(tmp_path):
     (tmp_path / "mmb_case01.py").write_text(
         "def build():\n"
-        "    from mmbridge._tf import import_tensorflow\n"
+        "    from mmbridge.export._tf import import_tensorflow\n"
         "    tf = import_tensorflow()\n"
         "    return tf.function(lambda x: x * 2.0 + 1.0, input_signature=[tf.TensorSpec([None, 3], tf.float32, name='x')])\n"
     )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import mmbridge
-import mmbridge.tf_ops  # noqa: F401  (loads onnxruntime-extensions before any test imports TF; see preload_extensions)
+import mmbridge.export.handlers  # noqa: F401  (loads onnxruntime-extensions before any test imports TF; see preload_extensions)
 from mmbridge.errors import UnsupportedOpsError
 from mmbridge.parity import run_ort
 

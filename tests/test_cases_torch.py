@@ -22,8 +22,8 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 import mmbridge
-from mmbridge.backends import torch_backend as tb
-from mmbridge.backends.ort_session import make_session
+from mmbridge.convert import core as tb
+from mmbridge.runtime.session import make_session
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=17):
@@ -331,7 +331,7 @@ def test_case15_convert_then_run_equals_ort():
 _DDP_WORKER = textwrap.dedent("""
     import json, os, sys
     import numpy as np, torch, torch.distributed as dist
-    from mmbridge.backends.torch_backend import to_torch
+    from mmbridge.convert.core import to_torch
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     enc = to_torch(sys.argv[1])

@@ -196,7 +196,7 @@ def test_onnxruntime_encoder_must_be_declared_frozen():
     pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    from mmbridge.backends.ort_backend import to_ort
+    from mmbridge.runtime.module import to_ort
 
     graph = helper.make_graph(
         [helper.make_node("Mul", ["x", "two"], ["y"])], "double",

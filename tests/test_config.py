@@ -122,7 +122,7 @@ def test_validation_runs_before_tf_or_onnxruntime_is_imported(tmp_path):
     (tmp_path / "bad.yaml").write_text(BAD)
     code = textwrap.dedent(f"""
         import sys
-        from mmbridge.train.cli import main
+        from mmbridge.cli.train import main
         rc = main(["train", {str(tmp_path / "bad.yaml")!r}])
         print("RC", rc, "tensorflow" in sys.modules, "onnxruntime" in sys.modules)
     """)
@@ -143,7 +143,7 @@ def test_kubeflow_and_torchrun_environments():
 
 
 def test_train_then_evaluate_cli_on_builtin_sample(tmp_path, capsys):
-    from mmbridge.train.cli import main
+    from mmbridge.cli.train import main
 
     cfg = {
         "data": {"root": None, "image_size": 16, "max_length": 16, "modalities": ["text", "numeric"]},

@@ -240,7 +240,7 @@ BRIDGE_MODULE = textwrap.dedent('''
     import numpy as np
 
     def build():
-        from mmbridge._tf import import_tensorflow
+        from mmbridge.export._tf import import_tensorflow
         tf = import_tensorflow()
         import keras
         keras.utils.set_random_seed(0)
@@ -296,7 +296,7 @@ REGISTERED_MODULE = textwrap.dedent('''
                               input_specs=[TensorSpec("x", ("batch", 3), "float32", "NC", (0, 1))])
     def build_scale_shift():
         """x * 3 - 1, as a tf.function."""
-        from mmbridge._tf import import_tensorflow
+        from mmbridge.export._tf import import_tensorflow
         tf = import_tensorflow()
         return tf.function(lambda x: x * 3.0 - 1.0)
 ''')
@@ -333,7 +333,7 @@ def test_files_and_registered_bridges_export_in_a_child_and_hit_the_cache_withou
 def test_graph_that_onnxruntime_cannot_run_is_an_export_error_and_nothing_is_cached(tf, tmp_path, monkeypatch):
     """tf2onnx can write a graph that loads but fails at run time (seen: ConvNeXtTiny, trainable, opset 18,
     1x1 spatial in the last stage, a mis-permuted Transpose); that must be an ExportError with a way out."""
-    import mmbridge.exporter as exporter
+    import mmbridge.export.exporter as exporter
 
     def broken_run(model, inputs):
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Reshape node")

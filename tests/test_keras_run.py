@@ -1,4 +1,4 @@
-"""``framework: keras`` (mmbridge.train.keras_run): the TF-only baseline and the parts a hybrid reuses.
+"""``framework: keras`` (mmbridge.baselines.keras_run): the TF-only baseline and the parts a hybrid reuses.
 
 One small Keras run through the CLI (on the real pokedex data when it is beside the repo, at 32
 pixels and 2 epochs; else on the built-in sample) is shared by the TF tests; its
@@ -41,7 +41,7 @@ def _keras_cfg(root: str | None, out: Path) -> dict:
 @pytest.fixture(scope="module")
 def keras_run(keras, tmp_path_factory):
     """``mmbridge train`` (the CLI entry, in this process) of a tiny ``framework: keras`` config."""
-    from mmbridge.train.cli import main
+    from mmbridge.cli.train import main
 
     tmp = tmp_path_factory.mktemp("keras_run")
     root = str(POKEDEX) if (POKEDEX / "text.csv").is_file() else None
@@ -140,8 +140,8 @@ def test_hybrid_refuses_a_missing_tf_only_encoder_with_the_fix(monkeypatch, tmp_
 
 
 def test_keras_runs_refuse_evaluate_and_torchrun(tmp_path, monkeypatch):
-    from mmbridge.train.cli import run_evaluate
-    from mmbridge.train.keras_run import run_keras
+    from mmbridge.baselines.keras_run import run_keras
+    from mmbridge.cli.train import run_evaluate
 
     cfg = load_config(None, data=_keras_cfg(None, tmp_path / "run"))
     with pytest.raises(ConfigError, match="read .*report.json"):
@@ -158,7 +158,7 @@ def test_save_keras_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, mon
     """No TF needed: any object with ``save(path)``; a failure at the rename keeps the old bytes."""
     import os
 
-    from mmbridge.train.keras_run import save_keras_atomic
+    from mmbridge.baselines.keras_run import save_keras_atomic
 
     class FakeModel:
         def __init__(self, payload: bytes):
@@ -185,7 +185,7 @@ def test_save_keras_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, mon
 
 @pytest.mark.tf
 def test_numeric_preprocess_centres_constant_columns_without_blowing_them_up(keras):
-    from mmbridge.train.keras_run import numeric_preprocess
+    from mmbridge.baselines.keras_run import numeric_preprocess
 
     rng = np.random.default_rng(0)
     x = np.stack([rng.normal(5, 2, 1000), np.full(1000, 0.1), np.full(1000, 123.456)], 1).astype(np.float32)

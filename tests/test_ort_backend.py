@@ -19,10 +19,11 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 import mmbridge
-from mmbridge.backends import ort_backend, ort_session
 from mmbridge.errors import RuntimeBackendError, SpecError
+from mmbridge.runtime import module as ort_backend
+from mmbridge.runtime import session as ort_session
 
-LOGGER = "mmbridge.backends.ort_backend"
+LOGGER = "mmbridge.runtime.module"
 
 
 def _model(nodes, inputs, outputs, inits=(), name="g", opset=17):

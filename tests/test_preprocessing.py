@@ -1,6 +1,6 @@
 """Keras preprocessing layers, tf.image and tf.strings steps through mmbridge.export (issue 6).
 
-Each test exports through the real pipeline (tf2onnx + mmbridge.tf_ops handlers + checker + ORT
+Each test exports through the real pipeline (tf2onnx + mmbridge.export.handlers handlers + checker + ORT
 load + parity), then runs the artifact in onnxruntime on its own inputs and compares with what
 Keras / TF computes: integer and string outputs must be identical; float outputs within 1e-5 on
 [0, 1] inputs and within 1e-3 on 0-255 images (resize). Modes that cannot be matched must be
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import mmbridge
-import mmbridge.tf_ops  # noqa: F401  (loads onnxruntime-extensions before any test imports TF; see preload_extensions)
+import mmbridge.export.handlers  # noqa: F401  (loads onnxruntime-extensions before any test imports TF; see preload_extensions)
 from mmbridge import TensorSpec, Tolerance
 from mmbridge.errors import UnsupportedOpsError
 from mmbridge.parity import run_ort
@@ -368,8 +368,8 @@ def test_strings_unmatched_modes_are_refused(tf, cache, make, op):
 
 
 def test_string_bridge_is_ort_only_with_ids_at_the_torch_boundary(keras, cache):
-    from mmbridge.preprocessing import backend_requirements
-    from mmbridge.tf_ops import preload_extensions
+    from mmbridge.export.handlers import preload_extensions
+    from mmbridge.graph.passes import backend_requirements
 
     layer = keras.layers.TextVectorization(max_tokens=30, output_sequence_length=4)
     layer.adapt(CORPUS)
@@ -382,10 +382,10 @@ def test_string_bridge_is_ort_only_with_ids_at_the_torch_boundary(keras, cache):
 
 
 def test_generated_docs_table_lists_every_case():
-    """docs/preprocessing.md is generated from mmbridge.preprocessing.CASES; regenerate when stale."""
+    """docs/preprocessing.md is generated from mmbridge.export.preprocessing.CASES; regenerate when stale."""
     from pathlib import Path
 
-    from mmbridge.preprocessing import CASES
+    from mmbridge.export.preprocessing import CASES
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "preprocessing.md").read_text(encoding="utf-8")
     missing = [f"{c.name} [{c.mode}]" for c in CASES if f"| `{c.name}` | {c.mode} |" not in doc]
@@ -395,7 +395,7 @@ def test_generated_docs_table_lists_every_case():
 
 def test_state_fingerprint_changes_when_a_layer_is_re_adapted(keras):
     """Adapted vocabularies / bin boundaries are not weights: the fingerprint must see them."""
-    from mmbridge.preprocessing import state_fingerprint
+    from mmbridge.export.fingerprint import state_fingerprint
 
     tv = keras.layers.TextVectorization(max_tokens=20)
     tv.adapt(["the cat sat", "the cat"])

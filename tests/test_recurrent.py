@@ -1,7 +1,7 @@
 """Keras 3 GRU / LSTM / SimpleRNN -> ONNX ``Loop`` / ``LSTM`` -> torch (issue 3, case 12).
 
 tf2onnx turns a Keras 3 ``GRU`` / ``SimpleRNN`` (and a ``trainable=True`` ``LSTM``) into an ONNX
-``Loop`` and a frozen ``LSTM`` into a native ONNX ``LSTM``; :mod:`mmbridge.backends.loop` converts
+``Loop`` and a frozen ``LSTM`` into a native ONNX ``LSTM``; :mod:`mmbridge.convert.loop` converts
 both. References: Keras for exports, onnxruntime for every graph (exports and hand-made ones).
 """
 
@@ -14,8 +14,8 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 import mmbridge
-from mmbridge.backends import torch_backend as tb
-from mmbridge.backends.ort_session import make_session
+from mmbridge.convert import core as tb
+from mmbridge.runtime.session import make_session
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")  # onnx2torch's Slice
 

@@ -1,4 +1,4 @@
-"""mmbridge.backends.torch_backend on hand-built ONNX graphs (no TensorFlow needed).
+"""mmbridge.convert.core on hand-built ONNX graphs (no TensorFlow needed).
 
 Every graph is also run in onnxruntime, which is the reference for forward values.
 """
@@ -13,9 +13,9 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 import mmbridge
-from mmbridge.backends import torch_backend as tb
-from mmbridge.backends.ort_session import make_session
+from mmbridge.convert import core as tb
 from mmbridge.parity import TOLERANCES
+from mmbridge.runtime.session import make_session
 
 
 def _model(nodes, inputs, outputs, inits, opset=17):
@@ -223,7 +223,7 @@ def test_converting_and_training_never_imports_tensorflow(mlp, tmp_path):
     onnx.save(mlp, str(path))
     code = (
         "import sys, torch\n"
-        "from mmbridge.backends.torch_backend import to_torch\n"
+        "from mmbridge.convert.core import to_torch\n"
         f"m = to_torch({str(path)!r}).train()\n"
         "m(torch.randn(3, 8)).sum().backward()\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"

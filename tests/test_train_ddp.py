@@ -102,7 +102,7 @@ def test_ddp_hybrid_on_pokedex_short(tmp_path, pokedex_dir):
         "data": {"root": str(pokedex_dir), "image_size": 32, "max_length": 48},
         "model": {
             "branches": {
-                "image": {"preprocess": {"type": "export", "ref": "mmbridge.demo:image_preprocess", "backend": "ort",
+                "image": {"preprocess": {"type": "export", "ref": "mmbridge.baselines.tf_models:image_preprocess", "backend": "ort",
                                          "name": "test_ddp_preprocess"},
                           "encoder": {"type": "conv", "width": 8, "depth": 3}},
                 "text": {"encoder": {"type": "text", "dim": 32}},

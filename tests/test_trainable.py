@@ -1,4 +1,4 @@
-"""Trainable export (mmbridge.trainable) + torch backend: the converted module trains like Keras.
+"""Trainable export (mmbridge.export.trainable) + torch backend: the converted module trains like Keras.
 
 Models are tiny so the whole file runs in well under a minute on 2 CPU cores.
 """
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import mmbridge
-from mmbridge.backends import torch_backend as tb
-from mmbridge.trainable import STATE_MARK, VAR_MARK, _safe_path
+from mmbridge.convert import core as tb
+from mmbridge.export.trainable import STATE_MARK, VAR_MARK, _safe_path
 
 pytestmark = pytest.mark.tf
 
@@ -78,7 +78,7 @@ def test_export_keeps_batchnorm_and_dropout_nodes(cnn):
     assert momenta == pytest.approx([0.9, 0.99])
     assert art.meta["trainable"] is True
     # only the spec input is required; the weights are overridable initializers
-    from mmbridge.backends.ort_session import make_session
+    from mmbridge.runtime.session import make_session
 
     assert [i.name for i in make_session(art.onnx_path).get_inputs()] == [s.name for s in art.input_specs]
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import mmbridge
-from mmbridge.backends import torch_backend as tb
+from mmbridge.convert import core as tb
 from mmbridge.parity import TOLERANCES
 
 pytestmark = [pytest.mark.tf, pytest.mark.slow]

@@ -1,7 +1,7 @@
 """Generate docs/preprocessing.md: every supported preprocessing layer / op and mode, measured.
 
-Runs each case of :data:`mmbridge.preprocessing.CASES` through ``mmbridge.export`` (tf2onnx +
-mmbridge.tf_ops + onnx.checker + onnxruntime + parity), compares the onnxruntime output with
+Runs each case of :data:`mmbridge.export.preprocessing.CASES` through ``mmbridge.export`` (tf2onnx +
+mmbridge.export.handlers + onnx.checker + onnxruntime + parity), compares the onnxruntime output with
 what TF / Keras computes on the same input, and writes the table.
 
 Usage::
@@ -29,7 +29,7 @@ HEADER = """# Preprocessing support (generated)
 
 Every Keras preprocessing layer, `tf.image` and `tf.strings` step below was exported with
 `mmbridge.export(..., role="preprocess")` and run in onnxruntime on the input listed in
-`mmbridge/preprocessing.py`; **measured** is the max |ORT - TF| on that input.
+`mmbridge/export/preprocessing.py`; **measured** is the max |ORT - TF| on that input.
 
 * **exact**: integer and string outputs identical to Keras/TF; float outputs bit-equal.
 * **close**: floats within the stated tolerance (1e-5 on [0, 1] inputs, 1e-3 on 0-255 pixels for
@@ -43,12 +43,12 @@ Every Keras preprocessing layer, `tf.image` and `tf.strings` step below was expo
 `LabelEncoder`; such a bridge runs in onnxruntime, not `to_torch()`, and must end in integer
 ids (or float vectors) at the torch boundary: torch has no string tensors. A bridge with
 *string inputs* is fed numpy arrays through an onnxruntime session
-(`mmbridge.backends.ort_session.make_session(artifact.onnx_path).run(...)`, typically in the
+(`mmbridge.runtime.session.make_session(artifact.onnx_path).run(...)`, typically in the
 data loader); `artifact.to_ort()` takes torch tensors and so accepts only numeric inputs.
-`mmbridge.preprocessing.backend_requirements(model)` reports this for a graph.
+`mmbridge.graph.passes.backend_requirements(model)` reports this for a graph.
 
 Keras `Hashing` on integers is exact: TF hashes the decimal string with FarmHash Fingerprint64,
-which `mmbridge.tf_ops` rebuilds from standard ONNX ops (digits by `Div`/`Mod`, 64-bit arithmetic
+which `mmbridge.export.handlers` rebuilds from standard ONNX ops (digits by `Div`/`Mod`, 64-bit arithmetic
 in int64, shifts by `BitShift`, XOR through bit planes). On strings it is refused: no ONNX or
 onnxruntime-extensions op exposes a string's bytes (onnxruntime-extensions'
 `StringToHashBucketFast` computes a different hash).
@@ -62,7 +62,7 @@ also maps non-ASCII letters, which TF does not).
 
 Known hazard: when TensorFlow is imported before onnxruntime-extensions' library is loaded, the
 library's RE2 binds to TensorFlow's copy and regex ops silently return their input.
-`mmbridge.tf_ops.preload_extensions()` loads it with `RTLD_DEEPBIND` to avoid that (and export
+`mmbridge.export.handlers.preload_extensions()` loads it with `RTLD_DEEPBIND` to avoid that (and export
 checks it before emitting string ops).
 
 """
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     import mmbridge
 
     mmbridge.preload_torch_stack()
-    from mmbridge import tf_ops  # noqa: F401  (loads onnxruntime-extensions before TF; see module doc)
-    from mmbridge.preprocessing import CASES, measure
+    import mmbridge.export.handlers  # noqa: F401  (loads onnxruntime-extensions before TF; see module doc)
+    from mmbridge.export.preprocessing import CASES, measure
 
     t0 = time.perf_counter()
     rows, bad = [], []
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['status']:8s} {case.name} [{case.mode}] {measured}", flush=True)
     table = ("| group | layer / op | mode | result | measured max abs | required | backend | ONNX form / reason |\n"
              "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    from mmbridge._tf import import_tensorflow
+    from mmbridge.export._tf import import_tensorflow
 
     tf = import_tensorflow()
     footer = (f"\nMeasured with TensorFlow {tf.__version__}, mmbridge {mmbridge.__version__}; "

@@ -10,13 +10,13 @@ times mean something only on a dedicated machine, ratios measured side by side d
 * :mod:`mmbridge.bench.suites`: the suites (``preprocess``, ``encoders``, ``amp``, ``ddp``,
   ``cache``, ``e2e``); a backend that is missing skips its variants with a note.
 * :mod:`mmbridge.bench.report`: JSON, a Markdown table and a PNG plot.
-* :mod:`mmbridge.bench.cli`: the ``mmbridge bench`` subcommand.
+* :mod:`mmbridge.cli.bench`: the ``mmbridge bench`` subcommand.
 
 Importing this package imports neither TensorFlow nor onnxruntime.
 """
 
 from __future__ import annotations
 
-from .harness import BenchRun, HarnessConfig, Result, Timing, Variant, environment, measure_case
+from mmbridge.bench.harness import BenchRun, HarnessConfig, Result, Timing, Variant, environment, measure_case
 
 __all__ = ["BenchRun", "HarnessConfig", "Result", "Timing", "Variant", "environment", "measure_case"]

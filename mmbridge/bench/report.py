@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .harness import BenchRun, Result
+from mmbridge.bench.harness import BenchRun, Result
 
 JSON_FILE = "bench.json"
 MD_FILE = "bench.md"

@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from .harness import HarnessConfig, Result, Timing, Variant, measure_case, skipped_case
+from mmbridge.bench.harness import HarnessConfig, Result, Timing, Variant, measure_case, skipped_case
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -141,7 +141,7 @@ def _tf(ctx: SuiteContext) -> tuple[Any, str | None]:
             ctx._memo["tf"] = (None, "TensorFlow / tf2onnx not installed (pip install 'mmbridge[tf]')")
         else:
             try:
-                from mmbridge._tf import import_tensorflow
+                from mmbridge.export._tf import import_tensorflow
 
                 tf = import_tensorflow()
                 if ctx.threads:
@@ -157,8 +157,6 @@ def _tf(ctx: SuiteContext) -> tuple[Any, str | None]:
 
 
 def _backend_note(kind: str, exc: BaseException) -> str:
-    if isinstance(exc, ModuleNotFoundError) and "mmbridge.backends" in str(exc):
-        return f"mmbridge.backends.{kind}_backend is not available yet"
     if isinstance(exc, (ImportError, NotImplementedError)):
         return f"{kind} backend unavailable: {type(exc).__name__}: {exc}"
     return f"{kind} backend failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -201,40 +199,12 @@ def _np(x: Any) -> np.ndarray:
 
 def _ort_variants(art: Any, inputs: dict[str, np.ndarray], ctx: SuiteContext) -> list[Variant]:
     """``ort_session`` (numpy in/out, ``session.run``) and ``ort_iobinding_bare`` (pre-bound buffers)."""
-    import onnxruntime as ort
+    from mmbridge.runtime.session import bare_runners
 
-    from mmbridge.backends.ort_session import make_session
-
-    cuda = ctx.device.startswith("cuda")
-    providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if cuda else ("CPUExecutionProvider",)
-    if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
-        note = "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu only; see `mmbridge info`)"
+    run_session, run_bare, note = bare_runners(art.onnx_path, inputs, cuda=ctx.device.startswith("cuda"),
+                                               threads=ctx.threads)
+    if note:
         return [Variant("ort_session", None, note), Variant("ort_iobinding_bare", None, note)]
-    sess = make_session(str(art.onnx_path), providers=providers, intra_op_threads=ctx.threads,
-                        inter_op_threads=1 if ctx.threads else None)
-    feeds = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
-
-    def run_session() -> Any:
-        return sess.run(None, feeds)
-
-    dev, dev_id = ("cuda", 0) if cuda else ("cpu", 0)
-    binding = sess.io_binding()
-    keep = []
-    for k, v in feeds.items():
-        ov = ort.OrtValue.ortvalue_from_numpy(v, dev, dev_id)
-        keep.append(ov)
-        binding.bind_ortvalue_input(k, ov)
-    outs = sess.run(None, feeds)  # shapes of the outputs, to pre-allocate them
-    for o, val in zip(sess.get_outputs(), outs):
-        ov = ort.OrtValue.ortvalue_from_numpy(np.empty_like(val), dev, dev_id)
-        keep.append(ov)
-        binding.bind_ortvalue_output(o.name, ov)
-
-    def run_bare() -> Any:
-        sess.run_with_iobinding(binding)
-        return keep
-
-    run_bare.keep = keep  # type: ignore[attr-defined]
     return [Variant("ort_session", run_session, "numpy in/out (host copies on CUDA)"),
             Variant("ort_iobinding_bare", run_bare, "pre-bound OrtValues: ORT's floor")]
 
@@ -421,30 +391,7 @@ def _bridge_variants(ctx: SuiteContext, art: Any, export_note: str | None, feeds
 # ---------------------------------------------------------------------------------------------
 # encoders
 # ---------------------------------------------------------------------------------------------
-def _keras_model(tf: Any, kind: str, side: int, seed: int = 0) -> Any:
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    if kind == "small_cnn":
-        inp = keras.Input((side, side, 3), name="image")
-        x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inp)
-        x = keras.layers.BatchNormalization()(x)
-        x = keras.layers.ReLU()(x)
-        x = keras.layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization()(x)
-        x = keras.layers.ReLU()(x)
-        x = keras.layers.GlobalAveragePooling2D()(x)
-        out = keras.layers.Dense(32)(x)
-        return keras.Model(inp, out, name="small_cnn")
-    if kind == "mobilenet_v2":
-        return keras.applications.MobileNetV2(weights=None, include_top=False, pooling="avg", input_shape=(side, side, 3))
-    if kind == "resnet50":
-        return keras.applications.ResNet50(weights=None, include_top=False, pooling="avg", input_shape=(side, side, 3))
-    if kind == "efficientnet_b0":
-        return keras.applications.EfficientNetB0(weights=None, include_top=False, pooling="avg", input_shape=(side, side, 3))
-    raise ValueError(f"unknown encoder {kind!r}; known: small_cnn, mobilenet_v2, resnet50, efficientnet_b0")
-
-
+# pooled feature width of each benchmark encoder (its Keras twin: mmbridge.baselines.bench_models)
 FEATURES = {"small_cnn": 32, "mobilenet_v2": 1280, "resnet50": 2048, "efficientnet_b0": 1280}
 
 
@@ -481,7 +428,9 @@ def _encoder_artifacts(ctx: SuiteContext, tf: Any, kind: str, side: int, trainab
     if key not in ctx._memo:
         mkey = f"keras:{kind}:{side}"
         if mkey not in ctx._memo:
-            ctx._memo[mkey] = _keras_model(tf, kind, side)
+            from mmbridge.baselines.bench_models import keras_model
+
+            ctx._memo[mkey] = keras_model(kind, side)
         model = ctx._memo[mkey]
         art, note = _export(ctx, model, name=f"bench_{kind}_{side}{'_trainable' if trainable else ''}",
                             input_specs=[TensorSpec("image", ("batch", side, side, 3), "float32", "NHWC")],
@@ -581,25 +530,11 @@ def _train_case(ctx: SuiteContext, tf: Any, tf_note: str | None, kind: str, batc
     if tf is None:
         variants += [Variant("tf", None, tf_note or ""), Variant("torch_converted", None, tf_note or "")]
     else:
-        import keras
-
         model, art, note = _encoder_artifacts(ctx, tf, kind, side, trainable=True)
         # a separate Keras copy so that training it does not change what other cases measure
-        tmodel = _keras_model(tf, kind, side, seed=1)
-        head = keras.layers.Dense(10)
-        head.build((None, feat))
-        opt = keras.optimizers.SGD(0.01)
-        tvars = tmodel.trainable_variables + head.trainable_variables
-        opt.build(tvars)
+        from mmbridge.baselines.bench_models import keras_train_step
 
-        @tf.function
-        def tf_step(x: Any, y: Any) -> Any:
-            with tf.GradientTape() as tape:
-                logits = head(tmodel(x, training=True))
-                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
-            grads = tape.gradient(loss, tvars)
-            opt.apply_gradients(zip(grads, tvars))
-            return loss
+        tf_step = keras_train_step(kind, side, feat, classes=10, lr=0.01, seed=1)
 
         x_tf, y_tf = tf.constant(x_nhwc), tf.constant(y_np)
         variants.append(Variant("tf", lambda: tf_step(x_tf, y_tf).numpy(), "Keras GradientTape + SGD in tf.function"))
@@ -644,7 +579,9 @@ def suite_cache(ctx: SuiteContext) -> list[Result]:
             rows += skipped_case("cache", case, names, "export_cold", tf_note or "", params)
             continue
         try:
-            model = _keras_model(tf, kind, side)
+            from mmbridge.baselines.bench_models import keras_model
+
+            model = keras_model(kind, side)
         except Exception as exc:  # noqa: BLE001 - one model must not stop the suite
             rows += skipped_case("cache", case, names, "export_cold", f"cannot build {kind}: {type(exc).__name__}: {exc}",
                                  params)
@@ -744,7 +681,7 @@ def suite_amp(ctx: SuiteContext) -> list[Result]:
         rows += r
     rows += _amp_hybrid(ctx, dtypes, dev_type)
     if dev_type == "cpu":
-        from .harness import _cpu_flags
+        from mmbridge.bench.harness import _cpu_flags
 
         flags = _cpu_flags()
         if not {"avx512_bf16", "amx_bf16"} & set(flags):

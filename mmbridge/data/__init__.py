@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .folder import (
+from mmbridge.data.folder import (
     MODALITIES,
     SPLITS,
     MultimodalDataset,
@@ -23,8 +23,14 @@ from .folder import (
     load_splits,
     make_splits,
 )
-from .tf_adapter import TFDataIterable, resolve_rank, tf_data_to_torch
-from .tokenizers import HFTokenizer, WordTokenizer, get_tokenizer, minilm_path, tokenizer_from_dict
+from mmbridge.data.tf_adapter import TFDataIterable, resolve_rank, tf_data_to_torch
+from mmbridge.data.tokenizers import (
+    HFTokenizer,
+    WordTokenizer,
+    get_tokenizer,
+    minilm_path,
+    tokenizer_from_dict,
+)
 
 __all__ = [
     "MODALITIES",

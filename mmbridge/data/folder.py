@@ -52,9 +52,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from mmbridge.data.tokenizers import TOKENIZER_NAMES, HFTokenizer, Tokenizer, WordTokenizer, get_tokenizer
 from mmbridge.errors import DataError
-
-from .tokenizers import TOKENIZER_NAMES, HFTokenizer, Tokenizer, WordTokenizer, get_tokenizer
 
 __all__ = ["MODALITIES", "SPLITS", "MultimodalDataset", "load_splits", "make_splits"]
 

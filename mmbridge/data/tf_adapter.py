@@ -1,7 +1,7 @@
 """Feed an existing ``tf.data.Dataset`` into PyTorch, sharded per DDP rank.
 
 TensorFlow is not imported by this module; :func:`tf_data_to_torch` goes through
-:func:`mmbridge._tf.import_tensorflow` (import-order guard) when it is called.
+:func:`mmbridge.export._tf.import_tensorflow` (import-order guard) when it is called.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def tf_data_to_torch(dataset: Any, *, rank: int | None = None, world_size: int |
         ValueError: invalid rank / world size.
         ImportOrderError: TensorFlow was imported before torch's compiler stack.
     """
-    from mmbridge._tf import import_tensorflow
+    from mmbridge.export._tf import import_tensorflow
 
     tf = import_tensorflow()
     if not isinstance(dataset, tf.data.Dataset):

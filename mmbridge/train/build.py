@@ -18,8 +18,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from mmbridge.errors import ConfigError
-
-from . import distributed
+from mmbridge.train import distributed
 
 
 def data_root(cfg: Mapping[str, Any]) -> tuple[Path, bool]:
@@ -63,7 +62,7 @@ def _artifact(comp: Mapping[str, Any], where: str, role: str):
 
     if comp["type"] == "artifact":
         return BridgeArtifact.load(comp["path"])
-    from mmbridge.exporter import export
+    from mmbridge.export.exporter import export
 
     # rank 0 exports (in a child process); it broadcasts the artifact path, or its error, and the
     # other ranks load that path: no rank but 0 starts TensorFlow, and none waits on a failed export
@@ -88,7 +87,7 @@ def build_component(comp: Mapping[str, Any], where: str, *, train_ds: Any = None
         ConfigError: an import reference that does not resolve, a dataset attribute that the
             component needs (``vocab_size``, ``num_features``) missing.
     """
-    from . import encoders
+    from mmbridge.train import encoders
 
     kind = comp["type"]
     if kind == "conv":

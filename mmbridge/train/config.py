@@ -5,7 +5,7 @@ read) and reports **every** problem in one :class:`~mmbridge.errors.ConfigError`
 
 Schema (defaults in :data:`DEFAULTS` and :data:`TOP_LEVEL`)::
 
-    framework: torch           # torch | keras (mmbridge.train.keras_run: the model built and trained in Keras)
+    framework: torch           # torch | keras (mmbridge.baselines.keras_run: the model built and trained in Keras)
     data:                      # mmbridge.data.load_splits(...)
       root: ../shared/data/pokedex   # null -> the built-in sample (mmbridge.data.sample_dir())
       modalities: [image, text, numeric]
@@ -49,7 +49,7 @@ Encoder / preprocess ``type``\\ s and their keys (:data:`COMPONENT_KEYS`):
 * ``import`` (``target`` "module:attr", ``kwargs``): any callable returning an ``nn.Module``.
 
 ``framework: keras`` accepts only the branch types that have a Keras counterpart (``conv``,
-``text``, ``mlp``; see :mod:`mmbridge.train.keras_run`), no ``preprocess``, ``fusion: concat``,
+``text``, ``mlp``; see :mod:`mmbridge.baselines.keras_run`), no ``preprocess``, ``fusion: concat``,
 ``task: classification``, ``precision: fp32`` and ``grad_accum: 1``; anything else is reported
 with the branch or key it concerns.
 
@@ -112,7 +112,7 @@ DEFAULTS: dict[str, Any] = {
 #: Top-level keys that are plain values, not sections: name -> default.
 TOP_LEVEL: dict[str, Any] = {"framework": "torch"}
 FRAMEWORKS = ("torch", "keras")
-#: Encoder types that ``framework: keras`` builds as Keras layers (see :mod:`mmbridge.train.keras_run`).
+#: Encoder types that ``framework: keras`` builds as Keras layers (see :mod:`mmbridge.baselines.keras_run`).
 KERAS_ENCODERS = {"conv": "Conv2D + BatchNormalization CNN", "text": "Embedding + bidirectional GRU / masked mean",
                   "mlp": "adapted Normalization + Dense"}
 #: File endings accepted as a Keras model file by an ``export`` component's ``ref``.
@@ -280,7 +280,7 @@ def _validate_data(d: dict[str, Any], problems: list[str]) -> None:
 
 
 def _validate_model(m: dict[str, Any], data: dict[str, Any], problems: list[str]) -> None:
-    from mmbridge.heads import fusion_heads, task_heads  # torch only; no TF / ORT
+    from mmbridge.composition.heads import fusion_heads, task_heads  # torch only; no TF / ORT
 
     if m["fusion"] not in fusion_heads:
         close = difflib.get_close_matches(str(m["fusion"]), fusion_heads.names(), n=1)
@@ -431,7 +431,7 @@ def _validate_export_ref(where: str, ref: Any, problems: list[str]) -> None:
 
 
 def _validate_keras(cfg: dict[str, Any], problems: list[str]) -> None:
-    """What ``framework: keras`` (:mod:`mmbridge.train.keras_run`) can build and train."""
+    """What ``framework: keras`` (:mod:`mmbridge.baselines.keras_run`) can build and train."""
     m, t = cfg["model"], cfg["training"]
     known = ", ".join(f"{k} ({v})" for k, v in KERAS_ENCODERS.items())
     for name, b in m["branches"].items():

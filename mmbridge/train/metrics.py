@@ -64,7 +64,7 @@ def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | os.Pat
     out.mkdir(parents=True, exist_ok=True)
     jpath, mpath = out / f"{name}.json", out / f"{name}.md"
     plain = {k: {m: _plain(v) for m, v in row.items()} for k, row in results.items()}
-    from .checkpoint import write_text_atomic
+    from mmbridge.train.checkpoint import write_text_atomic
 
     write_text_atomic(jpath, json.dumps({"title": title, "results": plain, "notes": list(notes)}, indent=2))
     write_text_atomic(mpath, markdown_table(plain, title=title, notes=notes))

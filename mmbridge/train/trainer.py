@@ -38,10 +38,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from mmbridge.errors import ConfigError
-
-from . import checkpoint as ckpt_io
-from . import distributed
-from .metrics import make_metrics
+from mmbridge.train import checkpoint as ckpt_io
+from mmbridge.train import distributed
+from mmbridge.train.metrics import make_metrics
 
 logger = logging.getLogger("mmbridge.train")
 

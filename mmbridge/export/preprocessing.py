@@ -5,12 +5,12 @@ each with a builder, an input spec and a sample input. ``tools/gen_preprocessing
 each one through :func:`mmbridge.export`, measures parity against TF with :func:`measure`, and
 writes ``docs/preprocessing.md``; ``tests/test_preprocessing.py`` asserts the same behaviour.
 
-How each TF op becomes ONNX is in :mod:`mmbridge.tf_ops`.
+How each TF op becomes ONNX is in :mod:`mmbridge.export.handlers`.
 
 Backends: graphs with string inputs or string ops run on the onnxruntime backend only (the
 ``ai.onnx.contrib`` ops of onnxruntime-extensions, registered automatically by
-:func:`mmbridge.backends.ort_session.make_session`), and end in integer ids (int64) or float
-vectors at the torch boundary: torch has no string tensors. :func:`backend_requirements` says
+:func:`mmbridge.runtime.session.make_session`), and end in integer ids (int64) or float
+vectors at the torch boundary: torch has no string tensors. :func:`mmbridge.graph.passes.backend_requirements` says
 this for a given graph.
 
 Shape notation: B batch, H/W image height/width (pixels), C channels (NHWC, as TF), L tokens.
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .specs import TensorSpec, Tolerance
+from mmbridge.specs import TensorSpec, Tolerance
 
 RESIZE_TOLERANCE = Tolerance(
     1e-3, 0.0, "TF and onnxruntime compute bilinear interpolation weights in another order; measured 2.2e-4 on 0-255")
@@ -250,77 +250,6 @@ CASES: tuple[PreprocessingCase, ...] = tuple(_cases())
 """Every measured layer / op and mode (see :class:`PreprocessingCase`)."""
 
 
-def state_fingerprint(obj: Any) -> bytes:
-    """Bytes of the adapted state of Keras preprocessing layers that is *not* in their weights.
-
-    ``StringLookup`` / ``IntegerLookup`` / ``TextVectorization`` keep an adapted vocabulary in a
-    lookup table (not a weight, and not in ``get_config()`` after ``adapt``), and
-    ``Discretization`` keeps adapted ``bin_boundaries`` as an attribute. A fingerprint made of
-    config + weights therefore does not change when such a layer is re-adapted, and a cached
-    artifact with the *old* vocabulary would be returned (measured: TextVectorization re-adapted
-    on other text gave the same fingerprint and stale ids). Hash this into the fingerprint.
-
-    Args:
-        obj: a Keras layer or model (anything else gives ``b""``).
-
-    Returns:
-        Deterministic bytes: for each sub-layer (in ``_flatten_layers`` order) its path, the
-        vocabulary (``get_vocabulary(include_special_tokens=True)``) and ``bin_boundaries``.
-    """
-    import json
-
-    layers = [obj]
-    flatten = getattr(obj, "_flatten_layers", None)
-    if flatten is not None:
-        layers += list(flatten(include_self=False, recursive=True))
-    parts: list[Any] = []
-    for i, layer in enumerate(layers):
-        entry: dict[str, Any] = {}
-        get_vocab = getattr(layer, "get_vocabulary", None)
-        if callable(get_vocab):
-            try:
-                vocab = get_vocab(include_special_tokens=True)
-            except TypeError:
-                vocab = get_vocab()
-            entry["vocabulary"] = [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
-                                   for v in vocab]
-        bounds = getattr(layer, "bin_boundaries", None)
-        if bounds is not None:
-            entry["bin_boundaries"] = [float(b) for b in np.asarray(bounds, np.float64).reshape(-1)]
-        if entry:
-            parts.append([i, getattr(layer, "name", ""), entry])
-    return json.dumps(parts, sort_keys=True).encode("utf-8") if parts else b""
-
-
-def backend_requirements(model: Any) -> dict[str, Any]:
-    """What a bridged graph needs to run, for metadata and docs.
-
-    Args:
-        model: the exported ``onnx.ModelProto``.
-
-    Returns:
-        ``{"string_inputs": [...], "string_outputs": [...], "onnxruntime_extensions": bool,
-        "torch_backend": bool, "note": str}``: string graphs (string inputs, or ops of the
-        ``ai.onnx.contrib`` domain) run only on the onnxruntime backend and must end in numbers at
-        the torch boundary (torch has no string tensors).
-    """
-    from onnx import TensorProto
-
-    str_in = [i.name for i in model.graph.input if i.type.tensor_type.elem_type == TensorProto.STRING]
-    str_out = [o.name for o in model.graph.output if o.type.tensor_type.elem_type == TensorProto.STRING]
-    ext = any(op.domain == "ai.onnx.contrib" for op in model.opset_import) or any(
-        n.domain == "ai.onnx.contrib" for n in model.graph.node)
-    ml = any(n.domain == "ai.onnx.ml" for n in model.graph.node)
-    torch_ok = not (str_in or str_out or ext or ml)
-    note = "" if torch_ok else (
-        "runs on the onnxruntime backend only (to_ort)"
-        + (" with onnxruntime-extensions (ai.onnx.contrib string ops)" if ext else "")
-        + "; torch has no string tensors, so the bridge must end in integer ids or floats at the torch boundary"
-        + (f" (string outputs {str_out} cannot cross it)" if str_out else ""))
-    return {"string_inputs": str_in, "string_outputs": str_out, "onnxruntime_extensions": ext,
-            "torch_backend": torch_ok, "note": note}
-
-
 def measure(case: PreprocessingCase, *, cache_dir: Any = None) -> dict[str, Any]:
     """Export one case and measure it against TF.
 
@@ -333,10 +262,11 @@ def measure(case: PreprocessingCase, *, cache_dir: Any = None) -> dict[str, Any]
         "ops": [ONNX op types], "backend": str, "detail": str}``; ``status`` is what was
         measured (compare with ``case.expect``).
     """
-    from ._tf import import_tensorflow
-    from .errors import MMBridgeError, UnsupportedOpsError
-    from .exporter import export
-    from .parity import run_ort
+    from mmbridge.errors import MMBridgeError, UnsupportedOpsError
+    from mmbridge.export._tf import import_tensorflow
+    from mmbridge.export.exporter import export
+    from mmbridge.graph.passes import backend_requirements
+    from mmbridge.parity import run_ort
 
     tf = import_tensorflow()
     import keras
@@ -359,7 +289,7 @@ def measure(case: PreprocessingCase, *, cache_dir: Any = None) -> dict[str, Any]
     backend = "ORT + extensions" if req["onnxruntime_extensions"] else "ORT"
     if req["torch_backend"]:  # measured, not assumed: convert with the torch backend and compare
         try:
-            from .parity import run_torch
+            from mmbridge.parity import run_torch
 
             t = next(iter(run_torch(art, {case.spec.name: x}).values()))
             r = np.asarray(obj(x) if hasattr(obj, "get_concrete_function") else obj(x, training=False))
@@ -391,4 +321,4 @@ def measure(case: PreprocessingCase, *, cache_dir: Any = None) -> dict[str, Any]
     return {"status": status, "max_abs": diff, "ops": ops, "backend": backend, "detail": ""}
 
 
-__all__ = ["CASES", "PreprocessingCase", "RESIZE_TOLERANCE", "backend_requirements", "measure", "state_fingerprint"]
+__all__ = ["CASES", "PreprocessingCase", "RESIZE_TOLERANCE", "measure"]

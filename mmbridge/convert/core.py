@@ -9,7 +9,7 @@ fixes the module so that it trains like the Keras original (DESIGN.md part 4):
   becomes exactly one tensor in the submodule ``weights``: an ``nn.Parameter`` when it is a
   weight, a buffer otherwise. For artifacts exported with ``trainable=True`` the initializer names
   say which is which exactly (``mmb_var__<keras path>`` = trainable, ``mmb_state__`` = state; see
-  :mod:`mmbridge.trainable`), so the parameter count equals the Keras trainable count. For other
+  :mod:`mmbridge.export.trainable`), so the parameter count equals the Keras trainable count. For other
   graphs a float initializer is a weight when it feeds MatMul / Gemm / Conv / ConvTranspose /
   Einsum, the table input of Gather, the scale / bias of a normalisation, ``W`` / ``R`` / ``B`` /
   ``P`` of LSTM / GRU / RNN, or an Add / Sub right after one of those (a bias) -- including zero
@@ -54,7 +54,7 @@ import torch
 from torch import fx, nn
 
 from mmbridge.errors import ConversionError
-from mmbridge.trainable import STATE_MARK, VAR_MARK
+from mmbridge.graph import STATE_MARK, VAR_MARK
 
 # ONNX op -> input positions that hold weights (when they are float initializers).
 WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
@@ -236,13 +236,13 @@ def to_torch(source: Any, *, trainable: bool = True) -> fx.GraphModule:
         FileNotFoundError: ``source`` is a path that does not exist.
         TypeError: ``source`` is none of the accepted kinds.
     """
-    from . import converters  # noqa: F401  (registers mmbridge's converters with onnx2torch)
+    from mmbridge.convert import converters  # noqa: F401  (registers mmbridge's converters with onnx2torch)
 
     model = _load(source)
     model, same_pad = _prepare(model)
     check_supported(model)
     static_resize = _static_resize_sizes(model)
-    from mmbridge._tf import guard_torch_stack
+    from mmbridge._torch_stack import guard_torch_stack
 
     guard_torch_stack("mmbridge.to_torch()")  # onnx2torch imports torchvision: segfault after TF
     import onnx2torch
@@ -277,7 +277,7 @@ def to_torch(source: Any, *, trainable: bool = True) -> fx.GraphModule:
 _HOW_TO_REGISTER = (
     "To support an op, register a converter with onnx2torch's registry: "
     "`from onnx2torch.node_converters.registry import add_converter; "
-    "@add_converter(operation_type='Op', version=N) def _(node, graph): ...` (see mmbridge/backends/converters.py "
+    "@add_converter(operation_type='Op', version=N) def _(node, graph): ...` (see mmbridge/convert/converters.py "
     "for examples), or re-export at another opset (mmbridge.export(..., opset=17) or onnx.version_converter), "
     "or keep this bridge frozen in onnxruntime (artifact.to_ort())."
 )
@@ -295,7 +295,7 @@ def check_supported(model: Any) -> None:
     """
     from onnx2torch.node_converters.registry import get_converter
 
-    from . import converters  # noqa: F401
+    from mmbridge.convert import converters  # noqa: F401
 
     opsets = {o.domain or "": o.version for o in model.opset_import}
     missing: dict[tuple[str, str, int], list[str]] = {}
@@ -495,7 +495,7 @@ def _specialise_reshape_targets(model: Any) -> int:
         probe.graph.output.append(onnx.helper.make_tensor_value_info(
             n.output[0], infos[n.output[0]].type.tensor_type.elem_type, None))
     try:
-        from .ort_session import make_session
+        from mmbridge.runtime.session import make_session
 
         sess = make_session(probe)
         rng = np.random.default_rng(0)
@@ -584,7 +584,7 @@ def _initializer_roles(model: Any, trainable: bool) -> dict[str, str]:
                 other = [y for y in node.input if y != x]
                 if other and other[0] in producer and producer[other[0]].op_type in _BIAS_PRODUCERS:
                     roles[x] = "param"
-    from .loop import loop_weight_initializers  # Keras RNN weights passed into a Loop
+    from mmbridge.convert.loop import loop_weight_initializers  # Keras RNN weights passed into a Loop
 
     float_inits = {n for n, t in inits.items() if t.data_type in float_types and len(t.dims) >= 1}
     for x in loop_weight_initializers(model.graph, float_inits, WEIGHT_INPUTS):

@@ -6,13 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-# Custom-op domains that onnxruntime-extensions provides (string ops); registered on demand.
-EXTENSIONS_DOMAINS = ("ai.onnx.contrib",)
-
-
-def uses_extensions(model: Any) -> bool:
-    """True if an ``onnx.ModelProto`` imports an onnxruntime-extensions custom-op domain."""
-    return any(op.domain in EXTENSIONS_DOMAINS for op in getattr(model, "opset_import", ()))
+from mmbridge.runtime.extensions import EXTENSIONS_DOMAINS, preload_extensions, uses_extensions  # noqa: F401
 
 
 def make_session(
@@ -70,12 +64,67 @@ def make_session(
     if extensions:
         from onnxruntime_extensions import get_library_path
 
-        from mmbridge.tf_ops import preload_extensions
-
         preload_extensions()  # before the library is first registered (RE2 symbol binding)
 
         so.register_custom_ops_library(get_library_path())
     return ort.InferenceSession(model, sess_options=so, providers=list(providers))
+
+
+def available_providers() -> list[str]:
+    """onnxruntime's available execution providers (``onnxruntime.get_available_providers()``)."""
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def bare_runners(model: Any, inputs: dict[str, Any], *, cuda: bool = False, threads: int | None = None
+                 ) -> tuple[Any, Any, str | None]:
+    """Plain-onnxruntime baselines for the benchmarks: ``session.run`` and pre-bound IO binding.
+
+    Args:
+        model: path to a ``.onnx`` file (or anything :func:`make_session` takes).
+        inputs: ``{input name: numpy array}`` (copied once to contiguous arrays).
+        cuda: use the CUDA execution provider (device 0) and bind on the GPU.
+        threads: intra-op threads (``None``: ORT's default); inter-op 1 when given.
+
+    Returns:
+        ``(run_session, run_bare, note)``: ``run_session()`` runs ``session.run`` with numpy in
+        and out; ``run_bare()`` runs ``run_with_iobinding`` on OrtValues bound once (ORT's floor:
+        no per-call allocation or binding); both ``None`` and ``note`` saying why when CUDA was
+        asked for and onnxruntime has no CUDA execution provider.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if cuda else ("CPUExecutionProvider",)
+    if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None, None, "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu only; see `mmbridge info`)"
+    sess = make_session(str(model) if isinstance(model, os.PathLike) else model, providers=providers,
+                        intra_op_threads=threads, inter_op_threads=1 if threads else None)
+    feeds = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+
+    def run_session() -> Any:
+        return sess.run(None, feeds)
+
+    dev, dev_id = ("cuda", 0) if cuda else ("cpu", 0)
+    binding = sess.io_binding()
+    keep = []
+    for k, v in feeds.items():
+        ov = ort.OrtValue.ortvalue_from_numpy(v, dev, dev_id)
+        keep.append(ov)
+        binding.bind_ortvalue_input(k, ov)
+    outs = sess.run(None, feeds)  # shapes of the outputs, to pre-allocate them
+    for o, val in zip(sess.get_outputs(), outs):
+        ov = ort.OrtValue.ortvalue_from_numpy(np.empty_like(val), dev, dev_id)
+        keep.append(ov)
+        binding.bind_ortvalue_output(o.name, ov)
+
+    def run_bare() -> Any:
+        sess.run_with_iobinding(binding)
+        return keep
+
+    run_bare.keep = keep  # type: ignore[attr-defined]
+    return run_session, run_bare, None
 
 
 def _file_uses_extensions(path: str) -> bool:
@@ -113,7 +162,7 @@ def cuda_provider_error(requested: str) -> str | None:
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" in available:
         return None
-    from mmbridge import info
+    from mmbridge import info  # metadata only
 
     found = {n: info.dist_version(n) for n in ("onnxruntime", "onnxruntime-gpu")}
     installed = ", ".join(f"{n}=={v}" for n, v in found.items() if v) or "no onnxruntime distribution"

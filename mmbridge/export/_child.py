@@ -1,4 +1,4 @@
-"""Child-process side of :func:`mmbridge.export` (``python -m mmbridge._export_child REQ RES``).
+"""Child-process side of :func:`mmbridge.export` (``python -m mmbridge.export._child REQ RES``).
 
 Reads a JSON request (reference, options, cache dir), exports in this fresh process (the only
 one that imports TensorFlow), and writes a JSON result: ``{"path": ...}`` or
@@ -18,10 +18,10 @@ def main(req_path: str, res_path: str) -> int:
     try:
         import numpy as np
 
-        from mmbridge._tf import preload_torch_stack
+        from mmbridge._torch_stack import preload_torch_stack
 
-        preload_torch_stack()  # before TF, always (see mmbridge._tf)
-        from mmbridge.exporter import export
+        preload_torch_stack()  # before TF, always (see mmbridge._torch_stack)
+        from mmbridge.export.exporter import export
         from mmbridge.specs import TensorSpec, Tolerance
 
         opts = dict(req["options"])
@@ -36,7 +36,7 @@ def main(req_path: str, res_path: str) -> int:
         if req.get("fingerprint"):  # the parent fingerprinted the file(s): use the same cache key
             from pathlib import Path
 
-            from mmbridge.exporter import _export_live, _load_reference
+            from mmbridge.export.exporter import _export_live, _load_reference
 
             art = _export_live(_load_reference(req["ref"]), dict(req["options"]), samples, Path(req["cache_dir"]),
                                req["force"], req["fingerprint"])

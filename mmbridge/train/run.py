@@ -1,22 +1,19 @@
-"""``mmbridge train | evaluate | demo`` (wired into :mod:`mmbridge.cli` by ``add_*_parser``).
+"""The PyTorch training recipe of a validated config: build, train, evaluate, report.
 
-    mmbridge train CONFIG.yaml [key=value ...]            # also under torchrun --nproc-per-node N
-    mmbridge evaluate CONFIG.yaml --checkpoint PATH [key=value ...]
-    mmbridge demo [--data DIR] [--out DIR] [--epochs N]
-
-Importing this module is cheap (argparse only). The config is validated, with every problem
-listed, before TensorFlow, onnxruntime or the data are touched.
+:func:`run_train` and :func:`run_evaluate` are what ``mmbridge train`` / ``mmbridge evaluate``
+run for ``framework: torch`` configs (:mod:`mmbridge.cli.train` parses the command line and hands
+``framework: keras`` configs to :mod:`mmbridge.baselines.keras_run` instead).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from mmbridge.errors import ConfigError
 
 
 def run_train(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, Any]:
@@ -25,26 +22,25 @@ def run_train(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
     Writes into ``output.dir``: ``config.yaml``, ``last.pt``, ``best.pt``, ``tensorboard/``,
     ``report.json`` and ``report.md`` (val and test metrics, training time).
 
-    A config with ``framework: keras`` is handed to :func:`mmbridge.train.keras_run.run_keras`
-    (the model is built and trained in Keras; same report files and return shape, no ``.pt``
-    checkpoints, plus ``<branch>_encoder.keras`` / ``<branch>_preprocess.keras``).
+    ``framework: keras`` configs are the Keras baseline's (:mod:`mmbridge.baselines.keras_run`;
+    :func:`mmbridge.cli.train.run_train` dispatches); this recipe refuses them.
 
     Returns:
         ``{"fit": Trainer.fit(...) result, "val": metrics, "test": metrics, "report": path or None}``
         (the same on every rank; ``report`` is set on rank 0).
 
     Raises:
+        ConfigError: a ``framework: keras`` config (see above).
         ConfigError, DataError, CacheError: as raised by the data layer, model build or resume.
     """
     if cfg.get("framework", "torch") == "keras":
-        from .keras_run import run_keras
-
-        return run_keras(cfg, name=name)
-    from . import distributed
-    from .build import build_data, build_model, data_root, trainer_kwargs
-    from .config import dump
-    from .metrics import write_report
-    from .trainer import Trainer
+        raise ConfigError("mmbridge.train.run.run_train trains torch models; a framework: keras config is the "
+                          "Keras baseline: run it with mmbridge.cli.train.run_train (or `mmbridge train`)")
+    from mmbridge.train import distributed
+    from mmbridge.train.build import build_data, build_model, data_root, trainer_kwargs
+    from mmbridge.train.config import dump
+    from mmbridge.train.metrics import write_report
+    from mmbridge.train.trainer import Trainer
 
     env = distributed.setup(cfg["training"]["device"])
     root, builtin = data_root(cfg)
@@ -64,7 +60,7 @@ def run_train(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
         print(f"model (built in {t_model:.1f} s; {env.world_size} process{'es' if env.world_size > 1 else ''}, "
               f"{env.device}, {cfg['training']['precision']}):\n{model.describe()}", flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
-        from .checkpoint import write_text_atomic
+        from mmbridge.train.checkpoint import write_text_atomic
 
         write_text_atomic(out_dir / "config.yaml", dump(cfg))
     meta = train.metadata() if hasattr(train, "metadata") else {}
@@ -106,18 +102,16 @@ def run_evaluate(cfg: Mapping[str, Any], checkpoint: str, *, out: str | None = N
             config has ``framework: keras`` (those runs write no torch checkpoint; ``mmbridge train``
             already evaluated them into ``output.dir/report.json``).
     """
-    from mmbridge.errors import ConfigError
-
     if cfg.get("framework", "torch") == "keras":
         raise ConfigError(f"mmbridge evaluate: framework: keras runs write no torch checkpoint to evaluate; "
                           f"`mmbridge train` already evaluated the restored best weights on val and test: read "
                           f"{Path(cfg['output']['dir']) / 'report.json'} (or report.md)")
 
-    from . import checkpoint as ckpt_io
-    from . import distributed
-    from .build import build_data, build_model, data_root, trainer_kwargs
-    from .metrics import write_report
-    from .trainer import Trainer
+    from mmbridge.train import checkpoint as ckpt_io
+    from mmbridge.train import distributed
+    from mmbridge.train.build import build_data, build_model, data_root, trainer_kwargs
+    from mmbridge.train.metrics import write_report
+    from mmbridge.train.trainer import Trainer
 
     env = distributed.setup(cfg["training"]["device"])
     root, builtin = data_root(cfg)
@@ -146,76 +140,3 @@ def run_evaluate(cfg: Mapping[str, Any], checkpoint: str, *, out: str | None = N
         print(json.dumps(res, indent=2))
         print(f"report: {md}")
     return res
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    run_train(cfg)
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    run_evaluate(cfg, args.checkpoint, out=args.out, splits_to_eval=tuple(args.split or ("val", "test")))
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from mmbridge.demo import run_demo
-
-    run_demo(data=args.data, out=args.out, epochs=args.epochs)
-    return 0
-
-
-def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``mmbridge train CONFIG.yaml [key=value ...]`` on ``subparsers``."""
-    p = subparsers.add_parser("train", help="train a model from a YAML config (works under torchrun)",
-                              description="Train from a YAML config; dotted overrides like training.epochs=3 "
-                                          "are applied before validation.")
-    p.add_argument("config", help="YAML config (see examples/pokedex/*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, value parsed as YAML")
-    p.set_defaults(func=_cmd_train)
-    return p
-
-
-def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``mmbridge evaluate CONFIG.yaml --checkpoint PATH`` on ``subparsers``."""
-    p = subparsers.add_parser("evaluate", help="evaluate a checkpoint on the val / test splits (JSON + Markdown)")
-    p.add_argument("config", help="the YAML config the checkpoint was trained with")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, value parsed as YAML")
-    p.add_argument("--checkpoint", required=True, help="last.pt or best.pt written by mmbridge train")
-    p.add_argument("--split", action="append", choices=("train", "val", "test"), help="splits (default: val, test)")
-    p.add_argument("--out", default=None, help="directory for eval_report.{json,md} (default: output.dir)")
-    p.set_defaults(func=_cmd_evaluate)
-    return p
-
-
-def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``mmbridge demo [--data DIR] [--out DIR] [--epochs N]`` on ``subparsers``."""
-    p = subparsers.add_parser(
-        "demo", help="the whole pipeline end to end: export -> bridge -> compose -> AMP training -> report",
-        description="Exports a Keras image encoder and a TF preprocessing function (in a child process), "
-                    "bridges them (onnxruntime / torch), composes them with native text and numeric "
-                    "branches, trains with bf16 autocast and writes an evaluation report. Without --data "
-                    "it uses the small synthetic sample built into the package.")
-    p.add_argument("--data", default=None, help="dataset folder (images/ + text.csv + numeric.csv [+ splits.csv]); "
-                                                "default: the built-in sample")
-    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 8 on the sample, 15 on --data)")
-    p.set_defaults(func=_cmd_demo)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mmbridge.train.cli ...``: the same as the ``mmbridge`` command (:func:`mmbridge.cli.main`)."""
-    from mmbridge.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -43,12 +43,14 @@ from typing import Any
 
 import numpy as np
 
-from . import _tf
-from .artifact import BridgeArtifact, cache_root, cached_or_build, entry_dir
-from .errors import CacheError, ExportError, SpecError, UnsupportedOpsError
-from .info import export_versions
-from .parity import GOLDEN_FILE, ParityReport, compare, run_ort
-from .specs import BridgeSpec, TensorSpec, Tolerance, samples_from_specs
+from mmbridge.artifact import BridgeArtifact, cache_root, cached_or_build, entry_dir
+from mmbridge.errors import CacheError, ExportError, SpecError, UnsupportedOpsError
+from mmbridge.export import _tf
+from mmbridge.export.fingerprint import export_versions
+from mmbridge.export.rewrites import repair_and_check_ops
+from mmbridge.graph.passes import backend_requirements, resize_scales_to_sizes
+from mmbridge.parity import GOLDEN_FILE, ParityReport, compare, run_ort
+from mmbridge.specs import BridgeSpec, TensorSpec, Tolerance, samples_from_specs
 
 logger = logging.getLogger("mmbridge.export")
 
@@ -119,7 +121,7 @@ def export(
         inputs_as_nchw: input names that the ONNX graph should take as NCHW instead of TF's
             NHWC (tf2onnx's ``inputs_as_nchw``; the parity check transposes for TF).
         trainable: export for fine-tuning: BatchNormalization, Dropout and LayerNormalization
-            stay real ONNX ops (see :mod:`mmbridge.trainable`) instead of being folded away.
+            stay real ONNX ops (see :mod:`mmbridge.export.trainable`) instead of being folded away.
         optimize: run onnxoptimizer's parity-preserving passes.
         verify: check parity against TF (always done unless False; ``ParityError`` on failure).
         cache_dir: cache root (default ``$MMBRIDGE_CACHE`` or the user cache dir).
@@ -141,7 +143,7 @@ def export(
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     spec: BridgeSpec | None = None
     if isinstance(obj, str) and not _looks_like_path_or_ref(obj):
-        from .registry import get_bridge
+        from mmbridge.registry import get_bridge
 
         spec = get_bridge(obj)
     elif isinstance(obj, BridgeSpec):
@@ -153,7 +155,7 @@ def export(
         role = role or spec.role
         tolerance = tolerance or spec.tolerance
         sample_inputs = sample_inputs or spec.sample_inputs
-        from .registry import BRIDGE_EXPORT_KEYS
+        from mmbridge.registry import BRIDGE_EXPORT_KEYS
 
         ek = dict(spec.export_kwargs)
         unknown = sorted(set(ek) - set(BRIDGE_EXPORT_KEYS))
@@ -209,7 +211,7 @@ def _path_name(path: str) -> str:
 
 def _path_fingerprint(path: str, options: Mapping[str, Any], samples: Mapping[str, np.ndarray] | None) -> str:
     """sha256 of a Keras file or every file of a SavedModel directory, plus options and versions."""
-    from .artifact import sha256_file
+    from mmbridge.artifact import sha256_file
 
     h = hashlib.sha256(b"path-v1")
     h.update(json.dumps({k: v for k, v in options.items() if k != "name"}, sort_keys=True, default=str).encode())
@@ -291,7 +293,7 @@ class _SavedModelSource:
 # ---------------------------------------------------------------------------------------------
 def _export_in_child(ref: str, options: dict[str, Any], sample_inputs: Mapping[str, np.ndarray] | None,
                      root: Path, force: bool, fingerprint: str | None = None) -> BridgeArtifact:
-    """Run the export in ``python -m mmbridge._export_child`` and load the artifact it wrote."""
+    """Run the export in ``python -m mmbridge.export._child`` and load the artifact it wrote."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mmbridge-export-") as tmp:
@@ -306,7 +308,7 @@ def _export_in_child(ref: str, options: dict[str, Any], sample_inputs: Mapping[s
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [os.getcwd()])
         proc = subprocess.run(
-            [sys.executable, "-m", "mmbridge._export_child", req_path, res_path],
+            [sys.executable, "-m", "mmbridge.export._child", req_path, res_path],
             env=env, capture_output=True, text=True,
         )
         if not os.path.isfile(res_path):
@@ -317,7 +319,7 @@ def _export_in_child(ref: str, options: dict[str, Any], sample_inputs: Mapping[s
         with open(res_path) as f:
             result = json.load(f)
     if "error" in result:
-        from . import errors
+        from mmbridge import errors
 
         err = result["error"]
         cls = getattr(errors, err["type"], None)
@@ -326,7 +328,7 @@ def _export_in_child(ref: str, options: dict[str, Any], sample_inputs: Mapping[s
         if cls is not None and issubclass(cls, Exception) and cls is not errors.ParityError:
             raise cls(err["message"])
         if cls is errors.ParityError:
-            from .parity import ParityReport as _PR
+            from mmbridge.parity import ParityReport as _PR
 
             raise errors.ParityError(err["message"], _PR.from_dict(err["report"]) if err.get("report") else None)
         raise ExportError(f"export of {ref!r} failed in the child process: {err['type']}: {err['message']}")
@@ -472,7 +474,7 @@ def _fingerprint_payload(obj: Any, kind: str, fn: Any, specs: Sequence[TensorSpe
                 a = np.asarray(w.numpy())
                 h.update(f"{w.path if hasattr(w, 'path') else w.name}:{a.dtype}:{a.shape}".encode())
                 h.update(np.ascontiguousarray(a).tobytes())
-            from .preprocessing import state_fingerprint
+            from mmbridge.export.fingerprint import state_fingerprint
 
             h.update(state_fingerprint(obj))  # adapted vocabularies / bin boundaries: not weights
             keras_done = True
@@ -530,15 +532,15 @@ def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = Fal
     Returns:
         ``(graph_def, input tensor names, output tensor names, output keys, tables)``; only the
         placeholders of ``specs`` are inputs (captured tensors become constants); ``tables``
-        holds the contents of captured lookup tables (:func:`mmbridge.tf_ops.table_contents`).
+        holds the contents of captured lookup tables (:func:`mmbridge.export.handlers.table_contents`).
     """
     from tf2onnx import tf_loader
 
-    from .trainable import trainable_patches
+    from mmbridge.export.trainable import trainable_patches
 
     with export_patches(), (trainable_patches() if trainable else contextlib.nullcontext()):
         cf = fn.get_concrete_function()
-    from .tf_ops import table_contents
+    from mmbridge.export.handlers import table_contents
 
     tables = table_contents(cf)
     n = len(specs)
@@ -563,8 +565,8 @@ def _convert(graph_def: Any, inputs: list[str], outputs: list[str], opset: int, 
              name: str, tables: dict | None = None) -> Any:
     import tf2onnx
 
-    from .errors import MMBridgeError
-    from .tf_ops import tf2onnx_handlers
+    from mmbridge.errors import MMBridgeError
+    from mmbridge.export.handlers import tf2onnx_handlers
 
     handlers, extra_opset = tf2onnx_handlers(tables)
     with _quiet_tf2onnx():
@@ -616,213 +618,6 @@ def _rename_io(model: Any, input_map: Mapping[str, str], output_map: Mapping[str
     ren(model.graph)
 
 
-# ---------------------------------------------------------------------------------------------
-# repairs of what tf2onnx leaves behind, and refusal of the rest
-# ---------------------------------------------------------------------------------------------
-def _rewrite_erfc(graph: Any, node: Any, new_name: Callable[[str], str]) -> list[Any]:
-    """``Erfc(x) -> Sub(1, Erf(x))``: exact GELU in Keras/TF is ``0.5 x erfc(-x/sqrt 2)``.
-
-    Absolute error vs TF's erfc is at most 1 ulp of 1.0 (6e-8 fp32) where erfc is near 0,
-    which GELU multiplies by x/2; measured max |diff| on a Keras Transformer is ~1e-7.
-    """
-    from onnx import TensorProto, helper
-
-    erf_out = new_name(node.output[0] + "_erf")
-    one = new_name(node.name + "_one")
-    return [
-        helper.make_node("Constant", [], [one], name=one, value=helper.make_tensor(one, TensorProto.FLOAT, [], [1.0])),
-        helper.make_node("Erf", [node.input[0]], [erf_out], name=new_name(node.name + "_erf")),
-        helper.make_node("Sub", [one, erf_out], [node.output[0]], name=node.name),
-    ]
-
-
-# TF op type left in the graph -> rewrite into exact ONNX. Extend with register_onnx_rewrite.
-ONNX_REWRITES: dict[str, Callable[[Any, Any, Callable[[str], str]], list[Any]]] = {"Erfc": _rewrite_erfc}
-
-# What to do about an op with no ONNX form, by TF op type (used in UnsupportedOpsError).
-_ADVICE = {
-    "StaticRegexReplace": "string ops: keep tokenisation outside the graph (feed token ids), or use the ORT backend with onnxruntime-extensions",
-    "RegexReplace": "string ops: keep tokenisation outside the graph (feed token ids)",
-    "StringSplitV2": "string ops: keep tokenisation outside the graph (feed token ids)",
-    "StringToHashBucketFast": "Hashing on strings: hash outside the graph, or pass integer ids (integer Hashing is exact)",
-    "HashTableV2": "lookup tables (StringLookup / IntegerLookup / TextVectorization vocabularies): map ids outside the graph",
-    "LookupTableFindV2": "lookup tables (StringLookup / IntegerLookup / TextVectorization vocabularies): map ids outside the graph",
-    "Bucketize": "Discretization: bucketise outside the graph, or express the boundaries with Less/Sum",
-    "StatefulPartitionedCall": "a nested (XLA-compiled) function call: make the layer traceable without jit_compile",
-    "PartitionedCall": "a nested function call that was not inlined",
-}
-
-
-def register_onnx_rewrite(op_type: str, rewrite: Callable[[Any, Any, Callable[[str], str]], list[Any]],
-                          *, override: bool = False) -> None:
-    """Register an exact ONNX rewrite for a TF op that tf2onnx leaves unconverted.
-
-    Args:
-        op_type: the TF op type as it appears in the ONNX graph (default domain).
-        rewrite: ``(graph, node, new_name) -> [NodeProto]`` replacing ``node``; must keep
-            ``node.output`` names; ``new_name(hint)`` returns a fresh unique name.
-        override: replace an existing rewrite.
-
-    Raises:
-        ValueError: ``op_type`` already has a rewrite and ``override`` is False.
-    """
-    if op_type in ONNX_REWRITES and not override:
-        raise ValueError(f"an ONNX rewrite for {op_type!r} is already registered; pass override=True")
-    ONNX_REWRITES[op_type] = rewrite
-
-
-def _const_value(graph: Any, name: str) -> np.ndarray | None:
-    from onnx import numpy_helper
-
-    for init in graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] == name:
-            for a in node.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-    return None
-
-
-def _static_shape(graph: Any, name: str, known: Mapping[str, Any] | None = None) -> list[int | None] | None:
-    for vi in list(graph.value_info) + list(graph.input) + list(graph.output) + list((known or {}).values()):
-        if vi.name == name and vi.type.tensor_type.HasField("shape"):
-            return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-    return None
-
-
-def resize_scales_to_sizes(model: Any) -> int:
-    """Make ``Resize`` nodes with constant ``scales`` use exact ``sizes`` (onnx/onnx#4919).
-
-    tf2onnx encodes a static resize (7x9 -> 5x13) as float scales (13/9 = 1.4444444). ONNX
-    defines the output size as ``floor(in * scale)``, which in float32 can land one short (12
-    instead of 13; ../shared/cases/10, and 24 -> 39 instead of 40 for Keras ``Resizing``), so
-    onnx.checker rejects the graph and onnx2torch/ORT disagree with TF. TF's target size is the
-    integer ``round(in * scale)``; this pass feeds it as ``sizes`` (batch and channel dims taken
-    from the input's runtime shape), which also fixes the coordinate transform to TF's
-    ``in / out`` ratio.
-
-    Returns:
-        The number of Resize nodes rewritten.
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    if not any(n.op_type == "Resize" for g in _iter_graphs(model.graph) for n in g.node):
-        return 0
-    try:  # shapes for the lookups below (tf2onnx writes no value_info)
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        known = {vi.name: vi for vi in inferred.graph.value_info}
-    except Exception:  # noqa: BLE001 - without shapes nothing is rewritten
-        known = {}
-    count = 0
-    for graph in _iter_graphs(model.graph):
-        new_nodes = []
-        for node in graph.node:
-            if node.op_type != "Resize" or len(node.input) < 3 or not node.input[2] or (len(node.input) > 3 and node.input[3]):
-                new_nodes.append(node)
-                continue
-            scales = _const_value(graph, node.input[2])
-            in_shape = _static_shape(graph, node.input[0], known)
-            if scales is None or in_shape is None or len(in_shape) != scales.size:
-                new_nodes.append(node)
-                continue
-            scales = scales.astype(np.float64)
-            resized = [i for i, sc in enumerate(scales) if sc != 1.0]
-            if any(in_shape[i] is None for i in resized):
-                new_nodes.append(node)
-                continue
-            target = np.array([int(round(in_shape[i] * scales[i])) if i in resized else 0 for i in range(scales.size)], np.int64)
-            mask = np.array([i in resized for i in range(scales.size)])
-            base = node.name or node.output[0]
-            shape_out, sizes = f"{base}__mmb_shape", f"{base}__mmb_sizes"
-            mask_name, target_name = f"{base}__mmb_mask", f"{base}__mmb_target"
-            graph.initializer.extend([numpy_helper.from_array(mask, mask_name), numpy_helper.from_array(target, target_name)])
-            new_nodes.append(helper.make_node("Shape", [node.input[0]], [shape_out], name=shape_out))
-            new_nodes.append(helper.make_node("Where", [mask_name, target_name, shape_out], [sizes], name=sizes))
-            del node.input[2:]
-            node.input.extend(["", sizes])
-            new_nodes.append(node)
-            count += 1
-        if count:
-            del graph.node[:]
-            graph.node.extend(new_nodes)
-    return count
-
-
-def _iter_graphs(graph: Any) -> Iterator[Any]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _iter_graphs(attr.g)
-            for g in attr.graphs:
-                yield from _iter_graphs(g)
-
-
-def _is_known_op(op_type: str, domain: str) -> bool:
-    from onnx import defs
-
-    if domain in ("", "ai.onnx", "ai.onnx.ml"):
-        return defs.has(op_type, domain)
-    return domain in ("ai.onnx.contrib", "com.microsoft")
-
-
-def repair_and_check_ops(model: Any, name: str) -> list[str]:
-    """Apply :data:`ONNX_REWRITES` and raise on any node that is still not an ONNX op.
-
-    Returns:
-        One note per rewrite applied (``"Erfc -> 1 - Erf: 2 nodes"``).
-
-    Raises:
-        UnsupportedOpsError: every remaining unknown node, with op type, domain, node name and
-            origin (the TF node / Keras layer path), and what to do.
-    """
-    counter = [0]
-    existing = {n.name for g in _iter_graphs(model.graph) for n in g.node}
-
-    def new_name(hint: str) -> str:
-        while True:
-            counter[0] += 1
-            cand = f"{hint}__mmb{counter[0]}"
-            if cand not in existing:
-                existing.add(cand)
-                return cand
-
-    notes: dict[str, int] = {}
-    bad: list[dict[str, str]] = []
-    for graph in _iter_graphs(model.graph):
-        new_nodes = []
-        for node in graph.node:
-            if node.domain in ("", "ai.onnx") and node.op_type in ONNX_REWRITES and not _is_known_op(node.op_type, ""):
-                new_nodes.extend(ONNX_REWRITES[node.op_type](graph, node, new_name))
-                notes[node.op_type] = notes.get(node.op_type, 0) + 1
-                continue
-            if not _is_known_op(node.op_type, node.domain):
-                origin = node.name.rsplit("/", 1)[0] if "/" in node.name else node.name
-                bad.append({"op_type": node.op_type, "domain": node.domain or "ai.onnx", "node": node.name,
-                            "origin": origin, "advice": _ADVICE.get(node.op_type, "")})
-            new_nodes.append(node)
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-    if bad:
-        by_op: dict[str, list[dict[str, str]]] = {}
-        for b in bad:
-            by_op.setdefault(b["op_type"], []).append(b)
-        lines = []
-        for op, items in sorted(by_op.items()):
-            nodes = ", ".join(repr(i["node"]) for i in items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-            advice = items[0]["advice"] or f"register an exact rewrite with mmbridge.exporter.register_onnx_rewrite({op!r}, fn)"
-            lines.append(f"  - {op} (domain {items[0]['domain']}), {len(items)} node(s): {nodes}. What to do: {advice}")
-        raise UnsupportedOpsError(
-            f"cannot export {name!r}: tf2onnx left {len(bad)} node(s) that ONNX and onnxruntime cannot run "
-            f"(nothing was written):\n" + "\n".join(lines),
-            bad,
-        )
-    return [f"{op} rewritten to exact ONNX: {n} node(s)" for op, n in sorted(notes.items())]
-
-
 def check_model(model: Any, name: str) -> Any:
     """``onnx.checker`` (full check with shape inference) and an onnxruntime CPU load.
 
@@ -842,7 +637,7 @@ def check_model(model: Any, name: str) -> Any:
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False)
     except onnx.shape_inference.InferenceError as exc:  # pragma: no cover - full_check already ran it
         raise ExportError(f"shape inference failed on {name!r}: {exc}") from exc
-    from .backends.ort_session import make_session
+    from mmbridge.runtime.session import make_session
 
     try:
         make_session(model)
@@ -897,8 +692,6 @@ def _build(obj: Any, fn: Any, kind: str, specs: Sequence[TensorSpec], name: str,
            tf: Any, t0: float) -> tuple[Any, dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     import onnx
 
-    from .preprocessing import backend_requirements
-
     opset = options["opset"]
     nchw = options["inputs_as_nchw"] or []
     unknown_nchw = set(nchw) - {s.name for s in specs}
@@ -910,7 +703,7 @@ def _build(obj: Any, fn: Any, kind: str, specs: Sequence[TensorSpec], name: str,
     _rename_io(model, {t: s.name for t, s in zip(in_names, specs)}, dict(zip(out_names, out_keys)))
     notes = []
     if options["trainable"]:
-        from .trainable import postprocess
+        from mmbridge.export.trainable import postprocess
 
         notes += postprocess(model)
     n_resize = resize_scales_to_sizes(model)
@@ -1000,7 +793,7 @@ def _copy_out(art: BridgeArtifact, out: str | os.PathLike | None) -> BridgeArtif
     import shutil
     import uuid
 
-    from .artifact import replace_dir
+    from mmbridge.artifact import replace_dir
 
     dest = Path(out)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -1014,5 +807,4 @@ def _copy_out(art: BridgeArtifact, out: str | os.PathLike | None) -> BridgeArtif
     return BridgeArtifact.load(dest)
 
 
-__all__ = ["export", "export_patches", "register_onnx_rewrite", "repair_and_check_ops", "check_model",
-           "optimize_model", "SAFE_PASSES", "ONNX_REWRITES", "GOLDEN_FILE"]
+__all__ = ["export", "export_patches", "check_model", "optimize_model", "SAFE_PASSES", "GOLDEN_FILE"]

@@ -44,17 +44,17 @@ TF op                        ONNX form (exact: integer/string outputs identical 
 Refusals: tf2onnx logs and swallows exceptions raised in handlers and leaves the TF node in the
 graph, so each refusal is recorded by node name and raised as :class:`UnsupportedOpsError` (naming
 the TF op, node, layer and what to do) by an ONNX rewrite registered for that op type with
-:func:`mmbridge.exporter.register_onnx_rewrite`, which ``repair_and_check_ops`` runs.
+:func:`mmbridge.export.rewrites.register_onnx_rewrite`, which ``repair_and_check_ops`` runs.
 
 String graphs need onnxruntime-extensions (domain ``ai.onnx.contrib``), which
-:func:`mmbridge.backends.ort_session.make_session` registers automatically; they run on the ORT
+:func:`mmbridge.runtime.session.make_session` registers automatically; they run on the ORT
 backend only and end in integer ids at the torch boundary (torch has no string tensors).
 
 Lookup tables: the frozen graph keeps only a resource placeholder; the table contents are read
 from the live TF table (``LookupTableExportV2``) through the concrete function's captures, see
 :func:`table_contents`.
 
-Extension point used by :mod:`mmbridge.exporter`: :func:`tf2onnx_handlers` returns tf2onnx
+Extension point used by :mod:`mmbridge.export.exporter`: :func:`tf2onnx_handlers` returns tf2onnx
 ``custom_op_handlers``; handlers add the ``ai.onnx.contrib`` opset import only when they emit a
 node of that domain, so graphs without strings never need onnxruntime-extensions.
 """
@@ -67,9 +67,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UnsupportedOpsError
+from mmbridge.errors import UnsupportedOpsError
+from mmbridge.runtime.extensions import CONTRIB_DOMAIN, preload_extensions
 
-CONTRIB_DOMAIN = "ai.onnx.contrib"
 ML_DOMAIN = "ai.onnx.ml"
 # absl::ascii_isspace, used by TF's whitespace split (StringSplitV2 with sep="")
 _ASCII_SPACE_BUT_BLANK = "\t\n\x0b\x0c\r"
@@ -87,7 +87,7 @@ def tf2onnx_handlers(tables: Tables | None = None) -> tuple[dict[str, Any], list
     Args:
         tables: lookup-table contents by resource placeholder name (see :func:`table_contents`).
             ``None``: the ``LookupTableFindV2`` handler finds the concrete function being
-            exported on the call stack (the ``fn`` local of :mod:`mmbridge.exporter`'s build
+            exported on the call stack (the ``fn`` local of :mod:`mmbridge.export.exporter`'s build
             step) and reads the tables from it.
 
     Returns:
@@ -125,65 +125,6 @@ def tf2onnx_handlers(tables: Tables | None = None) -> tuple[dict[str, Any], list
     return {op: (_guarded(fn), [None, *args]) for op, fn in handlers.items()}, []
 
 
-def preload_extensions() -> bool:
-    """Load onnxruntime-extensions' library so that its RE2 binds to its own symbols.
-
-    Measured on this stack: when TensorFlow is imported first, the extensions library loaded
-    afterwards resolves RE2 to TensorFlow's copy, and ``StringRegexReplace`` silently returns
-    its input unchanged. Loading the library once with ``RTLD_DEEPBIND`` (before anything else
-    loads it) avoids that; later ``dlopen`` calls by onnxruntime reuse this handle.
-
-    Returns:
-        True if the library is (now) loaded with deep binding or was loaded before TensorFlow;
-        False if it was already loaded after TensorFlow (string regex ops are then unreliable in
-        this process) or is not installed.
-    """
-    import ctypes
-    import glob
-    import importlib.util
-    import os
-    import sys
-
-    global _EXT_STATE
-    if _EXT_STATE is not None:
-        return _EXT_STATE
-    spec = importlib.util.find_spec("onnxruntime_extensions")
-    if spec is None or not spec.submodule_search_locations:
-        _EXT_STATE = False
-        return False
-    if "onnxruntime_extensions._extensions_pydll" in sys.modules:
-        _EXT_STATE = "tensorflow" not in sys.modules or _re2_works()
-        return _EXT_STATE
-    libs = glob.glob(os.path.join(spec.submodule_search_locations[0], "_extensions_pydll*.so"))
-    if libs and hasattr(os, "RTLD_DEEPBIND"):
-        ctypes.CDLL(libs[0], mode=os.RTLD_NOW | os.RTLD_LOCAL | os.RTLD_DEEPBIND)
-    _EXT_STATE = _re2_works()
-    return _EXT_STATE
-
-
-_EXT_STATE: bool | None = None
-
-
-def _re2_works() -> bool:
-    """Run ``StringRegexReplace("ABA", "A", "a")`` in onnxruntime; True if it gives ``"aBa"``."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    from .backends.ort_session import make_session
-
-    node = helper.make_node("StringRegexReplace", ["x", "p", "r"], ["y"], domain=CONTRIB_DOMAIN, global_replace=1)
-    graph = helper.make_graph(
-        [node], "re2_check", [helper.make_tensor_value_info("x", TensorProto.STRING, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.STRING, [1])],
-        initializer=[numpy_helper.from_array(np.array(["A"], object), "p"),
-                     numpy_helper.from_array(np.array(["a"], object), "r")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(CONTRIB_DOMAIN, 1)])
-    try:
-        out = make_session(model).run(None, {"x": np.array(["ABA"], object)})[0]
-    except Exception:  # noqa: BLE001 - extensions missing or broken
-        return False
-    return str(out[0]) == "aBa"
-
-
 def table_contents(concrete_function: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Read every lookup table a concrete function captures.
 
@@ -198,7 +139,7 @@ def table_contents(concrete_function: Any) -> dict[str, tuple[np.ndarray, np.nda
     Tables that cannot be exported (not a hash table) are left out; the lookup handler then
     refuses the node naming it.
     """
-    from ._tf import import_tensorflow
+    from mmbridge.export._tf import import_tensorflow
 
     tf = import_tensorflow()
     graph = concrete_function.graph
@@ -239,7 +180,7 @@ def _eager(tf: Any) -> Any:
 
 # node name -> why it was refused. tf2onnx logs and swallows handler exceptions and leaves the TF
 # node in the graph; the ONNX rewrite registered below for that op type then raises this message
-# from mmbridge.exporter.repair_and_check_ops.
+# from mmbridge.export.exporter.repair_and_check_ops.
 _REFUSED: dict[str, str] = {}
 
 
@@ -290,7 +231,7 @@ def _use_domain(ctx: Any, domain: str) -> None:
         raise RuntimeError(
             "onnxruntime-extensions is missing, or was loaded after TensorFlow in this process and its regex "
             "engine (RE2) now resolves to TensorFlow's copy, so string ops would silently return wrong text. "
-            "Install onnxruntime-extensions, and import mmbridge.tf_ops (or export in a child process: pass a "
+            "Install onnxruntime-extensions, and import mmbridge.export.handlers (or export in a child process: pass a "
             "'module:attribute' reference) before anything loads onnxruntime_extensions")
     extra = list(ctx.extra_opset or [])
     if not any(o.domain == domain for o in extra):
@@ -1039,7 +980,7 @@ _HANDLED_OPS = ("Bucketize", "LookupTableFindV2", "LookupTableSizeV2", "StringTo
 
 
 def _register_refusals() -> None:
-    from .exporter import ONNX_REWRITES, register_onnx_rewrite
+    from mmbridge.export.rewrites import ONNX_REWRITES, register_onnx_rewrite
 
     for op in _HANDLED_OPS:
         if ONNX_REWRITES.get(op) is not _refusal_rewrite:

@@ -3,8 +3,8 @@
 A **branch** is an optional preprocessing module (typically a frozen onnxruntime bridge from
 ``artifact.to_ort()``), an encoder (a bridged ``artifact.to_torch()`` module, a native torch
 module, or a Hugging Face ``transformers`` model) and a linear projection to the fusion width.
-A **fusion head** (:data:`mmbridge.heads.fusion_heads`) mixes the projected per-branch tokens and a
-**task head** (:data:`mmbridge.heads.task_heads`) maps the result to logits.
+A **fusion head** (:data:`mmbridge.composition.heads.fusion_heads`) mixes the projected per-branch tokens and a
+**task head** (:data:`mmbridge.composition.heads.task_heads`) maps the result to logits.
 
 Notation used for tensor shapes:
     - N: batch size
@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, MMBridgeError
-from .heads import fusion_heads, task_heads
+from mmbridge.composition.heads import fusion_heads, task_heads
+from mmbridge.errors import ConfigError, MMBridgeError
 
 __all__ = ["Branch", "HybridModel", "compose"]
 
@@ -43,7 +43,7 @@ def is_hf_model(module: nn.Module) -> bool:
 
 
 def _is_ort_module(module: nn.Module) -> bool:
-    return type(module).__name__ == "ORTModule" and type(module).__module__.startswith("mmbridge.backends")
+    return type(module).__name__ == "ORTModule" and type(module).__module__.startswith("mmbridge.runtime")
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -201,7 +201,7 @@ class HybridModel(nn.Module):
 
     Args:
         branches: name -> :class:`Branch` (projections already built).
-        fusion: the fusion head module (see :mod:`mmbridge.heads`).
+        fusion: the fusion head module (see :mod:`mmbridge.composition.heads`).
         head: the task head module.
         modality_dropout: probability of dropping each present branch per sample at train time.
         task: task head name (``"classification"`` or ``"regression"``), kept for the trainer.

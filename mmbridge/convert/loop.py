@@ -4,7 +4,7 @@ onnx2torch 1.5.15 has no converter for any of them. What tf2onnx 1.17 emits for 
 layers (measured, Keras 3.15 / TF 2.21, opset 17):
 
 * ``GRU`` and ``SimpleRNN`` (frozen and ``trainable=True`` exports) and ``LSTM`` (``trainable=True``
-  export; trainable exports of RNNs need :mod:`mmbridge.trainable` to place the ``mmb_var__``
+  export; trainable exports of RNNs need :mod:`mmbridge.export.trainable` to place the ``mmb_var__``
   markers outside the while body, else tf2onnx refuses them): the ``tf.while_loop`` of
   ``keras.ops.rnn`` becomes one ONNX ``Loop``. Its trip count
   ``M`` is the sequence length (an initializer, or computed from ``Shape`` when the length is
@@ -25,7 +25,7 @@ What this module registers (importing :mod:`.converters` imports it):
   (https://onnx.ai/onnx/operators/onnx__Loop.html). The outer-scope values and the carried
   initial values are inputs of the ``Loop`` call in the outer graph, so initializers among them
   (the Keras weights) stay single ``nn.Parameter`` s of the outer module
-  (:func:`mmbridge.backends.torch_backend.to_torch` decides parameter / buffer by name or by
+  (:func:`mmbridge.convert.core.to_torch` decides parameter / buffer by name or by
   :func:`loop_weight_initializers`) and are never copied into the body;
 * ``LSTM`` / ``GRU`` / ``RNN`` (versions 7, 14, 22) -> :class:`OnnxRecurrent`: the ONNX equations
   (https://onnx.ai/onnx/operators/onnx__LSTM.html, ``onnx__GRU.html``, ``onnx__RNN.html``) step by
@@ -34,7 +34,7 @@ What this module registers (importing :mod:`.converters` imports it):
   ``layout``, ``clip``, ``linear_before_reset`` and the activation functions of the spec.
 
 Not supported (the converter raises ``NotImplementedError`` naming the node, which
-:func:`~mmbridge.backends.torch_backend.to_torch` reports as :class:`~mmbridge.errors.ConversionError`
+:func:`~mmbridge.convert.core.to_torch` reports as :class:`~mmbridge.errors.ConversionError`
 telling the user to keep the graph in onnxruntime with ``artifact.to_ort()``): a ``Loop`` whose
 carried values or scan outputs are sequences or optionals (ONNX ``Loop-13+`` tensor lists), a
 body with an op that has no converter, LSTM ``input_forget=1``, and unknown activation names.
@@ -545,7 +545,7 @@ def loop_weight_initializers(graph: Any, float_inits: set[str], weight_inputs: d
         graph: the outer ``GraphProto``.
         float_inits: names of its float initializers with at least one dim.
         weight_inputs: op type -> input positions that hold weights
-            (:data:`mmbridge.backends.torch_backend.WEIGHT_INPUTS`).
+            (:data:`mmbridge.convert.core.WEIGHT_INPUTS`).
 
     Returns:
         The initializer names.

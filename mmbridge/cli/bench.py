@@ -3,7 +3,7 @@
     mmbridge bench --quick                        # CI-sized, CPU: a few minutes on 2 cores
     mmbridge bench --device cuda --out results/   # full sizes on a GPU
     mmbridge bench --suites preprocess,cache --repeats 11
-    python -m mmbridge.bench.cli --size tiny      # seconds per suite (the CI test)
+    python -m mmbridge.cli.bench --size tiny      # seconds per suite (the CI test)
 
 The backend owners' scripts ``benchmarks/bench_ort.py`` and ``benchmarks/bench_torch.py`` are
 run as child processes when they exist (``--no-external`` skips them) and their JSON is stored
@@ -72,17 +72,16 @@ def run_from_args(args: argparse.Namespace) -> int:
         suite, ``--device cuda`` without CUDA), with the message on stderr.
     """
     import mmbridge
-
-    from . import report
-    from .harness import BenchRun, HarnessConfig, environment
-    from .suites import SUITES, SuiteContext, run_external, run_suites
+    from mmbridge.bench import report
+    from mmbridge.bench.harness import BenchRun, HarnessConfig, environment
+    from mmbridge.bench.suites import SUITES, SuiteContext, run_external, run_suites
 
     names = [s.strip() for s in args.suites.split(",") if s.strip()]
     unknown = [n for n in names if n not in SUITES]
     if unknown or not names:
         print(f"mmbridge bench: error: unknown suite(s) {unknown or names}; known: {', '.join(SUITES)}", file=sys.stderr)
         return 2
-    mmbridge.preload_torch_stack()  # before any TensorFlow import (mmbridge._tf)
+    mmbridge.preload_torch_stack()  # before any TensorFlow import (mmbridge._torch_stack)
     size = args.size or ("quick" if args.quick else "full")
     quick = size in ("quick", "tiny")
     if args.device == "cuda":
@@ -127,7 +126,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         timeout = args.external_timeout or (150.0 if quick else 900.0)
         budget = args.budget_s if args.budget_s is not None else (480.0 if quick else None)
         if budget is not None:
-            from .suites import EXTERNAL_SCRIPTS
+            from mmbridge.bench.suites import EXTERNAL_SCRIPTS
 
             present = [s for s in EXTERNAL_SCRIPTS if (bench_dir / s).is_file()]
             left = budget - (time.perf_counter() - t0)
@@ -169,7 +168,7 @@ def _argv_guess(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mmbridge.bench.cli [options]`` (the same options as ``mmbridge bench``)."""
+    """``python -m mmbridge.cli.bench [options]`` (the same options as ``mmbridge bench``)."""
     p = argparse.ArgumentParser(prog="mmbridge bench", description="mmbridge benchmark suites")
     _add_arguments(p)
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -4,10 +4,10 @@
     mmbridge verify DIR [--backend ort --backend torch]
     mmbridge bridges [PATTERN]
     mmbridge info
-    mmbridge train CONFIG.yaml [key=value ...]       (mmbridge.train.cli)
-    mmbridge evaluate CONFIG.yaml --checkpoint PATH    (mmbridge.train.cli)
-    mmbridge demo [--data DIR]                         (mmbridge.train.cli)
-    mmbridge bench [--quick] [--device cpu|cuda]       (mmbridge.bench.cli)
+    mmbridge train CONFIG.yaml [key=value ...]       (mmbridge.cli.train)
+    mmbridge evaluate CONFIG.yaml --checkpoint PATH    (mmbridge.cli.train)
+    mmbridge demo [--data DIR]                         (mmbridge.cli.train)
+    mmbridge bench [--quick] [--device cpu|cuda]       (mmbridge.cli.bench)
 
 Exports run in a child process, so this process never imports TensorFlow.
 """
@@ -19,21 +19,22 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from .errors import MMBridgeError
+from mmbridge.errors import MMBridgeError
 
 # (module, function) pairs that add subcommands owned by other subpackages
 _EXTERNAL_PARSERS = (
-    ("mmbridge.train.cli", "add_train_parser"),
-    ("mmbridge.train.cli", "add_evaluate_parser"),
-    ("mmbridge.train.cli", "add_demo_parser"),
-    ("mmbridge.bench.cli", "add_bench_parser"),
+    ("mmbridge.cli.train", "add_train_parser"),
+    ("mmbridge.cli.train", "add_evaluate_parser"),
+    ("mmbridge.cli.train", "add_demo_parser"),
+    ("mmbridge.cli.bench", "add_bench_parser"),
 )
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .exporter import export
-    from .specs import TensorSpec
+    from mmbridge.export.exporter import export
+    from mmbridge.specs import TensorSpec
 
     specs = None
     if args.input_spec:
@@ -44,7 +45,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {art.name!r} -> {art.path}")
     print(f"  fingerprint {art.fingerprint[:16]}  opset {art.opset}  inputs "
           + ", ".join(f"{s.name}{list(s.shape)}:{s.dtype}" for s in art.input_specs))
-    from .parity import ParityReport
+    from mmbridge.parity import ParityReport
 
     if art.parity:
         print(ParityReport.from_dict(art.parity))
@@ -52,8 +53,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .artifact import BridgeArtifact
-    from .parity import verify
+    from mmbridge.artifact import BridgeArtifact
+    from mmbridge.parity import verify
 
     art = BridgeArtifact.load(args.artifact)
     report = verify(art, backends=args.backend or ["ort"], raise_on_failure=False)
@@ -62,7 +63,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_bridges(args: argparse.Namespace) -> int:
-    from .registry import bridges
+    from mmbridge.registry import bridges
 
     names = bridges.names(args.pattern)
     if not names:
@@ -75,10 +76,37 @@ def _cmd_bridges(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    from .info import report
+def environment_report() -> dict[str, Any]:
+    """Everything ``mmbridge info`` prints: versions, ORT execution providers, torch devices, conflicts."""
+    import platform
+    import sys
 
-    info = report()
+    from mmbridge.info import conflicts, versions
+
+    info: dict[str, Any] = {"platform": platform.platform(), "executable": sys.executable, "versions": versions()}
+    try:
+        from mmbridge.runtime.session import available_providers
+
+        info["onnxruntime_providers"] = available_providers()
+    except Exception as exc:  # noqa: BLE001 - report, do not fail
+        info["onnxruntime_providers"] = f"unavailable: {exc}"
+    try:
+        import torch
+
+        info["torch_cuda"] = torch.cuda.is_available()
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["torch_threads"] = torch.get_num_threads()
+    except Exception as exc:  # noqa: BLE001
+        info["gpus"] = f"unavailable: {exc}"
+    from mmbridge.artifact import cache_root
+
+    info["cache"] = str(cache_root())
+    info["conflicts"] = conflicts()
+    return info
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    info = environment_report()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -98,7 +126,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every subcommand (external ones only if their module imports)."""
-    from . import __version__
+    from mmbridge._version import __version__
 
     parser = argparse.ArgumentParser(prog="mmbridge", description="TF preprocessing and Keras encoders in PyTorch, via ONNX.")
     parser.add_argument("--version", action="version", version=f"mmbridge {__version__}")

@@ -16,7 +16,7 @@ Registered (op-since_version):
 * ``Resize-18/19``, ``Pad-18``, ``ScatterND-18``: delegated to onnx2torch's converter of the
   previous version when the new attributes / inputs keep their defaults; otherwise the
   converter raises ``NotImplementedError`` naming the attribute (reported by
-  :func:`mmbridge.backends.torch_backend.to_torch` with the node name);
+  :func:`mmbridge.convert.core.to_torch` with the node name);
 * ``Loop`` (all versions) and ``LSTM`` / ``GRU`` / ``RNN`` (7, 14, 22): in :mod:`.loop`, which this
   module imports (Keras 3 ``GRU`` / ``LSTM`` / ``SimpleRNN``; issue 3, case 12).
 
@@ -46,7 +46,7 @@ from onnx2torch.utils.common import (
 )
 from torch import nn
 
-from . import loop
+from mmbridge.convert import loop
 
 _REGISTERED = False
 

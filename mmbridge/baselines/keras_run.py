@@ -1,7 +1,7 @@
 """``framework: keras``: build and train a config's multimodal model in TF/Keras (the TF-only baseline).
 
 :func:`run_keras` is what ``mmbridge train CONFIG.yaml`` runs when the config says
-``framework: keras`` (:func:`mmbridge.train.cli.run_train` hands it over). It reads the data with
+``framework: keras`` (:func:`mmbridge.cli.train.run_train` hands it over). It reads the data with
 mmbridge's own data layer (:func:`mmbridge.train.build.build_data`: the same ids, split, label map,
 tokenizer and numeric imputation as a torch run of the same ``data`` section), builds a Keras
 functional model from ``model.branches``, trains it with ``model.fit`` and scores it with the
@@ -13,7 +13,7 @@ validation names the branch):
 
 * ``conv`` (``width``, ``depth``), input ``image`` uint8 ``[N, S, S, 3]`` (NHWC, 0..255):
   ``Rescaling(1/127.5, offset=-1)`` (float32 in [-1, 1], the same as
-  :func:`mmbridge.demo.image_preprocess`), then a separate ``keras.Model`` named
+  :func:`mmbridge.baselines.tf_models.image_preprocess`), then a separate ``keras.Model`` named
   ``<branch>_encoder`` taking float32 ``[N, S, S, 3]`` in [-1, 1]: ``depth`` times
   ``Conv2D(width * 2**i, 3, strides=2, padding="same", use_bias=False)`` ->
   ``BatchNormalization(momentum=0.9)`` -> ``ReLU``, then ``GlobalAveragePooling2D`` ->
@@ -34,7 +34,7 @@ validation names the branch):
 
 Each branch then gets ``Dense(fusion_dim)`` (``projection: true``; with ``projection: false``
 its width must equal ``fusion_dim``). Fusion is ``concat`` only, mirroring
-:class:`mmbridge.heads.ConcatFusion` without its presence flags (every modality is always
+:class:`mmbridge.composition.heads.ConcatFusion` without its presence flags (every modality is always
 present here): the M tokens ``[N, M, D]`` share one ``LayerNormalization``;
 ``model.modality_dropout > 0`` drops whole tokens (``Dropout`` with ``noise_shape [N, M, 1]``;
 unlike the torch model, kept tokens are scaled by ``1 / (1 - p)`` and a sample may lose every
@@ -62,7 +62,7 @@ temporary name in the same folder and then renamed (:func:`os.replace`), so a re
 a half-written file.
 
 TensorFlow is imported inside :func:`run_keras` only, through
-:func:`mmbridge._tf.import_tensorflow` (after torch's compiler stack; the CLI has loaded it).
+:func:`mmbridge.export._tf.import_tensorflow` (after torch's compiler stack; the CLI has loaded it).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def evaluate_logits(logits: np.ndarray, labels: np.ndarray, num_classes: int, pr
     """
     import torch
 
-    from .metrics import make_metrics
+    from mmbridge.train.metrics import make_metrics
 
     out = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
     target = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
@@ -170,7 +170,7 @@ def build_keras_model(cfg: Mapping[str, Any], train: Mapping[str, np.ndarray], *
                       num_classes: int) -> tuple[Any, dict[str, Any], list[str]]:
     """The Keras functional model of ``cfg["model"]`` (see the module doc for each branch type).
 
-    Call after :func:`mmbridge._tf.import_tensorflow`; uses the global Keras seed as set.
+    Call after :func:`mmbridge.export._tf.import_tensorflow`; uses the global Keras seed as set.
 
     Args:
         cfg: a validated config with ``framework: keras``.
@@ -409,7 +409,7 @@ def run_keras(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
         val/macro_f1, val/top5], "best", "best_epoch", "monitor", "stopped_early", "epochs_run",
         "train_time_s" (seconds of model.fit, per-epoch validation included)}, "val": metrics,
         "test": metrics, "report": path of report.md}``, the shape of
-        :func:`mmbridge.train.cli.run_train`'s result; metrics are fractions in [0, 1] plus the
+        :func:`mmbridge.cli.train.run_train`'s result; metrics are fractions in [0, 1] plus the
         loss in nats.
 
     Raises:
@@ -420,12 +420,11 @@ def run_keras(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
         ImportError: TensorFlow is not installed (``pip install 'mmbridge[tf]'``).
         ImportOrderError: TensorFlow was imported before torch's compiler stack in this process.
     """
-    from mmbridge._tf import import_tensorflow
-
-    from . import distributed
-    from .build import build_data, data_root
-    from .config import dump
-    from .metrics import write_report
+    from mmbridge.export._tf import import_tensorflow
+    from mmbridge.train import distributed
+    from mmbridge.train.build import build_data, data_root
+    from mmbridge.train.config import dump
+    from mmbridge.train.metrics import write_report
 
     if cfg.get("framework") != "keras":
         raise ConfigError(f"run_keras: the config has framework: {cfg.get('framework', 'torch')!r}; "
@@ -468,7 +467,7 @@ def run_keras(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
     print(f"model (Keras {keras.__version__}, TensorFlow {tf.__version__}; built in {t_model:.1f} s; 1 process, "
           f"cpu, fp32):\n  " + "\n  ".join(lines), flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from .checkpoint import write_text_atomic
+    from mmbridge.train.checkpoint import write_text_atomic
 
     # a previous run's parts must not survive next to this run's config if this one fails
     for fname in parts:
@@ -488,7 +487,7 @@ def run_keras(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
     mode = t["mode"] or ("min" if monitor.rsplit("/", 1)[-1] == "loss" else "max")
     writer = None
     if cfg["output"]["tensorboard"]:
-        from .trainer import summary_writer
+        from mmbridge.train.trainer import summary_writer
 
         writer = summary_writer(out_dir / "tensorboard")
     cb = _epoch_callback(keras, x_val=x["val"], y_val=y["val"], num_classes=num_classes, batch_size=bs,

@@ -63,9 +63,8 @@ import torch
 from torch import nn
 
 from mmbridge.errors import RuntimeBackendError, SpecError
+from mmbridge.runtime.session import cuda_provider_error, default_intra_op_threads, make_session
 from mmbridge.specs import TensorSpec
-
-from .ort_session import cuda_provider_error, default_intra_op_threads, make_session
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +301,7 @@ class _Runner:
 class ORTModule(nn.Module):
     """A frozen ONNX bridge running in onnxruntime, as a ``torch.nn.Module``.
 
-    Build it with :func:`to_ort` (or ``artifact.to_ort()``); see :mod:`mmbridge.backends.ort_backend`
+    Build it with :func:`to_ort` (or ``artifact.to_ort()``); see :mod:`mmbridge.runtime.module`
     for the binding, stream and threading rules.
 
     Forward:
@@ -353,7 +352,7 @@ class ORTModule(nn.Module):
             name, device, strict, intra_op_threads, session_options: see :func:`to_ort`.
         """
         super().__init__()
-        from .ort_session import uses_extensions
+        from mmbridge.runtime.session import uses_extensions
 
         ins, outs = _graph_io(model)
         self.name = name or model.graph.name or "bridge"
@@ -679,16 +678,18 @@ def _load(obj: Any) -> tuple[Any, str | bytes, tuple[TensorSpec, ...] | None, st
     """``(ModelProto, session source, specs or None, name or None)`` from what ``to_ort`` accepts."""
     import onnx
 
-    from mmbridge.artifact import META_FILE, BridgeArtifact
+    from mmbridge.store import META_FILE, MODEL_FILE, read_meta
 
-    if isinstance(obj, BridgeArtifact):
+    if hasattr(obj, "onnx_path") and hasattr(obj, "meta"):  # a BridgeArtifact
         return obj.model, str(obj.onnx_path), obj.input_specs, obj.name
     if isinstance(obj, onnx.ModelProto):
         return obj, obj.SerializeToString(), None, obj.graph.name or None
     if isinstance(obj, (str, os.PathLike)):
         p = Path(obj)
         if p.is_dir() and (p / META_FILE).is_file():
-            return _load(BridgeArtifact.load(p))
+            meta = read_meta(p)
+            specs = tuple(TensorSpec.from_dict(d) for d in meta["inputs"])
+            return onnx.load(str(p / MODEL_FILE)), str((p / MODEL_FILE).resolve()), specs, meta.get("name")
         if not p.is_file():
             raise FileNotFoundError(
                 f"to_ort(): {str(p)!r} is neither an .onnx file nor an mmbridge artifact directory "
@@ -719,7 +720,7 @@ def to_ort(model: Any, *, device: str | torch.device | None = None, strict: bool
             attributes, e.g. ``{"enable_mem_pattern": False}``), ``config_entries`` (session
             config entries, e.g. ``{"session.intra_op.allow_spinning": "0"}`` when torch needs
             the cores between ORT calls) and ``provider_options`` (extra CUDA EP options), as in
-            :func:`mmbridge.backends.ort_session.make_session`.
+            :func:`mmbridge.runtime.session.make_session`.
 
     Returns:
         An :class:`ORTModule` (``nn.Module``, no parameters, empty ``state_dict``).

@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._registry import Registry
-from .errors import ConfigError
+from mmbridge._registry import Registry
+from mmbridge.errors import ConfigError
 
 fusion_heads: Registry[type[nn.Module]] = Registry("fusion head", "mmbridge.fusion_heads.names()")
 task_heads: Registry[type[nn.Module]] = Registry("task head", "mmbridge.task_heads.names()")

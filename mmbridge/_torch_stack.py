@@ -1,28 +1,27 @@
-"""TensorFlow isolation: the only place mmbridge imports TensorFlow.
+"""Import order between TensorFlow and torch's compiler stack (no TensorFlow import here).
 
 Why: in one process, ``import tensorflow`` followed by an import of torch's compiler stack
 (torchvision, torch._dynamo, triton; onnx2torch pulls torchvision) exits with SIGSEGV
-(tensorflow/tensorflow#57669; ../shared/cases/01). The reverse order works. TF also reserves GPU
+(tensorflow/tensorflow#57669). The reverse order works. TF also reserves GPU
 memory it never returns. So:
 
 * ``import mmbridge`` never imports TensorFlow;
-* :func:`import_tensorflow` loads torch's stack first, hides GPUs from TF, then imports TF;
+* :func:`mmbridge.export._tf.import_tensorflow` (the export side) loads torch's stack first, hides
+  GPUs from TF, then imports TF;
 * :func:`guard_torch_stack` is called before mmbridge imports torchvision / onnx2torch / dynamo:
   if TF is already loaded and the stack is not, it raises :class:`ImportOrderError` with the fix
   instead of letting the process crash;
 * exports given a SavedModel path or a ``"module:attribute"`` reference run in a spawned child
-  (:mod:`mmbridge.exporter`), so a training process never loads TF at all.
+  (:mod:`mmbridge.export`), so a training process never loads TF at all.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
-from types import ModuleType
 
-from .errors import ImportOrderError
+from mmbridge.errors import ImportOrderError
 
 # Modules whose import after TensorFlow segfaults (measured: torchvision, torch._dynamo, triton).
 TORCH_STACK = ("torch", "torch._dynamo", "triton", "torchvision", "onnx2torch")
@@ -86,42 +85,3 @@ def preload_torch_stack() -> None:
         if importlib.util.find_spec(name.split(".")[0]) is None:
             continue
         importlib.import_module(name)
-
-
-def import_tensorflow() -> ModuleType:
-    """Import TensorFlow safely and return the ``tensorflow`` module.
-
-    Loads the torch stack first, quiets TF's C++ logging (``TF_CPP_MIN_LOG_LEVEL=2`` unless set),
-    and hides GPUs from TF on first import so that export does not reserve GPU memory that the
-    training process needs (set ``MMBRIDGE_TF_GPU=1`` to keep them visible).
-
-    Raises:
-        ImportOrderError: TF was imported before the torch stack (see module doc).
-        ImportError: TensorFlow is not installed; install the ``tf`` extra.
-    """
-    first = not tf_loaded()
-    if first:
-        preload_torch_stack()
-        # onnxruntime-extensions must bind its own RE2 before TF's copy is loaded, or its regex
-        # ops silently return their input (measured; see mmbridge.tf_ops.preload_extensions)
-        from .tf_ops import preload_extensions
-
-        preload_extensions()
-    else:
-        guard_torch_stack("mmbridge's TensorFlow export")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        tf = importlib.import_module("tensorflow")
-    except ImportError as exc:
-        raise ImportError(
-            "TensorFlow is needed to export bridges but is not installed. "
-            "Install it with: pip install 'mmbridge[tf]'"
-        ) from exc
-    if first:
-        tf.get_logger().setLevel("ERROR")  # tf2onnx calls TF-1 freezing APIs that log deprecations
-    if first and os.environ.get("MMBRIDGE_TF_GPU") != "1":
-        try:
-            tf.config.set_visible_devices([], "GPU")
-        except RuntimeError:  # devices already initialised by the user's own TF code
-            pass
-    return tf

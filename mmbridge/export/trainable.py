@@ -42,7 +42,7 @@ module fixes it in two steps, both called by :func:`mmbridge.export` when ``trai
      torch's ``momentum`` is ``1 - keras_momentum``);
    * every ``Mul(x, mmb_dropout__r<rate>)`` becomes ``Dropout(x, ratio=<rate>)``.
 
-The initializer names then tell :func:`mmbridge.backends.torch_backend.to_torch` exactly which
+The initializer names then tell :func:`mmbridge.convert.core.to_torch` exactly which
 tensors are Keras trainable weights (``nn.Parameter``) and which are Keras state (buffers), so the
 converted module's parameter count equals ``sum(w.size for w in keras_model.trainable_weights)``.
 
@@ -65,31 +65,27 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from mmbridge.graph.markers import (  # noqa: F401  (re-exported: the names this module writes)
+    BN_MARK,
+    DROPOUT_MARK,
+    LN_MARK,
+    STATE_MARK,
+    VAR_MARK,
+    decode_float,
+    encode_float,
+    marker_of,
+)
+
 #: Version of what :func:`trainable_patches` / :func:`postprocess` produce; part of what determines
 #: a trainable export's graph (the exporter should hash it into the fingerprint).
 FORMAT_VERSION = 2
 
-#: Name prefixes of the marker placeholders / initializers (see the module doc).
-VAR_MARK = "mmb_var__"
-STATE_MARK = "mmb_state__"
-DROPOUT_MARK = "mmb_dropout__r"
-BN_MARK = "mmb_bn__m"
-LN_MARK = "mmb_ln__e"
 
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
 _FOLDABLE = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity", "Flatten")
 
 # BatchNorm / Dropout layers that the active patches could not keep (read by postprocess).
 _SKIPPED: list[str] = []
-
-
-def _encode(x: float) -> str:
-    """A float as a name-safe token: ``0.99 -> "0p99"``, ``1e-05 -> "1e-05"`` (exact round trip)."""
-    return repr(float(x)).replace(".", "p")
-
-
-def _decode(token: str) -> float:
-    return float(token.replace("p", "."))
 
 
 def _safe_path(path: str) -> str:
@@ -109,7 +105,7 @@ def trainable_patches() -> Iterator[None]:
     Yields:
         None. :func:`postprocess` must run on the tf2onnx output of the graph traced here.
     """
-    from ._tf import import_tensorflow
+    from mmbridge.export._tf import import_tensorflow
 
     tf = import_tensorflow()
     patched: list[tuple[Any, str, Any]] = []
@@ -161,7 +157,7 @@ def trainable_patches() -> Iterator[None]:
         beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([c], tf.float32)
         mean = tf.convert_to_tensor(self.moving_mean)
         var = tf.convert_to_tensor(self.moving_variance)
-        with tf.name_scope(f"{BN_MARK}{_encode(self.momentum)}"):
+        with tf.name_scope(f"{BN_MARK}{encode_float(self.momentum)}"):
             x = inputs
             if rank != 4:
                 shape = tf.shape(inputs)
@@ -182,7 +178,7 @@ def trainable_patches() -> Iterator[None]:
                             f"only plain Dropout is kept")
             return orig_do(self, inputs, training=training)
         one = tf.raw_ops.PlaceholderWithDefault(input=tf.ones([], inputs.dtype), shape=[],
-                                                name=f"{DROPOUT_MARK}{_encode(self.rate)}")
+                                                name=f"{DROPOUT_MARK}{encode_float(self.rate)}")
         return inputs * one
 
     from keras.src.layers.normalization.layer_normalization import LayerNormalization
@@ -195,7 +191,7 @@ def trainable_patches() -> Iterator[None]:
         if (not tf.inside_function() or axis not in (-1, rank - 1) or self.rms_scaling or not (self.center and self.scale)
                 or inputs.dtype != tf.float32):
             return orig_ln(self, inputs)
-        with tf.name_scope(f"{LN_MARK}{_encode(self.epsilon)}"):
+        with tf.name_scope(f"{LN_MARK}{encode_float(self.epsilon)}"):
             return orig_ln(self, inputs)
 
     for obj, attr, new in ((kcore.Variable, "__tf_tensor__", read), (BatchNormalization, "call", bn_call),
@@ -207,13 +203,6 @@ def trainable_patches() -> Iterator[None]:
     finally:
         for obj, attr, orig in reversed(patched):
             setattr(obj, attr, orig)
-
-
-def _marker_of(name: str) -> str | None:
-    for mark in (VAR_MARK, STATE_MARK, DROPOUT_MARK):
-        if mark in name:
-            return mark
-    return None
 
 
 def postprocess(model: Any) -> list[str]:
@@ -256,7 +245,7 @@ def postprocess(model: Any) -> list[str]:
             if node.op_type not in _FOLDABLE or not node.input or node.input[0] not in inits:
                 continue
             src = node.input[0]
-            mark = _marker_of(src)
+            mark = marker_of(src)
             if mark not in (VAR_MARK, STATE_MARK) or uses.get(src, 0) != 1:
                 continue
             if any(x and x not in inits for x in node.input[1:]):
@@ -287,7 +276,7 @@ def postprocess(model: Any) -> list[str]:
         if node.op_type == "BatchNormalization" and BN_MARK in node.name:
             m = re.search(re.escape(BN_MARK) + r"([0-9pe+-]+)", node.name)
             if m:
-                momentum = _decode(m.group(1))
+                momentum = decode_float(m.group(1))
                 for a in list(node.attribute):
                     if a.name == "momentum":
                         node.attribute.remove(a)
@@ -301,14 +290,14 @@ def postprocess(model: Any) -> list[str]:
     for node in list(g.node):
         if node.op_type != "Mul":
             continue
-        marks = [x for x in node.input if x in inits and _marker_of(x) == DROPOUT_MARK]
+        marks = [x for x in node.input if x in inits and marker_of(x) == DROPOUT_MARK]
         if not marks:
             continue
         mark = marks[0]
         m = re.search(re.escape(DROPOUT_MARK) + r"([0-9pe+-]+)", mark)
         if m is None:
             raise ValueError(f"trainable export: Dropout marker {mark!r} on node {node.name!r} carries no rate")
-        rate = _decode(m.group(1))
+        rate = decode_float(m.group(1))
         data = [x for x in node.input if x != mark][0]
         pos = list(g.node).index(node)
         if opset >= 12:
@@ -324,12 +313,12 @@ def postprocess(model: Any) -> list[str]:
         g.node.insert(pos, new)
         n_do += 1
     uses = consumers()
-    for name in [n for n in inits if _marker_of(n) == DROPOUT_MARK and not uses.get(n)]:
+    for name in [n for n in inits if marker_of(n) == DROPOUT_MARK and not uses.get(n)]:
         g.initializer.remove(inits.pop(name))
 
     _sync_marker_inputs(g, inits)
-    n_var = sum(1 for n in inits if _marker_of(n) == VAR_MARK)
-    n_state = sum(1 for n in inits if _marker_of(n) == STATE_MARK)
+    n_var = sum(1 for n in inits if marker_of(n) == VAR_MARK)
+    n_state = sum(1 for n in inits if marker_of(n) == STATE_MARK)
     notes = [f"trainable export: {n_var} trainable weight tensors and {n_state} state tensors kept as named "
              f"initializers ({folded} layout ops folded into them); {n_bn} BatchNormalization, {n_ln} LayerNormalization "
              f"and {n_do} Dropout nodes kept"]
@@ -363,12 +352,12 @@ def _keep_layer_norms(model: Any, inits: dict[str, Any], opset: int) -> int:
         ext_in = {x for n in members for x in n.input if x and x not in produced and x not in inits}
         ext_out = {o for o in produced if o in graph_outputs
                    or any(o in n.input for n in g.node if id(n) not in member_ids)}
-        weights = {x for n in members for x in n.input if x in inits and _marker_of(x) == VAR_MARK}
+        weights = {x for n in members for x in n.input if x in inits and marker_of(x) == VAR_MARK}
         gamma = [w for w in weights if re.search(r"gamma(?:__|:|$)", w)]
         beta = [w for w in weights if re.search(r"beta(?:__|:|$)", w)]
         if len(ext_in) != 1 or len(ext_out) != 1 or len(gamma) != 1 or len(beta) != 1:
             continue
-        eps = _decode(scope.rsplit(LN_MARK, 1)[1])
+        eps = decode_float(scope.rsplit(LN_MARK, 1)[1])
         for w in (gamma[0], beta[0]):  # [1, C] (Keras reshapes for broadcasting) -> [C]
             arr = numpy_helper.to_array(inits[w])
             if arr.ndim != 1:
@@ -384,7 +373,7 @@ def _keep_layer_norms(model: Any, inits: dict[str, Any], opset: int) -> int:
         g.node.insert(pos, ln)
         replaced += 1
     used = {x for n in g.node for x in n.input}
-    for name in [n for n in inits if n not in used and not _marker_of(n)]:
+    for name in [n for n in inits if n not in used and not marker_of(n)]:
         g.initializer.remove(inits.pop(name))
     return replaced
 
@@ -393,7 +382,7 @@ def _sync_marker_inputs(graph: Any, inits: dict[str, Any]) -> None:
     """Make the graph inputs with initializers exactly the VAR/STATE marker initializers.
 
     They stay graph inputs (with their initializer as default, ONNX IR >= 4) until
-    :func:`mmbridge.backends.torch_backend.to_torch` strips them: onnxoptimizer's
+    :func:`mmbridge.convert.core.to_torch` strips them: onnxoptimizer's
     ``eliminate_duplicate_initializer`` would otherwise merge equal-valued weights (a zero conv
     bias with a zero moving mean, a unit gamma with a unit variance). onnxruntime lists such
     inputs under ``get_overridable_initializers()``, not ``get_inputs()``, so feeding only the
@@ -401,10 +390,10 @@ def _sync_marker_inputs(graph: Any, inits: dict[str, Any]) -> None:
     """
     from onnx import helper
 
-    for i in [i for i in graph.input if i.name in inits or _marker_of(i.name)]:
+    for i in [i for i in graph.input if i.name in inits or marker_of(i.name)]:
         graph.input.remove(i)
     for name, t in inits.items():
-        if _marker_of(name) in (VAR_MARK, STATE_MARK):
+        if marker_of(name) in (VAR_MARK, STATE_MARK):
             graph.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
 
 
