@@ -83,6 +83,7 @@ def environment_report() -> dict[str, Any]:
 
     from mmbridge.info import conflicts, versions
 
+    pairing = None
     info: dict[str, Any] = {"platform": platform.platform(), "executable": sys.executable, "versions": versions()}
     try:
         from mmbridge.runtime.session import available_providers
@@ -94,6 +95,11 @@ def environment_report() -> dict[str, Any]:
         import torch
 
         info["torch_cuda"] = torch.cuda.is_available()
+        info["torch_cuda_build"] = torch.version.cuda
+        from mmbridge.info import cuda_pairing, dist_version, ort_gpu_cuda_major
+
+        info["onnxruntime_gpu_cuda_build"] = ort_gpu_cuda_major()
+        pairing = cuda_pairing(torch.version.cuda, dist_version("onnxruntime-gpu"), ort_gpu_cuda_major())
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         info["torch_threads"] = torch.get_num_threads()
     except Exception as exc:  # noqa: BLE001
@@ -101,7 +107,7 @@ def environment_report() -> dict[str, Any]:
     from mmbridge.artifact import cache_root
 
     info["cache"] = str(cache_root())
-    info["conflicts"] = conflicts()
+    info["conflicts"] = conflicts() + ([pairing] if pairing else [])
     return info
 
 

@@ -6,7 +6,6 @@ is never reused after TensorFlow, tf2onnx, onnx, onnxoptimizer or mmbridge's exp
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np

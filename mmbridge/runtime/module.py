@@ -63,7 +63,12 @@ import torch
 from torch import nn
 
 from mmbridge.errors import RuntimeBackendError, SpecError
-from mmbridge.runtime.session import cuda_provider_error, default_intra_op_threads, make_session
+from mmbridge.runtime.session import (
+    cuda_pairing_problem,
+    cuda_provider_error,
+    default_intra_op_threads,
+    make_session,
+)
 from mmbridge.specs import TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -221,11 +226,13 @@ class _Runner:
                 f"onnxruntime could not create a session for bridge {owner.name!r} on {device}: {exc}"
             ) from exc
         if self.is_cuda and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            pairing = cuda_pairing_problem()
+            cause = (f"Cause: {pairing}." if pairing else "Run `mmbridge info` and check the CUDA / cuDNN "
+                     "libraries that onnxruntime-gpu needs.")
             raise RuntimeBackendError(
                 f"onnxruntime created the session for bridge {owner.name!r} with providers "
                 f"{self.session.get_providers()} instead of CUDAExecutionProvider (device {device}); the CUDA "
-                f"provider failed to load. Run `mmbridge info` and check the CUDA / cuDNN libraries that "
-                f"onnxruntime-gpu needs. mmbridge never falls back to CPU silently."
+                f"provider failed to load. {cause} mmbridge never falls back to CPU silently."
             )
         self.binding = self.session.io_binding()
         self.lock = threading.Lock()

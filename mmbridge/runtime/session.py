@@ -39,8 +39,9 @@ def make_session(
     Raises:
         onnxruntime's own errors (``InvalidGraph``, ``Fail``...) when the graph cannot load.
     """
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
+    if any((p if isinstance(p, str) else p[0]) == "CUDAExecutionProvider" for p in providers):
+        preload_cuda_libraries()
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, graph_optimization_level)
     so.log_severity_level = int(os.environ.get("MMBRIDGE_ORT_LOG_LEVEL", "3"))
@@ -72,9 +73,50 @@ def make_session(
 
 def available_providers() -> list[str]:
     """onnxruntime's available execution providers (``onnxruntime.get_available_providers()``)."""
-    import onnxruntime as ort
+    return list(import_onnxruntime().get_available_providers())
 
-    return list(ort.get_available_providers())
+
+def import_onnxruntime() -> Any:
+    """Import and return the ``onnxruntime`` module.
+
+    Raises:
+        RuntimeBackendError: no onnxruntime distribution is installed; says which extra to install.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        from mmbridge.errors import RuntimeBackendError
+
+        raise RuntimeBackendError(
+            "onnxruntime is not installed; mmbridge needs it to check exports and to run frozen bridges. Install "
+            "exactly one of: pip install 'mmbridge[ort]' (CPU) or pip install 'mmbridge[gpu]' (onnxruntime-gpu, "
+            "CUDA machines; never both)") from exc
+    return ort
+
+
+_CUDA_PRELOADED = False
+
+
+def preload_cuda_libraries() -> bool:
+    """Load the CUDA / cuDNN libraries onnxruntime-gpu needs, once, before its first CUDA session.
+
+    Uses ``onnxruntime.preload_dlls()`` (onnxruntime >= 1.21), which loads them from the
+    ``nvidia-*`` wheels or torch's own copies (torch imported first, as ``import mmbridge`` does).
+    Returns False where onnxruntime has no ``preload_dlls`` or it failed (the CUDA provider then
+    loads its libraries itself, and :func:`cuda_provider_error` explains a failure).
+    """
+    global _CUDA_PRELOADED
+    if _CUDA_PRELOADED:
+        return True
+    ort = import_onnxruntime()
+    if not hasattr(ort, "preload_dlls"):
+        return False
+    try:
+        ort.preload_dlls()
+    except Exception:  # noqa: BLE001 - a failed preload is reported when the CUDA provider is checked
+        return False
+    _CUDA_PRELOADED = True
+    return True
 
 
 def bare_runners(model: Any, inputs: dict[str, Any], *, cuda: bool = False, threads: int | None = None
@@ -133,6 +175,15 @@ def _file_uses_extensions(path: str) -> bool:
     return uses_extensions(onnx.load(path, load_external_data=False))
 
 
+def cuda_pairing_problem() -> str | None:
+    """:func:`mmbridge.info.cuda_pairing` for the installed torch and onnxruntime-gpu (None if they pair)."""
+    import torch
+
+    from mmbridge import info
+
+    return info.cuda_pairing(torch.version.cuda, info.dist_version("onnxruntime-gpu"), info.ort_gpu_cuda_major())
+
+
 def default_intra_op_threads() -> int:
     """Intra-op threads for one process so that the ranks on one host do not oversubscribe it.
 
@@ -157,8 +208,7 @@ def cuda_provider_error(requested: str) -> str | None:
     and ``onnxruntime-gpu`` are installed (microsoft/onnxruntime#26996, #23833; case 22), says
     that this conflict is the likely cause (via :func:`mmbridge.info.conflicts`).
     """
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" in available:
         return None
@@ -167,8 +217,11 @@ def cuda_provider_error(requested: str) -> str | None:
     found = {n: info.dist_version(n) for n in ("onnxruntime", "onnxruntime-gpu")}
     installed = ", ".join(f"{n}=={v}" for n, v in found.items() if v) or "no onnxruntime distribution"
     conflicts = [c for c in info.conflicts() if "onnxruntime" in c]
+    pairing = cuda_pairing_problem()
     if conflicts:
         cause = "Cause: " + conflicts[0]
+    elif pairing:
+        cause = "Cause: " + pairing
     elif found.get("onnxruntime-gpu"):
         cause = ("Cause: onnxruntime-gpu is installed but its CUDA provider is not available (CUDA / cuDNN "
                  "libraries missing or of the wrong version). Fix: install the CUDA and cuDNN versions that "
