@@ -4,10 +4,14 @@ distribution per install, and the CUDA pairing of torch and onnxruntime-gpu name
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
 
 import mmbridge
 from mmbridge import info
