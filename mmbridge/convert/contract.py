@@ -1,0 +1,161 @@
+"""The weight audit of the training contract: the converted module holds exactly the Keras model's
+trainable variables as ``nn.Parameter`` s, its state as buffers, and its Dropout layers as modules.
+
+A trainable export (:mod:`mmbridge.export.trainable`) names every Keras variable's initializer
+``mmb_var__<path>`` (trainable) or ``mmb_state__<path>`` (state), and records the Keras side in the
+artifact's metadata as an *inventory* (:func:`mmbridge.export.contract.keras_inventory`):
+
+    {"variables": [{"path": "dense/kernel", "marker": "mmb_var__dense__kernel", "shape": [8, 3],
+                    "trainable": true, "layer": "dense"}, ...],
+     "layers": [{"name": "dropout", "class": "Dropout", "kind": "dropout", "rate": 0.5,
+                 "noise_shape": null}, {"name": "bn", "kind": "batch_norm", ...}, ...]}
+
+:func:`audit` checks a converted module against it, with no TensorFlow:
+
+* every Keras **trainable** variable is exactly one torch ``Parameter`` with ``requires_grad``
+  (when the module is trainable) and the same number of values (layouts differ: Dense kernels are
+  transposed, conv kernels HWIO -> OIHW);
+* every Keras **non-trainable** variable (BatchNorm moving statistics) is exactly one buffer;
+* no torch ``Parameter`` exists that no Keras variable accounts for (e.g. a BatchNorm with
+  ``scale=False`` must not gain a trainable gamma);
+* every Keras **Dropout** is an ``nn.Dropout`` (or :class:`NoiseShapeDropout`-like module with a
+  ``noise_shape``) with the same rate; every Keras **BatchNormalization** is a torch BatchNorm
+  module (train / eval modes and running statistics).
+
+A failure names the Keras layer and variable and says what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from typing import Any
+
+from torch import nn
+
+from mmbridge.errors import ConversionError
+
+#: The Keras layer classes whose kind the audit checks by module (besides their variables).
+DROPOUT = "dropout"
+BATCH_NORM = "batch_norm"
+
+
+@dataclasses.dataclass
+class AuditReport:
+    """Result of :func:`audit`.
+
+    Attributes:
+        passed: no problem was found.
+        problems: one sentence per problem (Keras layer / variable, what is wrong, what to do).
+        keras_trainable_values: scalar values in the Keras trainable variables.
+        torch_trainable_values: scalar values in the module's ``requires_grad`` parameters.
+        matched: Keras variable path -> torch parameter / buffer name.
+        counts: ``{"variables", "parameters", "buffers", "batch_norms", "dropouts"}`` found.
+    """
+
+    passed: bool
+    problems: list[str]
+    keras_trainable_values: int
+    torch_trainable_values: int
+    matched: dict[str, str]
+    counts: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what the artifact's ``meta.json`` stores under ``"audit"``)."""
+        return dataclasses.asdict(self)
+
+    def raise_if_failed(self, what: str) -> None:
+        """Raise :class:`~mmbridge.errors.ConversionError` listing every problem, if any."""
+        if not self.passed:
+            raise ConversionError(
+                f"{what} does not keep the training contract ({len(self.problems)} problem(s)); training it would "
+                f"silently train something other than the Keras model:\n" + "\n".join(f"  - {p}" for p in self.problems)
+            )
+
+
+def marker_pattern(marker: str) -> re.Pattern[str]:
+    """The ONNX initializer names that hold the variable of ``marker`` (``marker`` + ``:0`` / ``__<op>`` / end)."""
+    return re.compile(re.escape(marker) + r"(?::|__|$)")
+
+
+def audit(module: nn.Module, inventory: dict[str, Any], *, trainable: bool = True) -> AuditReport:
+    """Check a converted module against the Keras inventory of its export (see the module doc).
+
+    Args:
+        module: what :func:`mmbridge.to_torch` returned (it carries ``mmbridge_sources``: tensor
+            name -> ONNX initializer name).
+        inventory: the artifact's ``meta["keras_inventory"]``.
+        trainable: whether the module was converted with ``trainable=True`` (then every Keras
+            trainable variable's parameter must have ``requires_grad``).
+
+    Returns:
+        An :class:`AuditReport` (never raises; call ``raise_if_failed``).
+    """
+    sources: dict[str, str] = dict(getattr(module, "mmbridge_sources", {}))
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    problems: list[str] = []
+    matched: dict[str, str] = {}
+    for var in inventory.get("variables", []):
+        pattern = marker_pattern(var["marker"])
+        keys = [k for k, src in sources.items() if pattern.search(src) and (k in params or k in buffers)]
+        where = f"Keras variable {var['path']!r} (layer {var.get('layer', '?')!r})"
+        numel = 1
+        for d in var["shape"]:
+            numel *= int(d)
+        if not keys:
+            problems.append(f"{where} has no torch tensor: tf2onnx folded it into a constant, so it would not train. "
+                            f"Report the layer type; meanwhile keep the bridge frozen (to_ort()) or re-export at "
+                            f"another opset")
+            continue
+        if len(keys) > 1:
+            problems.append(f"{where} became {len(keys)} torch tensors {keys}; they would train apart")
+            continue
+        key = keys[0]
+        matched[var["path"]] = key
+        tensor = params.get(key, buffers.get(key))
+        if tensor.numel() != numel:
+            problems.append(f"{where} has {numel} values but torch tensor {key!r} has {tensor.numel()}")
+        if var["trainable"] and key not in params:
+            problems.append(f"{where} is trainable in Keras but a frozen buffer ({key!r}) in torch")
+        elif var["trainable"] and trainable and not params[key].requires_grad:
+            problems.append(f"{where} is trainable in Keras but {key!r} has requires_grad=False")
+        elif not var["trainable"] and key in params and params[key].requires_grad:
+            problems.append(f"{where} is Keras state (not trainable) but a trainable parameter {key!r} in torch")
+    claimed = set(matched.values())
+    for name, p in params.items():
+        if p.requires_grad and name not in claimed:
+            problems.append(f"torch parameter {name!r} (from ONNX initializer {sources.get(name, '?')!r}) has no Keras "
+                            f"variable: it would train values the Keras model holds fixed (e.g. the gamma of a "
+                            f"BatchNormalization(scale=False))")
+    layers = inventory.get("layers", [])
+    # a Dropout of rate 0 is the identity (Keras MultiHeadAttention's default): nothing to keep
+    keras_rates = Counter(round(float(ly["rate"]), 6) for ly in layers if ly["kind"] == DROPOUT and ly["rate"] > 0)
+    torch_rates = Counter(round(float(m.p), 6) for m in module.modules() if isinstance(m, nn.Dropout) and m.p > 0)
+    for rate, n in (keras_rates - torch_rates).items():
+        names = [ly["name"] for ly in layers if ly["kind"] == DROPOUT and round(float(ly["rate"]), 6) == rate]
+        shaped = [ly["name"] for ly in layers if ly["kind"] == DROPOUT and ly.get("noise_shape") is not None]
+        why = (f"; {shaped[:5]} have a noise_shape (e.g. stochastic depth), which the trainable export does not "
+               f"keep yet" if shaped else "")
+        problems.append(f"Keras Dropout layer(s) {names[:5]} with rate {rate} ({n} missing) are not Dropout modules in "
+                        f"torch: fine-tuning would run without them{why}")
+    n_bn_keras = sum(1 for ly in layers if ly["kind"] == BATCH_NORM)
+    n_bn_torch = sum(1 for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    if n_bn_torch < n_bn_keras:
+        names = [ly["name"] for ly in layers if ly["kind"] == BATCH_NORM]
+        problems.append(f"{n_bn_keras} Keras BatchNormalization layers ({names[:5]}...) but {n_bn_torch} torch BatchNorm "
+                        f"modules: the others were folded into convolutions and would train without batch statistics")
+    keras_values = 0
+    for v in inventory.get("variables", []):
+        if v["trainable"]:
+            n = 1
+            for d in v["shape"]:
+                n *= int(d)
+            keras_values += n
+    torch_values = sum(p.numel() for p in params.values() if p.requires_grad)
+    return AuditReport(
+        passed=not problems, problems=problems, keras_trainable_values=keras_values,
+        torch_trainable_values=torch_values, matched=matched,
+        counts={"variables": len(inventory.get("variables", [])), "parameters": len(params), "buffers": len(buffers),
+                "batch_norms": n_bn_torch, "dropouts": sum(torch_rates.values())})

@@ -1,0 +1,263 @@
+"""The training contract, Keras side: what a trainable bridge must hold, and proof that it trains alike.
+
+* :func:`keras_inventory` lists a Keras model's variables (path, shape, trainable) and the layers
+  whose behaviour differs between training and inference (BatchNormalization, Dropout), in the
+  JSON form that :func:`mmbridge.convert.contract.audit` checks a converted module against;
+* :func:`train_parity` runs ``k`` SGD steps on the Keras model (``training=True``) and on the
+  converted torch module from the same weights and batches, with every Dropout rate set to 0 for
+  the comparison, and compares every variable after the steps against a measured float32 noise
+  floor: the same torch steps in float64. A real mismatch (a folded BatchNorm, a wrong momentum,
+  an unbiased running variance, a frozen weight) is orders of magnitude above that floor; float32
+  rounding is not.
+
+Neither changes the Keras model: weights and Dropout rates are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from mmbridge.convert.contract import BATCH_NORM, DROPOUT, audit
+from mmbridge.errors import ParityError
+from mmbridge.export.trainable import STATE_MARK, VAR_MARK, _safe_path
+
+#: float32 machine epsilon; the floor of a variable is never below ``8 * steps * EPS32 * max|value|``.
+EPS32 = float(np.finfo(np.float32).eps)
+#: How far above the float64-measured noise floor a float32 difference may be.
+FLOOR_FACTOR = 8.0
+
+
+def _iter_layers(model: Any) -> list[Any]:
+    return list(getattr(model, "_flatten_layers", lambda **k: [])(include_self=False, recursive=True))
+
+
+def keras_inventory(model: Any) -> dict[str, Any]:
+    """The Keras side of the training contract (see the module doc and :mod:`mmbridge.convert.contract`).
+
+    Args:
+        model: a Keras 3 model or layer (variables read through ``.weights`` and ``.path``).
+
+    Returns:
+        ``{"variables": [{"path", "marker", "shape", "trainable", "layer"}], "layers": [{"name",
+        "class", "kind", ...}]}``; ``kind`` is ``"batch_norm"`` (with momentum, epsilon, scale,
+        center) or ``"dropout"`` (with rate and noise_shape).
+    """
+    import keras
+
+    variables = []
+    for v in model.weights:
+        path = getattr(v, "path", None) or v.name.split(":")[0]
+        trainable = bool(v.trainable)
+        variables.append({"path": path, "marker": (VAR_MARK if trainable else STATE_MARK) + _safe_path(path),
+                          "shape": [int(d) for d in v.shape], "trainable": trainable,
+                          "layer": path.rsplit("/", 1)[0] if "/" in path else path})
+    layers = []
+    for layer in _iter_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layers.append({"name": layer.name, "class": type(layer).__name__, "kind": BATCH_NORM,
+                           "momentum": float(layer.momentum), "epsilon": float(layer.epsilon),
+                           "scale": bool(layer.scale), "center": bool(layer.center)})
+        elif isinstance(layer, keras.layers.Dropout):
+            ns = getattr(layer, "noise_shape", None)
+            layers.append({"name": layer.name, "class": type(layer).__name__, "kind": DROPOUT, "rate": float(layer.rate),
+                           "noise_shape": list(ns) if ns is not None else None})
+    return {"variables": variables, "layers": layers}
+
+
+@dataclasses.dataclass
+class VariableParity:
+    """One Keras variable after the steps: Keras vs torch float32, and the float64-measured floor."""
+
+    path: str
+    max_abs: float
+    floor: float
+    tolerance: float
+    moved: float
+    passed: bool
+
+
+@dataclasses.dataclass
+class TrainParityReport:
+    """Result of :func:`train_parity`.
+
+    Attributes:
+        steps: SGD steps taken on each side; lr: their learning rate.
+        rows: one :class:`VariableParity` per Keras variable, in ``model.weights`` order.
+        problems: anything that prevented a comparison (no torch tensor, unrelated layouts).
+        passed: every row passed and there are no problems.
+    """
+
+    steps: int
+    lr: float
+    rows: list[VariableParity]
+    problems: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and all(r.passed for r in self.rows)
+
+    def first_failure(self) -> str | None:
+        """The first problem or diverging variable, as a sentence (None if everything passed)."""
+        if self.problems:
+            return self.problems[0]
+        for r in self.rows:
+            if not r.passed:
+                return (f"Keras variable {r.path!r} differs by {r.max_abs:.3g} after {self.steps} SGD steps "
+                        f"(float32 noise floor {r.floor:.3g}, tolerance {r.tolerance:.3g})")
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the artifact's ``meta["train_parity"]``)."""
+        return {"steps": self.steps, "lr": self.lr, "passed": self.passed, "problems": self.problems,
+                "first_failure": self.first_failure(), "rows": [dataclasses.asdict(r) for r in self.rows]}
+
+    def raise_if_failed(self, what: str) -> None:
+        """Raise :class:`~mmbridge.errors.ParityError` naming the first diverging variable."""
+        if not self.passed:
+            raise ParityError(f"{what}: training parity failed: {self.first_failure()}. The converted module would "
+                              f"not fine-tune like the Keras model; export with trainable=True, or keep the bridge "
+                              f"frozen (to_ort() / to_torch(trainable=False))")
+
+
+def _layout(keras_value: np.ndarray, torch_value: np.ndarray) -> Callable[[np.ndarray], np.ndarray] | None:
+    """A map from the Keras layout to the torch tensor's, found on the (equal) initial values.
+
+    Tried in order: the same layout; an axis permutation (conv kernels HWIO -> OIHW); a reshape;
+    a split of the Keras axes into two groups, transposed (``MultiHeadAttention``'s
+    ``[in, heads, dim]`` query kernel as a ``[heads * dim, in]`` ``nn.Linear`` weight).
+    """
+    k, t = keras_value, torch_value
+    candidates: list[Callable[[np.ndarray], np.ndarray]] = [lambda a: a]
+    candidates += [lambda a, p=perm: np.transpose(a, p) for perm in itertools.permutations(range(k.ndim))][1:]
+    candidates.append(lambda a: a.reshape(t.shape))
+    for cut in range(1, k.ndim):
+        rows = int(np.prod(k.shape[:cut]))
+        candidates.append(lambda a, r=rows: a.reshape(r, -1).T.reshape(t.shape))
+    for fn in candidates:
+        try:
+            mapped = fn(k)
+        except ValueError:
+            continue
+        if mapped.shape == t.shape and np.array_equal(mapped, t):
+            return fn
+    return None
+
+
+def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndarray]], *,
+                 input_names: Sequence[str], nchw: Sequence[str] = (), inventory: Mapping[str, Any] | None = None,
+                 lr: float = 0.05, seed: int = 0) -> TrainParityReport:
+    """Train both sides ``len(batches)`` SGD steps and compare every variable (see the module doc).
+
+    Args:
+        model: the Keras model that was exported (left unchanged).
+        module: the converted torch module (``to_torch(trainable=True)``; left unchanged: a copy trains).
+        batches: one ``{input name: array}`` per step, in the Keras layout (images NHWC).
+        input_names: the inputs in call order.
+        nchw: inputs the torch module takes as NCHW (``inputs_as_nchw`` of the export).
+        inventory: :func:`keras_inventory` of ``model`` (computed when None).
+        lr: SGD learning rate of both sides.
+        seed: seed of the regression targets (``mean((out - target)^2)`` summed over float outputs).
+
+    Returns:
+        A :class:`TrainParityReport`.
+    """
+    import keras
+    import torch
+
+    from mmbridge.export._tf import import_tensorflow
+
+    tf = import_tensorflow()
+    inventory = inventory or keras_inventory(model)
+    report = audit(module, inventory, trainable=True)
+    problems = [p for p in report.problems if "has no torch tensor" in p or "became" in p]
+    rng = np.random.default_rng(seed)
+    initial = [np.array(v.numpy(), copy=True) for v in model.weights]
+    dropouts = [ly for ly in _iter_layers(model) if isinstance(ly, keras.layers.Dropout)]
+    rates = [ly.rate for ly in dropouts]
+
+    def torch_copy(dtype: torch.dtype) -> Any:
+        m = copy.deepcopy(module).to(dtype).train()
+        for sub in m.modules():
+            if isinstance(sub, torch.nn.Dropout):
+                sub.p = 0.0
+        return m
+
+    m32, m64 = torch_copy(torch.float32), torch_copy(torch.float64)
+    tensors32 = {**dict(m32.named_parameters()), **dict(m32.named_buffers())}
+    layouts: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+    for var, init in zip(inventory["variables"], initial):
+        key = report.matched.get(var["path"])
+        if key is None:
+            continue
+        lay = _layout(init, tensors32[key].detach().numpy())
+        if lay is None:
+            problems.append(f"Keras variable {var['path']!r} and torch tensor {key!r} hold different initial values")
+        else:
+            layouts[var["path"]] = lay
+    steps = len(batches)
+
+    def torch_inputs(batch: Mapping[str, np.ndarray], dtype: torch.dtype) -> list[Any]:
+        out = []
+        for name in input_names:
+            a = np.asarray(batch[name])
+            if name in nchw:
+                a = np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2)))
+            t = torch.from_numpy(np.array(a, copy=True))
+            out.append(t.to(dtype) if t.is_floating_point() else t)
+        return out
+
+    def loss_of(outs: Any, targets: list[Any]) -> Any:
+        flat = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        return sum(((o - t) ** 2).mean() for o, t in zip(flat, targets) if o.is_floating_point())
+
+    try:
+        for ly in dropouts:
+            ly.rate = 0.0
+        opt_k = keras.optimizers.SGD(learning_rate=lr)
+        opt32 = torch.optim.SGD([p for p in m32.parameters() if p.requires_grad], lr=lr)
+        opt64 = torch.optim.SGD([p for p in m64.parameters() if p.requires_grad], lr=lr)
+        for batch in batches:
+            xs = [batch[n] for n in input_names]
+            keras_x = xs[0] if len(xs) == 1 else xs
+            with tf.GradientTape() as tape:
+                out_k = model(keras_x, training=True)
+                flat_k = tf.nest.flatten(out_k)
+                targets = [rng.normal(size=tuple(o.shape)).astype(np.float32) for o in flat_k]
+                loss_k = tf.add_n([tf.reduce_mean(tf.square(o - t)) for o, t in zip(flat_k, targets)
+                                   if o.dtype.is_floating])
+            grads = tape.gradient(loss_k, model.trainable_weights)
+            opt_k.apply_gradients([(g, w) for g, w in zip(grads, model.trainable_weights) if g is not None])
+            for m, opt, dtype in ((m32, opt32, torch.float32), (m64, opt64, torch.float64)):
+                opt.zero_grad(set_to_none=True)
+                loss = loss_of(m(*torch_inputs(batch, dtype)), [torch.from_numpy(t).to(dtype) for t in targets])
+                loss.backward()
+                opt.step()
+        after = [np.asarray(v.numpy()) for v in model.weights]
+    finally:
+        for ly, r in zip(dropouts, rates):
+            ly.rate = r
+        for v, init in zip(model.weights, initial):
+            v.assign(init)
+    rows = []
+    t64 = {**dict(m64.named_parameters()), **dict(m64.named_buffers())}
+    for var, init, value in zip(inventory["variables"], initial, after):
+        lay = layouts.get(var["path"])
+        if lay is None:
+            continue
+        key = report.matched[var["path"]]
+        want = lay(value).astype(np.float64)
+        got = tensors32[key].detach().double().numpy()
+        exact = t64[key].detach().numpy()
+        max_abs = float(np.max(np.abs(got - want))) if got.size else 0.0
+        floor = float(np.max(np.abs(got - exact))) if got.size else 0.0
+        scale = float(np.max(np.abs(want))) if want.size else 0.0
+        tol = max(FLOOR_FACTOR * floor, FLOOR_FACTOR * steps * EPS32 * max(scale, 1e-3))
+        moved = float(np.max(np.abs(value - init))) if value.size else 0.0
+        rows.append(VariableParity(var["path"], max_abs, floor, tol, moved, max_abs <= tol))
+    return TrainParityReport(steps=steps, lr=lr, rows=rows, problems=problems)
