@@ -35,6 +35,8 @@ TF op                        ONNX form (exact: integer/string outputs identical 
                              (exact); of other strings: refused (onnxruntime-extensions' op of
                              that name gives other bucket ids; no ONNX op reads string bytes)
 ``FloorMod``                 integers: ``Mod(fmod=0)`` (tf2onnx's form is wrong for negatives)
+``FloorDiv``                 integers: ``Div(x - Mod(x, y, fmod=0), y)`` (tf2onnx truncates toward 0);
+                             floats: ``Floor(Div)`` (tf2onnx skips the Floor for bfloat16)
 ``StringToHashBucketStrong`` refused (keyed SipHash; ``Hashing(salt=...)``)
 ``ScaleAndTranslate``        refused (``antialias=True``, lanczos3/5, gaussian, mitchellcubic)
 ``ResizeBicubic``            refused (TF's 1024-entry kernel table: 0.15 off on 0-255 pixels)
@@ -117,6 +119,7 @@ def tf2onnx_handlers(tables: Tables | None = None) -> tuple[dict[str, Any], list
         "RaggedBincount": _ragged_bincount,
         "SelectV2": _select_v2,
         "FloorMod": _floor_mod,
+        "FloorDiv": _floor_div,
         "ScaleAndTranslate": _scale_and_translate,
         "ResizeArea": _resize_area,
         "ResizeBicubic": _resize_bicubic,
@@ -423,6 +426,27 @@ def _floor_mod(ctx: Any, node: Any, name: str, args: list[Any]) -> None:
         return
     ins, outs, dtypes, shapes = _take_over(ctx, node)
     _Emit(ctx, name).node("Mod", ins[:2], attr={"fmod": 0}, outputs=outs, dtype=dtypes[0], shape=shapes[0])
+
+
+def _floor_div(ctx: Any, node: Any, name: str, args: list[Any]) -> None:
+    """TF ``FloorDiv`` (``//``; Keras ``CenterCrop`` offsets): rounds toward negative infinity.
+
+    tf2onnx writes integer ``FloorDiv`` as ONNX ``Div``, which truncates toward zero
+    (``-7 // 2`` = -4 in TF, -3 there), and leaves bfloat16 without the ``Floor``. Here:
+    integers ``Div(x - Mod(x, y, fmod=0), y)`` (an exact division: ``x - floormod(x, y)`` is a
+    multiple of ``y``), floats of every width ``Floor(Div(x, y))``."""
+    from onnx import TensorProto
+
+    dtype = ctx.get_dtype(node.input[0])
+    ins, outs, dtypes, shapes = _take_over(ctx, node)
+    e = _Emit(ctx, name)
+    if dtype in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16):
+        q = e.out("Div", ins[:2], dtype=dtypes[0])
+        e.node("Floor", [q], outputs=outs, dtype=dtypes[0], shape=shapes[0])
+        return
+    r = e.out("Mod", ins[:2], attr={"fmod": 0}, dtype=dtypes[0])
+    d = e.out("Sub", [ins[0], r], dtype=dtypes[0])
+    e.node("Div", [d, ins[1]], outputs=outs, dtype=dtypes[0], shape=shapes[0])
 
 
 def _select_v2(ctx: Any, node: Any, name: str, args: list[Any]) -> None:
@@ -976,7 +1000,8 @@ def _equal(ctx: Any, node: Any, name: str, args: list[Any]) -> None:
 _HANDLED_OPS = ("Bucketize", "LookupTableFindV2", "LookupTableSizeV2", "StringToHashBucketFast",
                 "StringToHashBucketStrong", "StringToHashBucket", "StaticRegexReplace", "RegexReplace",
                 "StringLower", "StringUpper", "StringSplitV2", "StringJoin", "ReduceJoin", "AsString",
-                "ScaleAndTranslate", "ResizeArea", "ResizeBicubic", "RaggedBincount", "SelectV2", "FloorMod")
+                "ScaleAndTranslate", "ResizeArea", "ResizeBicubic", "RaggedBincount", "SelectV2", "FloorMod",
+                "FloorDiv")
 
 
 def _register_refusals() -> None:
