@@ -7,7 +7,7 @@ the two ways to run it: :meth:`BridgeArtifact.to_torch` (trainable module) and
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +31,8 @@ from mmbridge.store import (  # noqa: F401  (re-exported for callers of the old 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
     import torch
+
+logger = logging.getLogger(__name__)
 
 
 class BridgeArtifact:
@@ -125,12 +127,15 @@ class BridgeArtifact:
 
         Args:
             path: the artifact directory (holding ``model.onnx`` and ``meta.json``).
-            check: ``True``: verify ``model.onnx`` against its recorded sha256; ``"size"``: the
-                byte size only; ``False``: no check (see :func:`mmbridge.store.read_meta`).
+            check: ``True`` (and ``"size"``, kept for old callers): verify ``model.onnx``
+                against its recorded size and sha256 (~0.1 s for 94 MB); ``False``: no check of
+                the graph's bytes (see :func:`mmbridge.store.read_meta`). ``meta.json``'s
+                required keys are validated either way.
 
         Raises:
             CacheError: the directory, ``meta.json`` or ``model.onnx`` is missing, unreadable,
-                of an unknown format version, or does not match its recorded sha256.
+                of an unknown format version, lacks required keys, or does not match its
+                recorded sha256; the message says how to rebuild (``force=True`` / ``--force``).
         """
         return cls(Path(path), read_meta(path, check=check))
 
@@ -163,16 +168,32 @@ def cached_or_build(
         force: rebuild even if a valid entry exists.
 
     Returns:
-        ``(artifact, hit)`` where ``hit`` is True when the entry came from the cache.
+        ``(artifact, hit)`` where ``hit`` is True when the entry came from the cache. A hit is
+        checked in full (size and sha256 of ``model.onnx``, keys of ``meta.json``); an entry that
+        fails the check is logged at WARNING and rebuilt, never used.
     """
     dest = entry_dir(name, fingerprint, root)
     if not force:
-        with contextlib.suppress(CacheError):
-            return BridgeArtifact.load(dest, check="size"), True
+        hit = _load_hit(dest)
+        if hit is not None:
+            return hit, True
     with cache_lock(fingerprint, root):
         if not force:  # another process may have finished while we waited
-            with contextlib.suppress(CacheError):
-                return BridgeArtifact.load(dest, check="size"), True
+            hit = _load_hit(dest)
+            if hit is not None:
+                return hit, True
         model, meta, *golden = build()
         meta = dict(meta, name=name, fingerprint=fingerprint)
         return BridgeArtifact.write(dest, model, meta, golden[0] if golden else None), False
+
+
+def _load_hit(dest: Path) -> BridgeArtifact | None:
+    """The cache entry at ``dest`` when it is complete and its content matches its recorded
+    sha256; ``None`` when absent or corrupt (a corrupt entry is logged, then rebuilt)."""
+    if not dest.exists():
+        return None
+    try:
+        return BridgeArtifact.load(dest, check=True)
+    except CacheError as exc:
+        logger.warning("cache entry %s is unusable and will be rebuilt: %s", dest, exc)
+        return None
