@@ -11,18 +11,28 @@ by how much it failed.
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmbridge.errors import ParityError
+from mmbridge.errors import CacheError, ParityError
 from mmbridge.specs import Tolerance
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmbridge.artifact import BridgeArtifact
 
 from mmbridge.artifact import GOLDEN_FILE  # noqa: E402
+from mmbridge.store import rebuild_hint, sha256_file  # noqa: E402
+
+
+class MissingGoldenError(CacheError, FileNotFoundError):
+    """An artifact has no ``golden.npz`` (or an unreadable one), so it cannot be re-checked on its own.
+
+    A :class:`~mmbridge.errors.CacheError` (so ``mmbridge verify`` reports it as an error with an
+    exit code, not a traceback) and a ``FileNotFoundError`` (what ``load_golden`` raised before).
+    """
 
 # (stage, dtype) -> Tolerance. Stages: "onnx" = TF vs onnxruntime on the exported graph;
 # "torch" = TF (or ORT) vs the onnx2torch module in eval mode; "autocast" = fp32 reference vs the
@@ -243,8 +253,13 @@ def verify(
         backends: which to check: ``"ort"`` (onnxruntime CPU, plain ``session.run``),
             ``"ort_module"`` (the IO-binding module of :func:`~mmbridge.to_ort`, CPU) and/or
             ``"torch"`` (the onnx2torch module in eval mode, on CPU).
-        tolerance: override for floating outputs; default: the tolerance the bridge was exported
-            with (``meta.json``), else the table (:data:`TOLERANCES`).
+        tolerance: the caller's tolerance for floating outputs (for example a stricter one, or a
+            documented looser one stated in code); default: the tolerance of the bridge
+            registered under the artifact's name in this process, if any (code, as at export),
+            else the table (:data:`TOLERANCES`, per stage and dtype). The tolerance recorded in
+            the artifact's ``meta.json`` is never used: that file travels with the artifact and a
+            loosened one would let wrong weights pass (a failing report names it, so the caller
+            can decide to pass it explicitly).
         raise_on_failure: raise :class:`ParityError` instead of returning a failing report.
 
     Returns:
@@ -253,6 +268,8 @@ def verify(
     Raises:
         ParityError: a row failed and ``raise_on_failure``.
         ValueError: ``inputs`` given without ``reference``, or an unknown backend.
+        MissingGoldenError: neither ``inputs`` given nor a readable ``golden.npz`` (a
+            :class:`~mmbridge.errors.CacheError`; the message says how to re-export).
     """
     if inputs is None:
         golden = load_golden(artifact)
@@ -267,8 +284,8 @@ def verify(
             )
         ref = dict(reference(inputs)) if callable(reference) else dict(reference)
     ref = {k: np.asarray(v) for k, v in ref.items()}
-    if tolerance is None and artifact.meta.get("tolerance"):
-        tolerance = Tolerance(**artifact.meta["tolerance"])  # the bridge's own, stated at export
+    if tolerance is None:
+        tolerance = _registered_tolerance(artifact.name)
     rows: list[OutputParity] = []
     for backend in backends:
         if backend == "ort":
@@ -288,9 +305,33 @@ def verify(
         else:
             raise ValueError(f"verify(): unknown backend {backend!r}; use 'ort', 'ort_module' and/or 'torch'")
     report = ParityReport(rows)
-    if raise_on_failure:
-        report.raise_if_failed(f"bridge {artifact.name!r}")
+    if raise_on_failure and not report.passed:
+        try:
+            report.raise_if_failed(f"bridge {artifact.name!r}")
+        except ParityError as exc:
+            note = _recorded_tolerance_note(artifact, tolerance)
+            if not note:
+                raise
+            raise ParityError(f"{exc}\n{note}", report=report) from None
     return report
+
+
+def _registered_tolerance(name: str) -> Tolerance | None:
+    """The tolerance of a bridge registered under ``name`` in this process (code, not the artifact's
+    files), as export used it; None when no such bridge is registered (no plugins are loaded here)."""
+    from mmbridge.registry import bridges
+
+    return bridges.get(name).tolerance if name in bridges else None
+
+
+def _recorded_tolerance_note(artifact: BridgeArtifact, tolerance: Tolerance | None) -> str:
+    """For a failing report: the tolerance meta.json records, which verify() did not use."""
+    recorded = artifact.meta.get("tolerance")
+    if tolerance is not None or not recorded:
+        return ""
+    return (f"Checked against the tolerance table: {artifact.path / 'meta.json'} records tolerance {recorded}, "
+            f"which is not trusted from the file (it could hide wrong weights); pass it as tolerance= if it is "
+            f"the bridge's documented numerics.")
 
 
 def run_torch(artifact: BridgeArtifact, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -312,12 +353,26 @@ def load_golden(artifact: BridgeArtifact) -> dict[str, dict[str, np.ndarray]]:
     """The sample inputs and TF outputs stored at export: ``{"inputs": {...}, "outputs": {...}}``.
 
     Raises:
-        FileNotFoundError: the artifact has no ``golden.npz`` (exported with ``verify=False``).
+        MissingGoldenError: the artifact has no ``golden.npz`` (exported with ``verify=False``), or
+            it is unreadable, does not match the sha256 recorded in ``meta.json``, or lacks an
+            input of the graph or any output. The message names the file and the fix (re-export
+            with ``force=True`` / ``--force``, or pass ``inputs=`` and ``reference=``).
     """
     path = artifact.path / GOLDEN_FILE
+    fix = f"re-export the artifact to store it ({rebuild_hint(artifact.path)}), or pass inputs= and reference= to verify()"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: this artifact was exported without parity data; pass inputs= and reference=")
-    with np.load(path, allow_pickle=False) as z:
-        inputs = {k[len("in/"):]: z[k] for k in z.files if k.startswith("in/")}
-        outputs = {k[len("out/"):]: z[k] for k in z.files if k.startswith("out/")}
+        raise MissingGoldenError(f"{path} is missing: this artifact was exported without parity data; {fix}")
+    want = artifact.meta.get("golden_sha256")
+    if want is not None and sha256_file(path) != want:
+        raise MissingGoldenError(f"{path} does not match the sha256 recorded in meta.json (corrupt or altered); {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            inputs = {k[len("in/"):]: z[k] for k in z.files if k.startswith("in/")}
+            outputs = {k[len("out/"):]: z[k] for k in z.files if k.startswith("out/")}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise MissingGoldenError(f"{path} is unreadable ({type(exc).__name__}: {exc}); {fix}") from exc
+    lacking = [s.name for s in artifact.input_specs if s.name not in inputs]
+    if lacking or not outputs:
+        what = f"the input(s) {lacking}" if lacking else "any output"
+        raise MissingGoldenError(f"{path} lacks {what} (it holds inputs {sorted(inputs)}, outputs {sorted(outputs)}); {fix}")
     return {"inputs": inputs, "outputs": outputs}

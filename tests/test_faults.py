@@ -1,10 +1,10 @@
 """Fault injection (issue 15, hardening): damaged artifacts must give a clear
-:class:`~mmbridge.errors.CacheError` naming the file and
-the fix, never a silent wrong value or a bare traceback. Everything is made in ``tmp_path``:
-no TensorFlow.
+:class:`~mmbridge.errors.CacheError` naming the file and the fix, never a silent wrong value or
+a bare traceback. Everything is made in ``tmp_path``: no TensorFlow.
 
 Artifacts: a cached ``model.onnx`` altered without changing its size, a ``meta.json`` without
-required keys or with malformed specs. Tiny graphs from ``onnx.helper``.
+required keys or with malformed specs, a ``meta.json`` whose tolerance was loosened to hide wrong
+weights, an artifact without (or with an altered) ``golden.npz``. Tiny graphs from ``onnx.helper``.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from mmbridge import BridgeArtifact, CacheError
+from mmbridge import BridgeArtifact, CacheError, Tolerance
 from mmbridge.artifact import cached_or_build
 from mmbridge.cli import build_parser, main
-from mmbridge.parity import verify
-from mmbridge.store import META_FILE, MODEL_FILE
+from mmbridge.errors import ParityError
+from mmbridge.parity import MissingGoldenError, verify
+from mmbridge.store import GOLDEN_FILE, META_FILE, MODEL_FILE
 
 
 # ------------------------------------------------------------------------------------- cache
@@ -105,6 +106,66 @@ def test_meta_json_malformed_specs_and_json(tmp_path):
     (art.path / META_FILE).write_text("[1, 2]")
     with pytest.raises(CacheError, match="holds a JSON list, not an object"):
         BridgeArtifact.load(art.path)
+
+
+def test_tampered_tolerance_in_meta_json_does_not_pass_wrong_weights(tmp_path, capsys):
+    loose = Tolerance(100.0, 0.0, "tampered").to_dict()
+    wrong = _artifact(tmp_path / "w", k=2.95, tolerance=loose)  # wrong weights, meta.json loosened to hide them
+    with pytest.raises(ParityError, match=r"(?s)max_abs=4\.75.*records tolerance .*not trusted from the file"):
+        verify(wrong)
+    report = verify(wrong, raise_on_failure=False)
+    assert not report.passed and report.rows[0].tolerance.atol == 1e-5  # the table's ("onnx", "float32")
+    assert main(["verify", str(wrong.path)]) == 1
+    assert "verify does not trust from the file" in capsys.readouterr().err
+    # the caller may state a tolerance in code: a stricter one on a good artifact is used as given
+    good = _artifact(tmp_path / "g", tolerance=loose)
+    exact = Tolerance(0.0, 0.0, "exact")
+    rows = verify(good, tolerance=exact).rows
+    assert rows[0].passed and rows[0].tolerance == exact
+    assert main(["verify", str(good.path), "--atol", "0", "--rtol", "0"]) == 0
+
+
+def test_registered_bridge_states_its_tolerance_in_code(tmp_path):
+    """A bridge with documented looser numerics keeps them: from its registration, not its meta.json."""
+    import mmbridge
+    from mmbridge.registry import bridges
+
+    art = _artifact(tmp_path / "a", k=2.0005, name="faults_documented_loose")  # max_abs 2.5e-3 at x = 5
+    assert not verify(art, raise_on_failure=False).passed  # the table (1e-5 + 1e-4 |ref|)
+    mmbridge.register_bridge("faults_documented_loose", role="preprocess", input_specs=art.input_specs,
+                             tolerance=Tolerance(1e-2, 0.0, "documented"))(lambda: None)
+    try:
+        report = verify(art)
+        assert report.passed and report.rows[0].tolerance.reason == "documented"
+    finally:
+        bridges.unregister("faults_documented_loose")
+
+
+def test_missing_golden_is_a_clear_error_with_exit_code(tmp_path, capsys):
+    art = _artifact(tmp_path / "a", golden=False)
+    assert not (art.path / GOLDEN_FILE).exists()
+    with pytest.raises(MissingGoldenError, match=r"golden\.npz is missing") as info:
+        verify(art)
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, CacheError)
+    assert _rebuild_hint(str(info.value)) and "re-export" in str(info.value)
+    assert main(["verify", str(art.path)]) == 2
+    err = capsys.readouterr().err
+    assert "mmbridge verify: error:" in err and "golden.npz is missing" in err and "--force" in err
+    assert "Traceback" not in err
+
+
+def test_altered_or_broken_golden(tmp_path):
+    art = _artifact(tmp_path / "a")
+    g = art.path / GOLDEN_FILE
+    g.write_bytes(g.read_bytes()[:-8] + b"\x00" * 8)
+    with pytest.raises(MissingGoldenError, match=r"golden\.npz does not match the sha256"):
+        verify(art)
+    meta = json.loads((art.path / META_FILE).read_text())
+    meta.pop("golden_sha256")  # an artifact written before the golden digest was recorded
+    (art.path / META_FILE).write_text(json.dumps(meta))
+    g.write_bytes(b"PK not a zip")
+    with pytest.raises(MissingGoldenError, match=r"golden\.npz is unreadable"):
+        verify(BridgeArtifact.load(art.path))
 
 
 def test_corrupt_model_on_cli_verify_and_export_has_force(tmp_path, capsys):

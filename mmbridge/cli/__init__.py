@@ -1,7 +1,7 @@
 """The ``mmbridge`` command line.
 
     mmbridge export MODULE:ATTR|SAVEDMODEL_DIR|MODEL.keras|BRIDGE --out DIR [--opset N] [--name NAME]
-    mmbridge verify DIR [--backend ort --backend torch]
+    mmbridge verify DIR [--backend ort --backend torch] [--atol A --rtol R]
     mmbridge bridges [PATTERN]
     mmbridge info
     mmbridge train CONFIG.yaml [key=value ...]       (mmbridge.cli.train)
@@ -53,12 +53,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0: parity holds; 1: it does not; 2 (from :func:`main`): the artifact cannot be checked
+    (missing / corrupt files, no golden.npz), with the file and the fix on stderr."""
     from mmbridge.artifact import BridgeArtifact
     from mmbridge.parity import verify
+    from mmbridge.specs import Tolerance
 
+    tolerance = None
+    if args.atol is not None or args.rtol is not None:
+        tolerance = Tolerance(args.atol if args.atol is not None else 0.0, args.rtol if args.rtol is not None else 0.0,
+                              "given on the mmbridge verify command line")
     art = BridgeArtifact.load(args.artifact)
-    report = verify(art, backends=args.backend or ["ort"], raise_on_failure=False)
+    report = verify(art, backends=args.backend or ["ort"], tolerance=tolerance, raise_on_failure=False)
     print(report)
+    if not report.passed and tolerance is None and art.meta.get("tolerance"):
+        print(f"note: checked against the tolerance table; meta.json records tolerance {art.meta['tolerance']}, "
+              f"which verify does not trust from the file (pass --atol/--rtol to use it)", file=sys.stderr)
     return 0 if report.passed else 1
 
 
@@ -155,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact directory")
     p.add_argument("--backend", action="append", choices=("ort", "ort_module", "torch"),
                    help="backends to check (default: ort)")
+    p.add_argument("--atol", type=float, default=None,
+                   help="absolute tolerance for floating outputs (default: the tolerance table, never meta.json's)")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance for floating outputs (with --atol)")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("bridges", help="list registered bridges")
