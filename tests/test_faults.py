@@ -1,30 +1,223 @@
-"""Fault injection (issue 15, hardening): damaged artifacts must give a clear
-:class:`~mmbridge.errors.CacheError` naming the file and the fix, never a silent wrong value or
-a bare traceback. Everything is made in ``tmp_path``: no TensorFlow.
+"""Fault injection (issue 15, hardening): bad data and damaged artifacts must give a clear
+:class:`~mmbridge.errors.DataError` / :class:`~mmbridge.errors.CacheError` naming the file and
+the fix (or be skipped and counted when the user asked), never a silent wrong value or a bare
+traceback. Everything is made in ``tmp_path`` with PIL and ``onnx.helper``: no TensorFlow.
 
-Artifacts: a cached ``model.onnx`` altered without changing its size, a ``meta.json`` without
-required keys or with malformed specs, a ``meta.json`` whose tolerance was loosened to hide wrong
-weights, an artifact without (or with an altered) ``golden.npz``. Tiny graphs from ``onnx.helper``.
+The zoo: a 16-bit PNG (grey, grey with a transparent value, RGB), 32-bit and float pixels,
+alpha / palette transparency / CMYK, a truncated JPEG, a PNG header claiming 400 Mpx, all-empty
+texts; a cached ``model.onnx`` altered without changing its size, a ``meta.json`` without
+required keys, a ``meta.json`` whose tolerance was loosened to hide wrong weights, an artifact
+without (or with an altered) ``golden.npz``.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from PIL import Image
 
 from mmbridge import BridgeArtifact, CacheError, Tolerance
 from mmbridge.artifact import cached_or_build
 from mmbridge.cli import build_parser, main
-from mmbridge.errors import ParityError
+from mmbridge.data import MultimodalDataset, load_image
+from mmbridge.errors import DataError, ParityError
 from mmbridge.parity import MissingGoldenError, verify
 from mmbridge.store import GOLDEN_FILE, META_FILE, MODEL_FILE
+
+LABELS = ("a", "b")
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png(path: Path, width: int, height: int, bit_depth: int, colour_type: int, rows: bytes,
+         extra: bytes = b"") -> Path:
+    """A PNG written byte by byte (Pillow cannot write 16-bit RGB, nor lie about the size)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra + _chunk(b"IDAT", zlib.compress(rows))
+                     + _chunk(b"IEND", b""))
+    return path
+
+
+def _png16(path: Path, values: np.ndarray, *, rgb: bool = False, transparent: int | None = None) -> Path:
+    """16-bit grey (or RGB with three equal channels) PNG of ``values`` [H, W] (uint16)."""
+    a = np.asarray(values, dtype=">u2")
+    if rgb:
+        a = np.repeat(a[..., None], 3, axis=2)
+    rows = b"".join(b"\x00" + row.tobytes() for row in a)  # filter 0 per row
+    extra = _chunk(b"tRNS", struct.pack(">H", transparent)) if transparent is not None else b""
+    return _png(path, values.shape[1], values.shape[0], 16, 2 if rgb else 0, rows, extra)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _folder(root: Path, n: int = 6, texts: dict[int, str] | None = None) -> Path:
+    """ids 1..n, each an 8x8 RGB PNG, a text and a numeric column; replace files to inject faults."""
+    (root / "images").mkdir(parents=True)
+    for i in range(1, n + 1):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / "images" / f"{i}.png")
+    texts = texts if texts is not None else {i: f"word{i} thing" for i in range(1, n + 1)}
+    _write_csv(root / "text.csv", ["id", "text", "label"], [[i, texts[i], LABELS[i % 2]] for i in range(1, n + 1)])
+    _write_csv(root / "numeric.csv", ["id", "x", "label"], [[i, float(i), LABELS[i % 2]] for i in range(1, n + 1)])
+    return root
+
+
+def _replace_image(root: Path, i: int, make) -> Path:
+    (root / "images" / f"{i}.png").unlink()
+    return make(root / "images")
+
+
+def _truncated_jpeg(folder: Path, i: int) -> Path:
+    rng = np.random.default_rng(0)
+    path = folder / f"{i}.jpg"
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with Image.open(path) as im:  # the old up-front check: header + verify() pass
+        im.verify()
+    return path
+
+
+def _bomb_png(folder: Path, i: int) -> Path:
+    """A valid PNG header claiming 20000 x 20000 = 400 Mpx (over Pillow's 2 x 89.5 Mpx limit)."""
+    return _png(folder / f"{i}.png", 20000, 20000, 8, 0, b"\x00" * 16)
+
+
+# ------------------------------------------------------------------------------- images: depth
+RAMP16 = np.array([0, 255, 256, 0x12FF, 0x8000, 0xFF00, 0xFFFF], dtype=np.uint16)
+RAMP8 = np.array([0, 0, 1, 18, 128, 255, 255], dtype=np.uint8)  # v >> 8 (round(v / 257) would give 19 for 0x12FF)
+
+
+def test_16bit_grey_png_is_scaled_by_its_high_byte_exactly(tmp_path):
+    img = np.tile(RAMP16, (7, 1))  # 7 x 7: no resize at image_size=7
+    out = load_image(_png16(tmp_path / "g16.png", img), 7)
+    assert out.dtype == np.uint8 and out.shape == (7, 7, 3)
+    assert np.array_equal(out[0, :, 0], RAMP8) and np.array_equal(out[..., 0], out[..., 2])
+    # no saturation: a full 16-bit ramp maps onto every 8-bit level once (was: 26 % and more at 255)
+    ramp = (np.arange(256 * 256, dtype=np.uint32)).reshape(256, 256).astype(np.uint16)
+    grey = load_image(_png16(tmp_path / "ramp.png", ramp), 256)[..., 0]
+    assert np.array_equal(grey, (ramp >> 8).astype(np.uint8))
+    assert (grey == 255).mean() == pytest.approx(1 / 256)
+
+
+def test_16bit_grey_and_16bit_rgb_decode_alike(tmp_path):
+    """Pillow reads 16-bit RGB PNGs by their high byte; 16-bit grey now does the same."""
+    img = np.tile(RAMP16, (7, 1))
+    grey = load_image(_png16(tmp_path / "g.png", img), 7)
+    rgb = load_image(_png16(tmp_path / "c.png", img, rgb=True), 7)
+    assert np.array_equal(grey, rgb)
+
+
+def test_16bit_grey_transparent_value_is_white(tmp_path):
+    img = np.tile(RAMP16, (7, 1))
+    out = load_image(_png16(tmp_path / "t.png", img, transparent=0x12FF), 7)[0, :, 0]
+    want = RAMP8.copy()
+    want[3] = 255
+    assert np.array_equal(out, want)
+
+
+def test_32bit_int_pixels_in_16bit_range_are_scaled_others_refused(tmp_path):
+    ok = tmp_path / "i32.png"  # TIFF bytes under a .png name: Pillow goes by the content
+    Image.fromarray(np.array([[0, 0x12FF, 65535]], dtype=np.int32), "I").save(ok, format="TIFF")
+    assert Image.open(ok).mode == "I"
+    assert load_image(ok, 3)[0, :, 0].tolist() == [0, 18, 255]
+    bad = tmp_path / "big.png"
+    Image.fromarray(np.array([[0, 70000, 5]], dtype=np.int32), "I").save(bad, format="TIFF")
+    with pytest.raises(DataError, match=r"big\.png has 32-bit integer pixels.*0\.\.70000"):
+        load_image(bad, 3)
+
+
+def test_float_pixels_refused_naming_file_and_mode(tmp_path):
+    path = tmp_path / "f.png"
+    Image.fromarray(np.full((4, 4), 0.5, np.float32), "F").save(path, format="TIFF")
+    with pytest.raises(DataError, match=r"f\.png has Pillow mode 'F'.*refused rather than clipped"):
+        load_image(path, 4)
+
+
+def test_alpha_palette_transparency_and_cmyk(tmp_path):
+    la = tmp_path / "la.png"
+    Image.fromarray(np.array([[[0, 0], [0, 255], [100, 128]]], np.uint8), "LA").save(la)
+    assert load_image(la, 3)[0, :, 0].tolist() == [255, 0, 177]  # on white: 100*128/255 + 255*127/255
+    pal = tmp_path / "p.png"
+    p = Image.new("P", (2, 2))  # index 0 (red) transparent, index 1 blue
+    p.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    p.putpixel((1, 0), 1)
+    p.save(pal, transparency=0)
+    img = Image.open(pal)
+    assert img.mode == "P" and img.info["transparency"] == 0
+    assert load_image(pal, 2)[0].tolist() == [[255, 255, 255], [0, 0, 255]]
+    cmyk = tmp_path / "c.jpg"
+    Image.new("CMYK", (8, 8), (255, 0, 0, 0)).save(cmyk, quality=100)
+    assert Image.open(cmyk).mode == "CMYK"
+    assert np.abs(load_image(cmyk, 8)[0, 0].astype(int) - [0, 255, 255]).max() <= 2  # cyan
+
+
+def test_16bit_png_in_a_dataset_item(tmp_path):
+    root = _folder(tmp_path / "d")
+    _replace_image(root, 2, lambda d: _png16(d / "2.png", np.tile(RAMP16, (7, 1))))
+    ds = MultimodalDataset.from_folder(root, modalities=("image", "numeric"), image_size=7)
+    assert np.array_equal(ds[ds.ids.index(2)]["image"].numpy()[0, :, 1], RAMP8)
+
+
+# ------------------------------------------------------------------------ images: up front check
+def test_truncated_jpeg_is_refused_up_front_or_skipped(tmp_path):
+    root = _folder(tmp_path / "d")
+    _replace_image(root, 3, lambda d: _truncated_jpeg(d, 3))
+    with pytest.raises(DataError, match=r"(?s)images/ has unreadable image files for: 1 id \[3\].*"
+                                        r"id 3: image .*3\.jpg cannot be decoded .*truncated"):
+        MultimodalDataset.from_folder(root, modalities=("image", "numeric"))
+    ds = MultimodalDataset.from_folder(root, modalities=("image", "numeric"), on_error="skip")
+    assert ds.skipped == {"unreadable_image": 1} and 3 not in ds.ids
+    assert [int(ds[k]["id"]) for k in range(len(ds))] == [1, 2, 4, 5, 6]  # a full pass, no mid-run failure
+
+
+def test_decompression_bomb_header_is_a_data_error(tmp_path):
+    root = _folder(tmp_path / "d")
+    bomb = _replace_image(root, 4, lambda d: _bomb_png(d, 4))
+    with pytest.raises(DataError, match=r"image .*4\.png is too large to decode safely .*400000000 pixels"):
+        load_image(bomb, 8)
+    with pytest.raises(DataError, match=r"(?s)unreadable image files for: 1 id \[4\].*id 4: .*MAX_IMAGE_PIXELS"):
+        MultimodalDataset.from_folder(root, modalities=("image", "text"))
+    ds = MultimodalDataset.from_folder(root, modalities=("image", "text"), on_error="skip")
+    assert ds.skipped == {"unreadable_image": 1} and 4 not in ds.ids
+
+
+def test_several_bad_images_listed_together(tmp_path):
+    root = _folder(tmp_path / "d")
+    _replace_image(root, 1, lambda d: _truncated_jpeg(d, 1))
+    _replace_image(root, 5, lambda d: _bomb_png(d, 5))
+    (root / "images" / "6.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"unreadable image files for: 3 ids \[1, 5, 6\]") as info:
+        MultimodalDataset.from_folder(root, modalities=("image",))
+    assert info.value.problems == {"unreadable_image": [1, 5, 6]}
+    assert all(f"{i}." in str(info.value) for i in (1, 5, 6))
+
+
+# ------------------------------------------------------------------------------------- texts
+def test_all_empty_texts_name_text_csv_and_the_ids(tmp_path):
+    root = _folder(tmp_path / "d", texts={i: ("" if i % 2 else "  ") for i in range(1, 7)})
+    with pytest.raises(DataError, match=r"text\.csv: the texts of every train id are empty .*6 ids \[1, 2, 3, 4, 5, 6\]"):
+        MultimodalDataset.from_folder(root, modalities=("text",))
+    # some empty texts are fine (they encode to padding)
+    root2 = _folder(tmp_path / "e", texts={i: ("" if i % 2 else "hello") for i in range(1, 7)})
+    ds = MultimodalDataset.from_folder(root2, modalities=("text",))
+    assert len(ds) == 6 and int(ds[0]["text_mask"].sum()) == 0
 
 
 # ------------------------------------------------------------------------------------- cache

@@ -2,7 +2,7 @@
 
 Layout of ``root``::
 
-    images/<id>.png        (or .jpg / .jpeg; any size and mode: RGBA, palette, grey, RGB)
+    images/<id>.png        (or .jpg / .jpeg; any size; 8- or 16-bit; RGB, grey, alpha, palette, CMYK)
     text.csv               id,text,label
     numeric.csv            id,<feature>...,label      empty cells = missing values
     splits.csv             id,split                   optional; split in {train, val, test}
@@ -29,6 +29,10 @@ Rules (DESIGN.md section 8):
   column that has missing values in the train split. Those statistics (``ds.stats``), the
   label map (``ds.label_map``) and the fitted tokenizer (``ds.tokenizer``) are computed once on
   the train split and must be passed to the val / test datasets (:func:`load_splits` does that).
+* Every image is fully decoded once up front (not only its header), so a truncated file, one
+  over Pillow's decompression-bomb pixel limit or one whose pixel format cannot be read exactly
+  is an ``unreadable_image`` problem of its id (refused or skipped like the others), never a
+  failure in the middle of training. How each Pillow mode becomes 8-bit RGB: :func:`load_image`.
 * Raw tensors only: uint8 NHWC images resized to ``image_size`` x ``image_size`` with PIL
   bilinear on load (so batches stack) after compositing transparency on white; token ids; raw
   float features (not standardised; ``stats["mean"]`` / ``stats["std"]`` are recorded for the
@@ -42,14 +46,16 @@ import csv
 import dataclasses
 import logging
 import math
+import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from mmbridge.data.tokenizers import TOKENIZER_NAMES, HFTokenizer, Tokenizer, WordTokenizer, get_tokenizer
@@ -79,6 +85,7 @@ class _Problem:
     reason: str  # key of ds.skipped
     ids: set[int]
     what: str  # sentence fragment: "<file> has no row for"
+    details: dict[int, str] = dataclasses.field(default_factory=dict)  # id -> why (printed under the line)
 
 
 class _Problems:
@@ -87,10 +94,10 @@ class _Problems:
     def __init__(self) -> None:
         self.items: list[_Problem] = []
 
-    def add(self, reason: str, ids: Iterable[int], what: str) -> None:
+    def add(self, reason: str, ids: Iterable[int], what: str, details: Mapping[int, str] | None = None) -> None:
         ids = set(ids)
         if ids:
-            self.items.append(_Problem(reason, ids, what))
+            self.items.append(_Problem(reason, ids, what, dict(details or {})))
 
     def ids(self) -> set[int]:
         return set().union(*(p.ids for p in self.items)) if self.items else set()
@@ -100,7 +107,13 @@ class _Problems:
         if not self.items:
             return set()
         if on_error == "raise":
-            lines = [f"  - {p.what}: {_fmt_ids(p.ids)}" for p in self.items]
+            lines = []
+            for p in self.items:
+                lines.append(f"  - {p.what}: {_fmt_ids(p.ids)}")
+                shown = sorted(p.details)[:_SHOW]
+                lines += [f"      id {i}: {p.details[i]}" for i in shown]
+                if len(p.details) > len(shown):
+                    lines.append(f"      ... ({len(p.details) - len(shown)} more)")
             err = DataError(
                 f"dataset {root} has {len(self.ids())} ids with problems:\n" + "\n".join(lines) + "\n"
                 "Fix the files, or pass on_error='skip' to drop these ids (counted per reason in "
@@ -168,39 +181,115 @@ def _scan_images(folder: Path, universe: set[int] | None) -> tuple[dict[int, Pat
     return {i: sorted(ps)[0] for i, ps in found.items()}, {i for i, ps in found.items() if len(ps) > 1}
 
 
-def _image_ok(path: Path) -> bool:
+# Pillow modes, by how they become 8-bit RGB (see load_image)
+_EIGHT_BIT_MODES = frozenset({"1", "L", "P", "RGB", "RGBX", "YCbCr", "CMYK", "RGBA", "LA", "PA", "RGBa", "La"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def _to_rgb(im: Image.Image, path: str | Path) -> Image.Image:
+    """A decoded Pillow image as 8-bit RGB, exactly, or a DataError naming the file and the mode."""
+    mode = im.mode
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        a = np.asarray(im)
+        if mode == "I" and a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise DataError(
+                f"image {path} has 32-bit integer pixels (Pillow mode 'I') with values {int(a.min())}..{int(a.max())}, "
+                f"outside the 16-bit range 0..65535; there is no exact 8-bit reading of it. Save it as an 8- or "
+                f"16-bit PNG"
+            )
+        a16 = a.astype(np.uint16)
+        grey = Image.fromarray((a16 >> 8).astype(np.uint8), "L")
+        trans = im.info.get("transparency")
+        rgb = grey.convert("RGB")
+        if isinstance(trans, int):  # tRNS of a 16-bit grey PNG: one transparent grey value
+            out = np.array(rgb)
+            out[a16 == trans] = 255  # transparent on white
+            rgb = Image.fromarray(out, "RGB")
+        return rgb
+    if mode not in _EIGHT_BIT_MODES:
+        why = ("32-bit float pixels have no defined 0..255 scale" if mode == "F"
+               else "mmbridge reads 8-bit and 16-bit grey / RGB / alpha / palette / CMYK images")
+        raise DataError(f"image {path} has Pillow mode {mode!r}: {why}; convert it to an 8-bit RGB(A) or grey PNG "
+                        f"(refused rather than clipped or guessed)")
+    if mode in _ALPHA_MODES or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _decode_rgb(path: str | Path) -> Image.Image:
+    """Fully decode one image file to 8-bit RGB (every byte read), or raise a DataError naming it."""
     try:
         with Image.open(path) as im:
-            im.verify()
-        return True
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-        return False
+            im.load()
+            return _to_rgb(im, path)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DataError(
+            f"image {path} is too large to decode safely ({exc}); Pillow refuses more than "
+            f"2 x PIL.Image.MAX_IMAGE_PIXELS = {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels. Downscale it, or raise "
+            f"PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
+        ) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder failure (OSError "truncated", SyntaxError, ...) means unreadable
+        raise DataError(f"image {path} cannot be decoded ({type(exc).__name__}: {exc}); replace or remove it") from exc
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why the image cannot be decoded (the DataError's message), or None when it can."""
+    try:
+        _decode_rgb(path)
+    except DataError as exc:
+        return str(exc)
+    return None
+
+
+def _image_problems(paths: Mapping[int, Path]) -> dict[int, str]:
+    """id -> why, for the images that do not decode; decoded in a few threads (Pillow releases the GIL)."""
+    ids = sorted(paths)
+    workers = max(1, min(8, os.cpu_count() or 1, len(ids)))
+    if workers == 1:
+        found = [_image_problem(paths[i]) for i in ids]
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmbridge-image-check") as pool:
+            found = list(pool.map(lambda i: _image_problem(paths[i]), ids))
+    return {i: why for i, why in zip(ids, found) if why is not None}
 
 
 def load_image(path: str | Path, image_size: int) -> np.ndarray:
     """Decode one image the way the dataset does.
 
-    Transparency (RGBA, LA, palette with a transparent colour) is composited on WHITE, then the
-    image is converted to RGB and resized to ``image_size`` x ``image_size`` with PIL bilinear
-    (aspect ratio not kept; Pillow antialiases when shrinking).
+    Pixel formats (Pillow modes), each read exactly or refused, never clipped:
+
+    * 8-bit ``1``, ``L``, ``P``, ``RGB``, ``YCbCr``: converted to RGB; ``CMYK`` (JPEG) with
+      Pillow's conversion (no colour profile applied).
+    * Transparency (``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa`` / ``La``, palette or grey
+      with a transparent colour): composited on WHITE.
+    * 16-bit grey (``I;16`` / ``I;16B`` / ``I;16L``, and ``I`` with values in 0..65535, which
+      older Pillow uses for 16-bit PNGs): scaled to 8 bits by keeping the high byte,
+      ``v8 = v16 >> 8`` (0..255 -> 0, 256 -> 1, 0x12FF -> 18, 65535 -> 255). That is what Pillow
+      itself does for 16-bit RGB / RGBA / grey+alpha PNGs (it unpacks their high bytes), so a
+      16-bit image decodes the same whether it is stored as grey or as RGB. A 16-bit grey PNG's
+      transparent value is composited on white.
+    * Refused with a :class:`DataError` naming the file and mode: ``F`` (float pixels, no
+      defined scale), ``I`` with values outside 0..65535, and any other mode.
+
+    Then the RGB image is resized to ``image_size`` x ``image_size`` with PIL bilinear (aspect
+    ratio not kept; Pillow antialiases when shrinking).
 
     Returns:
         uint8 array [image_size, image_size, 3] (HWC, RGB, 0..255).
 
     Raises:
-        DataError: the file cannot be decoded.
+        DataError: the file cannot be decoded (unreadable, truncated, over Pillow's
+            decompression-bomb limit of ``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels) or has a
+            refused mode; the message names the file.
     """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-                rgba = im.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                rgb = Image.alpha_composite(white, rgba).convert("RGB")
-            else:
-                rgb = im.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise DataError(f"image {path} cannot be decoded ({exc}); replace or remove it") from exc
+    rgb = _decode_rgb(path)
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
@@ -370,11 +459,12 @@ def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_t
         conflict = {i for i in a.keys() & b.keys() if a[i] != b[i]}
         problems.add("label_conflict", conflict, "text.csv and numeric.csv give different labels for")
 
-    # image decodability, only for ids that are otherwise fine (a cheap header + CRC check, no decode)
+    # image decodability, only for ids that are otherwise fine: a full decode, so that nothing
+    # that fails later (truncated data, a decompression bomb, a refused pixel format) passes here
     if images:
         fine = all_ids - problems.ids()
-        problems.add("unreadable_image", {i for i in fine if i in images and not _image_ok(images[i])},
-                     "images/ has unreadable image files for")
+        bad_images = _image_problems({i: images[i] for i in fine if i in images})
+        problems.add("unreadable_image", bad_images, "images/ has unreadable image files for", bad_images)
 
     skipped: dict[str, int] = {}
     hint = ""
@@ -585,6 +675,12 @@ class MultimodalDataset(Dataset):
                 if name == "word" and not texts:
                     raise DataError(f"dataset {table.root}: the train split is empty, so the 'word' tokenizer cannot be "
                                     "fit; pass tokenizer=<the train dataset's ds.tokenizer>")
+                if name == "word" and not any(WordTokenizer.tokenize(t) for t in texts):
+                    raise DataError(
+                        f"{table.root / 'text.csv'}: the texts of every train id are empty (no word), so the 'word' "
+                        f"tokenizer has no vocabulary to fit: {_fmt_ids(fit_ids)}. Fill the 'text' column, drop "
+                        f"'text' from modalities, or pass a pretrained tokenizer (tokenizer='minilm')"
+                    )
                 tokenizer = get_tokenizer(name, texts)
             elif _is_hf_tokenizer(tokenizer):
                 tokenizer = HFTokenizer(tokenizer)
