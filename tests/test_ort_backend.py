@@ -204,7 +204,11 @@ def test_frozen_no_params_no_grad_train_allowed():
     x = torch.randn(2, 3, requires_grad=True)
     with torch.enable_grad():
         y = m(x)
-    assert not y.requires_grad and y.grad_fn is None
+    # issue 15: an input that requires grad gets outputs whose backward names the bridge (was: no grad_fn)
+    with pytest.raises(RuntimeBackendError, match=r"bridge 'mul2' runs in onnxruntime and is frozen"):
+        y.sum().backward()
+    with torch.no_grad():
+        assert not m(x).requires_grad and m(x).grad_fn is None
     torch.testing.assert_close(y, 2 * x.detach(), rtol=0, atol=0)
     assert m.train() is m and m.training  # HybridModel.train() must work
     assert m.eval() is m and not m.training
@@ -240,6 +244,41 @@ def test_inside_compose_as_frozen_preprocess_and_frozen_encoder():
     logits.sum().backward()
     assert enc[1].weight.grad is not None and enc[1].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in pre.parameters()) and list(feats.parameters()) == []
+
+
+# -- issue 15: backward() through an ORT bridge names the bridge and to_torch ------------------
+FROZEN = r"bridge 'mul2' runs in onnxruntime and is frozen; use artifact\.to_torch\(\) to train it"
+
+
+def test_backward_through_ort_bridge_says_frozen_and_to_torch():
+    m = mmbridge.to_ort(mul2_model())
+    lin = torch.nn.Linear(3, 3)
+    y = m(lin(torch.randn(2, 3)))  # a trainable layer before the frozen bridge
+    with pytest.raises(RuntimeBackendError, match=FROZEN):
+        y.sum().backward()
+    head = torch.nn.Linear(3, 1)  # through a head too: the gradient would have to cross the bridge
+    with pytest.raises(RuntimeBackendError, match=FROZEN + r".*detach"):
+        head(m(lin(torch.randn(2, 3)))).sum().backward()
+    # detached inputs / no_grad: no autograd node at all, and a head after the bridge still trains
+    y = m(lin(torch.randn(2, 3)).detach())
+    assert not y.requires_grad and y.grad_fn is None
+    with torch.no_grad():
+        assert m(lin(torch.randn(2, 3))).grad_fn is None
+    head(m(torch.randn(4, 3))).sum().backward()
+    assert head.weight.grad is not None
+
+
+def test_backward_guard_keeps_zero_copy_and_exact_outputs_non_differentiable():
+    m = mmbridge.to_ort(mul2_model())
+    x = torch.arange(6.0).reshape(2, 3).requires_grad_()
+    y = m(x)
+    assert y.requires_grad and y.data_ptr() == m._runner_for(torch.device("cpu")).binding.get_outputs()[0].data_ptr()
+    torch.testing.assert_close(y.detach(), 2 * x.detach(), rtol=0, atol=0)
+    idx = mmbridge.to_ort(nonzero_model())(torch.tensor([0.0, 2.0, 3.0], requires_grad=True))  # int64, DLPack
+    assert idx.dtype == torch.int64 and not idx.requires_grad and idx.tolist() == [[1, 2]]
+    s, r = mmbridge.to_ort(two_io_model())(torch.randn(3, 4, requires_grad=True), torch.randn(3, 4))
+    with pytest.raises(RuntimeBackendError, match=r"bridge 'two_io' runs in onnxruntime and is frozen"):
+        (s.sum() + r.sum()).backward()
 
 
 # -- dtype / autocast -------------------------------------------------------------------------

@@ -30,10 +30,15 @@ takes and returns torch tensors without copying them through numpy:
   its stream once at the end of each run. Producers on *side* streams must be ordered by the
   caller as torch requires (``torch.cuda.current_stream().wait_stream(side)``;
   microsoft/onnxruntime#26609, case 21).
-* **Frozen.** No parameters, no buffers, empty ``state_dict()``; outputs never require grad.
-  ``train()`` / ``eval()`` only flip the flag (so a composed model can call ``model.train()``);
-  ``requires_grad_(True)`` and ``trainable = True`` raise
-  :class:`~mmbridge.errors.RuntimeBackendError` pointing to ``to_torch``.
+* **Frozen.** No parameters, no buffers, empty ``state_dict()``. ``train()`` / ``eval()`` only
+  flip the flag (so a composed model can call ``model.train()``); ``requires_grad_(True)`` and
+  ``trainable = True`` raise :class:`~mmbridge.errors.RuntimeBackendError` pointing to
+  ``to_torch``. Outputs do not require grad, except when grad mode is on and an input requires
+  grad: then the outputs carry an autograd node whose backward raises ``RuntimeBackendError``
+  ("bridge '<name>' runs in onnxruntime and is frozen; use artifact.to_torch() to train it"),
+  so a gradient that was meant to flow through the bridge fails loudly, naming the bridge,
+  instead of stopping silently or with torch's generic "does not require grad" error. The
+  outputs are still the memory ORT wrote (the node adds no copy).
 * **Threads.** ``intra_op_threads`` defaults to ``os.cpu_count() // LOCAL_WORLD_SIZE`` (at least
   1), so several DDP ranks on one host do not oversubscribe it.
 * **Autocast.** Inside a ``torch.autocast`` region a floating input whose dtype differs from the
@@ -343,8 +348,9 @@ class ORTModule(nn.Module):
     Frozen by construction: no parameters, no buffers, empty ``state_dict()``. ``train()`` /
     ``eval()`` are allowed (a composed model calls ``model.train()``) and change nothing;
     ``requires_grad_(True)`` and ``module.trainable = True`` raise :class:`RuntimeBackendError`
-    saying to use ``to_torch``. Inputs that require grad are accepted (logged once at WARNING:
-    no gradient flows back through this module).
+    saying to use ``to_torch``. Inputs that require grad are accepted (logged once at WARNING);
+    with grad mode on, ``backward()`` through the outputs then raises :class:`RuntimeBackendError`
+    naming the bridge and ``to_torch`` (see :func:`frozen_message`).
     """
 
     def __init__(self, model: Any, *, source: str | bytes, input_specs: Sequence[TensorSpec] | None = None,
@@ -520,8 +526,8 @@ class ORTModule(nn.Module):
                 self._logged.add("grad")
                 logger.warning(
                     "ORTModule %r: input %r requires grad, but no gradient flows back through an onnxruntime "
-                    "branch; use to_torch(...) if the layers before it must learn through it",
-                    self.name, self._in_names[i])
+                    "branch (backward() through it raises); use to_torch(...) if the layers before it must learn "
+                    "through it, or pass the input detached", self.name, self._in_names[i])
         if device is None:
             device = self._device or torch.device("cpu")
         want = self._device
@@ -535,6 +541,14 @@ class ORTModule(nn.Module):
         out_shapes = self._shape_cache.get(key)
         if out_shapes is None:
             out_shapes = self._resolve_shapes(key, tensors)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            outs = _FrozenBridge.apply(self.name, lambda: self._run(runner, tensors, key, out_shapes), *tensors)
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        outs = self._run(runner, tensors, key, out_shapes)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _run(self, runner: _Runner, tensors: list[torch.Tensor], key: tuple, out_shapes: list[Any]) -> list[torch.Tensor]:
+        """One ORT call (with the ORT-allocated retry) on validated inputs; learns output shapes."""
         try:
             outs = runner.run(tensors, out_shapes)
         except Exception as exc:  # noqa: BLE001 - retried / re-raised below
@@ -544,7 +558,7 @@ class ORTModule(nn.Module):
                 # learn this signature's output shapes (data-dependent ones stay ORT-allocated)
                 self._shape_cache[key] = [None if j in self._data_dependent else tuple(o.shape)
                                           for j, o in enumerate(outs)]
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        return outs
 
     def _gather(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
         names = self._in_names
@@ -656,6 +670,35 @@ class ORTModule(nn.Module):
     def extra_repr(self) -> str:
         ins = ", ".join(f"{s.name}{list(s.shape)}:{s.dtype}" for s in self.input_specs)
         return f"name={self.name!r}, inputs=[{ins}], outputs={self.output_names}, device={self._device}, strict={self.strict}"
+
+
+def frozen_message(name: str) -> str:
+    """What ``backward()`` through an ORT bridge raises (the same sentence wherever it is refused)."""
+    return (f"bridge {name!r} runs in onnxruntime and is frozen; use artifact.to_torch() to train it "
+            f"(mmbridge.to_torch(...); export with trainable=True to keep BatchNorm / Dropout). If no gradient "
+            f"should flow through it, pass its inputs detached (tensor.detach()) or call it under torch.no_grad()")
+
+
+class _FrozenBridge(torch.autograd.Function):
+    """Runs the ORT call in ``forward`` and refuses ``backward`` with :func:`frozen_message`.
+
+    Used only when grad mode is on and an input requires grad, so that a gradient meant to flow
+    through the bridge fails naming it. The outputs are the tensors ORT wrote (no copy);
+    integer / bool outputs are marked non-differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, name: str, run: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: ARG004
+        ctx.bridge = name
+        outs = run()
+        exact = [o for o in outs if not (o.is_floating_point() or o.is_complex())]
+        if exact:
+            ctx.mark_non_differentiable(*exact)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:  # noqa: ARG004
+        raise RuntimeBackendError(frozen_message(ctx.bridge))
 
 
 class _ShapeOnly:
