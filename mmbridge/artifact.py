@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,7 +186,22 @@ def cached_or_build(
                 return hit, True
         model, meta, *golden = build()
         meta = dict(meta, name=name, fingerprint=fingerprint)
-        return BridgeArtifact.write(dest, model, meta, golden[0] if golden else None), False
+        stale = _set_aside_non_artifact(dest)
+        art = BridgeArtifact.write(dest, model, meta, golden[0] if golden else None)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
+        return art, False
+
+
+def _set_aside_non_artifact(dest: Path) -> Path | None:
+    """A cache entry directory without meta.json (e.g. meta.json deleted by hand) cannot be
+    replaced by :func:`replace_dir`, which protects users' own directories; inside the cache it
+    is ours, so it is renamed aside (deleted after the rebuild). Returns where it went, or None."""
+    if not dest.is_dir() or (dest / META_FILE).is_file():
+        return None
+    stale = dest.parent / f".trash-{dest.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(dest, stale)
+    return stale
 
 
 def _load_hit(dest: Path) -> BridgeArtifact | None:

@@ -124,15 +124,17 @@ def read_meta(path: str | os.PathLike, *, check: bool | str = True) -> dict[str,
     return meta
 
 
-def _validate_meta(meta: dict[str, Any], meta_path: Path) -> None:
-    """Refuse a meta.json that lacks what the artifact's readers index without a default."""
+def _validate_meta(meta: dict[str, Any], meta_path: Path, fix: str | None = None) -> None:
+    """Refuse a meta.json that lacks what the artifact's readers index without a default.
+
+    ``fix``: the sentence that ends the message (default: :func:`rebuild_hint`).
+    """
     from mmbridge.specs import TensorSpec
 
-    where = meta_path.parent
+    fix = fix or rebuild_hint(meta_path.parent)
     missing = [k for k in REQUIRED_META_KEYS if k not in meta]
     if missing:
-        raise CacheError(f"{meta_path} lacks the required key(s) {missing} (has {sorted(meta)}); "
-                         f"{rebuild_hint(where)}")
+        raise CacheError(f"{meta_path} lacks the required key(s) {missing} (has {sorted(meta)}); {fix}")
     problems = []
     for key in ("name", "role", "fingerprint", "onnx_sha256"):
         if not isinstance(meta[key], str) or not meta[key]:
@@ -150,7 +152,7 @@ def _validate_meta(meta: dict[str, Any], meta_path: Path) -> None:
                 except (KeyError, TypeError, ValueError) as exc:
                     problems.append(f"input spec {d.get('name')!r} is malformed ({type(exc).__name__}: {exc})")
     if problems:
-        raise CacheError(f"{meta_path} is malformed: " + "; ".join(problems) + f"; {rebuild_hint(where)}")
+        raise CacheError(f"{meta_path} is malformed: " + "; ".join(problems) + f"; {fix}")
 
 
 def write_dir(dest: str | os.PathLike, model: Any, meta: dict[str, Any],
@@ -168,7 +170,8 @@ def write_dir(dest: str | os.PathLike, model: Any, meta: dict[str, Any],
         ``golden``, ``golden_sha256``).
 
     Raises:
-        CacheError: ``dest``'s parent is not writable.
+        CacheError: ``dest``'s parent is not writable, or ``meta`` (with what this adds) lacks a
+            key of :data:`REQUIRED_META_KEYS` or holds malformed specs (nothing is written).
     """
     import onnx
 
@@ -191,8 +194,12 @@ def write_dir(dest: str | os.PathLike, model: Any, meta: dict[str, Any],
                     onnx_bytes=(tmp / MODEL_FILE).stat().st_size)
         if golden is not None:
             meta["golden_sha256"] = sha256_file(tmp / GOLDEN_FILE)
+        text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default)
+        # refuse to write what read_meta would refuse (a cache entry that could never be hit)
+        _validate_meta(json.loads(text), dest / META_FILE,
+                       fix=f"the code writing the artifact must provide them (keys: {list(REQUIRED_META_KEYS)})")
         with open(tmp / META_FILE, "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True, default=_json_default)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         replace_dir(tmp, dest)
