@@ -197,7 +197,7 @@ def write_dir(dest: str | os.PathLike, model: Any, meta: dict[str, Any],
         text = json.dumps(meta, indent=2, sort_keys=True, default=_json_default)
         # refuse to write what read_meta would refuse (a cache entry that could never be hit)
         _validate_meta(json.loads(text), dest / META_FILE,
-                       fix=f"the code writing the artifact must provide them (keys: {list(REQUIRED_META_KEYS)})")
+                       fix=f"fix the code that writes the artifact (required keys: {list(REQUIRED_META_KEYS)})")
         with open(tmp / META_FILE, "w") as f:
             f.write(text)
             f.flush()

@@ -296,7 +296,7 @@ def test_cache_entry_without_meta_json_is_rebuilt_and_bad_meta_never_written(tmp
     art2, hit = cached_or_build("double", "a" * 64, build, root=tmp_path)
     assert not hit and art2.path == art.path and BridgeArtifact.load(art2.path).name == "double"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".trash", ".tmp"))]
-    with pytest.raises(CacheError, match=r"lacks the required key\(s\) \['role'\].*code writing the artifact"):
+    with pytest.raises(CacheError, match=r"lacks the required key\(s\) \['role'\].*fix the code that writes the artifact"):
         BridgeArtifact.write(tmp_path / "bad", _double_model(), {k: v for k, v in _meta(name="n", fingerprint="f").items()
                                                                  if k != "role"})
     assert not (tmp_path / "bad").exists()
