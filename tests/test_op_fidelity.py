@@ -47,3 +47,66 @@ def test_center_crop_with_dynamic_size_matches_the_traced_layer_at_every_size(ke
         for got in _both(art, x):
             assert got.shape == want.shape, (h, w)
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64"])
+def test_one_hot_of_negative_and_out_of_range_ids_is_all_off(tf, tmp_path, dtype):
+    """ONNX OneHot counts negative ids from the end; TF gives an all-off row (-1 was class 3 of 4)."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None], dtype, name="ids")])
+    def one_hot(ids):
+        return tf.one_hot(ids, 4, on_value=2.0, off_value=-1.0)
+
+    ids = np.array([-1, 0, 3, 4, 7, -5, 2, -4], dtype)
+    art = mmbridge.export(one_hot, sample_inputs={"ids": ids[1:3]}, cache_dir=tmp_path)
+    want = one_hot(ids).numpy()
+    assert (want[0] == -1.0).all() and (want[3] == -1.0).all()
+    for got in _both(art, ids):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_scatter_nd_adds_the_updates_of_repeated_indices(tf, tmp_path):
+    @tf.function(input_signature=[tf.TensorSpec([None, 1], tf.int32, name="idx"),
+                                  tf.TensorSpec([None], tf.float32, name="upd")])
+    def scatter(idx, upd):
+        return tf.scatter_nd(idx, upd, [5])
+
+    art = mmbridge.export(scatter, sample_inputs={"idx": np.array([[0], [2]], np.int32),
+                                                  "upd": np.array([1.0, 2.0], np.float32)}, cache_dir=tmp_path)
+    idx, upd = np.array([[1], [1], [3], [1]], np.int32), np.array([1.0, 2.0, 4.0, 8.0], np.float32)
+    want = scatter(idx, upd).numpy()
+    np.testing.assert_array_equal(want, [0, 11, 0, 4, 0])
+    got = mmbridge.to_ort(art)(torch.from_numpy(idx), torch.from_numpy(upd)).numpy()
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(mmbridge.ConversionError, match="reduction"):  # refused, never summed wrongly
+        mmbridge.to_torch(art, trainable=False)
+
+
+@pytest.mark.parametrize(("begin", "size"), [(2, -1), (0, -1), (4, 2), (5, -1)])
+def test_slice_with_a_runtime_size_of_minus_one_goes_to_the_end(tf, tmp_path, begin, size):
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x"), tf.TensorSpec([], tf.int32, name="b"),
+                                  tf.TensorSpec([], tf.int32, name="s")])
+    def sliced(x, b, s):
+        return tf.slice(x, [b], [s])
+
+    x = np.arange(7, dtype=np.float32)
+    art = mmbridge.export(sliced, sample_inputs={"x": x, "b": np.array(1, np.int32), "s": np.array(2, np.int32)},
+                          cache_dir=tmp_path)
+    want = sliced(x, np.int32(begin), np.int32(size)).numpy()
+    for got in _both(art, x, np.array(begin, np.int32), np.array(size, np.int32)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("lower", "upper"), [(-1, 0), (0, -1), (1, 0), (-1, -1), (0, 2)])
+def test_band_part_with_runtime_bounds(tf, tmp_path, lower, upper):
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="x"),
+                                  tf.TensorSpec([], tf.int32, name="lo"), tf.TensorSpec([], tf.int32, name="hi")])
+    def band(x, lo, hi):
+        return tf.linalg.band_part(x, lo, hi)
+
+    x = np.arange(2 * 4 * 5, dtype=np.float32).reshape(2, 4, 5) + 1
+    art = mmbridge.export(band, sample_inputs={"x": x[:, :3, :3], "lo": np.array(1, np.int32),
+                                               "hi": np.array(1, np.int32)}, cache_dir=tmp_path)
+    want = band(x, np.int32(lower), np.int32(upper)).numpy()
+    for got in _both(art, x, np.array(lower, np.int32), np.array(upper, np.int32)):
+        np.testing.assert_array_equal(got, want)

@@ -35,6 +35,11 @@ TF op                        ONNX form (exact: integer/string outputs identical 
                              (exact); of other strings: refused (onnxruntime-extensions' op of
                              that name gives other bucket ids; no ONNX op reads string bytes)
 ``FloorMod``                 integers: ``Mod(fmod=0)`` (tf2onnx's form is wrong for negatives)
+``OneHot``                   negative indices -> ``depth`` first: all-off rows as in TF (ONNX
+                             would count them from the end)
+``ScatterNd``                ``ScatterND(zeros, idx, upd, reduction="add")``: repeated indices add up
+``Slice``                    runtime ``size = -1``: ``ends = INT64_MAX`` (tf2onnx overflowed int32)
+``MatrixBandPart``           ``Where`` over an ``i - j`` / ``j - i`` band mask, any rank, runtime bounds
 ``FloorDiv``                 integers: ``Div(x - Mod(x, y, fmod=0), y)`` (tf2onnx truncates toward 0);
                              floats: ``Floor(Div)`` (tf2onnx skips the Floor for bfloat16)
 ``StringToHashBucketStrong`` refused (keyed SipHash; ``Hashing(salt=...)``)
@@ -120,6 +125,10 @@ def tf2onnx_handlers(tables: Tables | None = None) -> tuple[dict[str, Any], list
         "SelectV2": _select_v2,
         "FloorMod": _floor_mod,
         "FloorDiv": _floor_div,
+        "OneHot": _one_hot,
+        "ScatterNd": _scatter_nd,
+        "Slice": _slice,
+        "MatrixBandPart": _band_part,
         "ScaleAndTranslate": _scale_and_translate,
         "ResizeArea": _resize_area,
         "ResizeBicubic": _resize_bicubic,
@@ -447,6 +456,103 @@ def _floor_div(ctx: Any, node: Any, name: str, args: list[Any]) -> None:
     r = e.out("Mod", ins[:2], attr={"fmod": 0}, dtype=dtypes[0])
     d = e.out("Sub", [ins[0], r], dtype=dtypes[0])
     e.node("Div", [d, ins[1]], outputs=outs, dtype=dtypes[0], shape=shapes[0])
+
+
+def _one_hot(ctx: Any, node: Any, name: str, args: list[Any]) -> None:
+    """TF ``OneHot``: an index outside ``[0, depth)`` gives an all-``off`` row, also a negative one.
+
+    ONNX ``OneHot`` counts negative indices from the end (``-1`` -> the last class), so tf2onnx's
+    direct mapping turned TF's all-off row for ``-1`` into a one at ``depth - 1``. Negative
+    indices are mapped to ``depth`` first (outside the range, so all-off in ONNX too), then
+    tf2onnx's own handler runs.
+    """
+    from onnx import TensorProto
+    from tf2onnx.onnx_opset import tensor as tf2onnx_tensor
+
+    ids, depth = node.input[0], node.input[1]
+    id_type = ctx.get_dtype(ids)
+    if ctx.get_dtype(node.input[2]) == TensorProto.FLOAT and id_type in (TensorProto.INT32, TensorProto.INT64):
+        e = _Emit(ctx, name)
+        zero = e.const(np.array(0, dtype=np.int64 if id_type == TensorProto.INT64 else np.int32), "zero")
+        neg = e.out("Less", [ids, zero], dtype=TensorProto.BOOL, shape=ctx.get_shape(ids))
+        d = e.out("Cast", [depth], attr={"to": id_type}, dtype=id_type, shape=[])
+        safe = e.out("Where", [neg, d, ids], dtype=id_type, shape=ctx.get_shape(ids))
+        ctx.replace_input(node, ids, safe, 0)
+    if ctx.opset >= 9:
+        tf2onnx_tensor.OneHot.any_version_after9(ctx.opset, ctx, node)
+    else:
+        tf2onnx_tensor.OneHot.version_1(ctx, node)
+
+
+def _scatter_nd(ctx: Any, node: Any, name: str, args: list[Any]) -> None:
+    """TF ``ScatterNd`` adds the updates of repeated indices; ONNX ``ScatterND`` keeps one of them
+    unless ``reduction="add"`` (opset >= 16), which is emitted here on a zero tensor (exact).
+    Below opset 16 the node is refused (re-export at opset >= 16)."""
+    from onnx import TensorProto, helper
+
+    if ctx.opset < 16:
+        _refuse(node, "tf.scatter_nd", f"opset {ctx.opset} has no ScatterND reduction, and TF adds the updates of "
+                "repeated indices", "export at opset 16 or later (the default is 17)")
+    ins, outs, dtypes, shapes = _take_over(ctx, node)
+    e = _Emit(ctx, name)
+    idx = e.out("Cast", [ins[0]], attr={"to": TensorProto.INT64}, dtype=TensorProto.INT64)
+    shape = e.out("Cast", [ins[2]], attr={"to": TensorProto.INT64}, dtype=TensorProto.INT64)
+    zeros = e.out("ConstantOfShape", [shape], attr={"value": helper.make_tensor("value", dtypes[0], [1], [0])},
+                  dtype=dtypes[0])
+    e.node("ScatterND", [zeros, idx, ins[1]], attr={"reduction": "add"}, outputs=outs, dtype=dtypes[0], shape=shapes[0])
+
+
+def _slice(ctx: Any, node: Any, name: str, args: list[Any]) -> None:
+    """TF ``Slice(x, begin, size)`` with ``size = -1`` meaning "to the end", also when ``size`` is only
+    known at run time: ``ends = Where(size == -1, INT64_MAX, begin + size)`` in int64. tf2onnx adds
+    INT32_MAX to a runtime -1 and then ``begin``, which overflows for ``begin >= 2`` (empty output)."""
+    from onnx import TensorProto
+    from tf2onnx.onnx_opset import tensor as tf2onnx_tensor
+
+    if all(ctx.get_node_by_output(x) is not None and ctx.get_node_by_output(x).is_const() for x in node.input[1:3]):
+        tf2onnx_tensor.Slice.version_1(ctx, node)  # constant begin / size: tf2onnx's constant ends are right
+        return
+    ins, outs, dtypes, shapes = _take_over(ctx, node)
+    e = _Emit(ctx, name)
+    begin = e.out("Cast", [ins[1]], attr={"to": TensorProto.INT64}, dtype=TensorProto.INT64)
+    size = e.out("Cast", [ins[2]], attr={"to": TensorProto.INT64}, dtype=TensorProto.INT64)
+    to_end = e.out("Equal", [size, e.const(np.array(-1, np.int64), "minus_one")], dtype=TensorProto.BOOL)
+    stop = e.out("Add", [begin, size], dtype=TensorProto.INT64)
+    ends = e.out("Where", [to_end, e.const(np.array(np.iinfo(np.int64).max, np.int64), "int64_max"), stop],
+                 dtype=TensorProto.INT64)
+    e.node("Slice", [ins[0], begin, ends], outputs=outs, dtype=dtypes[0], shape=shapes[0])
+
+
+def _band_part(ctx: Any, node: Any, name: str, args: list[Any]) -> None:
+    """TF ``MatrixBandPart(x, num_lower, num_upper)`` for any rank >= 2 and bounds known only at run
+    time: keeps ``x[..., i, j]`` where ``(num_lower < 0 or i - j <= num_lower) and (num_upper < 0 or
+    j - i <= num_upper)``, else 0 (``Where``; exact). tf2onnx supports only rank 2 and treated a
+    runtime -1 as a band of width -1 (all zeros)."""
+    from onnx import TensorProto
+
+    ins, outs, dtypes, shapes = _take_over(ctx, node)
+    e = _Emit(ctx, name)
+    i64 = TensorProto.INT64
+    shape = e.out("Shape", [ins[0]], dtype=i64)
+    rows = e.out("Gather", [shape, e.const(np.array(-2, np.int64), "rows_axis")], dtype=i64)
+    cols = e.out("Gather", [shape, e.const(np.array(-1, np.int64), "cols_axis")], dtype=i64)
+    zero, one = e.const(np.array(0, np.int64), "zero"), e.const(np.array(1, np.int64), "one")
+    i = e.out("Unsqueeze", [e.out("Range", [zero, rows, one], dtype=i64), e.const(np.array([1], np.int64), "ax1")],
+              dtype=i64)
+    j = e.out("Unsqueeze", [e.out("Range", [zero, cols, one], dtype=i64), e.const(np.array([0], np.int64), "ax0")],
+              dtype=i64)
+    below = e.out("Sub", [i, j], dtype=i64)  # [rows, cols]: i - j
+    above = e.out("Sub", [j, i], dtype=i64)
+    keep = None
+    for bound, dist in ((ins[1], below), (ins[2], above)):
+        b = e.out("Cast", [bound], attr={"to": i64}, dtype=i64)
+        ok = e.out("Or", [e.out("Less", [b, zero], dtype=TensorProto.BOOL),
+                          e.out("Not", [e.out("Less", [b, dist], dtype=TensorProto.BOOL)], dtype=TensorProto.BOOL)],
+                   dtype=TensorProto.BOOL)  # dist <= b as not(b < dist): Less converts everywhere
+        keep = ok if keep is None else e.out("And", [keep, ok], dtype=TensorProto.BOOL)
+    zeros = e.out("Sub", [ins[0], ins[0]], dtype=dtypes[0]) if dtypes[0] != TensorProto.BOOL else e.out(
+        "Xor", [ins[0], ins[0]], dtype=dtypes[0])
+    e.node("Where", [keep, ins[0], zeros], outputs=outs, dtype=dtypes[0], shape=shapes[0])
 
 
 def _select_v2(ctx: Any, node: Any, name: str, args: list[Any]) -> None:
@@ -1001,7 +1107,7 @@ _HANDLED_OPS = ("Bucketize", "LookupTableFindV2", "LookupTableSizeV2", "StringTo
                 "StringToHashBucketStrong", "StringToHashBucket", "StaticRegexReplace", "RegexReplace",
                 "StringLower", "StringUpper", "StringSplitV2", "StringJoin", "ReduceJoin", "AsString",
                 "ScaleAndTranslate", "ResizeArea", "ResizeBicubic", "RaggedBincount", "SelectV2", "FloorMod",
-                "FloorDiv")
+                "FloorDiv", "OneHot", "ScatterNd", "Slice", "MatrixBandPart")
 
 
 def _register_refusals() -> None:
