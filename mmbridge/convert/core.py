@@ -129,8 +129,9 @@ def to_torch(source: Any, *, trainable: bool = True) -> fx.GraphModule:
 
     model = _prepare(_load(source))
     check_supported(model)
+    aliases = _undot_domains(model)
     opsets = {o.domain or "": o.version for o in model.opset_import}
-    with warnings.catch_warnings(), consult_op_converters(opsets):
+    with warnings.catch_warnings(), consult_op_converters(opsets, aliases):
         warnings.simplefilter("ignore")
         try:
             gm = onnx2torch.convert(model, attach_onnx_mapping=True)
@@ -270,6 +271,30 @@ def _prepare(model: Any) -> Any:
     _constant_reshape_targets(model)
     _specialise_reshape_targets(model)
     return model
+
+
+def _undot_domains(model: Any) -> dict[str, str]:
+    """Rename custom domains with dots (``com.example`` -> ``com_example``) in nodes, subgraphs and opset imports.
+
+    onnx2torch names each torch module ``<domain>/<node name>``, and torch refuses dots in module
+    names. Returns ``{new name: original}`` for the converter lookup.
+    """
+    taken = {o.domain for o in model.opset_import}
+    aliases: dict[str, str] = {}
+    for o in model.opset_import:
+        if "." in o.domain and o.domain != "ai.onnx":
+            new = o.domain.replace(".", "_")
+            while new in taken:
+                new += "_"
+            taken.add(new)
+            aliases[new] = o.domain
+            o.domain = new
+    if aliases:
+        back = {v: k for k, v in aliases.items()}
+        for node, _ in _nodes_with_subgraphs(model.graph):
+            if node.domain in back:
+                node.domain = back[node.domain]
+    return aliases
 
 
 def _dims(vi: Any) -> list[int | str | None]:

@@ -248,6 +248,8 @@ op_converters = OpConverterRegistry()
 # the hook into onnx2torch
 # ---------------------------------------------------------------------------------------------
 _OPSETS: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar("mmbridge_convert_opsets", default=None)
+_ALIASES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("mmbridge_convert_domain_aliases",
+                                                                                default=None)
 _LOCK = threading.Lock()
 _DEPTH = 0
 _SHIPPED: Any = None  # onnx2torch.converter.get_converter as it was before the hook
@@ -314,14 +316,14 @@ def _as_onnx2torch(fn: Converter) -> Converter:
 def _hooked_get_converter(operation_type: str, version: int, domain: str = "") -> Converter:
     if _OPSETS.get() is None:  # a conversion that is not mmbridge's: onnx2torch as shipped
         return _SHIPPED(operation_type=operation_type, version=version, domain=domain)
-    ours = op_converters.find(operation_type, version, domain)
+    ours = op_converters.find(operation_type, version, (_ALIASES.get() or {}).get(domain, domain))
     if ours is not None:
         return _as_onnx2torch(ours)
     return _SHIPPED(operation_type=operation_type, version=version, domain=domain)
 
 
 @contextlib.contextmanager
-def consult_op_converters(opsets: dict[str, int]) -> Iterator[None]:
+def consult_op_converters(opsets: dict[str, int], domain_aliases: dict[str, str] | None = None) -> Iterator[None]:
     """While active, ``onnx2torch.convert`` takes converters from :data:`op_converters` first.
 
     This is mmbridge's one hook into onnx2torch: the module-level name ``get_converter`` that
@@ -334,11 +336,15 @@ def consult_op_converters(opsets: dict[str, int]) -> Iterator[None]:
     Args:
         opsets: the model's ``opset_import`` as ``{domain: version}``; readable by converters
             through :func:`current_opsets`.
+        domain_aliases: ``{domain in the model: domain to look up}``; :func:`mmbridge.to_torch`
+            renames dotted custom domains (``com.example`` -> ``com_example``) because onnx2torch
+            puts the domain into the torch module name, where dots are not allowed.
     """
     global _DEPTH, _SHIPPED
     import onnx2torch.converter as o2t
 
     token = _OPSETS.set({_norm_domain(d): int(v) for d, v in opsets.items()})
+    alias_token = _ALIASES.set(dict(domain_aliases or {}))
     with _LOCK:
         if _DEPTH == 0:
             _SHIPPED = o2t.get_converter
@@ -351,6 +357,7 @@ def consult_op_converters(opsets: dict[str, int]) -> Iterator[None]:
             _DEPTH -= 1
             if _DEPTH == 0:
                 o2t.get_converter = _SHIPPED
+        _ALIASES.reset(alias_token)
         _OPSETS.reset(token)
 
 
