@@ -75,6 +75,10 @@ def _conv(opset):
         [_vi("y")], [_init("W", RNG.randn(3, 2, 3, 3).astype(np.float32))]
 
 
+def _cumsum(opset):  # default attributes: ONNX sums forward (onnx2torch defaulted to reverse)
+    return [_one("CumSum", ["x", "axis"])], [_vi("x", dims=[3, 4])], [_vi("y")], [_init("axis", np.array(-1, np.int32))]
+
+
 def _dropout(opset):
     return [_one("Dropout", ["x", "ratio"])], [_vi("x", dims=["N", 6])], [_vi("y")], [_init("ratio", np.float32(0.3))]
 
@@ -180,6 +184,7 @@ def _unsqueeze(opset):
 CASES: dict[str, Case] = {
     "BatchNormalization": Case(_bn, {"x": _x(2, 3, 4, 4)}, _has(normalization.BatchNorm2d)),
     "Conv": Case(_conv, {"x": _x(2, 2, 7, 9)}, _has(pad.SamePad)),
+    "CumSum": Case(_cumsum, {"x": _x(3, 4)}),
     "Dropout": Case(_dropout, {"x": _x(4, 6)}, _has(torch.nn.Dropout, lambda m: m.p == pytest.approx(0.3))),
     "Expand": Case(_expand, {"x": _x(3, 1)}, _has(shape.Expand)),
     "GRU": Case(_recurrent("GRU"), {"x": _x(3, 2, 4)}),

@@ -12,6 +12,7 @@ opsets per registered version (``tests/test_convert_ops.py``, parametrised from 
 * :mod:`.conv`, :mod:`.pooling` -- ``Conv`` / ``MaxPool`` with ``auto_pad=SAME_*``, ``GlobalMaxPool``;
 * :mod:`.resize` -- ``Resize`` with constant scales / sizes (ORT's output size and coordinates);
 * :mod:`.gelu`, :mod:`.split`, :mod:`.onehot`, :mod:`.reduce`, :mod:`.scatter` -- ops or versions onnx2torch lacks;
+* :mod:`.cumsum` -- ``CumSum`` with ONNX's defaults (onnx2torch reverses by default);
 * :mod:`.loop`, :mod:`.recurrent` -- ``Loop`` (Keras 3 GRU / SimpleRNN / trainable LSTM) and ``LSTM`` / ``GRU`` / ``RNN``.
 """
 
@@ -21,6 +22,7 @@ guard_torch_stack("mmbridge.op_converters")  # onnx2torch imports torchvision: s
 
 from mmbridge.convert.ops import (  # noqa: E402, F401  (registration happens on import)
     conv,
+    cumsum,
     dropout,
     gelu,
     loop,

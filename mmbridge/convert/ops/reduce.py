@@ -27,11 +27,23 @@ _REDUCE = {
 }
 
 
+# With no axes and noop_with_empty_axes=1 nothing is reduced, but the elementwise part of the
+# reduction still applies (ONNX reference implementation and onnxruntime; issue 18):
+# ReduceL1 / ReduceL2 -> |x|, ReduceSumSquare -> x * x, ReduceLogSum -> log(x); the others -> x.
+_NOOP = {
+    "ReduceL1": torch.abs,
+    "ReduceL2": torch.abs,
+    "ReduceSumSquare": lambda x: x * x,
+    "ReduceLogSum": torch.log,
+}
+
+
 class OnnxReduce18(nn.Module, OnnxToTorchModule):
     """ONNX ``Reduce*-18`` (axes given as a constant input, or absent = all axes).
 
-    ``x`` any float dtype, any shape; ``keepdims`` as in ONNX; with no axes and
-    ``noop_with_empty_axes=1`` the input is returned unchanged.
+    ``x`` any float dtype, any shape; ``keepdims`` as in ONNX; with no (or empty) axes and
+    ``noop_with_empty_axes=1`` no axis is reduced and only the elementwise part applies
+    (``|x|`` for L1 / L2, ``x * x`` for SumSquare, ``log(x)`` for LogSum, ``x`` otherwise).
     """
 
     def __init__(self, op_type: str, axes: list[int] | None, keepdims: bool, noop: bool):
@@ -47,7 +59,7 @@ class OnnxReduce18(nn.Module, OnnxToTorchModule):
             dims = [int(a) for a in axes.tolist()]
         if not dims:
             if self.noop:
-                return x
+                return _NOOP.get(self.op_type, lambda t: t)(x)
             dims = list(range(x.dim()))
         dims = sorted(d % x.dim() for d in dims)
         if self.op_type == "ReduceProd":

@@ -16,9 +16,9 @@ from mmbridge.convert.ops._common import const_ints, input_at, register, result
 class OnnxSplit18(nn.Module, OnnxToTorchModule):
     """ONNX ``Split-18``: ``x`` split along ``axis`` into fixed ``sizes`` or ``num_outputs`` chunks.
 
-    With ``num_outputs = k`` every chunk has ``ceil(dim / k)`` elements except the last (ONNX rule,
-    which is also ``torch.split``'s with that chunk size). Input any dtype, any shape; returns a
-    tuple of tensors.
+    With ``num_outputs = k`` every chunk has ``ceil(dim / k)`` elements except the last, which
+    has what is left, possibly none (:func:`num_outputs_sizes`). Input any dtype, any shape;
+    returns a tuple of ``k`` tensors.
     """
 
     def __init__(self, axis: int, sizes: list[int] | None, num_outputs: int | None):
@@ -32,8 +32,24 @@ class OnnxSplit18(nn.Module, OnnxToTorchModule):
             return tuple(torch.split(x, self.sizes, dim=self.axis))
         if split is not None:
             return tuple(torch.split(x, [int(s) for s in split.tolist()], dim=self.axis))
-        dim = x.shape[self.axis]
-        return tuple(torch.split(x, math.ceil(dim / self.num_outputs), dim=self.axis))
+        return tuple(torch.split(x, num_outputs_sizes(x.shape[self.axis], self.num_outputs), dim=self.axis))
+
+
+def num_outputs_sizes(dim: int, num_outputs: int) -> list[int]:
+    """Chunk sizes of ``Split-18(num_outputs=k)``: ``k - 1`` chunks of ``ceil(dim / k)``, the rest in the last.
+
+    As onnxruntime computes them: the last chunk may be empty (2 split in 3 -> ``[1, 1, 0]``;
+    ``torch.split`` with chunk size 1 would give two outputs).
+
+    Raises:
+        ValueError: the last chunk would have a negative size (5 split in 4), which ORT refuses too.
+    """
+    chunk = math.ceil(dim / num_outputs)
+    last = dim - chunk * (num_outputs - 1)
+    if last < 0:
+        raise ValueError(f"Split-18: num_outputs={num_outputs} does not fit a dim of size {dim} "
+                         f"(chunks of {chunk} leave {last} for the last output)")
+    return [chunk] * (num_outputs - 1) + [last]
 
 
 @register("Split", 18)
