@@ -144,6 +144,12 @@ def test_a_converter_that_refuses_a_node_names_it():
                [_vi("x", dims=[1, 1, 2, 2])], [_vi("y")], [scales], opset=18)
     with pytest.raises(mmbridge.ConversionError, match=r"Resize node 'aa_resize': attribute antialias=1 is not supported"):
         mmbridge.to_torch(m)
+    # onnx2torch's own converters do not name the node; the hook adds it
+    inits = [numpy_helper.from_array(np.ones(2, np.float32), n) for n in ("s", "b", "m", "v")]
+    m = _model([helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "rm", "rv"], name="bn_train",
+                                 training_mode=1)], [_vi("x", dims=[3, 2])], [_vi("y"), _vi("rm"), _vi("rv")], inits)
+    with pytest.raises(mmbridge.ConversionError, match=r"BatchNormalization node 'bn_train': BatchNorm operation with mean"):
+        mmbridge.to_torch(m)
 
 
 # ---------------------------------------------------------------------------------------------

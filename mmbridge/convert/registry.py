@@ -313,13 +313,27 @@ def _as_onnx2torch(fn: Converter) -> Converter:
     return convert
 
 
+def _naming_the_node(fn: Converter) -> Converter:
+    """``fn``, with the node's op and name put in front of a ``NotImplementedError`` that lacks them."""
+
+    def convert(node: Any, graph: Any) -> Any:
+        try:
+            return fn(node, graph)
+        except NotImplementedError as exc:
+            if node.name and repr(node.name) in str(exc):
+                raise
+            raise NotImplementedError(f"{node.operation_type} node {node.name!r}: {exc}") from exc
+
+    return convert
+
+
 def _hooked_get_converter(operation_type: str, version: int, domain: str = "") -> Converter:
     if _OPSETS.get() is None:  # a conversion that is not mmbridge's: onnx2torch as shipped
         return _SHIPPED(operation_type=operation_type, version=version, domain=domain)
     ours = op_converters.find(operation_type, version, (_ALIASES.get() or {}).get(domain, domain))
     if ours is not None:
-        return _as_onnx2torch(ours)
-    return _SHIPPED(operation_type=operation_type, version=version, domain=domain)
+        return _naming_the_node(_as_onnx2torch(ours))
+    return _naming_the_node(_SHIPPED(operation_type=operation_type, version=version, domain=domain))
 
 
 @contextlib.contextmanager
