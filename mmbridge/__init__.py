@@ -41,6 +41,7 @@ _LAZY = {
     # backends
     "convert": ".convert",
     "to_torch": ".convert.core:to_torch",
+    "op_converters": ".convert.ops:op_converters",
     "to_ort": ".runtime.module:to_ort",
     "ORTModule": ".runtime.module:ORTModule",
     # composition and training

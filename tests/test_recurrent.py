@@ -1,7 +1,7 @@
 """Keras 3 GRU / LSTM / SimpleRNN -> ONNX ``Loop`` / ``LSTM`` -> torch (issue 3, case 12).
 
 tf2onnx turns a Keras 3 ``GRU`` / ``SimpleRNN`` (and a ``trainable=True`` ``LSTM``) into an ONNX
-``Loop`` and a frozen ``LSTM`` into a native ONNX ``LSTM``; :mod:`mmbridge.convert.loop` converts
+``Loop`` and a frozen ``LSTM`` into a native ONNX ``LSTM``; :mod:`mmbridge.convert.ops.loop` and :mod:`mmbridge.convert.ops.recurrent` convert
 both. References: Keras for exports, onnxruntime for every graph (exports and hand-made ones).
 """
 

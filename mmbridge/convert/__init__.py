@@ -1,7 +1,8 @@
 """The torch stage: ONNX -> a trainable ``torch.nn.Module`` (onnx2torch + mmbridge's converters).
 
 * :mod:`.core` -- :func:`to_torch`: conversion, weights as ``nn.Parameter``, fusions, audit;
-* :mod:`.converters`, :mod:`.loop` -- converters for the ONNX ops onnx2torch lacks.
+* :mod:`.registry` -- :data:`mmbridge.op_converters` and the hook that makes onnx2torch consult it;
+* :mod:`.ops` -- mmbridge's converters, one file per op family.
 
 The package is callable: ``mmbridge.convert(artifact)`` is :func:`mmbridge.convert.core.to_torch`.
 """

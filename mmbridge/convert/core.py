@@ -1,8 +1,10 @@
-"""ONNX -> trainable ``torch.nn.Module``: onnx2torch plus what training needs.
+"""ONNX -> trainable ``torch.nn.Module``: onnx2torch plus mmbridge's converters plus what training needs.
 
 :func:`to_torch` (also ``mmbridge.convert``, ``mmbridge.to_torch`` and
-``BridgeArtifact.to_torch``) runs onnx2torch 1.5.15, extended with :mod:`.converters`, and then
-fixes the module so that it trains like the Keras original (DESIGN.md part 4):
+``BridgeArtifact.to_torch``) runs onnx2torch 1.5.15 with :data:`mmbridge.op_converters`
+consulted first for every node (:mod:`mmbridge.convert.ops`, one file per op family; the hook is
+:func:`mmbridge.convert.registry.consult_op_converters`), and then fixes the module so that it
+trains like the Keras original (DESIGN.md part 4):
 
 * **every weight is an ``nn.Parameter``.** onnx2torch keeps every initializer that is an operand
   (MatMul / Add / Gather / Mul...) as a buffer, one copy per use. Here each ONNX initializer
@@ -14,28 +16,23 @@ fixes the module so that it trains like the Keras original (DESIGN.md part 4):
   Einsum, the table input of Gather, the scale / bias of a normalisation, ``W`` / ``R`` / ``B`` /
   ``P`` of LSTM / GRU / RNN, or an Add / Sub right after one of those (a bias) -- including zero
   biases -- and a loop-invariant input of a ``Loop`` whose body feeds it to one of those slots or
-  to any Add / Sub (Keras RNN weights, :func:`.loop.loop_weight_initializers`);
-* **BatchNormalization** becomes :class:`BatchNorm1d` / :class:`BatchNorm2d` /
-  :class:`BatchNorm3d` (subclasses of torch's, so ``isinstance(m, nn.modules.batchnorm._BatchNorm)``
-  holds) with ONNX's epsilon and ``momentum = 1 - onnx_momentum`` (Keras 0.99 -> torch 0.01), whose
-  running variance is updated with the *population* variance of the batch, as Keras and the ONNX
-  spec do (torch's own BatchNorm uses the unbiased one, which drifts by ``n / (n - 1)``);
-* **Dropout** with a constant ratio becomes ``nn.Dropout(p)``;
-* **Resize** with constant scales on static spatial dims uses the output size onnxruntime and TF
-  compute (``floor(float32(in) * float32(scale))``) instead of passing the scale to
-  ``F.interpolate``, whose double arithmetic gives one pixel less (case 10, onnx/onnx#4919);
+  to any Add / Sub (Keras RNN weights, :func:`.ops.loop.loop_weight_initializers`);
+* the converters themselves give what training and ``torch.compile`` need (see each file in
+  :mod:`mmbridge.convert.ops`): **BatchNormalization** becomes :class:`BatchNorm1d` /
+  :class:`BatchNorm2d` / :class:`BatchNorm3d` (Keras momentum, population-variance running
+  statistics), **Dropout** ``nn.Dropout(p)``, **Resize** with constant scales ORT's output size
+  and coordinates, ``auto_pad=SAME_*`` Conv / MaxPool a :class:`~.ops.pad.SamePad` in front,
+  and constant Reshape / Squeeze / Unsqueeze / Pad / Expand / Tile arguments Python ints;
 * ``MatMul(x, W) + Add(b)`` with weights becomes :class:`Linear` (an ``nn.Linear``: one
-  ``addmm``, stays in the autocast dtype);
-* ``auto_pad=SAME_UPPER`` / ``SAME_LOWER`` Conv and MaxPool (what tf2onnx emits for ``padding=
-  "same"`` with dynamic H/W) run behind a :class:`SamePad` computed from the input size;
+  ``addmm``, stays in the autocast dtype); ``x * sigmoid(x)`` becomes ``nn.SiLU``;
 * reshape targets that tf2onnx computes at run time become constants where ONNX shape inference
-  (with data propagation) pins them, and constant Reshape / Squeeze / Unsqueeze arguments become
-  Python ints, so ``torch.compile`` traces CNN and Transformer bridges with a static spec (all
-  dims but the batch fixed) without graph breaks;
+  (with data propagation) pins them, so ``torch.compile`` traces CNN and Transformer bridges
+  with a static spec (all dims but the batch fixed) without graph breaks;
 * the module is returned in ``eval()`` mode; ``train()`` / ``eval()`` switch BatchNorm and
   Dropout like Keras ``training=True`` / ``False``.
 
-Unsupported operators are reported all at once (:class:`~mmbridge.errors.ConversionError`).
+Unsupported operators are reported all at once (:class:`~mmbridge.errors.ConversionError`),
+with the way to register a converter.
 
 Shape notation: ``N`` batch, ``C`` channels, ``H``/``W`` spatial; layouts are those of the
 artifact's input specs (``artifact.input_specs``; NHWC unless exported with ``inputs_as_nchw``).
@@ -82,48 +79,6 @@ _BIAS_PRODUCERS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
 # ---------------------------------------------------------------------------------------------
 # modules mmbridge puts into converted graphs
 # ---------------------------------------------------------------------------------------------
-class _PopulationVarianceBN:
-    """Mixin: training-mode BatchNorm whose running variance uses the population variance.
-
-    Normalisation, gradients and the running-mean update are torch's fused ``F.batch_norm``
-    (batch statistics); only the running variance differs: Keras and the ONNX spec move it
-    towards the population variance ``var_pop`` (divided by ``n``), torch towards the unbiased
-    one (``n / (n - 1)`` larger). After torch's update, ``running_var`` is corrected in O(C):
-    ``new = (1 - m) * old + (torch_new - (1 - m) * old) * (n - 1) / n``, which equals
-    ``(1 - m) * old + m * var_pop`` (``n`` = elements per channel in the batch).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        self._check_input_dim(x)
-        if not (self.training and self.track_running_stats):
-            return super().forward(x)  # type: ignore[misc]
-        m = self.momentum if self.momentum is not None else 0.1
-        n = x.numel() // x.shape[1]
-        # torch updates a copy (the buffer itself must not change under autograd's saved inputs)
-        torch_var = self.running_var.detach().clone()
-        y = nn.functional.batch_norm(x, self.running_mean, torch_var, self.weight, self.bias, True, m, self.eps)
-        with torch.no_grad():
-            keep = (1.0 - m) * self.running_var
-            self.running_var.copy_(keep + (torch_var - keep) * ((n - 1) / n) if n > 1 else torch_var)
-            self.num_batches_tracked.add_(1)
-        return y
-
-
-class BatchNorm1d(_PopulationVarianceBN, nn.BatchNorm1d):
-    """``nn.BatchNorm1d`` (input ``[N, C]`` or ``[N, C, L]``) with Keras / ONNX running-variance update."""
-
-
-class BatchNorm2d(_PopulationVarianceBN, nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` (input ``[N, C, H, W]``) with Keras / ONNX running-variance update."""
-
-
-class BatchNorm3d(_PopulationVarianceBN, nn.BatchNorm3d):
-    """``nn.BatchNorm3d`` (input ``[N, C, D, H, W]``) with Keras / ONNX running-variance update."""
-
-
-_BN_CLASSES = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
-
-
 class Linear(nn.Linear):
     """ONNX ``MatMul(x, W) [+ b]`` with weight ``W`` ``[in, out]`` (Keras Dense layout) as ``nn.Linear``.
 
@@ -132,77 +87,6 @@ class Linear(nn.Linear):
     ``addmm`` and keeps it in the autocast dtype (a separate ``Add`` with an fp32 bias would
     promote every bf16 activation back to fp32).
     """
-
-
-class Reshape(nn.Module):
-    """ONNX ``Reshape`` (``allowzero=0``): ``0`` copies the input dim, ``-1`` is inferred.
-
-    With a constant target (``shape`` given at construction) the dims are Python ints, so
-    ``torch.compile`` traces it without a graph break (onnx2torch's ``OnnxReshape`` builds a
-    ``torch.Size`` from a tensor, which dynamo rejects). Otherwise the target tensor (int64
-    ``[rank]``) is read at run time.
-    """
-
-    def __init__(self, shape: tuple[int, ...] | None = None):
-        super().__init__()
-        self.shape = tuple(int(d) for d in shape) if shape is not None else None
-
-    def forward(self, x: torch.Tensor, shape: torch.Tensor | None = None) -> torch.Tensor:
-        dims = self.shape if self.shape is not None else [int(d) for d in shape.tolist()]
-        return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(dims)])
-
-    def extra_repr(self) -> str:
-        return f"shape={self.shape}" if self.shape is not None else "shape=<runtime>"
-
-
-class SamePad(nn.Module):
-    """ONNX ``auto_pad=SAME_UPPER`` / ``SAME_LOWER`` computed from the input size at run time.
-
-    Pads ``[N, C, *spatial]`` so that a following VALID Conv / MaxPool with ``kernel``,
-    ``strides``, ``dilations`` outputs ``ceil(in / stride)`` per spatial axis (ONNX rule: the odd
-    pixel goes at the end for ``SAME_UPPER``, at the start for ``SAME_LOWER``). ``value`` is the
-    pad value (0 for Conv, ``-inf`` for MaxPool). Works for any H / W (dynamic specs).
-    """
-
-    def __init__(self, kernel: list[int], strides: list[int], dilations: list[int], upper: bool, value: float = 0.0):
-        super().__init__()
-        self.kernel, self.strides, self.dilations = list(kernel), list(strides), list(dilations)
-        self.upper = upper
-        self.value = value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads: list[Any] = []
-        for i in reversed(range(len(self.kernel))):  # F.pad: last axis first
-            size = x.shape[2 + i]
-            s, k, d = self.strides[i], self.kernel[i], self.dilations[i]
-            out = (size + s - 1) // s
-            total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
-            small = total // 2
-            pads += [small, total - small] if self.upper else [total - small, small]
-        return nn.functional.pad(x, pads, value=self.value)
-
-    def extra_repr(self) -> str:
-        return f"kernel={self.kernel}, strides={self.strides}, {'SAME_UPPER' if self.upper else 'SAME_LOWER'}"
-
-
-class ResizeToSize(nn.Module):
-    """ONNX ``Resize`` whose spatial output size is known: ``F.interpolate(x, size=size)``.
-
-    Input ``[N, C, *spatial]`` float; output ``[N, C, *size]``. ``mode`` is torch's
-    (``"nearest"``, ``"bilinear"``...); ``align_corners`` as in ``F.interpolate``.
-    """
-
-    def __init__(self, size: tuple[int, ...], mode: str, align_corners: bool | None):
-        super().__init__()
-        self.size = tuple(int(s) for s in size)
-        self.mode = mode
-        self.align_corners = align_corners
-
-    def forward(self, x: torch.Tensor, *unused: Any, **unused_kw: Any) -> torch.Tensor:
-        return nn.functional.interpolate(x, size=self.size, mode=self.mode, align_corners=self.align_corners)
-
-    def extra_repr(self) -> str:
-        return f"size={self.size}, mode={self.mode!r}, align_corners={self.align_corners}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,30 +120,32 @@ def to_torch(source: Any, *, trainable: bool = True) -> fx.GraphModule:
         FileNotFoundError: ``source`` is a path that does not exist.
         TypeError: ``source`` is none of the accepted kinds.
     """
-    from mmbridge.convert import converters  # noqa: F401  (registers mmbridge's converters with onnx2torch)
-
-    model = _load(source)
-    model, same_pad = _prepare(model)
-    check_supported(model)
-    static_resize = _static_resize_sizes(model)
     from mmbridge._torch_stack import guard_torch_stack
 
     guard_torch_stack("mmbridge.to_torch()")  # onnx2torch imports torchvision: segfault after TF
     import onnx2torch
 
-    with warnings.catch_warnings():
+    from mmbridge.convert.registry import consult_op_converters
+
+    model = _prepare(_load(source))
+    check_supported(model)
+    aliases = _undot_domains(model)
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    with warnings.catch_warnings(), consult_op_converters(opsets, aliases):
         warnings.simplefilter("ignore")
         try:
             gm = onnx2torch.convert(model, attach_onnx_mapping=True)
         except NotImplementedError as exc:
-            raise ConversionError(f"onnx2torch could not convert the graph: {exc}. {_HOW_TO_REGISTER}") from exc
-        except (KeyError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
-            raise ConversionError(f"onnx2torch failed while converting the graph: {type(exc).__name__}: {exc}") from exc
+            raise ConversionError(f"a converter refused the graph: {exc}. {_HOW_TO_REGISTER}") from exc
+        except (KeyError, ValueError, RuntimeError, IndexError, TypeError, UnicodeDecodeError) as exc:
+            raise ConversionError(f"converting the graph failed: {type(exc).__name__}: {exc}") from exc
     nodes = {_unique_name(n): n for n in model.graph.node}
     _materialise_weights(gm, model, nodes, trainable)
     _fuse_linear(gm, nodes)
     _fuse_silu(gm)
-    _replace_modules(gm, nodes, static_resize, same_pad)
+    gm.graph.eliminate_dead_code()  # Constant nodes whose value a converter folded into its module
+    gm.delete_all_unused_submodules()
+    _drop_unused_weights(gm)
     for _, mod in list(gm.named_modules()):
         if hasattr(mod, "onnx_mapping"):
             del mod.onnx_mapping
@@ -275,16 +161,16 @@ def to_torch(source: Any, *, trainable: bool = True) -> fx.GraphModule:
 
 
 _HOW_TO_REGISTER = (
-    "To support an op, register a converter with onnx2torch's registry: "
-    "`from onnx2torch.node_converters.registry import add_converter; "
-    "@add_converter(operation_type='Op', version=N) def _(node, graph): ...` (see mmbridge/convert/converters.py "
-    "for examples), or re-export at another opset (mmbridge.export(..., opset=17) or onnx.version_converter), "
-    "or keep this bridge frozen in onnxruntime (artifact.to_ort())."
+    "To support an op, register a converter in one file that is imported before to_torch (or is an "
+    "mmbridge.plugins entry point): `@mmbridge.op_converters.register(\"Op\", since_version=N)` on a "
+    "function `(node, graph) -> torch.nn.Module` (docs/authoring-guide.md, 'Adding an ONNX op converter'; "
+    "examples in mmbridge/convert/ops/), or re-export at another opset (mmbridge.export(..., opset=17) or "
+    "onnx.version_converter), or keep this bridge frozen in onnxruntime (artifact.to_ort())."
 )
 
 
 def check_supported(model: Any) -> None:
-    """Raise one error listing every node of ``model`` that no onnx2torch converter handles.
+    """Raise one error listing every node of ``model`` that neither mmbridge nor onnx2torch converts.
 
     Args:
         model: an ``onnx.ModelProto``.
@@ -293,9 +179,8 @@ def check_supported(model: Any) -> None:
         ConversionError: lists each unsupported ``(domain, op_type, opset)`` with its node names
             and how to register a converter.
     """
-    from onnx2torch.node_converters.registry import get_converter
-
-    from mmbridge.convert import converters  # noqa: F401
+    from mmbridge.convert.ops import op_converters  # noqa: F401  (registers mmbridge's converters)
+    from mmbridge.convert.registry import find_converter, resolve_since_version
 
     opsets = {o.domain or "": o.version for o in model.opset_import}
     missing: dict[tuple[str, str, int], list[str]] = {}
@@ -303,7 +188,7 @@ def check_supported(model: Any) -> None:
         domain = node.domain or ""
         version = opsets.get(domain, opsets.get("ai.onnx", 0)) if domain not in ("", "ai.onnx") else opsets.get("", opsets.get("ai.onnx", 0))
         try:
-            get_converter(operation_type=node.op_type, version=version, domain=domain)
+            find_converter(node.op_type, version, domain)
         except NotImplementedError:
             missing.setdefault((domain or "ai.onnx", node.op_type, version), []).append(label)
     if missing:
@@ -311,9 +196,14 @@ def check_supported(model: Any) -> None:
         for (domain, op, version), names in sorted(missing.items()):
             shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
             lines.append(f"  - {op} (domain {domain}, opset {version}): {len(names)} node(s): {shown}")
+        domain, op, version = sorted(missing)[0]
+        since = resolve_since_version(op, version, domain) or version
+        where = f', domain="{domain}"' if domain != "ai.onnx" else ""
+        example = f'`@mmbridge.op_converters.register("{op}", since_version={since}{where})`'
         raise ConversionError(
             f"cannot convert the ONNX graph to torch: {sum(len(v) for v in missing.values())} node(s) of "
-            f"{len(missing)} operator type(s) have no converter:\n" + "\n".join(lines) + "\n" + _HOW_TO_REGISTER
+            f"{len(missing)} operator type(s) have no converter:\n" + "\n".join(lines) + "\n"
+            + _HOW_TO_REGISTER.replace('`@mmbridge.op_converters.register(\"Op\", since_version=N)`', example)
         )
 
 
@@ -356,13 +246,9 @@ def _unique_name(node: Any) -> str:
     return (f"{node.domain}/" + (node.name.replace(".", "/") or node.op_type)).lstrip("/")
 
 
-def _prepare(model: Any) -> tuple[Any, dict[str, SamePad]]:
-    """Unique node names, initializer graph inputs stripped, ``auto_pad=SAME_*`` made explicit,
-    shapes inferred, computed reshape targets made constant where shapes allow.
-
-    Returns:
-        ``(model, {unique node name: SamePad to run before that node})``.
-    """
+def _prepare(model: Any) -> Any:
+    """Unique node names, initializer graph inputs stripped, shapes inferred, computed reshape
+    targets made constant where shapes allow."""
     import onnx
 
     g = model.graph
@@ -378,34 +264,37 @@ def _prepare(model: Any) -> tuple[Any, dict[str, SamePad]]:
     init_names = {t.name for t in g.initializer}
     for inp in [i for i in g.input if i.name in init_names]:
         g.input.remove(inp)
-    same_pad: dict[str, SamePad] = {}
-    for node in g.node:
-        if node.op_type not in ("Conv", "MaxPool"):
-            continue
-        attrs = {a.name: a for a in node.attribute}
-        mode = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
-        if mode not in ("SAME_UPPER", "SAME_LOWER"):
-            continue
-        if node.op_type == "Conv":
-            w = next((t for t in g.initializer if t.name == node.input[1]), None)
-            if w is None:
-                continue
-            kernel = list(attrs["kernel_shape"].ints) if "kernel_shape" in attrs else list(w.dims[2:])
-        else:
-            kernel = list(attrs["kernel_shape"].ints)
-        rank = len(kernel)
-        strides = list(attrs["strides"].ints) if "strides" in attrs else [1] * rank
-        dilations = list(attrs["dilations"].ints) if "dilations" in attrs else [1] * rank
-        attrs["auto_pad"].s = b"VALID"  # onnx2torch converts VALID; SamePad runs first
-        same_pad[_unique_name(node)] = SamePad(kernel, strides, dilations, mode == "SAME_UPPER",
-                                                float("-inf") if node.op_type == "MaxPool" else 0.0)
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - onnx2torch runs its own (safe) inference too
-        return model, same_pad
+        return model
     _constant_reshape_targets(model)
     _specialise_reshape_targets(model)
-    return model, same_pad
+    return model
+
+
+def _undot_domains(model: Any) -> dict[str, str]:
+    """Rename custom domains with dots (``com.example`` -> ``com_example``) in nodes, subgraphs and opset imports.
+
+    onnx2torch names each torch module ``<domain>/<node name>``, and torch refuses dots in module
+    names. Returns ``{new name: original}`` for the converter lookup.
+    """
+    taken = {o.domain for o in model.opset_import}
+    aliases: dict[str, str] = {}
+    for o in model.opset_import:
+        if "." in o.domain and o.domain != "ai.onnx":
+            new = o.domain.replace(".", "_")
+            while new in taken:
+                new += "_"
+            taken.add(new)
+            aliases[new] = o.domain
+            o.domain = new
+    if aliases:
+        back = {v: k for k, v in aliases.items()}
+        for node, _ in _nodes_with_subgraphs(model.graph):
+            if node.domain in back:
+                node.domain = back[node.domain]
+    return aliases
 
 
 def _dims(vi: Any) -> list[int | str | None]:
@@ -526,35 +415,6 @@ def _specialise_reshape_targets(model: Any) -> int:
     return rewritten
 
 
-def _static_resize_sizes(model: Any) -> dict[str, tuple[int, ...]]:
-    """Resize nodes with constant scales and static spatial input dims -> their output sizes.
-
-    onnxruntime (and TF) compute ``floor(float32(in) * float32(scale))``; ``F.interpolate``
-    with ``scale_factor`` computes in double and gets ``floor(12.9999997) = 12`` for a 9 -> 13
-    resize (case 10). Returns ``{unique node name: spatial output size}``.
-    """
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in model.graph.initializer}
-    shapes = {}
-    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    out: dict[str, tuple[int, ...]] = {}
-    for node in model.graph.node:
-        if node.op_type != "Resize" or len(node.input) < 3 or node.input[2] not in inits:
-            continue
-        if len(node.input) > 3 and node.input[3]:
-            continue
-        scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
-        shape = shapes.get(node.input[0])
-        if scales.size == 0 or shape is None or len(shape) != scales.size or any(s is None for s in shape[2:]):
-            continue
-        sizes = tuple(int(np.floor(np.float32(d) * s)) for d, s in zip(shape[2:], scales[2:]))
-        out[_unique_name(node)] = sizes
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # post-conversion passes
 # ---------------------------------------------------------------------------------------------
@@ -584,7 +444,7 @@ def _initializer_roles(model: Any, trainable: bool) -> dict[str, str]:
                 other = [y for y in node.input if y != x]
                 if other and other[0] in producer and producer[other[0]].op_type in _BIAS_PRODUCERS:
                     roles[x] = "param"
-    from mmbridge.convert.loop import loop_weight_initializers  # Keras RNN weights passed into a Loop
+    from mmbridge.convert.ops.loop import loop_weight_initializers  # Keras RNN weights passed into a Loop
 
     float_inits = {n for n, t in inits.items() if t.data_type in float_types and len(t.dims) >= 1}
     for x in loop_weight_initializers(model.graph, float_inits, WEIGHT_INPUTS):
@@ -760,98 +620,6 @@ def _fuse_silu(gm: fx.GraphModule) -> int:
     return fused
 
 
-def _replace_modules(gm: fx.GraphModule, nodes: dict[str, Any], static_resize: dict[str, tuple[int, ...]],
-                     same_pad: dict[str, SamePad]) -> None:
-    """BatchNorm -> population-variance BN; Dropout -> nn.Dropout(p); Reshape -> :class:`Reshape`;
-    Squeeze / Unsqueeze with constant axes -> static axes; Pad with constant pads -> static pads; static Resize -> :class:`ResizeToSize`;
-    ``auto_pad=SAME_*`` Conv / MaxPool -> ``Sequential(SamePad, module)``."""
-    from onnx2torch.node_converters.dropout import OnnxDropoutDynamic
-    from onnx2torch.node_converters.pad import (
-        OnnxPadDynamic,
-        OnnxPadStatic,
-        _onnx_padding_to_torch,
-        _torch_padding_to_mode_format,
-    )
-    from onnx2torch.node_converters.reshape import OnnxReshape
-    from onnx2torch.node_converters.squeeze import OnnxSqueezeDynamicAxes, OnnxSqueezeStaticAxes
-    from onnx2torch.node_converters.unsqueeze import OnnxUnsqueezeDynamicAxes, OnnxUnsqueezeStaticAxes
-
-    static_axes = {OnnxSqueezeDynamicAxes: OnnxSqueezeStaticAxes, OnnxUnsqueezeDynamicAxes: OnnxUnsqueezeStaticAxes}
-    from onnx2torch.node_converters.resize import (
-        OnnxResize,
-        _get_torch_align_corners,
-        _onnx_mode_to_torch_mode,
-    )
-
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
-        new: nn.Module | None = None
-        if type(module) in _BN_CLASSES:
-            new = _BN_CLASSES[type(module)](module.num_features, eps=module.eps, momentum=module.momentum)
-            new.load_state_dict(module.state_dict())
-        elif isinstance(module, OnnxDropoutDynamic):
-            ratio = 0.5
-            if len(node.args) > 1:
-                r = node.args[1]
-                if not (isinstance(r, fx.Node) and r.op == "get_attr"):
-                    continue  # a computed ratio: keep onnx2torch's module
-                ratio = float(_fetch_attr(gm, r.target))
-            elif "ratio" in node.kwargs:
-                continue
-            new = nn.Dropout(p=ratio)
-            node.args = node.args[:1]
-            node.kwargs = {}
-        elif isinstance(module, OnnxReshape) and len(node.args) == 2:
-            target = node.args[1]
-            if isinstance(target, fx.Node) and target.op == "get_attr":
-                new = Reshape(tuple(int(d) for d in _fetch_attr(gm, target.target).tolist()))
-                node.args = node.args[:1]
-            else:
-                new = Reshape()
-        elif type(module) in static_axes and len(node.args) == 2:
-            axes = node.args[1]
-            if not (isinstance(axes, fx.Node) and axes.op == "get_attr"):
-                continue
-            new = static_axes[type(module)]([int(a) for a in _fetch_attr(gm, axes.target).tolist()])
-            node.args = node.args[:1]
-        elif isinstance(module, OnnxPadDynamic) and len(node.args) in (2, 3) and not node.kwargs:
-            # constant pads (and value): Python ints, so torch.compile sees no data-dependent .tolist()
-            consts = [a for a in node.args[1:] if a is not None]
-            if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in consts):
-                continue
-            pads = _onnx_padding_to_torch([int(p) for p in _fetch_attr(gm, node.args[1].target).tolist()])
-            value = node.args[2] if len(node.args) == 3 else None
-            new = OnnxPadStatic(_torch_padding_to_mode_format(pads, module.mode), mode=module.mode,
-                                constant_value=float(_fetch_attr(gm, value.target)) if value is not None else 0.0)
-            node.args = node.args[:1]
-        elif isinstance(module, OnnxResize) and node.target in static_resize:
-            onnx_node = nodes[node.target]
-            attrs = {a.name: a for a in onnx_node.attribute}
-            mode = attrs["mode"].s.decode() if "mode" in attrs else "nearest"
-            ctm = attrs["coordinate_transformation_mode"].s.decode() if "coordinate_transformation_mode" in attrs else "half_pixel"
-            size = static_resize[node.target]
-            new = ResizeToSize(size, _onnx_mode_to_torch_mode(mode, len(size)), _get_torch_align_corners(mode, ctm))
-            node.args = node.args[:1]
-            node.kwargs = {}
-        if node.target in same_pad:
-            new = nn.Sequential(same_pad.pop(node.target), new if new is not None else module)
-        if new is not None:
-            parent, _, leaf = node.target.rpartition(".")
-            setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    _drop_unused_weights(gm)
-
-
-def _fetch_attr(gm: nn.Module, target: str) -> torch.Tensor:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _drop_unused_weights(gm: fx.GraphModule) -> None:
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     holder = getattr(gm, "weights", None)
@@ -873,5 +641,18 @@ def frozen_parameters(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters() if not p.requires_grad]
 
 
-__all__ = ["to_torch", "check_supported", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Linear", "Reshape", "ResizeToSize",
-           "parameter_count", "frozen_parameters", "WEIGHT_INPUTS", "STATE_INPUTS"]
+# modules that live with their converters (importing them loads onnx2torch, so only on first use)
+_MOVED = {"BatchNorm1d": "normalization", "BatchNorm2d": "normalization", "BatchNorm3d": "normalization",
+          "BatchNorm": "normalization", "Reshape": "shape", "ResizeToSize": "resize", "SamePad": "pad"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(f"mmbridge.convert.ops.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["to_torch", "check_supported", "Linear", "parameter_count", "frozen_parameters", "WEIGHT_INPUTS", "STATE_INPUTS",
+           *_MOVED]

@@ -1,0 +1,42 @@
+"""mmbridge's ONNX -> torch op converters, one file per op family, registered in :data:`op_converters`.
+
+Importing this package registers them (``mmbridge.op_converters`` and ``mmbridge.to_torch`` do).
+Each is consulted before onnx2torch's own converter for the same op and version (see
+:func:`mmbridge.convert.registry.consult_op_converters`) and tested against onnxruntime at two
+opsets per registered version (``tests/test_convert_ops.py``, parametrised from the registry).
+
+* :mod:`.normalization` -- ``BatchNormalization`` -> population-variance BatchNorm (Keras' running variance);
+* :mod:`.dropout` -- ``Dropout`` -> ``nn.Dropout(p)``;
+* :mod:`.shape` -- ``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Expand``, ``Tile`` with constant arguments as Python ints;
+* :mod:`.pad` -- ``Pad`` with constant pads; ``SamePad`` for ``auto_pad=SAME_*``;
+* :mod:`.conv`, :mod:`.pooling` -- ``Conv`` / ``MaxPool`` with ``auto_pad=SAME_*``, ``GlobalMaxPool``;
+* :mod:`.resize` -- ``Resize`` with constant scales / sizes (ORT's output size and coordinates);
+* :mod:`.gelu`, :mod:`.split`, :mod:`.onehot`, :mod:`.reduce`, :mod:`.scatter` -- ops or versions onnx2torch lacks;
+* :mod:`.cumsum` -- ``CumSum`` with ONNX's defaults (onnx2torch reverses by default);
+* :mod:`.loop`, :mod:`.recurrent` -- ``Loop`` (Keras 3 GRU / SimpleRNN / trainable LSTM) and ``LSTM`` / ``GRU`` / ``RNN``.
+"""
+
+from mmbridge._torch_stack import guard_torch_stack
+
+guard_torch_stack("mmbridge.op_converters")  # onnx2torch imports torchvision: segfault after TF
+
+from mmbridge.convert.ops import (  # noqa: E402, F401  (registration happens on import)
+    conv,
+    cumsum,
+    dropout,
+    gelu,
+    loop,
+    normalization,
+    onehot,
+    pad,
+    pooling,
+    recurrent,
+    reduce,
+    resize,
+    scatter,
+    shape,
+    split,
+)
+from mmbridge.convert.registry import op_converters  # noqa: E402
+
+__all__ = ["op_converters"]

@@ -1,0 +1,123 @@
+"""``Pad`` with constant pads (and value) -> :class:`Pad` (Python ints); :class:`SamePad` for ``auto_pad=SAME_*``.
+
+ONNX pads are ``[x1_begin, x2_begin, ..., x1_end, x2_end, ...]`` (``axes``, opset 18+, says
+which dims they are for); ``F.pad`` wants ``[last_begin, last_end, ..., first_begin, first_end]``.
+Modes: ``constant``, ``reflect``, ``edge`` (torch ``replicate``), ``wrap`` (opset 19+, torch
+``circular``); negative pads crop. Pads computed at run time keep onnx2torch's ``OnnxPadDynamic``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from onnx2torch.onnx_graph import OnnxGraph
+from onnx2torch.onnx_node import OnnxNode
+from onnx2torch.utils.common import OnnxToTorchModule
+from torch import nn
+
+from mmbridge.convert.ops._common import (
+    TO_ORT,
+    const,
+    const_ints,
+    delegate,
+    input_at,
+    rank_of,
+    register,
+    result,
+)
+
+_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+class Pad(nn.Module, OnnxToTorchModule):
+    """``F.pad(x, pads, mode, value)`` with ``pads`` in torch order (last dim first), as Python ints."""
+
+    def __init__(self, pads: list[int], mode: str = "constant", value: float = 0.0):
+        super().__init__()
+        self.pads = [int(p) for p in pads]
+        self.mode = mode
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "constant":
+            return nn.functional.pad(x, self.pads, mode="constant", value=self.value)
+        return nn.functional.pad(x, self.pads, mode=self.mode)
+
+    def extra_repr(self) -> str:
+        return f"pads={self.pads}, mode={self.mode!r}" + (f", value={self.value}" if self.mode == "constant" else "")
+
+
+class SamePad(nn.Module):
+    """ONNX ``auto_pad=SAME_UPPER`` / ``SAME_LOWER`` computed from the input size at run time.
+
+    Pads ``[N, C, *spatial]`` so that a following VALID Conv / MaxPool with ``kernel``,
+    ``strides``, ``dilations`` outputs ``ceil(in / stride)`` per spatial axis (ONNX rule: the odd
+    pixel goes at the end for ``SAME_UPPER``, at the start for ``SAME_LOWER``). ``value`` is the
+    pad value (0 for Conv, ``-inf`` for MaxPool). Works for any H / W (dynamic specs).
+    """
+
+    def __init__(self, kernel: list[int], strides: list[int], dilations: list[int], upper: bool, value: float = 0.0):
+        super().__init__()
+        self.kernel, self.strides, self.dilations = list(kernel), list(strides), list(dilations)
+        self.upper = upper
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads: list[Any] = []
+        for i in reversed(range(len(self.kernel))):  # F.pad: last axis first
+            size = x.shape[2 + i]
+            s, k, d = self.strides[i], self.kernel[i], self.dilations[i]
+            out = (size + s - 1) // s
+            total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+            small = total // 2
+            pads += [small, total - small] if self.upper else [total - small, small]
+        return nn.functional.pad(x, pads, value=self.value)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel}, strides={self.strides}, {'SAME_UPPER' if self.upper else 'SAME_LOWER'}"
+
+
+def torch_pads(onnx_pads: list[int], rank: int | None = None, axes: list[int] | None = None) -> list[int]:
+    """ONNX ``pads`` (for ``axes``, default all dims) -> ``F.pad`` order, trailing all-zero dims dropped.
+
+    Raises:
+        NotImplementedError: ``axes`` given but the input rank is unknown.
+    """
+    half = len(onnx_pads) // 2
+    begins, ends = onnx_pads[:half], onnx_pads[half:]
+    if axes is not None:
+        if rank is None:
+            raise NotImplementedError("Pad with an 'axes' input needs the input's rank, which shape inference did not give")
+        full_b, full_e = [0] * rank, [0] * rank
+        for a, b, e in zip(axes, begins, ends):
+            full_b[a % rank], full_e[a % rank] = b, e
+        begins, ends = full_b, full_e
+    out: list[int] = []
+    for b, e in zip(reversed(begins), reversed(ends)):
+        out += [int(b), int(e)]
+    while len(out) > 2 and out[-1] == 0 and out[-2] == 0:  # leading dims (N, C) unpadded: reflect/replicate need it
+        out = out[:-2]
+    return out
+
+
+@register("Pad", 11, 13, 18, 19, 21, 23, 24, 25)
+def pad(node: OnnxNode, graph: OnnxGraph):
+    mode_name = node.attributes.get("mode", "constant")
+    mode_name = mode_name.decode() if isinstance(mode_name, bytes) else mode_name
+    if mode_name not in _MODES:
+        raise NotImplementedError(f"Pad node {node.name!r}: mode {mode_name!r} is not supported; {TO_ORT}")
+    pads = const_ints(graph, input_at(node, 1))
+    value_name, axes_name = input_at(node, 2), input_at(node, 3)
+    value = const(graph, value_name)
+    axes = const_ints(graph, axes_name)
+    if pads is None or (value_name and value is None) or (axes_name and axes is None):
+        if axes_name:
+            raise NotImplementedError(f"Pad node {node.name!r}: computed pads / axes with an 'axes' input are not "
+                                      f"supported; {TO_ORT}")
+        if mode_name == "wrap":
+            raise NotImplementedError(f"Pad node {node.name!r}: mode 'wrap' with computed pads is not supported; {TO_ORT}")
+        return delegate(node, graph, 13)  # computed pads: onnx2torch's OnnxPadDynamic
+    module = Pad(torch_pads(pads, rank_of(graph, node.input_values[0]), axes), _MODES[mode_name],
+                 float(value.reshape(-1)[0]) if value is not None and value.numel() else 0.0)
+    return result(module, node, (node.input_values[0],))

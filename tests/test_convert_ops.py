@@ -1,0 +1,256 @@
+"""Every converter in ``mmbridge.op_converters`` against onnxruntime, parametrised from the registry.
+
+Each registered key ``(domain, op_type, since_version)`` is run on a one-node graph at the first
+and the last opset that resolve to that ``since_version`` (clamped to what onnxruntime runs:
+7 .. ``MAX_OPSET``). A converter registered without a case in ``CASES`` fails
+``test_every_registered_op_has_a_case``: a new converter comes with its test. Cases that feed a
+constant argument also check that the converter folded it (the static module, Python ints).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto as TP
+from onnx import helper, numpy_helper
+
+import mmbridge
+from mmbridge.convert.ops import normalization, pad, pooling, resize, shape
+from mmbridge.convert.registry import ConverterKey, schema_versions
+from mmbridge.runtime.session import make_session
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+MIN_OPSET, MAX_OPSET = 7, 25  # onnxruntime runs ai.onnx from 7; 25: the newest version registered here
+RNG = np.random.RandomState(0)
+
+
+def _vi(name, dtype=TP.FLOAT, dims=None):
+    return helper.make_tensor_value_info(name, dtype, dims)
+
+
+def _init(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+@dataclass
+class Case:
+    """A one-node graph for one op: ``build(opset) -> (nodes, inputs, outputs, initializers)``, plus feeds."""
+
+    build: Callable[[int], tuple[list, list, list, list]]
+    feeds: dict[str, np.ndarray]
+    expect: Callable[[torch.nn.Module], bool] | None = None  # a check on the converted module
+    atol: float = 1e-5
+    extra: dict = field(default_factory=dict)
+
+
+def _one(op, ins, outs=("y",), **attrs):
+    return helper.make_node(op, list(ins), list(outs), name=op.lower(), **attrs)
+
+
+def _has(cls, pred=lambda m: True):
+    return lambda gm: any(isinstance(m, cls) and pred(m) for m in gm.modules())
+
+
+def _x(*shape_, positive=False):
+    x = RNG.rand(*shape_).astype(np.float32)
+    return x + 0.5 if positive else (x - 0.5) * 4
+
+
+def _bn(opset):
+    c = 3
+    inits = [_init("s", RNG.rand(c).astype(np.float32) + 0.5), _init("b", RNG.randn(c).astype(np.float32)),
+             _init("m", RNG.randn(c).astype(np.float32)), _init("v", RNG.rand(c).astype(np.float32) + 0.1)]
+    return [_one("BatchNormalization", ["x", "s", "b", "m", "v"], epsilon=1e-3, momentum=0.99)], \
+        [_vi("x", dims=["N", c, 4, 4])], [_vi("y")], inits
+
+
+def _conv(opset):
+    return [_one("Conv", ["x", "W"], auto_pad="SAME_UPPER", strides=[2, 2])], [_vi("x", dims=["N", 2, "H", "W"])], \
+        [_vi("y")], [_init("W", RNG.randn(3, 2, 3, 3).astype(np.float32))]
+
+
+def _cumsum(opset):  # default attributes: ONNX sums forward (onnx2torch defaulted to reverse)
+    return [_one("CumSum", ["x", "axis"])], [_vi("x", dims=[3, 4])], [_vi("y")], [_init("axis", np.array(-1, np.int32))]
+
+
+def _dropout(opset):
+    return [_one("Dropout", ["x", "ratio"])], [_vi("x", dims=["N", 6])], [_vi("y")], [_init("ratio", np.float32(0.3))]
+
+
+def _expand(opset):
+    return [_one("Expand", ["x", "shape"])], [_vi("x", dims=[3, 1])], [_vi("y")], [_init("shape", np.array([2, 3, 4], np.int64))]
+
+
+def _recurrent(kind):
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[kind]
+
+    def build(opset):
+        h, i = 5, 4
+        inits = [_init("W", RNG.randn(1, gates * h, i).astype(np.float32) * 0.5),
+                 _init("R", RNG.randn(1, gates * h, h).astype(np.float32) * 0.5),
+                 _init("B", RNG.randn(1, 2 * gates * h).astype(np.float32) * 0.5)]
+        return [_one(kind, ["x", "W", "R", "B"], ["y", "y_h"], hidden_size=h)], [_vi("x", dims=[3, 2, i])], \
+            [_vi("y"), _vi("y_h")], inits
+
+    return build
+
+
+def _gelu(opset):
+    return [_one("Gelu", ["x"], approximate="tanh")], [_vi("x", dims=[2, 5])], [_vi("y")], []
+
+
+def _global_max_pool(opset):
+    return [_one("GlobalMaxPool", ["x"])], [_vi("x", dims=["N", 3, 4, 5])], [_vi("y")], []
+
+
+def _loop(opset):
+    body = helper.make_graph(
+        [helper.make_node("Add", ["v_in", "x"], ["v_out"], name="acc"),
+         helper.make_node("Mul", ["v_out", "two"], ["scan"], name="twice")], "body",
+        [_vi("i", TP.INT64, []), _vi("c_in", TP.BOOL, []), _vi("v_in", dims=[2, 3])],
+        [_vi("c_in", TP.BOOL, []), _vi("v_out", dims=[2, 3]), _vi("scan", dims=[2, 3])],
+        [_init("two", np.float32(2.0))])
+    inits = [_init("M", np.array(3, np.int64)), _init("cond", np.array(True)), _init("v0", np.zeros((2, 3), np.float32))]
+    return [_one("Loop", ["M", "cond", "v0"], ["v", "scans"], body=body)], [_vi("x", dims=[2, 3])], \
+        [_vi("v"), _vi("scans")], inits
+
+
+def _max_pool(opset):
+    return [_one("MaxPool", ["x"], auto_pad="SAME_UPPER", kernel_shape=[3, 3], strides=[2, 2])], \
+        [_vi("x", dims=["N", 2, "H", "W"])], [_vi("y")], []
+
+
+def _one_hot(opset):
+    return [_one("OneHot", ["idx", "depth", "values"], axis=-1)], [_vi("idx", TP.INT64, [2, 3])], [_vi("y")], \
+        [_init("depth", np.array(5, np.int64)), _init("values", np.array([-1.0, 2.5], np.float32))]
+
+
+def _pad(opset):
+    inits = [_init("pads", np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)), _init("value", np.float32(1.5))]
+    return [_one("Pad", ["x", "pads", "value"], mode="constant")], [_vi("x", dims=["N", 2, 3, 4])], [_vi("y")], inits
+
+
+def _reduce(op):
+    def build(opset):
+        return [_one(op, ["x", "axes"], keepdims=0)], [_vi("x", dims=[3, 4, 5])], [_vi("y")], \
+            [_init("axes", np.array([0, -1], np.int64))]
+
+    return build
+
+
+def _reshape(opset):
+    return [_one("Reshape", ["x", "shape"])], [_vi("x", dims=[2, 3, 4])], [_vi("y")], \
+        [_init("shape", np.array([0, -1, 2], np.int64))]
+
+
+def _resize(opset):
+    # 5 * 1.5 = 7.5 and 7 * 0.6 = 4.2 are not whole: ORT maps coordinates with 1 / scale, not in / out
+    return [_one("Resize", ["x", "roi", "scales"], mode="linear")], [_vi("x", dims=["N", 2, 5, 7])], [_vi("y")], \
+        [_init("roi", np.array([], np.float32)), _init("scales", np.array([1, 1, 1.5, 0.6], np.float32))]
+
+
+def _scatter_nd(opset):
+    return [_one("ScatterND", ["x", "idx", "upd"])], [_vi("x", dims=[4, 3])], [_vi("y")], \
+        [_init("idx", np.array([[0], [2]], np.int64)), _init("upd", RNG.randn(2, 3).astype(np.float32))]
+
+
+def _split(opset):
+    return [_one("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3)], [_vi("x", dims=[2, 7])], \
+        [_vi("a"), _vi("b"), _vi("c")], []
+
+
+def _squeeze(opset):
+    if opset < 13:
+        return [_one("Squeeze", ["x"], axes=[0, -2])], [_vi("x", dims=[1, 3, 1, 2])], [_vi("y")], []
+    return [_one("Squeeze", ["x", "axes"])], [_vi("x", dims=[1, 3, 1, 2])], [_vi("y")], [_init("axes", np.array([0, -2], np.int64))]
+
+
+def _tile(opset):
+    return [_one("Tile", ["x", "repeats"])], [_vi("x", dims=[2, 3])], [_vi("y")], [_init("repeats", np.array([2, 1], np.int64))]
+
+
+def _unsqueeze(opset):
+    if opset < 13:
+        return [_one("Unsqueeze", ["x"], axes=[0, -1])], [_vi("x", dims=[3, 2])], [_vi("y")], []
+    return [_one("Unsqueeze", ["x", "axes"])], [_vi("x", dims=[3, 2])], [_vi("y")], [_init("axes", np.array([0, -1], np.int64))]
+
+
+CASES: dict[str, Case] = {
+    "BatchNormalization": Case(_bn, {"x": _x(2, 3, 4, 4)}, _has(normalization.BatchNorm2d)),
+    "Conv": Case(_conv, {"x": _x(2, 2, 7, 9)}, _has(pad.SamePad)),
+    "CumSum": Case(_cumsum, {"x": _x(3, 4)}),
+    "Dropout": Case(_dropout, {"x": _x(4, 6)}, _has(torch.nn.Dropout, lambda m: m.p == pytest.approx(0.3))),
+    "Expand": Case(_expand, {"x": _x(3, 1)}, _has(shape.Expand)),
+    "GRU": Case(_recurrent("GRU"), {"x": _x(3, 2, 4)}),
+    "Gelu": Case(_gelu, {"x": _x(2, 5)}, _has(torch.nn.GELU, lambda m: m.approximate == "tanh")),
+    "GlobalMaxPool": Case(_global_max_pool, {"x": _x(2, 3, 4, 5)}, _has(pooling.OnnxGlobalMaxPool)),
+    "LSTM": Case(_recurrent("LSTM"), {"x": _x(3, 2, 4)}),
+    "Loop": Case(_loop, {"x": _x(2, 3)}),
+    "MaxPool": Case(_max_pool, {"x": _x(2, 2, 7, 9)}, _has(pad.SamePad, lambda m: m.value == float("-inf"))),
+    "OneHot": Case(_one_hot, {"idx": np.array([[0, 4, -1], [2, -5, 7]], np.int64)}),
+    "Pad": Case(_pad, {"x": _x(2, 2, 3, 4)}, _has(pad.Pad, lambda m: m.value == 1.5)),
+    "RNN": Case(_recurrent("RNN"), {"x": _x(3, 2, 4)}),
+    "Reshape": Case(_reshape, {"x": _x(2, 3, 4)}, _has(shape.Reshape, lambda m: m.shape == (0, -1, 2))),
+    "Resize": Case(_resize, {"x": _x(2, 2, 5, 7)}, _has(resize.ResizeToSize, lambda m: m.size == (7, 4) and m.scales is not None)),
+    "ScatterND": Case(_scatter_nd, {"x": _x(4, 3)}),
+    "Split": Case(_split, {"x": _x(2, 7)}),
+    "Squeeze": Case(_squeeze, {"x": _x(1, 3, 1, 2)}, _has(shape.Squeeze)),
+    "Tile": Case(_tile, {"x": _x(2, 3)}, _has(shape.Tile, lambda m: m.repeats == (2, 1))),
+    "Unsqueeze": Case(_unsqueeze, {"x": _x(3, 2)}, _has(shape.Unsqueeze)),
+}
+for _op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
+            "ReduceSumSquare", "ReduceLogSum"):
+    CASES[_op] = Case(_reduce(_op), {"x": _x(3, 4, 5, positive=True)})
+
+
+def opsets_for(key: ConverterKey) -> list[int]:
+    """The first and the last opset (within MIN_OPSET .. MAX_OPSET) that resolve to ``key.since_version``."""
+    later = [v for v in schema_versions(key.op_type, key.domain) if v > key.since_version]
+    last = min(later[0] - 1 if later else MAX_OPSET, MAX_OPSET)
+    first = max(key.since_version, MIN_OPSET)
+    return sorted({first, last}) if first <= last else []
+
+
+def _params():
+    out = []
+    for key in mmbridge.op_converters:
+        for opset in opsets_for(key) or [None]:
+            marks = [pytest.mark.skip(reason=f"no opset in {MIN_OPSET}..{MAX_OPSET} resolves to {key}")] if opset is None else []
+            out.append(pytest.param(key, opset, id=f"{key.op_type}-{key.since_version}@{opset}", marks=marks))
+    return out
+
+
+def _model(case: Case, opset: int) -> onnx.ModelProto:
+    nodes, inputs, outputs, inits = case.build(opset)
+    imports = [helper.make_opsetid("", opset)]
+    m = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=imports)
+    m.ir_version = max(helper.find_min_ir_version_for(imports), 4)  # IR 4: initializers need not be graph inputs
+    return m
+
+
+def test_every_registered_op_has_a_case():
+    missing = sorted({k.op_type for k in mmbridge.op_converters} - set(CASES))
+    assert not missing, f"Converter author: add a one-node case to CASES in {__file__} for {missing}"
+
+
+@pytest.mark.parametrize("key,opset", _params())
+def test_registered_converter_matches_onnxruntime(key, opset):
+    case = CASES[key.op_type]
+    m = _model(case, opset)
+    gm = mmbridge.to_torch(m)
+    if case.expect is not None:
+        assert case.expect(gm), f"{key} at opset {opset}: the converted module is not the expected static form:\n{gm}"
+    ref = make_session(m).run(None, case.feeds)
+    with torch.no_grad():
+        got = gm(*[torch.from_numpy(v) for v in case.feeds.values()])
+    got = list(got) if isinstance(got, (tuple, list)) else [got]
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert tuple(g.shape) == r.shape, f"{key} at opset {opset}: shape {tuple(g.shape)} != ORT {r.shape}"
+        np.testing.assert_allclose(g.numpy(), r, rtol=1e-5, atol=case.atol, err_msg=f"{key} at opset {opset}")
