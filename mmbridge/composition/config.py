@@ -360,11 +360,11 @@ class ModelConfig:
         check(is_int(m["fusion_dim"], 1), problems, f"{where}.fusion_dim: must be a positive int, got {m['fusion_dim']!r}")
         check(is_num(m["modality_dropout"]) and 0 <= m["modality_dropout"] < 1, problems,
               f"{where}.modality_dropout: must be a number in [0, 1), got {m['modality_dropout']!r}")
-        for key, registry in (("fusion_kwargs", fusion_heads), ("task_kwargs", task_heads)):
+        for key, head, registry in (("fusion_kwargs", "fusion", fusion_heads), ("task_kwargs", "task", task_heads)):
             if not isinstance(m[key], Mapping):
                 problems.append(f"{where}.{key}: must be a mapping, got {m[key]!r}")
                 continue
-            name = m[key.split("_")[0]]
+            name = m[head]
             if isinstance(name, str) and name in registry:
                 accepted = _keyword_args(registry.get(name))
                 for k in m[key]:

@@ -208,7 +208,7 @@ class DataConfig(_Section):
         return tuple(m for m in mods if m in MODALITY_KEYS)
 
     @property
-    def keys(self) -> tuple[str, ...]:
+    def batch_keys(self) -> tuple[str, ...]:
         """Every batch key the modalities provide."""
         return tuple(k for mod in self.valid_modalities for k in MODALITY_KEYS[mod])
 
@@ -384,7 +384,7 @@ class RunConfig(Mapping):
         return cfg
 
     def _check_across_sections(self, problems: list[str]) -> None:
-        available = set(self.data.keys)
+        available = set(self.data.batch_keys)
         for name, b in self.model.branches.items():
             if isinstance(b.input_keys, tuple):
                 missing = [k for k in b.input_keys if k not in available]

@@ -39,7 +39,7 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None) ->
         raise ConfigError("mmbridge.train.run.run_train trains torch models; a framework: keras config is the "
                           "Keras baseline: run it with mmbridge.cli.train.run_train (or `mmbridge train`)")
     from mmbridge.train import distributed
-    from mmbridge.train.build import build_data, build_model, data_root, trainer_kwargs
+    from mmbridge.train.build import build_data, build_model, data_root
     from mmbridge.train.config import dump
     from mmbridge.train.metrics import write_report
     from mmbridge.train.trainer import Trainer
@@ -67,8 +67,8 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None) ->
 
         write_text_atomic(out_dir / "config.yaml", dump(cfg))
     meta = train.metadata() if hasattr(train, "metadata") else {}
-    trainer = Trainer(model, train, splits["val"], extra_state={"config": cfg.to_dict(), "data": meta},
-                      **trainer_kwargs(cfg))
+    trainer = Trainer.from_config(model, train, splits["val"], cfg.training, cfg.output, task=cfg.model.task,
+                                  extra_state={"config": cfg.to_dict(), "data": meta})
     try:
         fit = trainer.fit(resume=t.resume, stop_after_epochs=t.stop_after_epochs, restore_best=t.restore_best)
         val = trainer.evaluate(splits["val"], "val")
@@ -111,7 +111,7 @@ def run_evaluate(cfg: RunConfig | Mapping[str, Any], checkpoint: str, *, out: st
 
     from mmbridge.train import checkpoint as ckpt_io
     from mmbridge.train import distributed
-    from mmbridge.train.build import build_data, build_model, data_root, trainer_kwargs
+    from mmbridge.train.build import build_data, build_model, data_root
     from mmbridge.train.metrics import write_report
     from mmbridge.train.trainer import Trainer
 
@@ -126,9 +126,8 @@ def run_evaluate(cfg: RunConfig | Mapping[str, Any], checkpoint: str, *, out: st
         detail = str(exc).replace("\n", " ")[:600]
         raise ConfigError(f"checkpoint {checkpoint} does not fit the model of this config ({detail}); use the "
                           f"config the checkpoint was trained with (saved as config.yaml beside it)") from None
-    kw = trainer_kwargs(cfg)
-    kw.update(tensorboard=False, out_dir=out or kw["out_dir"])
-    trainer = Trainer(model, splits["train"], None, **kw)
+    trainer = Trainer.from_config(model, splits["train"], None, cfg.training, cfg.output, task=cfg.model.task,
+                                  tensorboard=False, out_dir=out or cfg.output.dir)
     try:
         res = {s: trainer.evaluate(splits[s], s) for s in splits_to_eval}
     finally:
