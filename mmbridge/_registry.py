@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from mmbridge.errors import RegistryError
@@ -18,6 +18,15 @@ T = TypeVar("T")
 
 ENTRY_POINT_GROUP = "mmbridge.plugins"
 _plugins_loaded = False
+
+
+def close_matches(name: object, candidates: Iterable[str], *, n: int = 1, cutoff: float = 0.6) -> list[str]:
+    """Up to ``n`` of ``candidates`` that look like ``name`` (``difflib.get_close_matches``).
+
+    The one "did you mean" lookup of mmbridge: :meth:`Registry.get`, :meth:`Registry.suggest`
+    and the config validation (unknown keys) all use it.
+    """
+    return difflib.get_close_matches(str(name), list(candidates), n=n, cutoff=cutoff)
 
 
 def load_plugins() -> list[str]:
@@ -106,12 +115,21 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            close = difflib.get_close_matches(str(name), list(self._entries), n=3, cutoff=0.5)
+            close = close_matches(name, self._entries, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise RegistryError(
                 f"unknown {self.kind} {name!r}.{hint} "
                 f"{len(self._entries)} are registered; list them with {self.list_call}."
             ) from None
+
+    def suggest(self, name: object, *, among: Iterable[str] | None = None, n: int = 1) -> list[str]:
+        """Registered names (or the subset ``among``) close to ``name``, best first; [] if none.
+
+        For messages that report a bad name without raising (config validation lists every
+        problem at once); :meth:`get` raises with the same suggestions.
+        """
+        load_plugins()
+        return close_matches(name, self._entries if among is None else among, n=n)
 
     def names(self, pattern: str = "*") -> list[str]:
         """Sorted registered names matching the shell-style ``pattern``."""

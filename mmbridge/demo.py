@@ -26,7 +26,8 @@ DEFAULT_IMAGE_SIZE = 32
 
 def demo_config(data: str | None, out: str, epochs: int, image_size: int, *,
                 preprocess_backend: str = "ort") -> dict[str, Any]:
-    """The demo as a ``mmbridge train`` config (see :mod:`mmbridge.train.config`)."""
+    """The demo as ``mmbridge train`` config data (YAML form; :func:`~mmbridge.train.config.load_config`
+    fills the rest from the config dataclasses and returns a :class:`~mmbridge.train.config.RunConfig`)."""
     return {
         "data": {"root": data, "image_size": image_size, "tokenizer": "word", "max_length": 48},
         "model": {

@@ -219,3 +219,41 @@ def test_onnxruntime_encoder_must_be_declared_frozen():
     res["logits"].sum().backward()
     assert proj.weight.grad is not None
     assert list(ort.parameters()) == []
+
+
+def test_mask_key_is_declared_not_guessed_from_the_key_name():
+    class Tokens(nn.Module):  # returns [N, T, F]: pooled with the declared mask only
+        out_dim = 3
+
+        def forward(self, ids, mask):
+            return torch.ones(ids.shape[0], ids.shape[1], 3) * torch.arange(ids.shape[1]).view(1, -1, 1)
+
+    batch = _batch()  # text_mask: 7 of 10 tokens
+    torch.manual_seed(0)
+    masked = mmbridge.compose({"text": Branch(Tokens(), input_keys=("text", "text_mask"), mask_key="text_mask")},
+                              num_classes=C, fusion_dim=D).eval()
+    state = masked.branches["text"].frozen_forward(batch)
+    feat = masked.branches["text"].encode(state["args"], state["mask"])
+    assert torch.allclose(feat, torch.full((N, 3), 3.0))  # mean of 0..6
+    plain = Branch(Tokens(), input_keys=("text", "text_mask"))  # no mask declared: no masked pooling
+    assert plain.mask_key is None and plain.frozen_forward(batch)["mask"] is None
+    with pytest.raises(ConfigError, match=r"mask_key='mask'\): not one of input_keys"):
+        Branch(Tokens(), input_keys=("text", "text_mask"), mask_key="mask")
+
+
+def test_frozen_modules_are_recognised_by_a_declared_attribute():
+    class Frozen(nn.Module):
+        mmbridge_frozen = True
+
+        def forward(self, x):
+            return x
+
+    with pytest.raises(ConfigError, match="has no gradients"):
+        Branch(Frozen(), input_keys=("numeric",))
+    assert not Branch(Frozen(), input_keys=("numeric",), trainable=False).trainable
+
+    class ORTModule(nn.Module):  # the class name alone no longer decides anything
+        def forward(self, x):
+            return x
+
+    assert Branch(ORTModule(), input_keys=("numeric",)).trainable

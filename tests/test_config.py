@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -214,3 +215,120 @@ def test_demo_runs_end_to_end_without_tf_in_the_training_process(tmp_path):
 
     losses = [h["train/loss"] for h in torch.load(tmp_path / "demo" / "last.pt", weights_only=True)["history"]]
     assert losses[1] < losses[0], losses
+
+
+# -- the config dataclasses: one source of defaults --------------------------------------------
+def test_defaults_agree_between_yaml_trainer_and_compose():
+    import inspect
+
+    import mmbridge
+    from mmbridge.composition import Branch, BranchConfig, ModelConfig
+    from mmbridge.train.config import OutputConfig, TrainConfig
+    from mmbridge.train.trainer import Trainer
+
+    trainer = inspect.signature(Trainer).parameters
+    for key in TrainConfig.TRAINER_KEYS:
+        assert trainer[key].default == getattr(TrainConfig, key), key
+    assert trainer["out_dir"].default == OutputConfig.dir and trainer["tensorboard"].default == OutputConfig.tensorboard
+    assert trainer["precision"].default == DEFAULTS["training"]["precision"] == "fp32"
+    compose = inspect.signature(mmbridge.compose).parameters
+    for key in ("fusion", "task", "fusion_dim", "modality_dropout"):
+        assert compose[key].default == getattr(ModelConfig, key) == DEFAULTS["model"][key], key
+    assert compose["fusion_dim"].default == 128
+    branch = inspect.signature(Branch).parameters
+    for key in ("input_keys", "mask_key", "out_dim", "trainable", "projection"):
+        assert branch[key].default == getattr(BranchConfig, key), key
+
+
+def test_run_config_round_trips_and_reads_by_attribute(tmp_path):
+    from mmbridge.train.components import MLPConfig, TextConfig
+    from mmbridge.train.config import RunConfig, dump
+
+    base = {"model": {"branches": {"text": {"encoder": {"type": "text", "kind": "gru"}},
+                                   "numeric": {"encoder": {"type": "mlp"}, "trainable": False}},
+                      "fusion": "gated"},
+            "data": {"modalities": ["text", "numeric"]}, "training": {"epochs": 2, "precision": "bf16"}}
+    cfg = load_config(None, ["training.lr=3e-4"], data=base)
+    assert isinstance(cfg, RunConfig) and cfg.training.epochs == 2 and cfg.training.lr == pytest.approx(3e-4)
+    text = cfg.model.branches["text"]
+    assert text.encoder == TextConfig(dim=64, kind="gru") and text.input_keys == ("text", "text_mask")
+    assert text.mask_key == "text_mask" and cfg.model.branches["numeric"].mask_key is None
+    assert cfg.model.branches["numeric"].encoder == MLPConfig() and cfg.model.branches["numeric"].trainable is False
+    # to_dict -> from_dict is the identity; the saved config.yaml loads back to the same config
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    (tmp_path / "config.yaml").write_text(dump(cfg))
+    assert load_config(tmp_path / "config.yaml") == cfg
+    # a config.yaml saved before mask_key existed still loads (the key is filled in from the data)
+    old = cfg.to_dict()
+    for b in old["model"]["branches"].values():
+        del b["mask_key"]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert load_config(tmp_path / "old.yaml") == cfg
+    # the mapping view keeps dict-style callers working
+    assert cfg["training"]["epochs"] == 2 and cfg.get("framework") == "torch" and dict(cfg)["model"]["fusion"] == "gated"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.training.epochs = 3  # type: ignore[misc]
+
+
+def test_mask_key_must_be_one_of_the_input_keys():
+    base = {"model": {"branches": {"text": {"encoder": {"type": "text"}, "mask_key": "mask"}}},
+            "data": {"modalities": ["text"]}}
+    with pytest.raises(ConfigError, match=r"model.branches.text.mask_key: must be one of input_keys \['text', 'text_mask'\]"):
+        load_config(None, data=base)
+    cfg = load_config(None, ["model.branches.text.mask_key=null"], data={**base, "model": {"branches": {
+        "text": {"encoder": {"type": "text"}}}}})
+    assert cfg.model.branches["text"].mask_key is None
+
+
+def test_a_new_encoder_type_is_one_registered_entry(tmp_path):
+    """A config dataclass + a builder, registered once: validated, defaulted and built from YAML."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import torch
+
+    from mmbridge.composition import ComponentConfig, components, register_component
+    from mmbridge.train.build import build_component
+
+    @dataclass(frozen=True)
+    class PixelMeanConfig(ComponentConfig):
+        type: ClassVar[str] = "pixel_mean_test"
+        width: int = 4
+
+        def validate(self, where, problems):
+            if not (isinstance(self.width, int) and self.width > 0):
+                problems.append(f"{where}.width: must be a positive int, got {self.width!r}")
+
+    @register_component(PixelMeanConfig)
+    def build(cfg, ctx):
+        return torch.nn.Linear(3, cfg.width)
+
+    try:
+        base = {"model": {"branches": {"image": {"encoder": {"type": "pixel_mean_test"}}}},
+                "data": {"modalities": ["image"]}}
+        cfg = load_config(None, data=base)
+        enc = cfg.model.branches["image"].encoder
+        assert enc == PixelMeanConfig(width=4) and enc.to_dict() == {"type": "pixel_mean_test", "width": 4}
+        assert build_component(enc, "x").out_features == 4
+        with pytest.raises(ConfigError) as err:
+            load_config(None, ["model.branches.image.encoder.width=0", "model.branches.image.encoder.widht=2"], data=base)
+        assert "model.branches.image.encoder.width: must be a positive int, got 0" in str(err.value)
+        assert "model.branches.image.encoder.widht: unknown key; did you mean 'width'?" in str(err.value)
+        with pytest.raises(ConfigError, match="unknown 'pixel_mean_tset'; did you mean 'pixel_mean_test'"):
+            load_config(None, ["model.branches.image.encoder.type=pixel_mean_tset"], data=base)
+    finally:
+        components.unregister("pixel_mean_test")
+
+
+def test_component_types_and_tokenizers_are_registries():
+    from mmbridge.composition import components
+    from mmbridge.composition.config import component_types
+    from mmbridge.data.tokenizers import TOKENIZER_NAMES
+    from mmbridge.train.components import tokenizers
+
+    assert components.names() == ["artifact", "conv", "export", "hf", "import", "mlp", "text"]
+    assert component_types("preprocess") == ["artifact", "export", "import"]
+    assert [n for n in components.names() if components.get(n).keras] == ["conv", "mlp", "text"]
+    assert sorted(tokenizers.names()) == sorted(TOKENIZER_NAMES)
+    with pytest.raises(ConfigError, match=r"data.tokenizer: must be one of \['minilm', 'word'\], got 'wrod'; did you mean 'word'"):
+        load_config(None, ["data.tokenizer=wrod"], data={"model": {"branches": {"numeric": {"encoder": {"type": "mlp"}}}}})

@@ -236,3 +236,36 @@ def test_text_and_checkpoint_writes_are_atomic_and_keep_the_usual_mode(tmp_path,
         ckpt_io.write_text_atomic(tmp_path / "report.json", '{"a": 2}')
     assert json.loads(path.read_text()) == {"a": 1}  # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "report.json"]  # no temporary left
+
+
+def test_trainer_asks_the_task_head_for_loss_metrics_and_monitor(tmp_path):
+    from mmbridge.composition import TaskHead, task_heads
+    from mmbridge.composition.heads import ClassificationHead
+
+    assert ClassificationHead.monitor == "val/top1" and ClassificationHead.metric_mode("val/loss") == "min"
+    calls = []
+
+    @task_heads.register("smoothed_classification_test")
+    class Smoothed(ClassificationHead):
+        monitor = "val/macro_f1"
+
+        @classmethod
+        def loss(cls, out, target):
+            calls.append(1)
+            return torch.nn.functional.cross_entropy(out, target, label_smoothing=0.1)
+
+    try:
+        torch.manual_seed(0)
+        model = mmbridge.compose({"numeric": MLPEncoder(4, 16)}, task="smoothed_classification_test", num_classes=5,
+                                 fusion_dim=16)
+        t = Trainer(model, TRAIN, VAL, out_dir=tmp_path, **dict(KW, epochs=1))
+        assert isinstance(t.task_head, Smoothed) and t.monitor == "val/macro_f1" and t.mode == "max"
+        t.fit()
+        assert calls and "val/macro_f1" in t.history[-1]
+        # a plain nn.Module without a head: the registered head named by task= gives the contract
+        assert Trainer(model, TRAIN, out_dir=tmp_path / "r", task="regression", **KW).task_head is task_heads.get("regression")
+        with pytest.raises(ConfigError, match="task='regresion' is not a registered task head"):
+            Trainer(model, TRAIN, out_dir=tmp_path, task="regresion", **KW)
+        assert issubclass(task_heads.get("regression"), TaskHead)
+    finally:
+        task_heads.unregister("smoothed_classification_test")

@@ -77,7 +77,9 @@ from typing import Any
 
 import numpy as np
 
+from mmbridge.composition.heads import ClassificationHead, ConcatFusion
 from mmbridge.errors import ConfigError
+from mmbridge.train.config import RunConfig, as_run_config
 
 #: Batch keys -> numpy dtype of the arrays :func:`to_numpy` returns (and the Keras ``Input`` dtypes).
 ARRAY_DTYPES = {"image": np.uint8, "text": np.int32, "text_mask": np.int32, "numeric": np.float32}
@@ -126,11 +128,9 @@ def evaluate_logits(logits: np.ndarray, labels: np.ndarray, num_classes: int, pr
     """
     import torch
 
-    from mmbridge.train.metrics import make_metrics
-
     out = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
     target = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
-    metrics = make_metrics("classification", num_classes)
+    metrics = ClassificationHead.make_metrics(num_classes)
     metrics.update(out, target)
     result = {f"{prefix}/loss": float(torch.nn.functional.cross_entropy(out, target))}
     result.update({f"{prefix}/{k}": float(v) for k, v in metrics.compute().items()})
@@ -166,14 +166,14 @@ def save_keras_atomic(model: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def build_keras_model(cfg: Mapping[str, Any], train: Mapping[str, np.ndarray], *, vocab_size: int | None,
-                      num_classes: int) -> tuple[Any, dict[str, Any], list[str]]:
-    """The Keras functional model of ``cfg["model"]`` (see the module doc for each branch type).
+def build_keras_model(cfg: RunConfig | Mapping[str, Any], train: Mapping[str, np.ndarray], *,
+                      vocab_size: int | None, num_classes: int) -> tuple[Any, dict[str, Any], list[str]]:
+    """The Keras functional model of ``cfg.model`` (see the module doc for each branch type).
 
     Call after :func:`mmbridge.export._tf.import_tensorflow`; uses the global Keras seed as set.
 
     Args:
-        cfg: a validated config with ``framework: keras``.
+        cfg: a validated config with ``framework: keras`` (a :class:`~mmbridge.train.config.RunConfig`).
         train: the train split from :func:`to_numpy` (input shapes; the numeric branch's
             ``Normalization`` is adapted on ``train["numeric"]``).
         vocab_size: number of token ids (``dataset.vocab_size``); needed by a ``text`` branch.
@@ -193,8 +193,8 @@ def build_keras_model(cfg: Mapping[str, Any], train: Mapping[str, np.ndarray], *
     """
     import keras
 
-    m = cfg["model"]
-    d = int(m["fusion_dim"])
+    m = as_run_config(cfg).model
+    d = int(m.fusion_dim)
     inputs: dict[str, Any] = {}
 
     def model_input(key: str, where: str) -> Any:
@@ -206,55 +206,55 @@ def build_keras_model(cfg: Mapping[str, Any], train: Mapping[str, np.ndarray], *
 
     parts: dict[str, Any] = {}
     tokens, lines = [], []
-    for name, b in m["branches"].items():
+    for name, b in m.branches.items():
         where = f"model.branches.{name}"
-        enc = b["encoder"]
-        kind, keys = enc["type"], b["input_keys"]
-        frozen = not b["trainable"]
+        enc: Any = b.encoder
+        kind, keys = enc.type, b.input_keys
+        frozen = not b.trainable
         if kind == "conv":
             x = model_input(keys[0], where)
             size = tuple(x.shape[1:])
             scaled = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name=f"{name}_rescale")(x)
-            encoder = conv_encoder(keras, size, enc["width"], enc["depth"], name=f"{name}_encoder")
+            encoder = conv_encoder(keras, size, enc.width, enc.depth, name=f"{name}_encoder")
             encoder.trainable = not frozen
             feat = encoder(scaled)
             parts[f"{name}_encoder.keras"] = encoder
             lines.append(f"{name}: uint8 {list(size)} -> Rescaling([-1, 1]) -> {encoder.name} "
-                         f"({enc['depth']} x Conv2D+BN+ReLU, {encoder.count_params():,} weights) -> [N, {feat.shape[-1]}]")
+                         f"({enc.depth} x Conv2D+BN+ReLU, {encoder.count_params():,} weights) -> [N, {feat.shape[-1]}]")
         elif kind == "text":
             if vocab_size is None:
                 raise ConfigError(f"{where}: a 'text' encoder needs the text modality in data.modalities")
             ids = model_input(keys[0], where)
-            mask_in = model_input(keys[1], where) if len(keys) > 1 else ids
+            mask_in = model_input(b.mask_key, where) if b.mask_key is not None else ids
             mask = keras.ops.not_equal(mask_in, 0)
-            layers = [keras.layers.Embedding(int(vocab_size), enc["dim"], name=f"{name}_embedding")]
+            layers = [keras.layers.Embedding(int(vocab_size), enc.dim, name=f"{name}_embedding")]
             x = layers[0](ids)
-            if enc["kind"] == "gru":
-                layers.append(keras.layers.Bidirectional(keras.layers.GRU(enc["dim"] // 2, return_sequences=True),
+            if enc.kind == "gru":
+                layers.append(keras.layers.Bidirectional(keras.layers.GRU(enc.dim // 2, return_sequences=True),
                                                          name=f"{name}_bigru"))
                 x = layers[-1](x, mask=mask)
             feat = keras.layers.GlobalAveragePooling1D(name=f"{name}_masked_mean")(x, mask=mask)
             for layer in layers:
                 layer.trainable = not frozen
-            lines.append(f"{name}: int32 [N, {ids.shape[1]}] -> Embedding({vocab_size}, {enc['dim']})"
-                         + (f" -> BiGRU({enc['dim'] // 2})" if enc["kind"] == "gru" else "")
+            lines.append(f"{name}: int32 [N, {ids.shape[1]}] -> Embedding({vocab_size}, {enc.dim})"
+                         + (f" -> BiGRU({enc.dim // 2})" if enc.kind == "gru" else "")
                          + f" -> masked mean -> [N, {feat.shape[-1]}]")
         elif kind == "mlp":
             x = model_input(keys[0], where)
-            pre = numeric_preprocess(keras, train[keys[0]], standardize=enc["standardize"], name=f"{name}_preprocess")
+            pre = numeric_preprocess(keras, train[keys[0]], standardize=enc.standardize, name=f"{name}_preprocess")
             parts[f"{name}_preprocess.keras"] = pre
-            layers = [keras.layers.Dense(enc["hidden"], activation="relu", name=f"{name}_dense{i}") for i in (1, 2)]
+            layers = [keras.layers.Dense(enc.hidden, activation="relu", name=f"{name}_dense{i}") for i in (1, 2)]
             feat = pre(x)
             for layer in layers:
                 layer.trainable = not frozen
                 feat = layer(feat)
             lines.append(f"{name}: float32 [N, {x.shape[1]}] -> {pre.name} (Normalization"
-                         f"{', adapted on train' if enc['standardize'] else ', identity'}) -> "
-                         f"2 x Dense({enc['hidden']}, relu) -> [N, {feat.shape[-1]}]")
+                         f"{', adapted on train' if enc.standardize else ', identity'}) -> "
+                         f"2 x Dense({enc.hidden}, relu) -> [N, {feat.shape[-1]}]")
         else:
             raise ConfigError(f"{where}.encoder.type: {kind!r} has no Keras equivalent (framework: keras builds "
                               f"conv, text and mlp branches)")
-        if b["projection"]:
+        if b.projection:
             feat = keras.layers.Dense(d, name=f"{name}_proj")(feat)
         elif feat.shape[-1] != d:
             raise ConfigError(f"{where}.projection: false needs the encoder width {feat.shape[-1]} to equal "
@@ -263,19 +263,29 @@ def build_keras_model(cfg: Mapping[str, Any], train: Mapping[str, np.ndarray], *
 
     x = tokens[0] if len(tokens) == 1 else keras.layers.Concatenate(axis=1, name="tokens")(tokens)  # [N, M, D]
     x = keras.layers.LayerNormalization(name="fusion_norm")(x)
-    if m["modality_dropout"] > 0:
-        x = keras.layers.Dropout(m["modality_dropout"], noise_shape=(None, len(tokens), 1),
+    if m.modality_dropout > 0:
+        x = keras.layers.Dropout(m.modality_dropout, noise_shape=(None, len(tokens), 1),
                                  name="modality_dropout")(x)
     x = keras.layers.Flatten(name="fusion_flatten")(x)
     x = keras.layers.Dense(d, activation="gelu", name="fusion_dense1")(x)
-    x = keras.layers.Dropout(float(m["fusion_kwargs"].get("dropout", 0.1)), name="fusion_dropout")(x)
+    # the torch heads' own defaults (ConcatFusion dropout 0.1, ClassificationHead dropout 0.0)
+    x = keras.layers.Dropout(float(m.fusion_kwargs.get("dropout", _default_arg(ConcatFusion, "dropout"))),
+                             name="fusion_dropout")(x)
     x = keras.layers.Dense(d, name="fusion_dense2")(x)
-    x = keras.layers.Dropout(float(m["task_kwargs"].get("dropout", 0.0)), name="head_dropout")(x)
+    x = keras.layers.Dropout(float(m.task_kwargs.get("dropout", _default_arg(ClassificationHead, "dropout"))),
+                             name="head_dropout")(x)
     logits = keras.layers.Dense(num_classes, name="logits")(x)
     model = keras.Model(inputs, logits, name="keras_multimodal")
     lines.append(f"fusion: concat of {len(tokens)} tokens [N, {len(tokens)}, {d}] -> LayerNorm -> MLP -> "
                  f"logits [N, {num_classes}]; {model.count_params():,} weights")
     return model, parts, lines
+
+
+def _default_arg(cls: Any, name: str) -> Any:
+    """The default of keyword argument ``name`` of ``cls(...)``."""
+    import inspect
+
+    return inspect.signature(cls).parameters[name].default
 
 
 def conv_encoder(keras: Any, size: tuple[int, ...], width: int, depth: int, *, name: str = "image_encoder") -> Any:
@@ -397,7 +407,7 @@ def _epoch_callback(keras: Any, *, x_val: Mapping[str, np.ndarray], y_val: np.nd
     return EpochEval()
 
 
-def run_keras(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, Any]:
+def run_keras(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None) -> dict[str, Any]:
     """Train and evaluate a validated ``framework: keras`` config in TF/Keras (see the module doc).
 
     Args:
@@ -426,17 +436,18 @@ def run_keras(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
     from mmbridge.train.config import dump
     from mmbridge.train.metrics import write_report
 
-    if cfg.get("framework") != "keras":
-        raise ConfigError(f"run_keras: the config has framework: {cfg.get('framework', 'torch')!r}; "
+    cfg = as_run_config(cfg)
+    if cfg.framework != "keras":
+        raise ConfigError(f"run_keras: the config has framework: {cfg.framework!r}; "
                           f"it needs framework: keras (use run_train for torch configs)")
     world = distributed.read_env()["world_size"]
     if world > 1:
         raise ConfigError(f"framework: keras trains in one process, but this is one of {world} (torchrun / "
                           f"WORLD_SIZE); launch it with plain `mmbridge train` (python -m mmbridge.cli train)")
-    t = cfg["training"]
-    root, builtin = data_root(cfg)
+    t = cfg.training
+    root, builtin = data_root(cfg.data)
     t_data = time.perf_counter()
-    splits = build_data(cfg)
+    splits = build_data(cfg.data)
     arrays = {s: to_numpy(ds) for s, ds in splits.items()}
     t_data = time.perf_counter() - t_data
     train_ds = splits["train"]
@@ -448,8 +459,8 @@ def run_keras(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
     if keras.backend.backend() != "tensorflow":
         raise ConfigError(f"framework: keras needs Keras on the TensorFlow backend, but KERAS_BACKEND selects "
                           f"{keras.backend.backend()!r}; unset KERAS_BACKEND or set it to tensorflow")
-    keras.utils.set_random_seed(int(t["seed"]))
-    if t["deterministic"]:
+    keras.utils.set_random_seed(int(t.seed))
+    if t.deterministic:
         tf.config.experimental.enable_op_determinism()
     t_model = time.perf_counter()
     model, parts, lines = build_keras_model(cfg, arrays["train"], vocab_size=train_ds.vocab_size,
@@ -459,8 +470,8 @@ def run_keras(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
     x = {s: {k: a[k] for k in keys} for s, a in arrays.items()}
     y = {s: a["label"] for s, a in arrays.items()}
 
-    out_dir = Path(cfg["output"]["dir"])
-    name = name or cfg["output"].get("name") or out_dir.name
+    out_dir = Path(cfg.output.dir)
+    name = name or cfg.output.name or out_dir.name
     print(f"data: {'the built-in sample ' if builtin else ''}{root} "
           f"({len(train_ds)} train / {len(splits['val'])} val / {len(splits['test'])} test, "
           f"{num_classes} classes; read in {t_data:.1f} s)", flush=True)
@@ -475,32 +486,33 @@ def run_keras(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
     write_text_atomic(out_dir / "config.yaml", dump(cfg))
     write_text_atomic(out_dir / "data.json", json.dumps(train_ds.metadata(), indent=1))
 
-    bs, epochs = int(t["batch_size"]), int(t["epochs"])
+    bs, epochs = int(t.batch_size), int(t.epochs)
     total = epochs * math.ceil(len(train_ds) / bs)
-    lr: Any = float(t["lr"])
-    if t["scheduler"] == "cosine":
+    lr: Any = float(t.lr)
+    if t.scheduler == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, total))
-    opt = keras.optimizers.AdamW(learning_rate=lr, weight_decay=float(t["weight_decay"]),
-                                 global_clipnorm=t["grad_clip"])
+    opt = keras.optimizers.AdamW(learning_rate=lr, weight_decay=float(t.weight_decay),
+                                 global_clipnorm=t.grad_clip)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    monitor = t["monitor"] or "val/top1"
-    mode = t["mode"] or ("min" if monitor.rsplit("/", 1)[-1] == "loss" else "max")
+    # the classification head's contract, as in a torch run (the Keras model is classification only)
+    monitor = t.monitor or ClassificationHead.monitor
+    mode = t.mode or ClassificationHead.metric_mode(monitor)
     writer = None
-    if cfg["output"]["tensorboard"]:
+    if cfg.output.tensorboard:
         from mmbridge.train.trainer import summary_writer
 
         writer = summary_writer(out_dir / "tensorboard")
     cb = _epoch_callback(keras, x_val=x["val"], y_val=y["val"], num_classes=num_classes, batch_size=bs,
-                         monitor=monitor, mode=mode, patience=t["patience"], writer=writer)
+                         monitor=monitor, mode=mode, patience=t.patience, writer=writer)
     try:
         t0 = time.perf_counter()
         model.fit(x["train"], y["train"], batch_size=bs, epochs=epochs, shuffle=True, callbacks=[cb],
-                  verbose=1 if t["progress"] else 0)
+                  verbose=1 if t.progress else 0)
         elapsed = time.perf_counter() - t0
     finally:
         if writer is not None:
             writer.close()
-    if t["restore_best"] and cb.best_weights is not None:
+    if t.restore_best and cb.best_weights is not None:
         model.set_weights(cb.best_weights)
     for part in parts.values():
         # saved trainable, whatever this run froze: a hybrid exports the file with trainable_export and
@@ -515,7 +527,7 @@ def run_keras(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
            "train_time_s": round(elapsed, 1), "world_size": 1, "precision": "fp32"}
     notes = [f"data: {root}{' (built-in sample)' if builtin else ''}",
              f"framework: keras (Keras {keras.__version__}, TensorFlow {tf.__version__}, CPU)",
-             f"weights: {'best epoch (' + monitor + ')' if t['restore_best'] else 'last epoch'}",
+             f"weights: {'best epoch (' + monitor + ')' if t.restore_best else 'last epoch'}",
              "saved: " + ", ".join(p.name for p in saved)]
     report = str(write_report({name: row}, out_dir, title=f"mmbridge: {name}", notes=notes)[1])
     print("test: " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()), flush=True)

@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mmbridge.train.config import RunConfig
 
 
-def run_train(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, Any]:
+def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None) -> dict[str, Any]:
     """Train and evaluate a validated config, in the framework it names.
 
     ``framework: torch`` (the default): :func:`mmbridge.train.run.run_train` (the PyTorch recipe).
@@ -30,7 +33,10 @@ def run_train(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
     Raises:
         ConfigError, DataError, CacheError: as raised by the data layer, model build or resume.
     """
-    if cfg.get("framework", "torch") == "keras":
+    from mmbridge.train.config import as_run_config
+
+    cfg = as_run_config(cfg)
+    if cfg.framework == "keras":
         from mmbridge.baselines.keras_run import run_keras
 
         return run_keras(cfg, name=name)
@@ -39,7 +45,7 @@ def run_train(cfg: Mapping[str, Any], *, name: str | None = None) -> dict[str, A
     return run_torch(cfg, name=name)
 
 
-def run_evaluate(cfg: Mapping[str, Any], checkpoint: str, *, out: str | None = None,
+def run_evaluate(cfg: RunConfig | Mapping[str, Any], checkpoint: str, *, out: str | None = None,
                  splits_to_eval: tuple[str, ...] = ("val", "test")) -> dict[str, dict[str, float]]:
     """:func:`mmbridge.train.run.run_evaluate` (the checkpoint of a torch run, on the given splits)."""
     from mmbridge.train.run import run_evaluate as evaluate

@@ -15,14 +15,24 @@ an ``out_dim`` attribute and ``forward(tokens, present) -> fused``:
   dropout); every row has at least one True;
 * ``fused``: float ``[N, out_dim]``.
 
-A **task head** is built as ``cls(in_dim, num_classes=..., **kwargs)`` and maps ``[N, in_dim]``
-to ``[N, C]``.
+A fusion head may define ``config_problems(dim, kwargs) -> list[str]`` (a classmethod): the
+config validation calls it, so a combination the head refuses is reported before anything is
+built (e.g. attention fusion's ``fusion_dim`` divisible by ``num_heads``).
+
+A **task head** is a :class:`TaskHead`, built as ``cls(in_dim, num_classes=..., **kwargs)``; it
+maps ``[N, in_dim]`` to ``[N, C]`` and owns its training contract: the loss, the metrics
+(torchmetrics), the validation metric to monitor and whether higher or lower is better. The
+:class:`~mmbridge.Trainer` asks the head for these instead of switching on the task's name.
 
 Register your own with ``@fusion_heads.register("name")`` / ``@task_heads.register("name")``;
 ``mmbridge.fusion_heads.names()`` lists them.
 """
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -31,7 +41,7 @@ from mmbridge._registry import Registry
 from mmbridge.errors import ConfigError
 
 fusion_heads: Registry[type[nn.Module]] = Registry("fusion head", "mmbridge.fusion_heads.names()")
-task_heads: Registry[type[nn.Module]] = Registry("task head", "mmbridge.task_heads.names()")
+task_heads: Registry[type[TaskHead]] = Registry("task head", "mmbridge.task_heads.names()")
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -138,6 +148,15 @@ class AttentionFusion(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
+    @classmethod
+    def config_problems(cls, dim: int, kwargs: Mapping[str, Any]) -> list[str]:
+        """What the config validation reports for ``fusion_dim=dim``, ``fusion_kwargs=kwargs``."""
+        heads = kwargs.get("num_heads", inspect.signature(cls).parameters["num_heads"].default)
+        if isinstance(heads, int) and not isinstance(heads, bool) and heads >= 1 and dim % heads:
+            return [f"fusion_dim: {dim} is not divisible by fusion_kwargs.num_heads={heads} (attention fusion); "
+                    f"use a multiple of {heads}"]
+        return []
+
     def forward(self, tokens: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[0]
         x = torch.cat([self.cls.expand(n, -1, -1).to(tokens.dtype), tokens + self.modality_embed.to(tokens.dtype)], 1)
@@ -146,8 +165,45 @@ class AttentionFusion(nn.Module):
         return self.norm(x[:, 0])
 
 
+class TaskHead(nn.Module):
+    """Base of task heads: the module, plus the contract the Trainer relies on.
+
+    The contract is made of classmethods and class attributes, so it can be asked of the head
+    class too (``task_heads.get("regression").loss(...)``), e.g. by a trainer of a model that is
+    not a :class:`~mmbridge.HybridModel`.
+
+    Attributes:
+        monitor: the validation metric early stopping and ``best.pt`` follow by default.
+        metric_modes: metric name (the part after ``val/``) -> ``"min"`` or ``"max"``; names not
+            listed are ``"max"``.
+    """
+
+    monitor: ClassVar[str] = "val/loss"
+    metric_modes: ClassVar[Mapping[str, str]] = {"loss": "min"}
+
+    @classmethod
+    def loss(cls, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The training loss (a scalar) of float outputs ``out [N, C]`` against the batch's ``label``."""
+        raise NotImplementedError(f"{cls.__name__}.loss")
+
+    @classmethod
+    def metric_target(cls, target: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The batch's ``label`` in the form the metrics take (default: unchanged)."""
+        return target
+
+    @classmethod
+    def make_metrics(cls, num_classes: int | None) -> Any:
+        """A ``torchmetrics.MetricCollection`` updated with ``(out, metric_target(label, out))``."""
+        raise NotImplementedError(f"{cls.__name__}.make_metrics")
+
+    @classmethod
+    def metric_mode(cls, monitor: str) -> str:
+        """``"min"`` or ``"max"``: which way ``monitor`` (``"val/top1"``) improves."""
+        return cls.metric_modes.get(monitor.rsplit("/", 1)[-1], "max")
+
+
 @task_heads.register("classification")
-class ClassificationHead(nn.Module):
+class ClassificationHead(TaskHead):
     """``Linear(in_dim, num_classes)``: fused ``[N, in_dim]`` float -> logits ``[N, C]``.
 
     Args:
@@ -155,9 +211,32 @@ class ClassificationHead(nn.Module):
         num_classes: C (>= 2).
         dropout: dropout before the linear layer. Default is 0.0.
 
+    Contract: cross-entropy on int64 labels ``[N]``; metrics ``top1`` (micro accuracy),
+    ``top5`` (when C >= 5) and ``macro_f1`` (fractions in [0, 1]); monitors ``val/top1`` (max).
+
     Raises:
         ConfigError: ``num_classes`` is missing or < 2.
     """
+
+    monitor: ClassVar[str] = "val/top1"
+    metric_modes: ClassVar[Mapping[str, str]] = {"loss": "min", "top1": "max", "top5": "max", "macro_f1": "max"}
+
+    @classmethod
+    def loss(cls, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, target)
+
+    @classmethod
+    def make_metrics(cls, num_classes: int | None) -> Any:
+        import torchmetrics
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+        m: dict[str, torchmetrics.Metric] = {
+            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+        }
+        if num_classes >= 5:
+            m["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        return torchmetrics.MetricCollection(m)
 
     def __init__(self, in_dim: int, num_classes: int | None = None, *, dropout: float = 0.0):
         super().__init__()
@@ -175,7 +254,7 @@ class ClassificationHead(nn.Module):
 
 
 @task_heads.register("regression")
-class RegressionHead(nn.Module):
+class RegressionHead(TaskHead):
     """``Linear(in_dim, num_outputs)``: fused ``[N, in_dim]`` -> predictions ``[N, num_outputs]``.
 
     Args:
@@ -183,7 +262,28 @@ class RegressionHead(nn.Module):
         num_classes: read as the number of regression outputs when given (so that
             ``compose(..., num_classes=k)`` works for both tasks). Default 1.
         dropout: dropout before the linear layer. Default is 0.0.
+
+    Contract: mean squared error on float targets reshaped to ``[N, num_outputs]``; metrics
+    ``mse`` and ``mae``; monitors ``val/loss`` (min).
     """
+
+    monitor: ClassVar[str] = "val/loss"
+    metric_modes: ClassVar[Mapping[str, str]] = {"loss": "min", "mse": "min", "mae": "min"}
+
+    @classmethod
+    def loss(cls, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(out, target.float().reshape(out.shape))
+
+    @classmethod
+    def metric_target(cls, target: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return target.float().reshape(out.shape)
+
+    @classmethod
+    def make_metrics(cls, num_classes: int | None) -> Any:
+        import torchmetrics
+
+        return torchmetrics.MetricCollection({"mse": torchmetrics.MeanSquaredError(),
+                                              "mae": torchmetrics.MeanAbsoluteError()})
 
     def __init__(self, in_dim: int, num_classes: int | None = None, *, dropout: float = 0.0):
         super().__init__()

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmbridge.composition.config import BranchConfig, ModelConfig
 from mmbridge.composition.heads import fusion_heads, task_heads
 from mmbridge.errors import ConfigError, MMBridgeError
 
@@ -42,8 +43,13 @@ def is_hf_model(module: nn.Module) -> bool:
     return type(module).__module__.startswith("transformers.") and hasattr(module, "config")
 
 
-def _is_ort_module(module: nn.Module) -> bool:
-    return type(module).__name__ == "ORTModule" and type(module).__module__.startswith("mmbridge.runtime")
+def is_frozen_module(module: nn.Module) -> bool:
+    """True when ``module`` declares itself inference-only (class attribute ``mmbridge_frozen = True``).
+
+    :class:`mmbridge.runtime.module.ORTModule` declares it; so may any module of yours that has
+    no gradients (a :class:`Branch` then refuses ``trainable=True`` for it).
+    """
+    return getattr(module, "mmbridge_frozen", False) is True
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -95,36 +101,50 @@ class Branch(nn.Module):
         input_keys: the batch keys this branch reads, in call order. Default ``None``: the
             branch name, plus ``"<name>_mask"`` for ``transformers`` models (``"text"`` ->
             ``("text", "text_mask")``).
+        mask_key: the one of ``input_keys`` that holds a token mask ``[N, T]`` (1 = token); an
+            encoder output ``[N, T, F]`` is then mean-pooled over the tokens where it is 1.
+            Declared, never guessed from the key's name. Default ``None``: no mask (for a
+            ``transformers`` model with default ``input_keys``, ``"<name>_mask"``). The YAML
+            config fills it in from the data modality (``text_mask`` for ``text``).
         out_dim: width F of the pooled encoder output; ``None`` infers it (see :func:`compose`).
         trainable: False freezes the encoder: ``requires_grad`` False, run under
             ``no_grad``, eval mode kept even after ``model.train()``. The projection always trains.
-            Declared, never implied: an onnxruntime encoder (``to_ort()``) with ``trainable=True``
-            raises :class:`~mmbridge.errors.ConfigError`.
+            Declared, never implied: an inference-only encoder (one whose class sets
+            ``mmbridge_frozen = True``, as an onnxruntime ``to_ort()`` module does) with
+            ``trainable=True`` raises :class:`~mmbridge.errors.ConfigError`.
         projection: add ``Linear(F, fusion_dim)``; False requires ``F == fusion_dim``.
 
     Attributes set by :func:`compose`: ``name``, ``proj`` (the projection or ``nn.Identity``).
 
     Raises:
         TypeError: ``encoder`` / ``preprocess`` is not an ``nn.Module``.
-        ConfigError: an onnxruntime encoder with ``trainable=True``.
+        ConfigError: an onnxruntime encoder with ``trainable=True``; a ``mask_key`` that is not
+            one of ``input_keys``.
+
+    Defaults come from :class:`~mmbridge.composition.config.BranchConfig`.
     """
 
     def __init__(self, encoder: nn.Module, *, preprocess: nn.Module | None = None,
-                 input_keys: Sequence[str] | None = None, out_dim: int | None = None,
-                 trainable: bool = True, projection: bool = True):
+                 input_keys: Sequence[str] | None = BranchConfig.input_keys,
+                 mask_key: str | None = BranchConfig.mask_key, out_dim: int | None = BranchConfig.out_dim,
+                 trainable: bool = BranchConfig.trainable, projection: bool = BranchConfig.projection):
         super().__init__()
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"Branch(encoder=...) must be a torch.nn.Module, got {type(encoder).__name__}")
         if preprocess is not None and not isinstance(preprocess, nn.Module):
             raise TypeError(f"Branch(preprocess=...) must be a torch.nn.Module or None, got {type(preprocess).__name__}")
-        if trainable and _is_ort_module(encoder):
+        if trainable and is_frozen_module(encoder):
             raise ConfigError(
-                "Branch(encoder=<onnxruntime ORTModule>, trainable=True): an onnxruntime branch has no gradients "
+                f"Branch(encoder=<{type(encoder).__name__}>, trainable=True): an onnxruntime branch has no gradients "
                 "and cannot train; pass trainable=False, or use artifact.to_torch() for a trainable encoder"
             )
+        if mask_key is not None and input_keys is not None and mask_key not in tuple(input_keys):
+            raise ConfigError(f"Branch(mask_key={mask_key!r}): not one of input_keys {list(input_keys)}; pass "
+                              f"the batch key of the token mask, or mask_key=None")
         self.encoder = encoder
         self.preprocess = preprocess
         self.input_keys: tuple[str, ...] | None = tuple(input_keys) if input_keys is not None else None
+        self.mask_key = mask_key
         self.out_dim = out_dim
         self.trainable = bool(trainable)
         self.use_projection = bool(projection)
@@ -155,7 +175,7 @@ class Branch(nn.Module):
     def frozen_forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Run the frozen part (no gradients). Returns a dict for :meth:`trainable_forward`."""
         args = [batch[k] for k in self.input_keys]
-        mask = args[1] if len(args) == 2 and self.input_keys[1].endswith("mask") else None
+        mask = batch[self.mask_key] if self.mask_key is not None else None
         if self.preprocess is not None:
             with torch.no_grad():
                 out = self.preprocess(*args)
@@ -178,7 +198,8 @@ class Branch(nn.Module):
         return _pool(self.encoder(*args), mask)
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, input_keys={self.input_keys}, out_dim={self.out_dim}, trainable={self.trainable}"
+        return (f"name={self.name!r}, input_keys={self.input_keys}, mask_key={self.mask_key!r}, out_dim={self.out_dim}, "
+                f"trainable={self.trainable}")
 
 
 class _TrainableStage(nn.Module):
@@ -396,16 +417,20 @@ def _dry_run_out_dim(branch: Branch, batch: Mapping[str, Any]) -> int:
 def compose(
     branches: Mapping[str, Branch | nn.Module],
     *,
-    fusion: str = "concat",
-    task: str = "classification",
+    fusion: str = ModelConfig.fusion,
+    task: str = ModelConfig.task,
     num_classes: int | None = None,
-    fusion_dim: int = 256,
-    modality_dropout: float = 0.0,
+    fusion_dim: int = ModelConfig.fusion_dim,
+    modality_dropout: float = ModelConfig.modality_dropout,
     example_batch: Mapping[str, Any] | None = None,
     task_kwargs: Mapping[str, Any] | None = None,
     **head_kwargs: Any,
 ) -> HybridModel:
     """Build a :class:`HybridModel` from named branches.
+
+    Defaults (``fusion``, ``task``, ``fusion_dim``, ``modality_dropout``) come from
+    :class:`~mmbridge.composition.config.ModelConfig`, the same dataclass the YAML ``model``
+    section is read into.
 
     Args:
         branches: name -> :class:`Branch`, or a bare ``nn.Module`` (becomes
@@ -413,7 +438,7 @@ def compose(
         fusion: a :data:`mmbridge.fusion_heads` name: ``"concat"``, ``"gated"``, ``"attention"``.
         task: a :data:`mmbridge.task_heads` name: ``"classification"`` or ``"regression"``.
         num_classes: C for classification (>= 2); number of outputs for regression (default 1).
-        fusion_dim: D, the projection width of every branch and the fusion width.
+        fusion_dim: D, the projection width of every branch and the fusion width (default 128).
         modality_dropout: probability in ``[0, 1)`` of dropping each branch per sample during
             training (its token is zeroed and masked); at least one branch is always kept.
         example_batch: a batch (dict of tensors, leading N) used to infer branches'
@@ -450,6 +475,11 @@ def compose(
         b.name = name
         if b.input_keys is None:
             b.input_keys = (name, f"{name}_mask") if b.is_hf else (name,)
+            if b.is_hf and b.mask_key is None:
+                b.mask_key = f"{name}_mask"
+        if b.mask_key is not None and b.mask_key not in b.input_keys:
+            raise ConfigError(f"compose(): branch {name!r} has mask_key={b.mask_key!r}, which is not one of its "
+                              f"input_keys {list(b.input_keys)}")
         if b.out_dim is None:
             b.out_dim = _guess_out_dim(b)
         if b.out_dim is None:

@@ -353,6 +353,8 @@ class ORTModule(nn.Module):
     naming the bridge and ``to_torch`` (see :func:`frozen_message`).
     """
 
+    mmbridge_frozen = True  # declared inference-only: mmbridge.compose refuses it as a trainable branch
+
     def __init__(self, model: Any, *, source: str | bytes, input_specs: Sequence[TensorSpec] | None = None,
                  name: str | None = None, device: torch.device | None = None, strict: bool = False,
                  intra_op_threads: int | None = None, session_options: Mapping[str, Any] | None = None):

@@ -1,7 +1,8 @@
 """Metrics (torchmetrics) and evaluation reports (JSON + Markdown).
 
-Classification: ``top1`` (micro accuracy), ``top5`` (when ``num_classes >= 5``) and ``macro_f1``
-(``torchmetrics.classification.MulticlassAccuracy`` / ``MulticlassF1Score``). Regression: ``mse``
+The metrics of a task are its task head's (:class:`~mmbridge.composition.heads.TaskHead`):
+classification: ``top1`` (micro accuracy), ``top5`` (when ``num_classes >= 5``) and ``macro_f1``
+(``torchmetrics.classification.MulticlassAccuracy`` / ``MulticlassF1Score``); regression: ``mse``
 and ``mae``. Values are fractions in [0, 1] for classification. Under DDP torchmetrics sums its
 states across ranks in ``compute()``.
 """
@@ -17,30 +18,25 @@ from typing import Any
 
 import torch
 import torchmetrics
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 
 def make_metrics(task: str, num_classes: int | None) -> torchmetrics.MetricCollection:
-    """The metric collection for ``task``.
+    """The metric collection of the task head registered as ``task``.
 
     Args:
-        task: ``"classification"`` or ``"regression"``.
+        task: a :data:`mmbridge.task_heads` name (``"classification"``, ``"regression"``).
         num_classes: C (classification only).
 
     Returns:
         A ``MetricCollection``; ``update(preds, target)`` takes logits ``[N, C]`` and int64
         labels ``[N]`` (classification) or predictions and targets ``[N, K]`` (regression).
+
+    Raises:
+        RegistryError: unknown ``task`` (with close matches).
     """
-    if task == "classification":
-        m: dict[str, torchmetrics.Metric] = {
-            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-            "macro_f1": MulticlassF1Score(num_classes, average="macro"),
-        }
-        if num_classes >= 5:
-            m["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-        return torchmetrics.MetricCollection(m)
-    return torchmetrics.MetricCollection({"mse": torchmetrics.MeanSquaredError(),
-                                          "mae": torchmetrics.MeanAbsoluteError()})
+    from mmbridge.composition.heads import task_heads
+
+    return task_heads.get(task).make_metrics(num_classes)
 
 
 def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike, *,

@@ -5,7 +5,7 @@ One readable loop, in this order per optimiser step::
     frozen = model.frozen_stage(batch)            # preprocessing + frozen branches, no grad
     with autocast(bf16 | fp16 | off):
         logits = ddp(frozen)                      # DDP wraps only the trainable stage
-        loss = cross_entropy(logits, label) / micro_steps_in_this_step
+        loss = task_head.loss(logits, label) / micro_steps_in_this_step
     scaler.scale(loss).backward()                 # no gradient all-reduce until the last micro step
     scaler.step(optimizer); scaler.update(); scheduler.step()
 
@@ -37,14 +37,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from mmbridge.composition.config import ModelConfig
+from mmbridge.composition.heads import TaskHead, task_heads
 from mmbridge.errors import ConfigError
 from mmbridge.train import checkpoint as ckpt_io
 from mmbridge.train import distributed
-from mmbridge.train.metrics import make_metrics
+from mmbridge.train.config import SCHEDULERS, OutputConfig, TrainConfig
 
 logger = logging.getLogger("mmbridge.train")
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_T, _O = TrainConfig, OutputConfig  # the defaults of the keyword arguments below
 
 
 def seed_everything(seed: int) -> None:
@@ -69,17 +72,21 @@ class Trainer:
         batch_size: per-process batch size (the global batch is ``batch_size * world_size *
             grad_accum``).
         lr: AdamW learning rate. weight_decay: AdamW weight decay.
-        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast + ``GradScaler``).
+        precision: ``"fp32"`` (default), ``"bf16"`` (autocast) or ``"fp16"`` (autocast + ``GradScaler``).
         grad_accum: micro-batches per optimiser step (gradients are synced only on the last).
         grad_clip: max global gradient norm (None: no clipping).
         scheduler: ``"cosine"`` (``CosineAnnealingLR`` over all optimiser steps) or ``"none"``.
         seed: seed of the model's dropout RNG (``seed + rank``), the sampler and the loaders.
         num_workers: DataLoader workers per process.
-        task: ``"classification"`` (cross-entropy) or ``"regression"`` (MSE on ``[N, K]``
-            targets). Default: ``model.task`` when present.
+        task: a :data:`mmbridge.task_heads` name (``"classification"``: cross-entropy,
+            ``"regression"``: MSE on ``[N, K]`` targets). Default: the model's own task head
+            (``model.head``, a :class:`~mmbridge.composition.heads.TaskHead`), else ``model.task``,
+            else ``"classification"``. The task head supplies the loss, the metrics, the default
+            ``monitor`` and its ``mode``.
         num_classes: C, for metrics. Default: ``train_data.num_classes`` or the head's.
-        monitor: validation metric for early stopping / ``best.pt`` (default ``"val/top1"``,
-            ``"val/loss"`` for regression). mode: ``"max"`` or ``"min"`` (default from the name).
+        monitor: validation metric for early stopping / ``best.pt`` (default: the task head's,
+            ``"val/top1"`` for classification, ``"val/loss"`` for regression). mode: ``"max"`` or
+            ``"min"`` (default: the task head's for that metric).
         patience: stop after this many epochs without improvement (None: never stop early).
         checkpoint_every_steps: also write ``last.pt`` every this many optimiser steps.
         keep_checkpoints: also keep a copy of each epoch's checkpoint as ``epoch-NNNN.pt``.
@@ -93,31 +100,35 @@ class Trainer:
         extra_state: plain values saved in every checkpoint under ``"extra"`` (e.g. the config
             and the label mapping).
 
+    Every default is the field of the same name of :class:`~mmbridge.train.config.TrainConfig`
+    (``out_dir`` / ``tensorboard``: :class:`~mmbridge.train.config.OutputConfig`), the dataclass
+    the YAML ``training`` section is read into; :meth:`from_config` takes those dataclasses.
+
     Raises:
         ConfigError: an unknown ``precision`` / ``scheduler`` / ``task``, ``grad_accum < 1``, or
             ``fp16`` / ``bf16`` on a device that cannot autocast to it.
     """
 
     def __init__(self, model: nn.Module, train_data: Dataset, val_data: Dataset | None = None, *,
-                 out_dir: str | os.PathLike = "runs/mmbridge", epochs: int = 10, batch_size: int = 32,
-                 lr: float = 1e-3, weight_decay: float = 0.01, precision: str = "fp32", grad_accum: int = 1,
-                 grad_clip: float | None = None, scheduler: str = "cosine", seed: int = 0, num_workers: int = 0,
-                 task: str | None = None, num_classes: int | None = None, monitor: str | None = None,
-                 mode: str | None = None, patience: int | None = None, checkpoint_every_steps: int | None = None,
-                 keep_checkpoints: bool = False, deterministic: bool = False,
-                 max_steps_per_epoch: int | None = None, log_every: int = 10, progress: bool = True,
-                 tensorboard: bool = True, device: str | None = None,
+                 out_dir: str | os.PathLike = _O.dir, epochs: int = _T.epochs, batch_size: int = _T.batch_size,
+                 lr: float = _T.lr, weight_decay: float = _T.weight_decay, precision: str = _T.precision,
+                 grad_accum: int = _T.grad_accum, grad_clip: float | None = _T.grad_clip,
+                 scheduler: str = _T.scheduler, seed: int = _T.seed, num_workers: int = _T.num_workers,
+                 task: str | None = None, num_classes: int | None = None, monitor: str | None = _T.monitor,
+                 mode: str | None = _T.mode, patience: int | None = _T.patience,
+                 checkpoint_every_steps: int | None = _T.checkpoint_every_steps,
+                 keep_checkpoints: bool = _T.keep_checkpoints, deterministic: bool = _T.deterministic,
+                 max_steps_per_epoch: int | None = _T.max_steps_per_epoch, log_every: int = _T.log_every,
+                 progress: bool = _T.progress, tensorboard: bool = _O.tensorboard, device: str | None = _T.device,
                  extra_state: Mapping[str, Any] | None = None):
         problems = []
         if precision not in PRECISIONS:
             problems.append(f"precision={precision!r} is not one of {sorted(PRECISIONS)}")
-        if scheduler not in ("cosine", "none"):
+        if scheduler not in SCHEDULERS:
             problems.append(f"scheduler={scheduler!r} is not 'cosine' or 'none'")
         if grad_accum < 1:
             problems.append(f"grad_accum={grad_accum} must be >= 1")
-        task = task or getattr(model, "task", "classification")
-        if task not in ("classification", "regression"):
-            problems.append(f"task={task!r} is not 'classification' or 'regression'")
+        head, task = _task_head(model, task, problems)
         if problems:
             raise ConfigError("Trainer: " + "; ".join(problems))
         self.env = distributed.setup(device)
@@ -127,11 +138,11 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.epochs, self.batch_size, self.grad_accum = int(epochs), int(batch_size), int(grad_accum)
         self.grad_clip, self.seed, self.num_workers = grad_clip, int(seed), int(num_workers)
-        self.precision, self.task = precision, task
+        self.precision, self.task, self.task_head = precision, task, head
         self.amp_dtype = PRECISIONS[precision]
         self.num_classes = num_classes or getattr(train_data, "num_classes", None) or _head_classes(model)
-        self.monitor = monitor or ("val/top1" if task == "classification" else "val/loss")
-        self.mode = mode or ("min" if self.monitor.rsplit("/", 1)[-1] in ("loss", "mse", "mae") else "max")
+        self.monitor = monitor or head.monitor
+        self.mode = mode or head.metric_mode(self.monitor)
         self.patience = patience
         self.checkpoint_every_steps = checkpoint_every_steps
         self.keep_checkpoints = keep_checkpoints
@@ -186,6 +197,18 @@ class Trainer:
             if tensorboard:
                 self.writer = summary_writer(self.out_dir / "tensorboard")
 
+    @classmethod
+    def from_config(cls, model: nn.Module, train_data: Dataset, val_data: Dataset | None = None,
+                    training: TrainConfig | None = None, output: OutputConfig | None = None, *,
+                    task: str | None = None, **kwargs: Any) -> Trainer:
+        """A Trainer from the config dataclasses (``cfg.training``, ``cfg.output``).
+
+        ``kwargs`` (``num_classes``, ``extra_state``, or any field to override) win over them.
+        """
+        training, output = training or TrainConfig(), output or OutputConfig()
+        kw = {**training.trainer_kwargs(), "out_dir": output.dir, "tensorboard": output.tensorboard, **kwargs}
+        return cls(model, train_data, val_data, task=task, **kw)
+
     # ------------------------------------------------------------------------------------------
     def _micro_steps(self) -> int:
         n = math.ceil(len(self.sampler) / self.batch_size)
@@ -215,10 +238,7 @@ class Trainer:
         return self.runner(batch)
 
     def _loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        out = out.float()
-        if self.task == "classification":
-            return nn.functional.cross_entropy(out, target)
-        return nn.functional.mse_loss(out, target.float().reshape(out.shape))
+        return self.task_head.loss(out.float(), target)
 
     # ------------------------------------------------------------------------------------------
     def fit(self, resume: str | os.PathLike | None = None, *, stop_after_epochs: int | None = None,
@@ -360,15 +380,16 @@ class Trainer:
             batch_size: default: the training batch size.
 
         Returns:
-            ``{f"{prefix}/loss", f"{prefix}/top1", f"{prefix}/top5" (C >= 5), f"{prefix}/macro_f1"}``
-            for classification (fractions in [0, 1]); ``loss``, ``mse``, ``mae`` for regression.
+            ``{prefix}/loss`` plus the task head's metrics: ``{prefix}/top1``, ``{prefix}/top5``
+            (C >= 5), ``{prefix}/macro_f1`` for classification (fractions in [0, 1]); ``mse``,
+            ``mae`` for regression.
         """
         was_training = self.model.training
         self.model.eval()
         shard = Subset(dataset, range(self.env.rank, len(dataset), self.env.world_size))
         loader = DataLoader(shard, batch_size=batch_size or self.batch_size, shuffle=False,
                             num_workers=self.num_workers)
-        metrics = make_metrics(self.task, self.num_classes).to(self.device)
+        metrics = self.task_head.make_metrics(self.num_classes).to(self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         model = self.model
@@ -380,7 +401,7 @@ class Trainer:
             target = batch["label"]
             loss_sum += self._loss(out, target).double() * target.shape[0]
             count += target.shape[0]
-            metrics.update(out, target if self.task == "classification" else target.float().reshape(out.shape))
+            metrics.update(out, self.task_head.metric_target(target, out))
         distributed.all_reduce_sum(loss_sum)
         distributed.all_reduce_sum(count)
         result = {f"{prefix}/loss": (loss_sum / count.clamp_min(1)).item()}
@@ -488,6 +509,28 @@ def summary_writer(log_dir: str | os.PathLike):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(log_dir))
+
+
+def _task_head(model: nn.Module, task: str | None, problems: list[str]) -> tuple[Any, str]:
+    """The task contract (a :class:`TaskHead` instance or class) and the task's name.
+
+    ``task`` given: that registered head's class. Otherwise the model's own head when it is a
+    :class:`TaskHead`, else the registered head named ``model.task`` (default classification).
+    """
+    own = getattr(model, "head", None)
+    if task is None and isinstance(own, TaskHead):
+        name = getattr(model, "task", None)
+        return own, name if isinstance(name, str) else type(own).__name__
+    task = task or getattr(model, "task", None) or ModelConfig.task
+    if task not in task_heads:
+        problems.append(f"task={task!r} is not a registered task head ({', '.join(map(repr, task_heads.names()))})")
+        return TaskHead, str(task)
+    head = task_heads.get(task)
+    if not (isinstance(head, type) and issubclass(head, TaskHead)):
+        problems.append(f"task={task!r}: its head {head!r} is not a mmbridge.composition.TaskHead, so it does not say "
+                        f"which loss, metrics and monitored metric to use; derive it from TaskHead")
+        return TaskHead, task
+    return head, task
 
 
 def _head_classes(model: nn.Module) -> int | None:
