@@ -349,3 +349,20 @@ def test_graph_that_onnxruntime_cannot_run_is_an_export_error_and_nothing_is_cac
     msg = str(ei.value)
     assert "'runs_badly'" in msg and "opset 18" in msg and "Reshape node" in msg and "opset=17" in msg
     assert not any(p.name.startswith("runs_badly-") for p in tmp_path.iterdir())
+
+
+# -- options, sources, cache key ---------------------------------------------------------------
+def test_bridge_with_a_local_builder_exports_in_process(tf, tmp_path):
+    """A builder a child cannot import (a local function) is called in this process and its
+    result exported with the registration's specs, name and role."""
+    @mmbridge.register_bridge("test_local_builder", role="preprocess", override=True,
+                              input_specs=[TensorSpec("x", ("batch", 2), "float32", "NC")])
+    def build():
+        return lambda x: x - 1.0  # a plain Python function of tensors
+
+    try:
+        art = mmbridge.export("test_local_builder", cache_dir=tmp_path)
+    finally:
+        mmbridge.bridges.unregister("test_local_builder")
+    assert art.name == "test_local_builder" and art.role == "preprocess"
+    assert art.meta["source"]["kind"] == "python_function" and art.parity["passed"]

@@ -1,8 +1,9 @@
 """Child-process side of :func:`mmbridge.export` (``python -m mmbridge.export._child REQ RES``).
 
-Reads a JSON request (reference, options, cache dir), exports in this fresh process (the only
-one that imports TensorFlow), and writes a JSON result: ``{"path": ...}`` or
-``{"error": {"type", "message", "ops"?, "report"?}}``.
+Reads a JSON request (``ref``: a path or ``"module:attribute"``; ``options``:
+``ExportOptions.to_dict()``; the cache dir, ``force``, the parent's fingerprint and optionally
+a ``samples.npz``), exports in this fresh process (the only one that imports TensorFlow), and
+writes a JSON result: ``{"path": ...}`` or ``{"error": {"type", "message", "ops"?, "report"?}}``.
 """
 
 from __future__ import annotations
@@ -16,33 +17,24 @@ def main(req_path: str, res_path: str) -> int:
         req = json.load(f)
     result: dict
     try:
+        from pathlib import Path
+
         import numpy as np
 
         from mmbridge._torch_stack import preload_torch_stack
 
         preload_torch_stack()  # before TF, always (see mmbridge._torch_stack)
-        from mmbridge.export.exporter import export
-        from mmbridge.specs import TensorSpec, Tolerance
+        from mmbridge.export.exporter import export_located
+        from mmbridge.export.options import ExportOptions
+        from mmbridge.export.sources import SOURCES
 
-        opts = dict(req["options"])
+        options = ExportOptions.from_dict(req["options"])  # a bridge's defaults were applied by the parent
         samples = None
         if req.get("samples"):
             with np.load(req["samples"], allow_pickle=False) as z:
                 samples = {k: z[k] for k in z.files}
-        specs = [TensorSpec.from_dict(d) for d in opts.pop("input_specs")] if opts.get("input_specs") else None
-        tol = Tolerance(**opts.pop("tolerance")) if opts.get("tolerance") else None
-        opts.pop("tolerance", None)
-        opts.pop("input_specs", None)
-        if req.get("fingerprint"):  # the parent fingerprinted the file(s): use the same cache key
-            from pathlib import Path
-
-            from mmbridge.export.exporter import _export_live, _load_reference
-
-            art = _export_live(_load_reference(req["ref"]), dict(req["options"]), samples, Path(req["cache_dir"]),
-                               req["force"], req["fingerprint"])
-        else:
-            art = export(req["ref"], input_specs=specs, tolerance=tol, sample_inputs=samples,
-                         cache_dir=req["cache_dir"], force=req["force"], isolate=False, **opts)
+        located = SOURCES.locate(req["ref"], isolate=False)
+        art = export_located(located, options, samples, Path(req["cache_dir"]), req["force"], req.get("fingerprint"))
         result = {"path": str(art.path)}
     except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
         err = {"type": type(exc).__name__, "message": str(exc)}

@@ -1,0 +1,612 @@
+"""What :func:`mmbridge.export` accepts: one adapter per source kind, in :data:`SOURCES`.
+
+An adapter answers two questions about one kind of source:
+
+1. :meth:`SourceAdapter.locate` (in the calling process, **never importing TensorFlow**): where
+   does this export run and what identifies it? A path gives the file(s) whose bytes are the
+   fingerprint and a default name, and runs in a child process by default; a
+   ``"module:attribute"`` reference runs in a child; a registered bridge adds its registration's
+   defaults and hands over to its builder's source; a live TF object is exported in-process.
+2. :meth:`SourceAdapter.prepare` (TensorFlow imported): what tf2onnx needs, as a
+   :class:`Traceable`: a ``tf.function`` taking one positional tensor per input spec, the
+   resolved specs, a default name, the source kind and what the fingerprint hashes.
+
+Adapters are tried in registration order and the first whose :meth:`~SourceAdapter.matches`
+holds wins (strings: a Keras file, a SavedModel directory, a reference, else a bridge name; live
+objects: Keras 3, tf-keras, ``tf.function``, else any Python callable). This is an ordered list
+with predicates rather than a name -> object :class:`~mmbridge._registry.Registry` because the
+order is the meaning: a Keras model is also callable, and a bridge name is any string that is
+not a path or a reference. A new source kind is one :class:`SourceAdapter` subclass below,
+decorated with ``@SOURCES.register`` (``before=`` puts it ahead of an existing kind).
+
+Shapes and dtypes: the ``tf.function`` of a :class:`Traceable` takes tensors of the specs'
+shapes (symbolic dims become ``None``) and dtypes (``"string"`` -> ``tf.string``), NHWC for
+images, and returns a tensor, a list / tuple, or a dict of tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from mmbridge.errors import RegistryError, SpecError
+from mmbridge.specs import BridgeSpec, TensorSpec
+
+if TYPE_CHECKING:
+    from mmbridge.export.options import ExportOptions
+
+logger = logging.getLogger("mmbridge.export")
+
+KERAS_FILE_EXTENSIONS = (".keras", ".h5", ".hdf5")
+
+
+# ---------------------------------------------------------------------------------------------
+# what adapters return
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Located:
+    """Where and how a source is exported, decided without TensorFlow.
+
+    Args:
+        adapter: the adapter whose :meth:`~SourceAdapter.prepare` turns ``obj`` into a
+            :class:`Traceable`.
+        obj: what ``prepare`` receives (the path as ``str``, the reference, a live object, or
+            the :class:`~mmbridge.BridgeSpec` whose builder is called in-process).
+        isolate: export in a spawned child process (which re-locates ``ref`` there).
+        ref: the string a child process re-locates (a path or ``"module:attribute"``), or
+            ``None`` for live objects.
+        path: the file or directory whose bytes are the fingerprint, or ``None``.
+        name: the default artifact name known without TF (a file's stem), or ``None``.
+        bridge: the registration whose defaults apply to the options, or ``None``.
+    """
+
+    adapter: SourceAdapter
+    obj: Any
+    isolate: bool = False
+    ref: str | None = None
+    path: str | None = None
+    name: str | None = None
+    bridge: BridgeSpec | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Traceable:
+    """What tf2onnx needs from a source, once TensorFlow is imported.
+
+    Args:
+        fn: a ``tf.function`` with one positional argument per spec, in spec order, whose
+            ``get_concrete_function()`` needs no arguments (an ``input_signature`` is set).
+        specs: the resolved input specs (from the options, or read from the source).
+        name: the default artifact name (model / function / directory name).
+        kind: the source kind written to ``meta.json`` (``"keras_model"``, ``"keras_layer"``,
+            ``"tf_function"``, ``"python_function"``, ``"saved_model"``).
+        obj: the object exported (its type is recorded in ``meta.json``).
+        payload: returns the bytes the fingerprint hashes without tracing (Keras: config and
+            weights), or ``None`` to hash the frozen graph instead.
+    """
+
+    fn: Any
+    specs: tuple[TensorSpec, ...]
+    name: str
+    kind: str
+    obj: Any
+    payload: Callable[[], bytes | None] = lambda: None
+
+
+# ---------------------------------------------------------------------------------------------
+# the adapter interface and the ordered list
+# ---------------------------------------------------------------------------------------------
+class SourceAdapter:
+    """One kind of source. Subclasses set :attr:`kind` and :attr:`description` and implement
+    :meth:`matches` and :meth:`prepare` (and :meth:`locate` for paths and references)."""
+
+    kind: ClassVar[str] = ""
+    """Registry key, e.g. ``"saved_model"``."""
+    description: ClassVar[str] = ""
+    """What the user gives, for error messages: ``"a SavedModel directory"``."""
+
+    def matches(self, obj: Any) -> bool:
+        """True when ``obj`` is this kind of source. Must not import TensorFlow or Keras."""
+        raise NotImplementedError
+
+    def locate(self, obj: Any, *, isolate: bool | None) -> Located:
+        """Where ``obj`` is exported (default: a live object, in this process).
+
+        Args:
+            obj: the source, for which :meth:`matches` holds.
+            isolate: the caller's ``isolate=`` (``None``: this kind's default).
+
+        Raises:
+            SpecError: the source is recognisably this kind but unusable (a missing file...).
+        """
+        return Located(self, obj)
+
+    def prepare(self, obj: Any, options: ExportOptions, tf: Any) -> Traceable:
+        """Turn ``obj`` (``Located.obj``) into a :class:`Traceable`; TensorFlow is imported.
+
+        Raises:
+            SpecError: the input specs are missing and cannot be read from the source, or they
+                disagree with it.
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<source adapter {self.kind!r}>"
+
+
+_KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class SourceAdapters:
+    """The ordered adapters :func:`mmbridge.export` tries; the first that matches wins.
+
+    Example:
+        >>> SOURCES.kinds()[:3]
+        ['keras_file', 'saved_model', 'reference']
+    """
+
+    def __init__(self) -> None:
+        self._adapters: list[SourceAdapter] = []
+
+    def register(self, cls: type[SourceAdapter] | None = None, *, before: str | None = None,
+                 override: bool = False) -> Any:
+        """Class decorator: add an instance of ``cls`` (after the others, or ahead of ``before``).
+
+        Returns the class unchanged.
+
+        Raises:
+            RegistryError: ``cls.kind`` is not lower_snake_case, is already registered (unless
+                ``override``), or ``before`` is not a registered kind.
+        """
+
+        def add(c: type[SourceAdapter]) -> type[SourceAdapter]:
+            if not _KIND_RE.match(c.kind or ""):
+                raise RegistryError(f"source adapter {c.__qualname__}: kind {c.kind!r} must be lower_snake_case")
+            taken = [i for i, a in enumerate(self._adapters) if a.kind == c.kind]
+            if taken and not override:
+                raise RegistryError(f"source kind {c.kind!r} is already registered (by "
+                                    f"{type(self._adapters[taken[0]]).__qualname__}); pass override=True to replace it")
+            for i in reversed(taken):
+                del self._adapters[i]
+            at = len(self._adapters) if before is None else self._index(before)
+            self._adapters.insert(at, c())
+            return c
+
+        return add if cls is None else add(cls)
+
+    def _index(self, kind: str) -> int:
+        return self._adapters.index(self.get(kind))
+
+    def get(self, kind: str) -> SourceAdapter:
+        """The adapter of ``kind``.
+
+        Raises:
+            RegistryError: unknown kind (the message lists the registered ones).
+        """
+        for a in self._adapters:
+            if a.kind == kind:
+                return a
+        raise RegistryError(f"unknown source kind {kind!r}; registered: {self.kinds()}")
+
+    def kinds(self) -> list[str]:
+        """The registered kinds, in the order they are tried."""
+        return [a.kind for a in self._adapters]
+
+    def __iter__(self) -> Iterator[SourceAdapter]:
+        return iter(list(self._adapters))
+
+    def match(self, obj: Any) -> SourceAdapter:
+        """The first adapter that matches ``obj``.
+
+        Raises:
+            SpecError: no adapter matches; the message lists what export() accepts.
+        """
+        for a in self._adapters:
+            if a.matches(obj):
+                return a
+        accepted = ", ".join(a.description for a in self._adapters if a.description)
+        raise SpecError(f"export(): cannot export a {type(obj).__name__} ({_short_repr(obj)}); give {accepted}")
+
+    def locate(self, obj: Any, *, isolate: bool | None = None) -> Located:
+        """``self.match(obj).locate(obj, isolate=isolate)``: where ``obj`` is exported, without TF."""
+        return self.match(obj).locate(obj, isolate=isolate)
+
+
+SOURCES = SourceAdapters()
+"""The adapters :func:`mmbridge.export` tries, in order (see the module docstring)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared by adapters
+# ---------------------------------------------------------------------------------------------
+def _short_repr(obj: Any) -> str:
+    r = repr(obj)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _fspath(obj: Any) -> str | None:
+    if isinstance(obj, str):
+        return obj
+    if isinstance(obj, os.PathLike):
+        p = os.fspath(obj)
+        return p if isinstance(p, str) else None
+    return None
+
+
+def default_name(obj: Any) -> str:
+    """An object's own name: ``.name``, else ``__name__``, else its type's name."""
+    n = getattr(obj, "name", None) or getattr(obj, "__name__", None) or type(obj).__name__
+    return str(n)
+
+
+def tf_signature(specs: tuple[TensorSpec, ...], tf: Any) -> list[Any]:
+    """``tf.TensorSpec`` per input spec: symbolic dims -> ``None``, ``"string"`` -> ``tf.string``."""
+    return [tf.TensorSpec([d if isinstance(d, int) else None for d in s.shape],
+                          tf.string if s.dtype == "string" else tf.as_dtype(s.dtype), name=s.name) for s in specs]
+
+
+def spec_from_tf(s: Any, name: str) -> TensorSpec:
+    """A :class:`TensorSpec` from a ``tf.TensorSpec``: a dynamic first dim becomes ``"batch"``;
+    4-D inputs are NHWC.
+
+    Raises:
+        SpecError: unknown rank.
+    """
+    shape = tuple(None if d is None else int(d) for d in s.shape.as_list()) if s.shape.rank is not None else None
+    if shape is None:
+        raise SpecError(f"input {name!r} has unknown rank in TF; pass input_specs=")
+    shape = ("batch",) + shape[1:] if shape and shape[0] is None else shape
+    layout = "NHWC" if len(shape) == 4 else None
+    return TensorSpec(name, shape, s.dtype.name if s.dtype.name != "string" else "string", layout)
+
+
+def _signature_specs(obj: Any, tf: Any) -> tuple[TensorSpec, ...] | None:
+    if getattr(obj, "input_signature", None):
+        flat = tf.nest.flatten(obj.input_signature)
+        return tuple(spec_from_tf(s, s.name or f"input_{i}") for i, s in enumerate(flat))
+    return None
+
+
+def _missing_specs(obj: Any) -> SpecError:
+    return SpecError(
+        f"cannot read the input specs of {type(obj).__name__} {default_name(obj)!r}: pass input_specs="
+        f"[mmbridge.TensorSpec(name, shape, dtype, layout)] (a tf.function needs an input_signature or specs; "
+        f"a subclassed Keras model or a layer needs specs)"
+    )
+
+
+def importable_ref(fn: Callable[..., Any]) -> str | None:
+    """``"module:qualname"`` of a function a child process can import, else ``None``."""
+    mod, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not mod or mod == "__main__" or "<" in qual:
+        return None
+    return f"{mod}:{qual}"
+
+
+def _locate_returned(value: str, where: str) -> Located:
+    """Locate a string a builder or a registration returned: a path or a reference only."""
+    located = SOURCES.locate(value, isolate=False)
+    if isinstance(located.adapter, BridgeSource):
+        raise SpecError(f"{where} returned {value!r}, which is not an existing path or a 'module:attribute' "
+                        f"reference; return a TF object, a SavedModel directory, a Keras file or a reference")
+    return located
+
+
+# ---------------------------------------------------------------------------------------------
+# sources given by name: files, directories, references, registered bridges
+# ---------------------------------------------------------------------------------------------
+@SOURCES.register
+class KerasFileSource(SourceAdapter):
+    """A Keras model file, ``.keras`` (Keras 3) or ``.h5`` / ``.hdf5`` (Keras 2 HDF5).
+
+    Fingerprinted by the file's bytes; exported in a child process by default; loaded with
+    ``keras.models.load_model(path, compile=False)`` and then exported as a Keras model.
+    """
+
+    kind = "keras_file"
+    description = "a Keras model file (.keras, .h5)"
+
+    def matches(self, obj: Any) -> bool:
+        p = _fspath(obj)
+        return p is not None and (os.path.isfile(p) or p.endswith(KERAS_FILE_EXTENSIONS))
+
+    def locate(self, obj: Any, *, isolate: bool | None) -> Located:
+        p = _fspath(obj)
+        assert p is not None
+        if not os.path.isfile(p):
+            raise SpecError(f"export({p!r}): no such file (cwd {os.getcwd()}); give the path of a saved Keras model")
+        if not p.endswith(KERAS_FILE_EXTENSIONS):
+            raise SpecError(f"export({p!r}): a file must be a Keras model (.keras, .h5); got another extension. "
+                            f"A SavedModel is a directory: pass the directory")
+        return Located(self, p, isolate=True if isolate is None else isolate, ref=p, path=p, name=Path(p).stem)
+
+    def prepare(self, obj: Any, options: ExportOptions, tf: Any) -> Traceable:
+        import keras
+
+        model = keras.models.load_model(obj, compile=False)
+        return SOURCES.match(model).prepare(model, options, tf)
+
+
+class LoadedSavedModel:
+    """A loaded SavedModel and its directory (recorded as the source type in ``meta.json``)."""
+
+    def __init__(self, path: str, loaded: Any):
+        self.path = path
+        self.loaded = loaded
+
+
+@SOURCES.register
+class SavedModelSource(SourceAdapter):
+    """A SavedModel directory (``saved_model.pb`` + ``variables/``), exported through its
+    ``serving_default`` signature (whose keyword inputs, sorted by name, are the specs when
+    none are given). Fingerprinted by the bytes of every file; exported in a child by default."""
+
+    kind = "saved_model"
+    description = "a SavedModel directory"
+
+    def matches(self, obj: Any) -> bool:
+        p = _fspath(obj)
+        return p is not None and os.path.isdir(p)
+
+    def locate(self, obj: Any, *, isolate: bool | None) -> Located:
+        p = _fspath(obj)
+        assert p is not None
+        if not os.path.isfile(os.path.join(p, "saved_model.pb")):
+            raise SpecError(f"export({p!r}): directory has no saved_model.pb; pass a SavedModel directory")
+        return Located(self, p, isolate=True if isolate is None else isolate, ref=p, path=p,
+                       name=Path(p).resolve().name or "saved_model")
+
+    def prepare(self, obj: Any, options: ExportOptions, tf: Any) -> Traceable:
+        loaded = tf.saved_model.load(obj)
+        sig = loaded.signatures.get("serving_default")
+        if sig is None:
+            raise SpecError(f"SavedModel {obj} has no 'serving_default' signature; re-save it with "
+                            f"signatures={{'serving_default': fn}}")
+        if options.input_specs:
+            specs = options.input_specs
+        else:
+            _, kw = sig.structured_input_signature
+            specs = tuple(spec_from_tf(s, k) for k, s in sorted(kw.items()))
+        names = [s.name for s in specs]
+
+        @tf.function(input_signature=tf_signature(specs, tf))
+        def saved_model_fn(*args):
+            return sig(**dict(zip(names, args)))
+
+        return Traceable(saved_model_fn, specs, Path(obj).name or "saved_model", "saved_model",
+                         LoadedSavedModel(obj, loaded))
+
+
+@SOURCES.register
+class ReferenceSource(SourceAdapter):
+    """A ``"module:attribute"`` reference (``"pkg.models:build"``, ``"pkg:Model.create"``) to
+    any other source, or to a zero-argument builder returning one (or a path / reference).
+    Exported in a child process by default, which imports the module (the caller never does)."""
+
+    kind = "reference"
+    description = "a 'module:attribute' reference"
+
+    def matches(self, obj: Any) -> bool:
+        return isinstance(obj, str) and ":" in obj and not os.path.isabs(obj) and not os.path.exists(obj)
+
+    def locate(self, obj: Any, *, isolate: bool | None) -> Located:
+        return Located(self, obj, isolate=True if isolate is None else isolate, ref=obj)
+
+    def prepare(self, obj: Any, options: ExportOptions, tf: Any) -> Traceable:
+        value = self.resolve(obj)
+        if isinstance(value, str):
+            located = _locate_returned(value, f"reference {obj!r}")
+            return located.adapter.prepare(located.obj, options, tf)
+        return SOURCES.match(value).prepare(value, options, tf)
+
+    @staticmethod
+    def resolve(ref: str) -> Any:
+        """Import ``module``, follow the dotted ``attribute`` and call it if it is a zero-argument
+        builder (a plain callable, not a TF object).
+
+        Raises:
+            SpecError: the module does not import or lacks the attribute.
+        """
+        mod_name, _, attr = ref.partition(":")
+        try:
+            obj: Any = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise SpecError(f"export({ref!r}): cannot import module {mod_name!r}: {exc}") from exc
+        for part in attr.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise SpecError(f"export({ref!r}): module {mod_name!r} has no attribute {attr!r}") from None
+        is_tf = any(SOURCES.get(k).matches(obj) for k in ("keras", "tf_keras", "tf_function"))
+        if callable(obj) and not is_tf and _takes_no_args(obj):
+            obj = obj()  # a zero-argument builder (or a class built without arguments)
+        return obj
+
+
+def _takes_no_args(fn: Any) -> bool:
+    try:
+        return not inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+
+
+@SOURCES.register
+class BridgeSource(SourceAdapter):
+    """A registered bridge name (``mmbridge.bridges.names()``) or a :class:`~mmbridge.BridgeSpec`.
+
+    Its registration supplies the defaults of the options (input specs, opset, name, role,
+    tolerance, sample inputs, ``export_kwargs``). The builder is exported through its own source:
+    a string builder is located as a path / reference; an importable builder function becomes a
+    ``"module:qualname"`` reference exported in a child (``isolate=None``); otherwise (or with
+    ``isolate=False``) the builder is called in this process and its result exported.
+    """
+
+    kind = "bridge"
+    description = "a registered bridge name or a BridgeSpec"
+
+    def matches(self, obj: Any) -> bool:
+        return isinstance(obj, (BridgeSpec, str))  # tried after the path and reference kinds
+
+    def locate(self, obj: Any, *, isolate: bool | None) -> Located:
+        if isinstance(obj, BridgeSpec):
+            spec = obj
+        else:
+            from mmbridge.registry import get_bridge
+
+            spec = get_bridge(obj)
+        builder = spec.builder
+        if isinstance(builder, str):
+            located = SOURCES.locate(builder, isolate=isolate)
+            if isinstance(located.adapter, BridgeSource):
+                raise SpecError(f"bridge {spec.name!r}: builder {builder!r} is not an existing path or a "
+                                f"'module:attribute' reference")
+            return dataclasses.replace(located, bridge=spec)
+        ref = importable_ref(builder)
+        if isolate is None and ref is not None:
+            return dataclasses.replace(SOURCES.get("reference").locate(ref, isolate=None), bridge=spec)
+        if isolate and ref is None:
+            raise SpecError(f"bridge {spec.name!r}: builder {builder!r} cannot be imported by a child process "
+                            f"(defined in __main__ or a local scope); pass isolate=False or define it in a module")
+        if isolate:
+            return dataclasses.replace(SOURCES.get("reference").locate(ref, isolate=True), bridge=spec)
+        if isolate is None:
+            logger.info("export %s: builder %r is not importable by module path; exporting in this process "
+                        "(TensorFlow is loaded here)", spec.name, builder)
+        return Located(self, spec, bridge=spec)
+
+    def prepare(self, obj: Any, options: ExportOptions, tf: Any) -> Traceable:
+        value = obj.builder()
+        if isinstance(value, str):
+            located = _locate_returned(value, f"bridge {obj.name!r}'s builder")
+            return located.adapter.prepare(located.obj, options, tf)
+        return SOURCES.match(value).prepare(value, options, tf)
+
+
+# ---------------------------------------------------------------------------------------------
+# live TF objects (exported in this process)
+# ---------------------------------------------------------------------------------------------
+@SOURCES.register
+class KerasSource(SourceAdapter):
+    """A Keras 3 model (functional, ``Sequential``, subclassed) or layer, called with
+    ``training=False`` on one tensor (one input) or a list (several).
+
+    Specs come from a functional model's ``inputs`` (Keras auto-names become ``"input"`` /
+    ``"input_{i}"``); subclassed models and layers need ``input_specs``. The fingerprint hashes
+    config and weights (:func:`~mmbridge.export.fingerprint.keras_payload`), without tracing.
+    """
+
+    kind = "keras"
+    description = "a Keras model or layer"
+    module = "keras"
+    """The top-level module whose ``layers.Layer`` / ``Model`` this adapter handles."""
+
+    def _module(self) -> Any:
+        return sys.modules.get(self.module)  # not imported yet: obj cannot be one of its objects
+
+    def matches(self, obj: Any) -> bool:
+        k = self._module()
+        try:
+            return k is not None and isinstance(obj, k.layers.Layer)
+        except AttributeError:  # a partly imported module
+            return False
+
+    def prepare(self, obj: Any, options: ExportOptions, tf: Any) -> Traceable:
+        from mmbridge.export.fingerprint import keras_payload
+
+        specs = options.input_specs or _signature_specs(obj, tf) or self._input_specs(obj)
+        if not specs:
+            raise _missing_specs(obj)
+
+        @tf.function(input_signature=tf_signature(specs, tf))
+        def keras_fn(*args):
+            x = args[0] if len(args) == 1 else list(args)
+            return obj(x, training=False)
+
+        kind = "keras_model" if isinstance(obj, self._module().Model) else "keras_layer"
+        return Traceable(keras_fn, specs, default_name(obj), kind, obj, lambda: keras_payload(obj))
+
+    @staticmethod
+    def _input_specs(obj: Any) -> tuple[TensorSpec, ...] | None:
+        inputs = getattr(obj, "inputs", None)
+        if not inputs:
+            return None
+        specs = []
+        for i, t in enumerate(inputs):
+            nm = (getattr(t, "name", None) or "").split(":")[0]
+            if not nm or nm.startswith("keras_tensor"):  # Keras 3 auto-name: not meaningful
+                nm = "input" if len(inputs) == 1 else f"input_{i}"
+            shape = tuple(t.shape)
+            shape = ("batch",) + tuple(shape[1:]) if shape and shape[0] is None else shape
+            dt = t.dtype if isinstance(t.dtype, str) else t.dtype.name
+            specs.append(TensorSpec(nm, shape, dt, "NHWC" if len(shape) == 4 else None))
+        return tuple(specs)
+
+
+@SOURCES.register
+class TFKerasSource(KerasSource):
+    """A tf-keras (Keras 2, ``import tf_keras``) model or layer, handled like a Keras 3 one.
+
+    Never matches when ``tf_keras`` is not installed (or not imported: then no object can be
+    one of its models).
+    """
+
+    kind = "tf_keras"
+    description = ""  # listed with "a Keras model or layer"
+    module = "tf_keras"
+
+
+@SOURCES.register
+class TFFunctionSource(SourceAdapter):
+    """A ``tf.function`` (anything with ``get_concrete_function``). With an ``input_signature``
+    it is used as is (the signature gives the specs when none are given); without one it is
+    wrapped in a ``tf.function`` with the specs' signature."""
+
+    kind = "tf_function"
+    description = "a tf.function"
+
+    def matches(self, obj: Any) -> bool:
+        return hasattr(obj, "get_concrete_function")
+
+    def prepare(self, obj: Any, options: ExportOptions, tf: Any) -> Traceable:
+        specs = options.input_specs or _signature_specs(obj, tf)
+        if not specs:
+            raise _missing_specs(obj)
+        if getattr(obj, "input_signature", None):
+            fn = obj
+        else:
+            @tf.function(input_signature=tf_signature(specs, tf))
+            def fn(*args):
+                return obj(*args)
+
+        return Traceable(fn, specs, default_name(obj), "tf_function", obj)
+
+
+@SOURCES.register
+class PythonFunctionSource(SourceAdapter):
+    """Any other Python callable taking one tensor per input spec (``input_specs`` required),
+    traced with ``tf.function(fn, input_signature=...)``."""
+
+    kind = "python_function"
+    description = "a Python function of TF tensors"
+
+    def matches(self, obj: Any) -> bool:
+        return callable(obj) and not isinstance(obj, type)
+
+    def prepare(self, obj: Any, options: ExportOptions, tf: Any) -> Traceable:
+        specs = options.input_specs or _signature_specs(obj, tf)
+        if not specs:
+            raise _missing_specs(obj)
+        return Traceable(tf.function(obj, input_signature=tf_signature(specs, tf)), specs, default_name(obj),
+                         "python_function", obj)
+
+
+__all__ = ["SOURCES", "SourceAdapter", "SourceAdapters", "Located", "Traceable", "LoadedSavedModel",
+           "KERAS_FILE_EXTENSIONS", "default_name", "importable_ref", "spec_from_tf", "tf_signature"]
