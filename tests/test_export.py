@@ -352,6 +352,25 @@ def test_graph_that_onnxruntime_cannot_run_is_an_export_error_and_nothing_is_cac
 
 
 # -- options, sources, cache key ---------------------------------------------------------------
+def test_live_cache_key_includes_sample_inputs(tf, tmp_path):
+    """Re-exporting a live object with other (harder) samples must re-check parity, not reuse
+    the artifact checked on the old ones (issue 18 item 4: the key ignored them)."""
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+    def affine(x):
+        return x * 3.0 + 1.0
+
+    easy = {"x": np.zeros((2, 3), np.float32)}
+    hard = {"x": np.full((2, 3), 1e4, np.float32)}
+    a = mmbridge.export(affine, name="affine", sample_inputs=easy, cache_dir=tmp_path)
+    again = mmbridge.export(affine, name="affine", sample_inputs=easy, cache_dir=tmp_path)
+    b = mmbridge.export(affine, name="affine", sample_inputs=hard, cache_dir=tmp_path)
+    assert again.fingerprint == a.fingerprint  # same samples: a cache hit
+    assert b.fingerprint != a.fingerprint and b.path != a.path
+    from mmbridge.parity import load_golden
+
+    np.testing.assert_array_equal(load_golden(b)["inputs"]["x"], hard["x"])
+
+
 def test_bridge_with_a_local_builder_exports_in_process(tf, tmp_path):
     """A builder a child cannot import (a local function) is called in this process and its
     result exported with the registration's specs, name and role."""

@@ -18,8 +18,8 @@ Pipeline (in order; the source kinds are adapters in :mod:`mmbridge.export.sourc
    :class:`~mmbridge.export.sources.Traceable`: a ``tf.function`` with one positional argument
    per input spec, the resolved specs, a default name, the source kind, and what the
    fingerprint hashes; a live object is fingerprinted here
-   (:func:`~mmbridge.export.fingerprint.live_fingerprint`: options, specs, versions, and
-   Keras config + weights or else the frozen graph) and looked up in the cache;
+   (:func:`~mmbridge.export.fingerprint.live_fingerprint`: options, specs, sample inputs,
+   versions, and Keras config + weights or else the frozen graph) and looked up in the cache;
 5. **trace and freeze** into a concrete function with one placeholder per input spec; captured
    tensors (a module-level ``tf.constant`` used inside a ``tf.function``) are frozen into the
    graph instead of becoming extra graph inputs;
@@ -130,7 +130,8 @@ def export(
         tolerance: parity tolerance for floating outputs (default: :data:`mmbridge.parity.TOLERANCES`).
         sample_inputs: inputs for the parity check, as ``{name: array}`` (one array per input,
             of the spec's dtype, batch first, NHWC) or ``(batch, seed) -> {name: array}``;
-            default: drawn from the specs' dtypes and value ranges, batch 2.
+            default: drawn from the specs' dtypes and value ranges, batch 2. Given samples are
+            part of the cache key.
         inputs_as_nchw: input names that the ONNX graph should take as NCHW instead of TF's
             NHWC (tf2onnx's ``inputs_as_nchw``; the parity check transposes for TF).
         trainable: export for fine-tuning: BatchNormalization, Dropout and LayerNormalization
@@ -276,7 +277,7 @@ def export_located(located: Located, options: ExportOptions, sample_inputs: Samp
         payload = src.payload()
         if payload is None:
             payload = freeze()[0].SerializeToString(deterministic=True)
-        fingerprint = live_fingerprint(src.kind, src.specs, options, payload)
+        fingerprint = live_fingerprint(src.kind, src.specs, options, samples, payload)
 
     def build():
         return _build(src, name, options, samples, freeze, tf, t0)

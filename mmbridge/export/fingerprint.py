@@ -7,10 +7,10 @@ Two fingerprints, both sha256 hex:
 * :func:`live_fingerprint` -- a live object, by what its source adapter hashes
   (:func:`keras_payload` for Keras: config, weights, adapted state; otherwise the frozen graph).
 
-Both include the :class:`~mmbridge.export.options.ExportOptions` (all fields but the name) and
-:func:`export_versions`, so a cached artifact is never reused after the options, TensorFlow,
-tf2onnx, onnx, onnxoptimizer or mmbridge's export code changed; :func:`path_fingerprint` also
-hashes the sample inputs when given (:func:`samples_bytes`).
+Both include the :class:`~mmbridge.export.options.ExportOptions` (all fields but the name), the
+sample inputs when given (:func:`samples_bytes`) and :func:`export_versions`, so a cached
+artifact is never reused after the options, the parity samples, TensorFlow, tf2onnx, onnx,
+onnxoptimizer or mmbridge's export code changed.
 """
 
 from __future__ import annotations
@@ -145,13 +145,16 @@ def path_fingerprint(path: str | Path, options: ExportOptions, samples: Mapping[
     return h.hexdigest()
 
 
-def live_fingerprint(kind: str, specs: Sequence[TensorSpec], options: ExportOptions, payload: bytes) -> str:
+def live_fingerprint(kind: str, specs: Sequence[TensorSpec], options: ExportOptions,
+                     samples: Mapping[str, Any] | None, payload: bytes) -> str:
     """sha256 of what determines the graph exported from a live object.
 
     Args:
         kind: the source kind (``"keras_model"``, ``"tf_function"``...).
         specs: the resolved input specs.
         options: the export options (``name`` is not hashed).
+        samples: the parity sample inputs as arrays, or ``None``; hashed, so re-exporting with
+            other (e.g. harder) samples re-checks parity instead of reusing the old artifact.
         payload: what the source adapter hashes: :func:`keras_payload`, or the frozen graph.
     """
     h = hashlib.sha256()
@@ -160,6 +163,7 @@ def live_fingerprint(kind: str, specs: Sequence[TensorSpec], options: ExportOpti
     h.update(json.dumps(export_versions(), sort_keys=True).encode())
     h.update(kind.encode())
     h.update(payload)
+    h.update(samples_bytes(samples))
     return hashlib.sha256(h.digest()).hexdigest()
 
 
