@@ -371,6 +371,32 @@ def test_live_cache_key_includes_sample_inputs(tf, tmp_path):
     np.testing.assert_array_equal(load_golden(b)["inputs"]["x"], hard["x"])
 
 
+def test_checker_failure_is_an_export_error_naming_the_node():
+    """``onnx.checker``'s raw text becomes: which node, which op, where from, and what to do."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mmbridge.export.exporter import check_model
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="dense/Relu"),
+             helper.make_node("Relu", ["h"], ["y"], name="head/act/Relu", bogus=1)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ExportError) as ei:
+        check_model(model, "broken")
+    msg = str(ei.value)
+    assert "'broken'" in msg and "node 'head/act/Relu' (op Relu" in msg and "'head/act'" in msg
+    assert "Unrecognized attribute: bogus" in msg and "What to do" in msg and "opset=18" in msg
+    assert "==> Context" not in msg and isinstance(ei.value.__cause__, onnx.checker.ValidationError)
+    # the checker names no node (unnamed nodes, same op three times): each node is checked on its own
+    nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Relu", ["h", "x"], ["h2"]),
+             helper.make_node("Relu", ["h2"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ExportError, match=r"rejects node #1 \(unnamed\) \(op Relu\): .*input size 2"):
+        check_model(model, "broken")
+
+
 def test_bridge_with_a_local_builder_exports_in_process(tf, tmp_path):
     """A builder a child cannot import (a local function) is called in this process and its
     result exported with the registration's specs, name and role."""

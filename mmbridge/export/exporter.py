@@ -28,8 +28,8 @@ Pipeline (in order; the source kinds are adapters in :mod:`mmbridge.export.sourc
 7. **repair** what tf2onnx leaves behind with an exact ONNX form (:data:`ONNX_REWRITES`, e.g.
    ``Erfc(x) = 1 - Erf(x)`` for exact GELU), then **refuse** every remaining non-ONNX node
    with one :class:`UnsupportedOpsError` listing op, node and origin;
-8. :func:`check_model`: ``onnx.checker`` (full check, with shape inference) and an
-   onnxruntime load;
+8. :func:`check_model`: ``onnx.checker`` (full check, with shape inference; a failure is an
+   ``ExportError`` naming the node) and an onnxruntime load;
 9. **optimise** with onnxoptimizer, one pass at a time, keeping a pass only if parity holds;
 10. **verify** parity against TF on the sample inputs (``ParityError`` on failure);
 11. **write** the artifact atomically into the cache (with ``golden.npz`` for later checks).
@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -149,7 +150,8 @@ def export(
 
     Raises:
         UnsupportedOpsError: the graph needs ops with no ONNX form; lists each op, node, origin.
-        ExportError: tf2onnx failed, or the result fails ``onnx.checker`` / onnxruntime loading or running.
+        ExportError: tf2onnx failed, or the result fails ``onnx.checker`` (the message names
+            the node) / onnxruntime loading or running.
         ParityError: ORT's outputs differ from TF's beyond the tolerance.
         ImportOrderError: in-process export with TF imported before torch's compiler stack.
         SpecError: an invalid option (every one listed), a source export() does not accept, or
@@ -414,25 +416,77 @@ def _rename_io(model: Any, input_map: Mapping[str, str], output_map: Mapping[str
     ren(model.graph)
 
 
+_NODE_IN_MESSAGE = (
+    re.compile(r"node name:\s*(?P<node>[^\s)]*)\)?", re.I),  # shape inference: "(op_type:Reshape, node name: x)"
+    re.compile(r"Name:\s*(?P<node>\S*)\s+OpType:\s*(?P<op>\S+)", re.I),  # checker: "... Name: x OpType: y"
+)
+
+
+def _failing_node(model: Any, message: str) -> Any | None:
+    """The node ``onnx.checker`` / shape inference complained about, from its message or by
+    checking each top-level node on its own."""
+    import onnx
+
+    by_name = {n.name: n for n in model.graph.node if n.name}
+    for pattern in _NODE_IN_MESSAGE:
+        m = pattern.search(message)
+        if m and m.group("node") in by_name:
+            return by_name[m.group("node")]
+        if m and m.groupdict().get("op"):
+            same_op = [n for n in model.graph.node if n.op_type == m.group("op")]
+            if len(same_op) == 1:
+                return same_op[0]
+    ctx = onnx.checker.C.CheckerContext()
+    ctx.ir_version = model.ir_version
+    ctx.opset_imports = {o.domain: o.version for o in model.opset_import}
+    lex = onnx.checker.C.LexicalScopeContext()
+    for node in model.graph.node:
+        try:
+            onnx.checker.check_node(node, ctx, lex)
+        except TypeError:  # an onnx without the lexical-scope argument
+            try:
+                onnx.checker.check_node(node, ctx)
+            except Exception:  # noqa: BLE001 - the checker's own exception types differ across versions
+                return node
+        except Exception:  # noqa: BLE001
+            return node
+    return None
+
+
+def _checker_reason(message: str) -> str:
+    """The checker's complaint on one line, without its context dump and node locator."""
+    text = " ".join(message.split("==> Context")[0].split())
+    text = re.sub(r"\(op_type:[^)]*\):\s*", "", text)
+    text = re.sub(r"(\[ShapeInferenceError\]\s*)+(Inference error\(s\):\s*)?", "", text).strip()
+    text = re.sub(r"\s*of node:\s*name:.*?OpType:\s*\S+", "", text, flags=re.I)
+    return (text or message.strip())[:300].rstrip(".")
+
+
 def check_model(model: Any, name: str) -> Any:
     """``onnx.checker`` (full check with shape inference) and an onnxruntime CPU load.
+
+    Args:
+        model: the exported ``onnx.ModelProto``.
+        name: the artifact name, for messages.
 
     Returns:
         The model with inferred shapes.
 
     Raises:
-        ExportError: the checker or onnxruntime rejects the graph; the message carries theirs.
+        ExportError: the checker rejects the graph (the message names the failing node, its op
+            and origin, the checker's one-line reason and what to do; the checker's own error
+            is chained as ``__cause__``), or onnxruntime cannot load it.
     """
     import onnx
 
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"exported graph {name!r} is not valid ONNX (onnx.checker): {exc}") from exc
+        raise _checker_error(model, name, exc) from exc
     try:
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False)
     except onnx.shape_inference.InferenceError as exc:  # pragma: no cover - full_check already ran it
-        raise ExportError(f"shape inference failed on {name!r}: {exc}") from exc
+        raise _checker_error(model, name, exc) from exc
     from mmbridge.runtime.session import make_session
 
     try:
@@ -440,6 +494,27 @@ def check_model(model: Any, name: str) -> Any:
     except Exception as exc:  # onnxruntime raises its own exception classes
         raise ExportError(f"onnxruntime cannot load the exported graph {name!r}: {exc}") from exc
     return model
+
+
+def _checker_error(model: Any, name: str, exc: Exception) -> ExportError:
+    message = str(exc)
+    node = _failing_node(model, message)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if node is not None:
+        origin = node.name.rsplit("/", 1)[0] if "/" in node.name else node.name
+        label = repr(node.name) if node.name else f"#{list(model.graph.node).index(node)} (unnamed)"
+        where = (f"node {label} (op {node.op_type}{', domain ' + node.domain if node.domain else ''}"
+                 f"{f'; from TF op / Keras layer {origin!r}' if origin else ''})")
+    else:
+        where = "the graph (no single node is at fault: a graph input, output or initializer)"
+    other = 17 if opset != 17 else 18
+    return ExportError(
+        f"exported graph {name!r} is not valid ONNX at opset {opset}: onnx.checker rejects {where}: "
+        f"{_checker_reason(message)}.\nWhat to do: this is a converter bug (tf2onnx or an mmbridge rewrite), "
+        f"not your model. Try another opset (opset={other}) or the other trainable= setting"
+        f"{', or replace the layer named above' if node is not None else ''}; "
+        f"report it with the output of `mmbridge info`."
+    )
 
 
 def optimize_model(model: Any, check: Callable[[Any], bool], passes: Sequence[str] = SAFE_PASSES) -> tuple[Any, list[str], list[str]]:
