@@ -330,6 +330,31 @@ def test_files_and_registered_bridges_export_in_a_child_and_hit_the_cache_withou
     assert np.allclose(cold["b_out"], [[-1.0, 0.5, 2.0]], atol=1e-6)
 
 
+@pytest.mark.slow
+def test_saved_model_directory_exports_in_a_child_and_hits_the_cache(tf, tmp_path):
+    """A SavedModel directory: specs and output names from its serving_default signature; exported
+    in a child process; the second export (given as a PathLike) is a cache hit by file bytes."""
+    class Scale(tf.Module):
+        def __init__(self):
+            self.w = tf.Variable([[1.0, -2.0], [0.5, 3.0]])
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="features")])
+        def __call__(self, features):
+            return {"scores": tf.matmul(features, self.w)}
+
+    module = Scale()
+    tf.saved_model.save(module, str(tmp_path / "sm"), signatures={"serving_default": module.__call__})
+    art = mmbridge.export(str(tmp_path / "sm"), cache_dir=tmp_path / "c")
+    assert art.meta["source"]["kind"] == "saved_model" and art.name == "sm"
+    assert [s.name for s in art.input_specs] == ["features"] and art.output_names == ["scores"]
+    x = np.array([[1.0, 2.0], [-1.0, 0.5]], np.float32)
+    from mmbridge.parity import run_ort
+
+    np.testing.assert_allclose(run_ort(art.onnx_path, {"features": x})["scores"], x @ module.w.numpy(), atol=1e-6)
+    again = mmbridge.export(tmp_path / "sm", cache_dir=tmp_path / "c")
+    assert again.path == art.path
+
+
 def test_graph_that_onnxruntime_cannot_run_is_an_export_error_and_nothing_is_cached(tf, tmp_path, monkeypatch):
     """tf2onnx can write a graph that loads but fails at run time (seen: ConvNeXtTiny, trainable, opset 18,
     1x1 spatial in the last stage, a mis-permuted Transpose); that must be an ExportError with a way out."""
