@@ -20,7 +20,7 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 import mmbridge
-from mmbridge.convert.ops import normalization, pad, pooling, resize, shape
+from mmbridge.convert.ops import indexing, logic, normalization, pad, pooling, resize, shape
 from mmbridge.convert.registry import ConverterKey, schema_versions
 from mmbridge.runtime.session import make_session
 
@@ -165,6 +165,58 @@ def _split(opset):
         [_vi("a"), _vi("b"), _vi("c")], []
 
 
+def _compare(op):
+    def build(opset):
+        return [_one(op, ["a", "b"])], [_vi("a", TP.INT64, [2, 3]), _vi("b", TP.INT64, [3])], [_vi("y", TP.BOOL)], []
+
+    return build
+
+
+def _bit_shift(opset):
+    return [_one("BitShift", ["x", "s"], direction="RIGHT")], [_vi("x", TP.UINT32, [4]), _vi("s", TP.UINT32, [4])], \
+        [_vi("y", TP.UINT32)], []
+
+
+def _trilu(opset):
+    return [_one("Trilu", ["x", "k"], upper=0)], [_vi("x", dims=[2, 4, 5])], [_vi("y")], [_init("k", np.array(1, np.int64))]
+
+
+def _non_zero(opset):
+    return [_one("NonZero", ["x"])], [_vi("x", dims=[3, 4])], [_vi("y", TP.INT64)], []
+
+
+def _gather_nd(opset):  # tf.gather(x, i, batch_dims=1): GatherND(batch_dims=1) of i[..., None]
+    if opset < 12:
+        return [_one("GatherND", ["x", "i"])], [_vi("x", dims=[4, 5, 3]), _vi("i", TP.INT64, [4, 2, 1])], [_vi("y")], []
+    return [_one("GatherND", ["x", "i"], batch_dims=1)], [_vi("x", dims=[4, 5, 3]), _vi("i", TP.INT64, [4, 2, 1])], \
+        [_vi("y")], []
+
+
+def _gather_nd_feeds():
+    return {"x": _x(4, 5, 3), "i": np.array([[[3], [0]], [[-1], [2]], [[1], [1]], [[3], [-4]]], np.int64)}
+
+
+def _reverse_sequence(opset):
+    return [_one("ReverseSequence", ["x", "lens"], batch_axis=0, time_axis=1)], \
+        [_vi("x", dims=[3, 5, 2]), _vi("lens", TP.INT64, [3])], [_vi("y")], []
+
+
+def _constant_of_shape(opset):
+    value = helper.make_tensor("value", TP.INT32, [1], [7])
+    return [_one("ConstantOfShape", ["shape"], value=value)], [], [_vi("y", TP.INT32)], \
+        [_init("shape", np.array([2, 3], np.int64))]
+
+
+def _range(opset):  # constant inputs: folded (0.1 accumulated in float32, as ORT does)
+    return [_one("Range", ["start", "limit", "delta"])], [], [_vi("y")], \
+        [_init("start", np.float32(-1.0)), _init("limit", np.float32(1.05)), _init("delta", np.float32(0.1))]
+
+
+def _shape(opset):
+    attrs = {"start": 1, "end": -1} if opset >= 15 else {}
+    return [_one("Shape", ["x"], **attrs)], [_vi("x", dims=[2, 3, 4, 5])], [_vi("y", TP.INT64)], []
+
+
 def _squeeze(opset):
     if opset < 13:
         return [_one("Squeeze", ["x"], axes=[0, -2])], [_vi("x", dims=[1, 3, 1, 2])], [_vi("y")], []
@@ -203,6 +255,18 @@ CASES: dict[str, Case] = {
     "Squeeze": Case(_squeeze, {"x": _x(1, 3, 1, 2)}, _has(shape.Squeeze)),
     "Tile": Case(_tile, {"x": _x(2, 3)}, _has(shape.Tile, lambda m: m.repeats == (2, 1))),
     "Unsqueeze": Case(_unsqueeze, {"x": _x(3, 2)}, _has(shape.Unsqueeze)),
+    "GreaterOrEqual": Case(_compare("GreaterOrEqual"), {"a": np.array([[1, 5, -3], [2, 2, 9]], np.int64),
+                                                         "b": np.array([1, 6, -4], np.int64)}),
+    "LessOrEqual": Case(_compare("LessOrEqual"), {"a": np.array([[1, 5, -3], [2, 2, 9]], np.int64),
+                                                   "b": np.array([1, 6, -4], np.int64)}),
+    "BitShift": Case(_bit_shift, {"x": np.array([4294967295, 16, 1, 7], np.uint32), "s": np.array([1, 2, 31, 0], np.uint32)}),
+    "Trilu": Case(_trilu, {"x": _x(2, 4, 5)}, _has(logic.Trilu, lambda m: m.k == 1)),
+    "NonZero": Case(_non_zero, {"x": (RNG.rand(3, 4) > 0.5).astype(np.float32)}, _has(indexing.NonZero)),
+    "GatherND": Case(_gather_nd, _gather_nd_feeds(), _has(indexing.GatherND)),
+    "ReverseSequence": Case(_reverse_sequence, {"x": _x(3, 5, 2), "lens": np.array([5, 1, 3], np.int64)}),
+    "ConstantOfShape": Case(_constant_of_shape, {}, _has(shape.ConstantOfShape, lambda m: m.shape == (2, 3))),
+    "Range": Case(_range, {}, _has(shape.ConstRange)),
+    "Shape": Case(_shape, {"x": _x(2, 3, 4, 5)}, _has(shape.Shape)),
 }
 for _op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
             "ReduceSumSquare", "ReduceLogSum"):

@@ -7,12 +7,14 @@ opsets per registered version (``tests/test_convert_ops.py``, parametrised from 
 
 * :mod:`.normalization` -- ``BatchNormalization`` -> population-variance BatchNorm (Keras' running variance);
 * :mod:`.dropout` -- ``Dropout`` -> ``nn.Dropout(p)``;
-* :mod:`.shape` -- ``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Expand``, ``Tile`` with constant arguments as Python ints;
+* :mod:`.shape` -- ``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Expand``, ``Tile``, ``ConstantOfShape``, ``Range``, ``Shape`` with constant arguments as Python ints;
 * :mod:`.pad` -- ``Pad`` with constant pads; ``SamePad`` for ``auto_pad=SAME_*``;
 * :mod:`.conv`, :mod:`.pooling` -- ``Conv`` / ``MaxPool`` with ``auto_pad=SAME_*``, ``GlobalMaxPool``;
 * :mod:`.resize` -- ``Resize`` with constant scales / sizes (ORT's output size and coordinates);
 * :mod:`.gelu`, :mod:`.split`, :mod:`.onehot`, :mod:`.reduce`, :mod:`.scatter` -- ops or versions onnx2torch lacks;
 * :mod:`.cumsum` -- ``CumSum`` with ONNX's defaults (onnx2torch reverses by default);
+* :mod:`.logic` -- ``GreaterOrEqual`` / ``LessOrEqual`` 16, ``BitShift``, ``Trilu``;
+* :mod:`.indexing` -- ``NonZero`` ([rank, n]), ``GatherND`` with ``batch_dims``, ``ReverseSequence``;
 * :mod:`.loop`, :mod:`.recurrent` -- ``Loop`` (Keras 3 GRU / SimpleRNN / trainable LSTM) and ``LSTM`` / ``GRU`` / ``RNN``.
 """
 
@@ -25,6 +27,8 @@ from mmbridge.convert.ops import (  # noqa: E402, F401  (registration happens on
     cumsum,
     dropout,
     gelu,
+    indexing,
+    logic,
     loop,
     normalization,
     onehot,
