@@ -15,6 +15,7 @@ opsets per registered version (``tests/test_convert_ops.py``, parametrised from 
 * :mod:`.cumsum` -- ``CumSum`` with ONNX's defaults (onnx2torch reverses by default);
 * :mod:`.logic` -- ``GreaterOrEqual`` / ``LessOrEqual`` 16, ``BitShift``, ``Trilu``;
 * :mod:`.indexing` -- ``NonZero`` ([rank, n]), ``GatherND`` with ``batch_dims``, ``ReverseSequence``;
+* :mod:`.multi_output` -- ``TopK``, ``Split`` 2-13: a node of which one output is used returns only that one;
 * :mod:`.loop`, :mod:`.recurrent` -- ``Loop`` (Keras 3 GRU / SimpleRNN / trainable LSTM) and ``LSTM`` / ``GRU`` / ``RNN``.
 """
 
@@ -30,6 +31,7 @@ from mmbridge.convert.ops import (  # noqa: E402, F401  (registration happens on
     indexing,
     logic,
     loop,
+    multi_output,
     normalization,
     onehot,
     pad,

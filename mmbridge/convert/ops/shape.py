@@ -8,6 +8,7 @@ trace without a graph break. When the argument is constant it is folded into the
 so CNN and transformer bridges compile with ``fullgraph=True``; otherwise the argument stays a
 call input, read at run time.
 
+``ConstantOfShape`` of a ``Shape`` whose input dims shape inference knows is folded too.
 ``Shape`` (``start`` / ``end`` slices, 15+) builds its output from ``x.shape``, which dynamo
 sees as Python ints on a static spec. ``Range`` with constant inputs is computed once, here, as
 onnxruntime computes it (``ceil((limit - start) / delta)`` elements, each the previous plus
@@ -27,7 +28,7 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxToTorchModule
 from torch import nn
 
-from mmbridge.convert.ops._common import const, const_ints, delegate, input_at, register, result
+from mmbridge.convert.ops._common import const, const_ints, delegate, input_at, register, result, static_dims
 
 
 class Reshape(nn.Module, OnnxToTorchModule):
@@ -193,11 +194,32 @@ class ConstantOfShape(nn.Module, OnnxToTorchModule):
         return f"shape={self.shape if self.shape is not None else '<runtime>'}, value={self.fill}, dtype={self.dtype}"
 
 
+def static_shape_value(graph: OnnxGraph, name: str) -> list[int] | None:
+    """The value of ``name`` as Python ints when it is constant, or the ``Shape`` (slice) of a value whose dims
+    shape inference knows; None otherwise."""
+    value = const_ints(graph, name)
+    if value is not None or not name:
+        return value
+    try:
+        producer, _ = graph.value_as_node_output(name)
+    except KeyError:
+        return None
+    if producer.operation_type != "Shape":
+        return None
+    dims = static_dims(graph, producer.input_values[0])
+    if dims is None:
+        return None
+    a = producer.attributes
+    end = a.get("end")
+    dims = dims[int(a.get("start", 0)):None if end is None else int(end)]
+    return None if any(d is None for d in dims) else [int(d) for d in dims]
+
+
 @register("ConstantOfShape", 9, 20, 21, 23, 24, 25)
 def constant_of_shape(node: OnnxNode, graph: OnnxGraph):
     value = node.attributes.get("value")
     value = value.to_torch() if value is not None else torch.zeros(1, dtype=torch.float32)
-    shape = const_ints(graph, input_at(node, 0))
+    shape = static_shape_value(graph, input_at(node, 0))
     if shape is not None:
         return result(ConstantOfShape(value, shape), node, ())
     return result(ConstantOfShape(value), node, node.input_values[:1])
