@@ -20,7 +20,7 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 import mmbridge
-from mmbridge.convert.ops import indexing, logic, normalization, pad, pooling, resize, shape
+from mmbridge.convert.ops import indexing, logic, multi_output, normalization, pad, pooling, resize, shape
 from mmbridge.convert.registry import ConverterKey, schema_versions
 from mmbridge.runtime.session import make_session
 
@@ -161,8 +161,20 @@ def _scatter_nd(opset):
 
 
 def _split(opset):
-    return [_one("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3)], [_vi("x", dims=[2, 7])], \
-        [_vi("a"), _vi("b"), _vi("c")], []
+    outs = [_vi("a"), _vi("b"), _vi("c")]
+    if opset < 13:
+        return [_one("Split", ["x"], ["a", "b", "c"], axis=1, split=[2, 2, 3])], [_vi("x", dims=[2, 7])], outs, []
+    if opset < 18:
+        return [_one("Split", ["x", "split"], ["a", "b", "c"], axis=1)], [_vi("x", dims=[2, 7])], outs, \
+            [_init("split", np.array([2, 2, 3], np.int64))]
+    return [_one("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3)], [_vi("x", dims=[2, 7])], outs, []
+
+
+def _top_k(opset):  # values and indices both graph outputs, in the node's order
+    outs = [_vi("v"), _vi("i", TP.INT64)]
+    if opset < 10:
+        return [_one("TopK", ["x"], ["v", "i"], axis=1, k=3)], [_vi("x", dims=[2, 7])], outs, []
+    return [_one("TopK", ["x", "k"], ["v", "i"], axis=1)], [_vi("x", dims=[2, 7])], outs, [_init("k", np.array([3], np.int64))]
 
 
 def _compare(op):
@@ -266,6 +278,8 @@ CASES: dict[str, Case] = {
     "ReverseSequence": Case(_reverse_sequence, {"x": _x(3, 5, 2), "lens": np.array([5, 1, 3], np.int64)}),
     "ConstantOfShape": Case(_constant_of_shape, {}, _has(shape.ConstantOfShape, lambda m: m.shape == (2, 3))),
     "Range": Case(_range, {}, _has(shape.ConstRange)),
+    "TopK": Case(_top_k, {"x": RNG.permutation(14).reshape(2, 7).astype(np.float32)},
+                 _has(multi_output.TopK, lambda m: m.k == 3)),
     "Shape": Case(_shape, {"x": _x(2, 3, 4, 5)}, _has(shape.Shape)),
 }
 for _op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
