@@ -256,3 +256,100 @@ def test_einsum_of_multi_head_attention(eq, shapes):
     m = _model([node], [_vi("a", dims=list(shapes[0])), _vi("b", dims=list(shapes[1]))], [_vi("y")])
     _check(m, {"a": RNG.standard_normal(shapes[0]).astype(np.float32),
                "b": RNG.standard_normal(shapes[1]).astype(np.float32)}, atol=1e-4)
+
+
+# ---------------------------------------------------------------- Resize coordinate modes (issue 18)
+_NEAREST_MODES = ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]
+_CTMS = ["half_pixel", "pytorch_half_pixel", "asymmetric", "tf_half_pixel_for_nn", "align_corners",
+         "half_pixel_symmetric"]
+
+
+def _resize_model(mode, ctm, nearest_mode, *, scales=None, sizes=None, runtime=False, dims=(2, 3, 4, 6), opset=19):
+    attrs = {"mode": mode, "coordinate_transformation_mode": ctm}
+    if mode == "nearest":
+        attrs["nearest_mode"] = nearest_mode
+    node = helper.make_node("Resize", ["x", "roi", "scales", "sizes"] if sizes is not None else ["x", "roi", "scales"],
+                            ["y"], name="resize", **attrs)
+    inits = {"roi": np.array([], np.float32)}
+    inputs = [_vi("x", dims=list(dims))]
+    if sizes is not None:
+        inits["scales"] = np.array([], np.float32)
+        if runtime:
+            inputs.append(_vi("sizes", TP.INT64, [4]))
+        else:
+            inits["sizes"] = np.array(sizes, np.int64)
+    elif runtime:
+        inputs.append(_vi("scales", TP.FLOAT, [4]))
+    else:
+        inits["scales"] = np.array(scales, np.float32)
+    return _model([node], inputs, [_vi("y")], inits, opset=opset)
+
+
+@pytest.mark.parametrize("nearest_mode", _NEAREST_MODES)
+@pytest.mark.parametrize("ctm", _CTMS)
+@pytest.mark.parametrize("target", [("scales", [1, 1, 2.5, 0.5]), ("scales", [1, 1, 1.5, 1.7]), ("sizes", [2, 3, 7, 5]),
+                                    ("sizes", [2, 3, 1, 9])])
+def test_resize_nearest_every_coordinate_and_rounding_mode(ctm, nearest_mode, target):
+    kind, value = target
+    m = _resize_model("nearest", ctm, nearest_mode, **{kind: value})
+    _check(m, {"x": RNG.standard_normal((2, 3, 4, 6)).astype(np.float32)}, exact=True)
+
+
+@pytest.mark.parametrize("ctm", _CTMS)
+@pytest.mark.parametrize("target", [("scales", [1, 1, 2.5, 0.5]), ("scales", [1, 1, 1.5, 1.7]), ("sizes", [2, 3, 7, 5]),
+                                    ("sizes", [2, 3, 1, 9])])
+def test_resize_linear_every_coordinate_mode(ctm, target):
+    kind, value = target
+    m = _resize_model("linear", ctm, None, **{kind: value})
+    _check(m, {"x": RNG.standard_normal((2, 3, 4, 6)).astype(np.float32)}, atol=1e-5)
+
+
+@pytest.mark.parametrize(("mode", "ctm", "nearest_mode"), [("nearest", "half_pixel", "round_prefer_floor"),
+                                                           ("nearest", "asymmetric", "floor"),
+                                                           ("linear", "asymmetric", None),
+                                                           ("linear", "half_pixel", None)])
+@pytest.mark.parametrize("kind", ["scales", "sizes"])
+def test_resize_with_runtime_scales_or_sizes(mode, ctm, nearest_mode, kind):
+    value = np.array([1, 1, 1.5, 0.75], np.float32) if kind == "scales" else np.array([2, 3, 6, 5], np.int64)
+    m = _resize_model(mode, ctm, nearest_mode, runtime=True, **{kind: value})
+    _check(m, {"x": RNG.standard_normal((2, 3, 4, 6)).astype(np.float32), kind: value}, exact=mode == "nearest")
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_tf_crop_and_resize_with_a_runtime_roi(mode):
+    node = helper.make_node("Resize", ["x", "roi", "", "sizes"], ["y"], name="resize", mode=mode,
+                            coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=-7.0)
+    m = _model([node], [_vi("x", dims=[1, 2, 6, 6]), _vi("roi", TP.FLOAT, [8])], [_vi("y")],
+               {"sizes": np.array([1, 2, 5, 4], np.int64)}, opset=13)
+    roi = np.array([0, 0, 0.1, -0.2, 1, 1, 0.9, 0.7], np.float32)
+    _check(m, {"x": RNG.standard_normal((1, 2, 6, 6)).astype(np.float32), "roi": roi}, exact=mode == "nearest")
+
+
+def test_resize_cubic_with_an_unsupported_coordinate_mode_is_refused():
+    m = _resize_model("cubic", "asymmetric", None, scales=[1, 1, 2, 2])
+    with pytest.raises(mmbridge.ConversionError, match="cubic with coordinate_transformation_mode 'asymmetric'"):
+        mmbridge.to_torch(m)
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("name", ["v1_bilinear", "v1_bilinear_align_corners", "nearest_half_pixel",
+                                  "nearest_align_corners", "nearest"])
+def test_tf_v1_resizes_match_tf_on_torch(tf, tmp_path, name):
+    """tf.compat.v1 resizes export as asymmetric linear, tf_half_pixel_for_nn / align_corners nearest:
+    onnx2torch approximated them; the torch module now computes what TF computes."""
+    img = tf.compat.v1.image
+    fn = {"v1_bilinear": lambda x: img.resize_bilinear(x, [7, 9]),
+          "v1_bilinear_align_corners": lambda x: img.resize_bilinear(x, [7, 9], align_corners=True),
+          "nearest_half_pixel": lambda x: img.resize_nearest_neighbor(x, [7, 9], half_pixel_centers=True),
+          "nearest_align_corners": lambda x: img.resize_nearest_neighbor(x, [7, 9], align_corners=True),
+          "nearest": lambda x: img.resize_nearest_neighbor(x, [7, 9])}[name]
+    f = tf.function(fn, input_signature=[tf.TensorSpec([None, 4, 5, 2], tf.float32, name="x")])
+    x = RNG.standard_normal((2, 4, 5, 2)).astype(np.float32)
+    art = mmbridge.export(f, sample_inputs={"x": x}, cache_dir=tmp_path)
+    want = f(x).numpy()
+    got = mmbridge.to_torch(art, trainable=False)(torch.from_numpy(x)).detach().numpy()
+    assert got.shape == want.shape
+    if name.startswith("nearest"):
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
