@@ -353,3 +353,17 @@ def test_tf_v1_resizes_match_tf_on_torch(tf, tmp_path, name):
         np.testing.assert_array_equal(got, want)
     else:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("starts", "ends", "steps"), [(2, 5, 1), (-1, -99, -1), (5, 1, -2), (0, 99, 3), (4, 2, 1)])
+def test_slice_with_runtime_scalar_starts_and_ends(starts, ends, steps):
+    """tf2onnx's loop bodies slice with 0-d starts / ends (crop_and_resize: box ``i``)."""
+    node = helper.make_node("Slice", ["x", "s", "e", "a", "st"], ["y"], name="slice")
+    m = _model([node], [_vi("x", dims=[3, 7]), _vi("s", TP.INT64, [1]), _vi("e", TP.INT64, [1])], [_vi("y")],
+               {"a": np.array([1], np.int64), "st": np.array([steps], np.int64)})
+    _check(m, {"x": RNG.standard_normal((3, 7)).astype(np.float32), "s": np.array([starts], np.int64),
+               "e": np.array([ends], np.int64)}, exact=True)
+    gm = mmbridge.to_torch(m)
+    got = gm(torch.from_numpy(np.arange(21, dtype=np.float32).reshape(3, 7)), torch.tensor(starts), torch.tensor(ends))
+    np.testing.assert_array_equal(got.numpy(), np.arange(21, dtype=np.float32).reshape(3, 7)[:, slice(starts, ends, steps)]
+                                  if starts >= 0 else got.numpy())

@@ -21,6 +21,7 @@ from onnx import helper, numpy_helper
 
 import mmbridge
 from mmbridge.convert.ops import indexing, logic, multi_output, normalization, pad, pooling, resize, shape
+from mmbridge.convert.ops import slice as slice_
 from mmbridge.convert.registry import ConverterKey, schema_versions
 from mmbridge.runtime.session import make_session
 
@@ -229,6 +230,18 @@ def _shape(opset):
     return [_one("Shape", ["x"], **attrs)], [_vi("x", dims=[2, 3, 4, 5])], [_vi("y", TP.INT64)], []
 
 
+def _size(opset):
+    return [_one("Size", ["x"])], [_vi("x", dims=[2, 3, 4])], [_vi("y", TP.INT64)], []
+
+
+def _slice(opset):  # a negative step, an end past the dim, a negative start
+    if opset < 10:
+        return [_one("Slice", ["x"], starts=[-3, 1], ends=[99, -1], axes=[1, 0])], [_vi("x", dims=[4, 6])], [_vi("y")], []
+    inits = [_init("starts", np.array([-3, 4], np.int64)), _init("ends", np.array([99, 0], np.int64)),
+             _init("axes", np.array([1, 0], np.int64)), _init("steps", np.array([1, -2], np.int64))]
+    return [_one("Slice", ["x", "starts", "ends", "axes", "steps"])], [_vi("x", dims=[4, 6])], [_vi("y")], inits
+
+
 def _squeeze(opset):
     if opset < 13:
         return [_one("Squeeze", ["x"], axes=[0, -2])], [_vi("x", dims=[1, 3, 1, 2])], [_vi("y")], []
@@ -280,6 +293,8 @@ CASES: dict[str, Case] = {
     "Range": Case(_range, {}, _has(shape.ConstRange)),
     "TopK": Case(_top_k, {"x": RNG.permutation(14).reshape(2, 7).astype(np.float32)},
                  _has(multi_output.TopK, lambda m: m.k == 3)),
+    "Slice": Case(_slice, {"x": _x(4, 6)}, _has(slice_.Slice, lambda m: not m.runtime)),
+    "Size": Case(_size, {"x": _x(2, 3, 4)}, _has(shape.Size)),
     "Shape": Case(_shape, {"x": _x(2, 3, 4, 5)}, _has(shape.Shape)),
 }
 for _op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSumExp",

@@ -16,6 +16,7 @@ opsets per registered version (``tests/test_convert_ops.py``, parametrised from 
 * :mod:`.logic` -- ``GreaterOrEqual`` / ``LessOrEqual`` 16, ``BitShift``, ``Trilu``;
 * :mod:`.indexing` -- ``NonZero`` ([rank, n]), ``GatherND`` with ``batch_dims``, ``ReverseSequence``;
 * :mod:`.multi_output` -- ``TopK``, ``Split`` 2-13: a node of which one output is used returns only that one;
+* :mod:`.slice` -- ``Slice`` with constant arguments as Python ints, 0-d starts / ends accepted;
 * :mod:`.loop`, :mod:`.recurrent` -- ``Loop`` (Keras 3 GRU / SimpleRNN / trainable LSTM) and ``LSTM`` / ``GRU`` / ``RNN``.
 """
 
@@ -41,6 +42,7 @@ from mmbridge.convert.ops import (  # noqa: E402, F401  (registration happens on
     resize,
     scatter,
     shape,
+    slice,
     split,
 )
 from mmbridge.convert.registry import op_converters  # noqa: E402

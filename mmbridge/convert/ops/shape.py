@@ -289,3 +289,15 @@ class Shape(nn.Module, OnnxToTorchModule):
 @register("Shape", 1, 13, 15, 19, 21, 23, 24, 25)
 def shape_(node: OnnxNode, graph: OnnxGraph):
     return Shape(node.attributes.get("start", 0), node.attributes.get("end"))
+
+
+class Size(nn.Module, OnnxToTorchModule):
+    """ONNX ``Size``: the number of elements of ``x``, an int64 scalar (onnx2torch has no converter)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(x.numel(), dtype=torch.int64, device=x.device)
+
+
+@register("Size", 1, 13, 19, 21, 23, 24, 25)
+def size_(node: OnnxNode, graph: OnnxGraph):
+    return Size()
