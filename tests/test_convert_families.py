@@ -367,3 +367,76 @@ def test_slice_with_runtime_scalar_starts_and_ends(starts, ends, steps):
     got = gm(torch.from_numpy(np.arange(21, dtype=np.float32).reshape(3, 7)), torch.tensor(starts), torch.tensor(ends))
     np.testing.assert_array_equal(got.numpy(), np.arange(21, dtype=np.float32).reshape(3, 7)[:, slice(starts, ends, steps)]
                                   if starts >= 0 else got.numpy())
+
+
+# ---------------------------------------------------------------- what TF exports for them, end to end
+def _tf_both(art, *arrays):
+    ins = [torch.from_numpy(a) for a in arrays]
+    return mmbridge.to_ort(art)(*ins).numpy(), mmbridge.to_torch(art, trainable=False)(*ins).detach().numpy()
+
+
+@pytest.mark.tf
+def test_tf_gather_with_batch_dims_1(tf, tmp_path):
+    """tf2onnx writes it as Unsqueeze + GatherND(batch_dims=1); onnx2torch crashed at the first call."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 5, 3], tf.float32, name="x"),
+                                  tf.TensorSpec([None, 4], tf.int32, name="i")])
+    def gather(x, i):
+        return tf.gather(x, i, batch_dims=1)
+
+    x = RNG.standard_normal((3, 5, 3)).astype(np.float32)
+    i = RNG.integers(0, 5, (3, 4)).astype(np.int32)
+    art = mmbridge.export(gather, sample_inputs={"x": x, "i": i}, cache_dir=tmp_path)
+    want = gather(x, i).numpy()
+    for got in _tf_both(art, x, i):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.tf
+def test_tf_where_of_a_condition_is_count_by_rank(tf, tmp_path):
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+    def where(x):
+        return tf.where(x > 0)
+
+    x = RNG.standard_normal((5, 4)).astype(np.float32)
+    art = mmbridge.export(where, sample_inputs={"x": x}, cache_dir=tmp_path)
+    want = where(x).numpy()
+    for got in _tf_both(art, x):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.tf
+def test_tf_reverse_sequence(tf, tmp_path):
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 2], tf.float32, name="x"),
+                                  tf.TensorSpec([None], tf.int64, name="lens")])
+    def rev(x, lens):
+        return tf.reverse_sequence(x, lens, seq_axis=1, batch_axis=0)
+
+    x = RNG.standard_normal((3, 6, 2)).astype(np.float32)
+    lens = np.array([6, 2, 0], np.int64)
+    art = mmbridge.export(rev, sample_inputs={"x": x, "lens": lens}, cache_dir=tmp_path)
+    want = rev(x, lens).numpy()
+    for got in _tf_both(art, x, lens):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.tf
+def test_tf_causal_mask_on_a_static_spec_traces_without_graph_breaks(tf, tmp_path):
+    """GPT-2 / Llama style: ``range(t)[:, None] >= range(t)[None, :]`` from ``tf.shape(x)[1]``."""
+
+    @tf.function(input_signature=[tf.TensorSpec([2, 5, 4], tf.float32, name="x")])
+    def masked(x):
+        t = tf.shape(x)[1]
+        r = tf.range(t)
+        mask = tf.cast(r[:, None] >= r[None, :], tf.float32)
+        return tf.matmul(mask, x)
+
+    x = RNG.standard_normal((2, 5, 4)).astype(np.float32)
+    art = mmbridge.export(masked, sample_inputs={"x": x}, cache_dir=tmp_path)
+    want = masked(x).numpy()
+    for got in _tf_both(art, x):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    gm = mmbridge.to_torch(art, trainable=False)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(gm)(torch.from_numpy(x))
+    assert explained.graph_break_count == 0, explained.break_reasons
