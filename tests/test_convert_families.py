@@ -440,3 +440,18 @@ def test_tf_causal_mask_on_a_static_spec_traces_without_graph_breaks(tf, tmp_pat
     torch._dynamo.reset()
     explained = torch._dynamo.explain(gm)(torch.from_numpy(x))
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_top_k_values_as_graph_output_with_the_indices_used_elsewhere_is_refused_not_returned_as_a_tuple():
+    nodes = [helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk", axis=-1),
+             helper.make_node("Cast", ["i"], ["c"], name="cast", to=TP.FLOAT)]
+    m = _model(nodes, [_vi("x", dims=[3, 6])], [_vi("v"), _vi("c")], {"k": np.array([2], np.int64)})
+    with pytest.raises(mmbridge.ConversionError, match="topk.*graph outputs"):
+        mmbridge.to_torch(m)
+
+
+def test_top_k_ties_keep_the_lower_index_first():
+    node = helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk", axis=-1)
+    m = _model([node], [_vi("x", dims=[2, 8])], [_vi("v"), _vi("i", TP.INT64)], {"k": np.array([5], np.int64)})
+    x = np.array([[1, 3, 3, 0, 3, 1, 2, 3], [0, 0, 0, 0, 1, 1, 1, 1]], np.float32)
+    _check(m, {"x": x}, exact=True)
