@@ -455,3 +455,17 @@ def test_top_k_ties_keep_the_lower_index_first():
     m = _model([node], [_vi("x", dims=[2, 8])], [_vi("v"), _vi("i", TP.INT64)], {"k": np.array([5], np.int64)})
     x = np.array([[1, 3, 3, 0, 3, 1, 2, 3], [0, 0, 0, 0, 1, 1, 1, 1]], np.float32)
     _check(m, {"x": x}, exact=True)
+
+
+@pytest.mark.tf
+def test_keras_multi_head_attention_with_a_causal_mask_on_torch(keras, tf, tmp_path):
+    """The Einsum equations (or their MatMul lowering) and the causal mask Keras MultiHeadAttention exports."""
+    inp = keras.Input((6, 8), name="x")
+    out = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)(inp, inp, use_causal_mask=True)
+    model = keras.Model(inp, out)
+    x = RNG.standard_normal((2, 6, 8)).astype(np.float32)
+    spec = [mmbridge.TensorSpec("x", ("batch", 6, 8), "float32")]
+    art = mmbridge.export(model, input_specs=spec, cache_dir=tmp_path)
+    want = model(x).numpy()
+    for got in _tf_both(art, x):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

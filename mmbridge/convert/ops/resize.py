@@ -225,7 +225,7 @@ class ResizeGather(nn.Module, OnnxToTorchModule):
             shape[dim] = out_len
             w = w.reshape(shape)
             out = x.index_select(dim, i0.to(x.device)) * (1 - w) + x.index_select(dim, i1.to(x.device)) * w
-        if outside is not None and bool(outside.any()):
+        if outside is not None:  # tf_crop_and_resize: sources outside the input are extrapolation_value
             shape = [1] * x.dim()
             shape[dim] = out_len
             out = torch.where(outside.to(x.device).reshape(shape), torch.full_like(out, self.extrapolation_value), out)
