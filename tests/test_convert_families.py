@@ -9,6 +9,7 @@ of a multi-output node used, Mod on ints and floats, the Einsum equations Keras
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from onnx import TensorProto as TP
@@ -469,3 +470,19 @@ def test_keras_multi_head_attention_with_a_causal_mask_on_torch(keras, tf, tmp_p
     want = model(x).numpy()
     for got in _tf_both(art, x):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.tf
+def test_keras_masked_bidirectional_lstm_on_torch(keras, tf, tmp_path):
+    """A masked Bidirectional(LSTM) exports its backward pass through ReverseSequence (and a Loop)."""
+    inp = keras.Input((6, 3), name="x")
+    out = keras.layers.Bidirectional(keras.layers.LSTM(4, return_sequences=True))(keras.layers.Masking(0.0)(inp))
+    model = keras.Model(inp, out)
+    x = RNG.standard_normal((3, 6, 3)).astype(np.float32)
+    x[1, 4:], x[2, 2:] = 0, 0  # padded steps of different lengths
+    spec = [mmbridge.TensorSpec("x", ("batch", 6, 3), "float32")]
+    art = mmbridge.export(model, input_specs=spec, cache_dir=tmp_path)
+    assert "ReverseSequence" in {n.op_type for n in onnx.load(art.onnx_path).graph.node}
+    want = model(x).numpy()
+    for got in _tf_both(art, x):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
