@@ -486,3 +486,14 @@ def test_keras_masked_bidirectional_lstm_on_torch(keras, tf, tmp_path):
     want = model(x).numpy()
     for got in _tf_both(art, x):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("mode", "ctm", "nearest_mode"), [("linear", "asymmetric", None),
+                                                           ("nearest", "tf_half_pixel_for_nn", "floor"),
+                                                           ("nearest", "align_corners", "round_prefer_ceil")])
+def test_exact_resize_on_a_static_spec_traces_without_graph_breaks(mode, ctm, nearest_mode):
+    m = _resize_model(mode, ctm, nearest_mode, sizes=[2, 3, 7, 9])
+    gm = _check(m, {"x": RNG.standard_normal((2, 3, 4, 6)).astype(np.float32)}, exact=mode == "nearest")
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(gm)(torch.zeros(2, 3, 4, 6))
+    assert explained.graph_break_count == 0, explained.break_reasons

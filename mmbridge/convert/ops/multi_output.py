@@ -60,7 +60,10 @@ def keep_only_used_output(node: OnnxNode, graph: OnnxGraph, converted: Operation
     if len(outs) < 2:
         return converted
     graph_outs = set(graph.output_values)
-    read = _read_names(graph.proto) | graph_outs
+    read = getattr(graph, "_mmbridge_read_names", None)
+    if read is None:  # once per graph: a model with many Splits stays linear
+        read = _read_names(graph.proto) | graph_outs
+        graph._mmbridge_read_names = read
     used = [i for i, name in enumerate(outs) if name and name in read]
     if len(used) == 1:
         keep = outs[used[0]]
