@@ -497,3 +497,17 @@ def test_exact_resize_on_a_static_spec_traces_without_graph_breaks(mode, ctm, ne
     torch._dynamo.reset()
     explained = torch._dynamo.explain(gm)(torch.zeros(2, 3, 4, 6))
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+@pytest.mark.parametrize("scales", [[1, 1, 2.5, 0.5], [1, 1, 0.6, 0.7], [1, 1, 1.5, 1.7]])
+@pytest.mark.parametrize("runtime", [False, True])
+def test_resize_10_is_asymmetric_with_simple_nearest_rounding(mode, scales, runtime):
+    """onnx2torch converted Resize-10 linear with torch's half-pixel kernel (off by up to 2)."""
+    node = helper.make_node("Resize", ["x", "scales"], ["y"], name="resize", mode=mode)
+    inputs = [_vi("x", dims=[2, 3, 4, 6])] + ([_vi("scales", TP.FLOAT, [4])] if runtime else [])
+    m = _model([node], inputs, [_vi("y")], {} if runtime else {"scales": np.array(scales, np.float32)}, opset=10)
+    feeds = {"x": RNG.standard_normal((2, 3, 4, 6)).astype(np.float32)}
+    if runtime:
+        feeds["scales"] = np.array(scales, np.float32)
+    _check(m, feeds, exact=mode == "nearest")

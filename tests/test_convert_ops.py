@@ -152,6 +152,9 @@ def _reshape(opset):
 
 def _resize(opset):
     # 5 * 1.5 = 7.5 and 7 * 0.6 = 4.2 are not whole: ORT maps coordinates with 1 / scale, not in / out
+    if opset < 11:  # Resize-10: (X, scales), asymmetric
+        return [_one("Resize", ["x", "scales"], mode="linear")], [_vi("x", dims=["N", 2, 5, 7])], [_vi("y")], \
+            [_init("scales", np.array([1, 1, 1.5, 0.6], np.float32))]
     return [_one("Resize", ["x", "roi", "scales"], mode="linear")], [_vi("x", dims=["N", 2, 5, 7])], [_vi("y")], \
         [_init("roi", np.array([], np.float32)), _init("scales", np.array([1, 1, 1.5, 0.6], np.float32))]
 
@@ -274,7 +277,9 @@ CASES: dict[str, Case] = {
     "Pad": Case(_pad, {"x": _x(2, 2, 3, 4)}, _has(pad.Pad, lambda m: m.value == 1.5)),
     "RNN": Case(_recurrent("RNN"), {"x": _x(3, 2, 4)}),
     "Reshape": Case(_reshape, {"x": _x(2, 3, 4)}, _has(shape.Reshape, lambda m: m.shape == (0, -1, 2))),
-    "Resize": Case(_resize, {"x": _x(2, 2, 5, 7)}, _has(resize.ResizeToSize, lambda m: m.size == (7, 4) and m.scales is not None)),
+    "Resize": Case(_resize, {"x": _x(2, 2, 5, 7)},
+                   lambda gm: _has(resize.ResizeToSize, lambda m: m.size == (7, 4) and m.scales is not None)(gm)
+                   or _has(resize.ResizeGather, lambda m: m.size == (7, 4) and m.ctm == "asymmetric")(gm)),
     "ScatterND": Case(_scatter_nd, {"x": _x(4, 3)}),
     "Split": Case(_split, {"x": _x(2, 7)}),
     "Squeeze": Case(_squeeze, {"x": _x(1, 3, 1, 2)}, _has(shape.Squeeze)),

@@ -214,7 +214,10 @@ class ResizeGather(nn.Module, OnnxToTorchModule):
         coord = source_coords(out_len, in_len, scale, self.ctm, roi)
         outside = (coord < 0) | (coord > in_len - 1) if roi is not None else None
         if self.mode == "nearest":
-            idx = _round(coord, self.nearest_mode).clamp(0, in_len - 1).to(torch.int64).to(x.device)
+            rounding = self.nearest_mode
+            if rounding == "simple":  # Resize-10 (onnxruntime): ceil when downscaling, floor otherwise
+                rounding = "ceil" if float(scale) < 1 else "floor"
+            idx = _round(coord, rounding).clamp(0, in_len - 1).to(torch.int64).to(x.device)
             out = x.index_select(dim, idx)
         else:
             c = coord.clamp(0, in_len - 1)
@@ -312,3 +315,26 @@ def resize(node: OnnxNode, graph: OnnxGraph):
     module = ResizeGather(mode, ctm, nearest_mode, size, spatial_scales,
                           float(node.attributes.get("extrapolation_value", 0.0)), roi)
     return result(module, node, tuple(inputs))
+
+
+@register("Resize", 10)
+def resize10(node: OnnxNode, graph: OnnxGraph):
+    """``Resize-10``: ``(X, scales)``, ``asymmetric`` coordinates; nearest rounds as onnxruntime's "simple" mode.
+
+    onnx2torch converted ``linear`` with torch's half-pixel kernel (wrong by up to 2 on unit
+    inputs); here both modes go to :class:`ResizeGather` (constant or runtime scales).
+    """
+    mode = _attr(node, "mode", "nearest")
+    if mode not in ("nearest", "linear"):
+        raise NotImplementedError(f"Resize node {node.name!r}: mode {mode!r} is not supported; {TO_ORT}")
+    x, scales_name = node.input_values[0], input_at(node, 1)
+    scales = const(graph, scales_name)
+    if scales is None:
+        return result(ResizeGather(mode, "asymmetric", "simple", None, None), node, (x, "", scales_name))
+    full = [float(v) for v in scales.tolist()]
+    if full[:2] != [1.0, 1.0]:
+        raise NotImplementedError(f"Resize node {node.name!r}: scaling the batch or channel dim is not supported; {TO_ORT}")
+    dims = static_dims(graph, x)
+    known = dims is not None and len(dims) == len(full) and all(d is not None for d in dims[2:])
+    size = output_size(dims[2:], tuple(full[2:])) if known else None
+    return result(ResizeGather(mode, "asymmetric", "simple", size, tuple(full[2:])), node, (x,))
