@@ -7,11 +7,11 @@ opsets per registered version (``tests/test_convert_ops.py``, parametrised from 
 
 * :mod:`.normalization` -- ``BatchNormalization`` -> population-variance BatchNorm (Keras' running variance);
 * :mod:`.dropout` -- ``Dropout`` -> ``nn.Dropout(p)``;
-* :mod:`.shape` -- ``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Expand``, ``Tile``, ``ConstantOfShape``, ``Range``, ``Shape`` with constant arguments as Python ints;
+* :mod:`.shape` -- ``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Expand``, ``Tile``, ``ConstantOfShape``, ``Range``, ``Shape``, ``Size`` with constant arguments as Python ints;
 * :mod:`.pad` -- ``Pad`` with constant pads; ``SamePad`` for ``auto_pad=SAME_*``;
 * :mod:`.conv`, :mod:`.pooling` -- ``Conv`` / ``MaxPool`` with ``auto_pad=SAME_*``, ``GlobalMaxPool``;
-* :mod:`.resize` -- ``Resize`` with constant scales / sizes (ORT's output size and coordinates);
-* :mod:`.gelu`, :mod:`.split`, :mod:`.onehot`, :mod:`.reduce`, :mod:`.scatter` -- ops or versions onnx2torch lacks;
+* :mod:`.resize` -- ``Resize`` 10-19: torch kernels where they compute what ORT does, per-axis gathers for every other nearest / linear coordinate and rounding mode;
+* :mod:`.gelu`, :mod:`.split`, :mod:`.onehot`, :mod:`.reduce`, :mod:`.scatter` -- ops or versions onnx2torch lacks (``ScatterND`` with every reduction);
 * :mod:`.cumsum` -- ``CumSum`` with ONNX's defaults (onnx2torch reverses by default);
 * :mod:`.logic` -- ``GreaterOrEqual`` / ``LessOrEqual`` 16, ``BitShift``, ``Trilu``;
 * :mod:`.indexing` -- ``NonZero`` ([rank, n]), ``GatherND`` with ``batch_dims``, ``ReverseSequence``;
