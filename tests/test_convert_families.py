@@ -511,3 +511,11 @@ def test_resize_10_is_asymmetric_with_simple_nearest_rounding(mode, scales, runt
     if runtime:
         feeds["scales"] = np.array(scales, np.float32)
     _check(m, feeds, exact=mode == "nearest")
+
+
+def test_resize_nearest_of_uint8_images():
+    node = helper.make_node("Resize", ["x", "roi", "scales"], ["y"], name="resize", mode="nearest",
+                            coordinate_transformation_mode="tf_half_pixel_for_nn", nearest_mode="floor")
+    m = _model([node], [_vi("x", TP.UINT8, [1, 3, 4, 5])], [_vi("y", TP.UINT8)],
+               {"roi": np.array([], np.float32), "scales": np.array([1, 1, 1.75, 1.4], np.float32)})
+    _check(m, {"x": RNG.integers(0, 256, (1, 3, 4, 5)).astype(np.uint8)}, exact=True)

@@ -220,6 +220,9 @@ class ResizeGather(nn.Module, OnnxToTorchModule):
             idx = _round(coord, rounding).clamp(0, in_len - 1).to(torch.int64).to(x.device)
             out = x.index_select(dim, idx)
         else:
+            if not x.is_floating_point():
+                raise TypeError(f"Resize linear of {x.dtype} is not supported on torch (onnxruntime's integer "
+                                f"rounding is not reproduced); {TO_ORT}")
             c = coord.clamp(0, in_len - 1)
             i0 = torch.floor(c).to(torch.int64)
             i1 = (i0 + 1).clamp(max=in_len - 1)
