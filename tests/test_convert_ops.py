@@ -20,7 +20,8 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 import mmbridge
-from mmbridge.convert.ops import normalization, pad, pooling, resize, shape
+from mmbridge.convert.ops import indexing, logic, multi_output, normalization, pad, pooling, resize, shape
+from mmbridge.convert.ops import slice as slice_
 from mmbridge.convert.registry import ConverterKey, schema_versions
 from mmbridge.runtime.session import make_session
 
@@ -151,6 +152,9 @@ def _reshape(opset):
 
 def _resize(opset):
     # 5 * 1.5 = 7.5 and 7 * 0.6 = 4.2 are not whole: ORT maps coordinates with 1 / scale, not in / out
+    if opset < 11:  # Resize-10: (X, scales), asymmetric
+        return [_one("Resize", ["x", "scales"], mode="linear")], [_vi("x", dims=["N", 2, 5, 7])], [_vi("y")], \
+            [_init("scales", np.array([1, 1, 1.5, 0.6], np.float32))]
     return [_one("Resize", ["x", "roi", "scales"], mode="linear")], [_vi("x", dims=["N", 2, 5, 7])], [_vi("y")], \
         [_init("roi", np.array([], np.float32)), _init("scales", np.array([1, 1, 1.5, 0.6], np.float32))]
 
@@ -161,8 +165,84 @@ def _scatter_nd(opset):
 
 
 def _split(opset):
-    return [_one("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3)], [_vi("x", dims=[2, 7])], \
-        [_vi("a"), _vi("b"), _vi("c")], []
+    outs = [_vi("a"), _vi("b"), _vi("c")]
+    if opset < 13:
+        return [_one("Split", ["x"], ["a", "b", "c"], axis=1, split=[2, 2, 3])], [_vi("x", dims=[2, 7])], outs, []
+    if opset < 18:
+        return [_one("Split", ["x", "split"], ["a", "b", "c"], axis=1)], [_vi("x", dims=[2, 7])], outs, \
+            [_init("split", np.array([2, 2, 3], np.int64))]
+    return [_one("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3)], [_vi("x", dims=[2, 7])], outs, []
+
+
+def _top_k(opset):  # values and indices both graph outputs, in the node's order
+    outs = [_vi("v"), _vi("i", TP.INT64)]
+    if opset < 10:
+        return [_one("TopK", ["x"], ["v", "i"], axis=1, k=3)], [_vi("x", dims=[2, 7])], outs, []
+    return [_one("TopK", ["x", "k"], ["v", "i"], axis=1)], [_vi("x", dims=[2, 7])], outs, [_init("k", np.array([3], np.int64))]
+
+
+def _compare(op):
+    def build(opset):
+        return [_one(op, ["a", "b"])], [_vi("a", TP.INT64, [2, 3]), _vi("b", TP.INT64, [3])], [_vi("y", TP.BOOL)], []
+
+    return build
+
+
+def _bit_shift(opset):
+    return [_one("BitShift", ["x", "s"], direction="RIGHT")], [_vi("x", TP.UINT32, [4]), _vi("s", TP.UINT32, [4])], \
+        [_vi("y", TP.UINT32)], []
+
+
+def _trilu(opset):
+    return [_one("Trilu", ["x", "k"], upper=0)], [_vi("x", dims=[2, 4, 5])], [_vi("y")], [_init("k", np.array(1, np.int64))]
+
+
+def _non_zero(opset):
+    return [_one("NonZero", ["x"])], [_vi("x", dims=[3, 4])], [_vi("y", TP.INT64)], []
+
+
+def _gather_nd(opset):  # tf.gather(x, i, batch_dims=1): GatherND(batch_dims=1) of i[..., None]
+    if opset < 12:
+        return [_one("GatherND", ["x", "i"])], [_vi("x", dims=[4, 5, 3]), _vi("i", TP.INT64, [4, 2, 1])], [_vi("y")], []
+    return [_one("GatherND", ["x", "i"], batch_dims=1)], [_vi("x", dims=[4, 5, 3]), _vi("i", TP.INT64, [4, 2, 1])], \
+        [_vi("y")], []
+
+
+def _gather_nd_feeds():
+    return {"x": _x(4, 5, 3), "i": np.array([[[3], [0]], [[-1], [2]], [[1], [1]], [[3], [-4]]], np.int64)}
+
+
+def _reverse_sequence(opset):
+    return [_one("ReverseSequence", ["x", "lens"], batch_axis=0, time_axis=1)], \
+        [_vi("x", dims=[3, 5, 2]), _vi("lens", TP.INT64, [3])], [_vi("y")], []
+
+
+def _constant_of_shape(opset):
+    value = helper.make_tensor("value", TP.INT32, [1], [7])
+    return [_one("ConstantOfShape", ["shape"], value=value)], [], [_vi("y", TP.INT32)], \
+        [_init("shape", np.array([2, 3], np.int64))]
+
+
+def _range(opset):  # constant inputs: folded (0.1 accumulated in float32, as ORT does)
+    return [_one("Range", ["start", "limit", "delta"])], [], [_vi("y")], \
+        [_init("start", np.float32(-1.0)), _init("limit", np.float32(1.05)), _init("delta", np.float32(0.1))]
+
+
+def _shape(opset):
+    attrs = {"start": 1, "end": -1} if opset >= 15 else {}
+    return [_one("Shape", ["x"], **attrs)], [_vi("x", dims=[2, 3, 4, 5])], [_vi("y", TP.INT64)], []
+
+
+def _size(opset):
+    return [_one("Size", ["x"])], [_vi("x", dims=[2, 3, 4])], [_vi("y", TP.INT64)], []
+
+
+def _slice(opset):  # a negative step, an end past the dim, a negative start
+    if opset < 10:
+        return [_one("Slice", ["x"], starts=[-3, 1], ends=[99, -1], axes=[1, 0])], [_vi("x", dims=[4, 6])], [_vi("y")], []
+    inits = [_init("starts", np.array([-3, 4], np.int64)), _init("ends", np.array([99, 0], np.int64)),
+             _init("axes", np.array([1, 0], np.int64)), _init("steps", np.array([1, -2], np.int64))]
+    return [_one("Slice", ["x", "starts", "ends", "axes", "steps"])], [_vi("x", dims=[4, 6])], [_vi("y")], inits
 
 
 def _squeeze(opset):
@@ -197,12 +277,30 @@ CASES: dict[str, Case] = {
     "Pad": Case(_pad, {"x": _x(2, 2, 3, 4)}, _has(pad.Pad, lambda m: m.value == 1.5)),
     "RNN": Case(_recurrent("RNN"), {"x": _x(3, 2, 4)}),
     "Reshape": Case(_reshape, {"x": _x(2, 3, 4)}, _has(shape.Reshape, lambda m: m.shape == (0, -1, 2))),
-    "Resize": Case(_resize, {"x": _x(2, 2, 5, 7)}, _has(resize.ResizeToSize, lambda m: m.size == (7, 4) and m.scales is not None)),
+    "Resize": Case(_resize, {"x": _x(2, 2, 5, 7)},
+                   lambda gm: _has(resize.ResizeToSize, lambda m: m.size == (7, 4) and m.scales is not None)(gm)
+                   or _has(resize.ResizeGather, lambda m: m.size == (7, 4) and m.ctm == "asymmetric")(gm)),
     "ScatterND": Case(_scatter_nd, {"x": _x(4, 3)}),
     "Split": Case(_split, {"x": _x(2, 7)}),
     "Squeeze": Case(_squeeze, {"x": _x(1, 3, 1, 2)}, _has(shape.Squeeze)),
     "Tile": Case(_tile, {"x": _x(2, 3)}, _has(shape.Tile, lambda m: m.repeats == (2, 1))),
     "Unsqueeze": Case(_unsqueeze, {"x": _x(3, 2)}, _has(shape.Unsqueeze)),
+    "GreaterOrEqual": Case(_compare("GreaterOrEqual"), {"a": np.array([[1, 5, -3], [2, 2, 9]], np.int64),
+                                                         "b": np.array([1, 6, -4], np.int64)}),
+    "LessOrEqual": Case(_compare("LessOrEqual"), {"a": np.array([[1, 5, -3], [2, 2, 9]], np.int64),
+                                                   "b": np.array([1, 6, -4], np.int64)}),
+    "BitShift": Case(_bit_shift, {"x": np.array([4294967295, 16, 1, 7], np.uint32), "s": np.array([1, 2, 31, 0], np.uint32)}),
+    "Trilu": Case(_trilu, {"x": _x(2, 4, 5)}, _has(logic.Trilu, lambda m: m.k == 1)),
+    "NonZero": Case(_non_zero, {"x": (RNG.rand(3, 4) > 0.5).astype(np.float32)}, _has(indexing.NonZero)),
+    "GatherND": Case(_gather_nd, _gather_nd_feeds(), _has(indexing.GatherND)),
+    "ReverseSequence": Case(_reverse_sequence, {"x": _x(3, 5, 2), "lens": np.array([5, 1, 3], np.int64)}),
+    "ConstantOfShape": Case(_constant_of_shape, {}, _has(shape.ConstantOfShape, lambda m: m.shape == (2, 3))),
+    "Range": Case(_range, {}, _has(shape.ConstRange)),
+    "TopK": Case(_top_k, {"x": RNG.permutation(14).reshape(2, 7).astype(np.float32)},
+                 _has(multi_output.TopK, lambda m: m.k == 3)),
+    "Slice": Case(_slice, {"x": _x(4, 6)}, _has(slice_.Slice, lambda m: not m.runtime)),
+    "Size": Case(_size, {"x": _x(2, 3, 4)}, _has(shape.Size)),
+    "Shape": Case(_shape, {"x": _x(2, 3, 4, 5)}, _has(shape.Shape)),
 }
 for _op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
             "ReduceSumSquare", "ReduceLogSum"):

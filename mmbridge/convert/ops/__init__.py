@@ -7,12 +7,16 @@ opsets per registered version (``tests/test_convert_ops.py``, parametrised from 
 
 * :mod:`.normalization` -- ``BatchNormalization`` -> population-variance BatchNorm (Keras' running variance);
 * :mod:`.dropout` -- ``Dropout`` -> ``nn.Dropout(p)``;
-* :mod:`.shape` -- ``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Expand``, ``Tile`` with constant arguments as Python ints;
+* :mod:`.shape` -- ``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Expand``, ``Tile``, ``ConstantOfShape``, ``Range``, ``Shape``, ``Size`` with constant arguments as Python ints;
 * :mod:`.pad` -- ``Pad`` with constant pads; ``SamePad`` for ``auto_pad=SAME_*``;
 * :mod:`.conv`, :mod:`.pooling` -- ``Conv`` / ``MaxPool`` with ``auto_pad=SAME_*``, ``GlobalMaxPool``;
-* :mod:`.resize` -- ``Resize`` with constant scales / sizes (ORT's output size and coordinates);
-* :mod:`.gelu`, :mod:`.split`, :mod:`.onehot`, :mod:`.reduce`, :mod:`.scatter` -- ops or versions onnx2torch lacks;
+* :mod:`.resize` -- ``Resize`` 10-19: torch kernels where they compute what ORT does, per-axis gathers for every other nearest / linear coordinate and rounding mode;
+* :mod:`.gelu`, :mod:`.split`, :mod:`.onehot`, :mod:`.reduce`, :mod:`.scatter` -- ops or versions onnx2torch lacks (``ScatterND`` with every reduction);
 * :mod:`.cumsum` -- ``CumSum`` with ONNX's defaults (onnx2torch reverses by default);
+* :mod:`.logic` -- ``GreaterOrEqual`` / ``LessOrEqual`` 16, ``BitShift``, ``Trilu``;
+* :mod:`.indexing` -- ``NonZero`` ([rank, n]), ``GatherND`` with ``batch_dims``, ``ReverseSequence``;
+* :mod:`.multi_output` -- ``TopK``, ``Split`` 2-13: a node of which one output is used returns only that one;
+* :mod:`.slice` -- ``Slice`` with constant arguments as Python ints, 0-d starts / ends accepted;
 * :mod:`.loop`, :mod:`.recurrent` -- ``Loop`` (Keras 3 GRU / SimpleRNN / trainable LSTM) and ``LSTM`` / ``GRU`` / ``RNN``.
 """
 
@@ -25,7 +29,10 @@ from mmbridge.convert.ops import (  # noqa: E402, F401  (registration happens on
     cumsum,
     dropout,
     gelu,
+    indexing,
+    logic,
     loop,
+    multi_output,
     normalization,
     onehot,
     pad,
@@ -35,6 +42,7 @@ from mmbridge.convert.ops import (  # noqa: E402, F401  (registration happens on
     resize,
     scatter,
     shape,
+    slice,
     split,
 )
 from mmbridge.convert.registry import op_converters  # noqa: E402

@@ -1,4 +1,5 @@
-"""``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Expand``, ``Tile``: constant arguments become Python ints.
+"""``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Expand``, ``Tile``, ``ConstantOfShape``, ``Range``, ``Shape``:
+constant arguments become Python ints.
 
 tf2onnx passes shapes and axes as tensors (initializers, or targets that
 :func:`mmbridge.convert.core.to_torch` makes constant where shape inference pins them). onnx2torch
@@ -7,19 +8,27 @@ trace without a graph break. When the argument is constant it is folded into the
 so CNN and transformer bridges compile with ``fullgraph=True``; otherwise the argument stays a
 call input, read at run time.
 
+``ConstantOfShape`` of a ``Shape`` whose input dims shape inference knows is folded too.
+``Shape`` (``start`` / ``end`` slices, 15+) builds its output from ``x.shape``, which dynamo
+sees as Python ints on a static spec. ``Range`` with constant inputs is computed once, here, as
+onnxruntime computes it (``ceil((limit - start) / delta)`` elements, each the previous plus
+``delta`` in the inputs' dtype) and kept as a buffer; with runtime inputs it is computed at run
+time in the inputs' dtype (onnx2torch returned int64 / float32 whatever the inputs).
+
 Negative axes follow ONNX: ``Squeeze`` counts from the input's rank, ``Unsqueeze`` from the
 output's.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxToTorchModule
 from torch import nn
 
-from mmbridge.convert.ops._common import const_ints, delegate, input_at, register, result
+from mmbridge.convert.ops._common import const, const_ints, delegate, input_at, register, result, static_dims
 
 
 class Reshape(nn.Module, OnnxToTorchModule):
@@ -161,3 +170,134 @@ def tile(node: OnnxNode, graph: OnnxGraph):
     if repeats is None:
         return delegate(node, graph, 13)  # computed repeats: onnx2torch's OnnxTile
     return result(Tile(repeats), node, (node.input_values[0],))
+
+
+class ConstantOfShape(nn.Module, OnnxToTorchModule):
+    """ONNX ``ConstantOfShape``: a tensor of ``shape`` filled with ``value`` (default float32 0).
+
+    With a constant ``shape`` (given at construction) the dims are Python ints; otherwise the
+    int64 ``shape`` tensor is read at run time.
+    """
+
+    def __init__(self, value: torch.Tensor, shape: list[int] | None = None):
+        super().__init__()
+        self.fill = value.reshape(-1)[0].item()
+        self.dtype = value.dtype
+        self.shape = tuple(int(d) for d in shape) if shape is not None else None
+        self.register_buffer("_device", torch.empty(0), persistent=False)
+
+    def forward(self, shape: torch.Tensor | None = None) -> torch.Tensor:
+        dims = self.shape if self.shape is not None else [int(d) for d in shape.tolist()]
+        return torch.full(dims, self.fill, dtype=self.dtype, device=self._device.device)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape if self.shape is not None else '<runtime>'}, value={self.fill}, dtype={self.dtype}"
+
+
+def static_shape_value(graph: OnnxGraph, name: str) -> list[int] | None:
+    """The value of ``name`` as Python ints when it is constant, or the ``Shape`` (slice) of a value whose dims
+    shape inference knows; None otherwise."""
+    value = const_ints(graph, name)
+    if value is not None or not name:
+        return value
+    try:
+        producer, _ = graph.value_as_node_output(name)
+    except KeyError:
+        return None
+    if producer.operation_type != "Shape":
+        return None
+    dims = static_dims(graph, producer.input_values[0])
+    if dims is None:
+        return None
+    a = producer.attributes
+    end = a.get("end")
+    dims = dims[int(a.get("start", 0)):None if end is None else int(end)]
+    return None if any(d is None for d in dims) else [int(d) for d in dims]
+
+
+@register("ConstantOfShape", 9, 20, 21, 23, 24, 25)
+def constant_of_shape(node: OnnxNode, graph: OnnxGraph):
+    value = node.attributes.get("value")
+    value = value.to_torch() if value is not None else torch.zeros(1, dtype=torch.float32)
+    shape = static_shape_value(graph, input_at(node, 0))
+    if shape is not None:
+        return result(ConstantOfShape(value, shape), node, ())
+    return result(ConstantOfShape(value), node, node.input_values[:1])
+
+
+def range_values(start, limit, delta) -> np.ndarray:
+    """ONNX ``Range`` as onnxruntime computes it: ``max(ceil((limit - start) / delta), 0)`` values, accumulated."""
+    start, limit, delta = (np.asarray(v) for v in (start, limit, delta))
+    dtype = start.dtype
+    if np.issubdtype(dtype, np.integer):
+        n = max(int(-(-(int(limit) - int(start)) // int(delta))), 0)
+    else:
+        n = max(int(np.ceil((float(limit) - float(start)) / float(delta))), 0)
+    out = np.empty(n, dtype)
+    value = start.astype(dtype)
+    for i in range(n):
+        out[i] = value
+        value = (value + delta).astype(dtype)
+    return out
+
+
+class ConstRange(nn.Module, OnnxToTorchModule):
+    """ONNX ``Range`` of constant inputs: its values, computed at conversion, as a buffer."""
+
+    def __init__(self, values: np.ndarray):
+        super().__init__()
+        self.register_buffer("values", torch.from_numpy(np.ascontiguousarray(values)), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        return self.values
+
+    def extra_repr(self) -> str:
+        return f"n={self.values.numel()}, dtype={self.values.dtype}"
+
+
+class Range(nn.Module, OnnxToTorchModule):
+    """ONNX ``Range`` of runtime scalars, in their dtype (read with ``.item()``: a graph break under dynamo)."""
+
+    def forward(self, start: torch.Tensor, limit: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        values = range_values(start.cpu().numpy(), limit.cpu().numpy(), delta.cpu().numpy())
+        return torch.from_numpy(values).to(start.device)
+
+
+@register("Range", 11)
+def range_(node: OnnxNode, graph: OnnxGraph):
+
+    values = [const(graph, name) for name in node.input_values[:3]]
+    if all(v is not None for v in values):
+        return result(ConstRange(range_values(*(v.numpy() for v in values))), node, ())
+    return Range()
+
+
+class Shape(nn.Module, OnnxToTorchModule):
+    """ONNX ``Shape``: ``x.shape[start:end]`` as int64 (``start`` / ``end`` count from the rank when negative, clamped)."""
+
+    def __init__(self, start: int = 0, end: int | None = None):
+        super().__init__()
+        self.start, self.end = int(start), None if end is None else int(end)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(tuple(x.shape)[self.start:self.end], dtype=torch.int64, device=x.device)
+
+    def extra_repr(self) -> str:
+        return f"start={self.start}, end={self.end}"
+
+
+@register("Shape", 1, 13, 15, 19, 21, 23, 24, 25)
+def shape_(node: OnnxNode, graph: OnnxGraph):
+    return Shape(node.attributes.get("start", 0), node.attributes.get("end"))
+
+
+class Size(nn.Module, OnnxToTorchModule):
+    """ONNX ``Size``: the number of elements of ``x``, an int64 scalar (onnx2torch has no converter)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(x.numel(), dtype=torch.int64, device=x.device)
+
+
+@register("Size", 1, 13, 19, 21, 23, 24, 25)
+def size_(node: OnnxNode, graph: OnnxGraph):
+    return Size()
