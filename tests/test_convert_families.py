@@ -100,9 +100,7 @@ def test_top_k_indices_only():
     _check(m, {"x": RNG.permutation(18).reshape(3, 6).astype(np.float32)}, exact=True)
 
 
-@pytest.mark.parametrize("opset", [13, pytest.param(18, marks=pytest.mark.xfail(
-    strict=True, reason="Split-18 is converted by mmbridge/convert/ops/split.py, which does not yet pass its "
-                        "result through multi_output.keep_only_used_output: the 3-tuple leaks out"))])
+@pytest.mark.parametrize("opset", [13, 18])
 def test_split_with_only_the_first_output_used(opset):
     attrs = {"num_outputs": 3} if opset >= 18 else {}
     node = helper.make_node("Split", ["x"], ["a", "b", "c"], name="split", axis=1, **attrs)

@@ -11,6 +11,7 @@ from onnx2torch.utils.common import OnnxToTorchModule
 from torch import nn
 
 from mmbridge.convert.ops._common import const_ints, input_at, register, result
+from mmbridge.convert.ops.multi_output import keep_only_used_output
 
 
 class OnnxSplit18(nn.Module, OnnxToTorchModule):
@@ -62,4 +63,4 @@ def split(node: OnnxNode, graph: OnnxGraph):
         num_outputs = len(node.output_values)
     module = OnnxSplit18(axis, sizes, int(num_outputs) if num_outputs is not None else None)
     inputs = (node.input_values[0],) if sizes is not None or not split_name else node.input_values[:2]
-    return result(module, node, inputs)
+    return keep_only_used_output(node, graph, result(module, node, inputs))
