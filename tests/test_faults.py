@@ -22,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper
 from PIL import Image
 
+import mmbridge
 from mmbridge import BridgeArtifact, CacheError, Tolerance
 from mmbridge.artifact import cached_or_build
 from mmbridge.cli import build_parser, main
@@ -382,3 +384,26 @@ def test_corrupt_model_on_cli_verify_and_export_has_force(tmp_path, capsys):
     assert "does not match the sha256" in err and "--force" in err
     args = build_parser().parse_args(["export", "pkg:fn", "--out", str(tmp_path / "o"), "--force"])
     assert args.force is True
+
+
+@pytest.mark.tf
+def test_export_child_does_not_run_modules_planted_in_the_working_directory(tmp_path, monkeypatch):
+    """A stray ``filelock.py`` / ``numpy.py`` in the working directory ran inside the export child
+    (``python -m`` put the directory first on its path); it now comes after the installed
+    packages, and the user's own module there still resolves as a reference."""
+    marker = tmp_path / "planted_ran"
+    for name in ("filelock", "numpy"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write({name!r})\nraise ImportError('planted')\n")
+    (tmp_path / "user_bridges.py").write_text(
+        "def build():\n"
+        "    from mmbridge.export._tf import import_tensorflow\n"
+        "    tf = import_tensorflow()\n"
+        "    @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name='x')])\n"
+        "    def f(x):\n"
+        "        return x * 2.0\n"
+        "    return f\n")
+    monkeypatch.chdir(tmp_path)
+    art = mmbridge.export("user_bridges:build", cache_dir=tmp_path / "cache")
+    assert not marker.exists(), f"planted module ran: {marker.read_text()}"
+    x = torch.ones(3, 2)
+    torch.testing.assert_close(mmbridge.to_ort(art)(x), x * 2)

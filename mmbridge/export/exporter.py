@@ -189,6 +189,21 @@ def export(
 # ---------------------------------------------------------------------------------------------
 # child-process export
 # ---------------------------------------------------------------------------------------------
+# The child's entry point. `python -m` and `python -c` put the current directory FIRST on sys.path,
+# so a stray `filelock.py` or `numpy.py` in the working directory would run in the export process
+# (issue 15): the child drops it and appends the directory LAST instead, after the standard library
+# and site-packages, where it can still provide the user's own `"module:attribute"` references.
+_CHILD_MAIN = ("import os, sys; cwd = sys.argv[3]; "
+               "sys.path[:] = [p for p in sys.path if p not in ('', '.') and os.path.abspath(p) != cwd] + [cwd]; "
+               "from mmbridge.export._child import main; sys.exit(main(sys.argv[1], sys.argv[2]))")
+
+
+def _child_path() -> list[str]:
+    """The parent's import path for the child's PYTHONPATH, without the working directory."""
+    cwd = os.path.abspath(os.getcwd())
+    return [p for p in sys.path if p and p != "." and os.path.abspath(p) != cwd]
+
+
 def _export_in_child(ref: str, options: ExportOptions, sample_inputs: Samples | None, root: Path, force: bool,
                      fingerprint: str | None = None) -> BridgeArtifact:
     """Run the export in ``python -m mmbridge.export._child`` and load the artifact it wrote.
@@ -209,9 +224,9 @@ def _export_in_child(ref: str, options: ExportOptions, sample_inputs: Samples | 
         with open(req_path, "w") as f:
             json.dump(request, f)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [os.getcwd()])
+        env["PYTHONPATH"] = os.pathsep.join(_child_path())
         proc = subprocess.run(
-            [sys.executable, "-m", "mmbridge.export._child", req_path, res_path],
+            [sys.executable, "-c", _CHILD_MAIN, req_path, res_path, os.getcwd()],
             env=env, capture_output=True, text=True,
         )
         if not os.path.isfile(res_path):
