@@ -407,3 +407,12 @@ def test_export_child_does_not_run_modules_planted_in_the_working_directory(tmp_
     assert not marker.exists(), f"planted module ran: {marker.read_text()}"
     x = torch.ones(3, 2)
     torch.testing.assert_close(mmbridge.to_ort(art)(x), x * 2)
+
+
+@pytest.mark.tf
+def test_a_builder_returning_its_own_reference_is_refused_not_recursed(tmp_path, monkeypatch):
+    (tmp_path / "loopy_bridges.py").write_text("def build():\n    return 'loopy_bridges:build'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(mmbridge.SpecError, match="lead in a circle"):
+        mmbridge.export("loopy_bridges:build", cache_dir=tmp_path / "cache", isolate=False)

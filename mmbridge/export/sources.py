@@ -400,11 +400,22 @@ class ReferenceSource(SourceAdapter):
     def locate(self, obj: Any, *, isolate: bool | None) -> Located:
         return Located(self, obj, isolate=True if isolate is None else isolate, ref=obj)
 
+    #: How many references a builder may hand on (``a:build`` returning ``"b:build"``...).
+    MAX_CHAIN = 8
+
     def prepare(self, obj: Any, options: ExportOptions, tf: Any) -> Traceable:
+        chain = [obj]
         value = self.resolve(obj)
-        if isinstance(value, str):
-            located = _locate_returned(value, f"reference {obj!r}")
-            return located.adapter.prepare(located.obj, options, tf)
+        while isinstance(value, str):
+            located = _locate_returned(value, f"reference {chain[-1]!r}")
+            if not isinstance(located.adapter, ReferenceSource):
+                return located.adapter.prepare(located.obj, options, tf)
+            if value in chain or len(chain) >= self.MAX_CHAIN:
+                raise SpecError(f"export({obj!r}): the references lead in a circle or more than {self.MAX_CHAIN} deep "
+                                f"({' -> '.join(chain + [value])}); a builder must return a TF object, a path, or a "
+                                f"reference that ends in one")
+            chain.append(value)
+            value = self.resolve(value)
         return SOURCES.match(value).prepare(value, options, tf)
 
     @staticmethod
