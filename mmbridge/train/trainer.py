@@ -89,11 +89,25 @@ class Trainer:
         patience: stop after this many epochs without improvement (None: never stop early).
         checkpoint_every_steps: also write ``last.pt`` every this many optimiser steps.
         keep_checkpoints: also keep a copy of each epoch's checkpoint as ``epoch-NNNN.pt``.
-        deterministic: use deterministic CUDA kernels (``torch.use_deterministic_algorithms``,
-            cuDNN deterministic, ``CUBLAS_WORKSPACE_CONFIG``) so that resuming on a GPU is exact
-            too; slower. CPU runs are deterministic without it.
+        deterministic: use deterministic CUDA kernels (``torch.use_deterministic_algorithms``
+            with ``warn_only``, cuDNN deterministic without benchmark, ``CUBLAS_WORKSPACE_CONFIG``,
+            scaled-dot-product attention on the math kernel, no TF32) so that resuming on a GPU
+            is exact too; slower. CPU runs are deterministic without it. The settings chosen
+            are ``self.numerics`` (:func:`mmbridge.train.distributed.numerics`, with its table of
+            tolerances); on CUDA, deterministic or not, torch's cuDNN TF32 flag is set to agree
+            with its matmul flag, and ``self.numerics.ort_cuda_provider_options`` are the
+            onnxruntime CUDA options that agree with torch (pass them to the ORT bridges).
         max_steps_per_epoch: cap on micro-batches per epoch (quick runs).
-        log_every: TensorBoard step-loss interval, in optimiser steps.
+        log_every: interval, in optimiser steps, of the step loss (TensorBoard, progress bar)
+            and of the non-finite-loss check. The step path makes no host sync in between (the
+            loss stays on the device), so a larger value costs nothing but log detail.
+        ddp_timeout_min: minutes a collective waits for a rank that stopped before every other
+            rank fails with :class:`~mmbridge.train.distributed.DistributedTimeoutError`.
+        find_unused_parameters: DDP's flag. None (default): decided from the model (its
+            ``ddp_find_unused_parameters`` / ``unused_parameters`` attributes if it declares
+            them, else a one-batch dry run listing the trainable parameters that get no
+            gradient, e.g. a Hugging Face encoder's pooler; on with modality dropout); the list
+            is logged and kept as ``self.unused_parameters``.
         progress: tqdm bar on rank 0. tensorboard: SummaryWriter on rank 0.
         device: ``"cpu"``, ``"cuda"`` or None (CUDA if available).
         extra_state: plain values saved in every checkpoint under ``"extra"`` (e.g. the config
@@ -104,8 +118,13 @@ class Trainer:
     the YAML ``training`` section is read into; :meth:`from_config` takes those dataclasses.
 
     Raises:
-        ConfigError: an unknown ``precision`` / ``scheduler`` / ``task``, ``grad_accum < 1``, or
+        ConfigError: an unknown ``precision`` / ``scheduler`` / ``task``, ``grad_accum < 1``, a
+            non-finite or out-of-range number (``lr``, ``weight_decay``, ``grad_clip``,
+            ``ddp_timeout_min``, ``epochs``, ``batch_size``, ...; the message names the field), or
             ``fp16`` / ``bf16`` on a device that cannot autocast to it.
+
+    :meth:`fit` raises :class:`NonFiniteLossError` (naming the optimiser step) when the training
+    loss becomes NaN or inf on any rank; no checkpoint is written after that step.
     """
 
     def __init__(self, model: nn.Module, train_data: Dataset, val_data: Dataset | None = None, *,
@@ -240,7 +259,9 @@ class Trainer:
         named = [(n, p) for n, p in self.runner.named_parameters() if p.requires_grad]
         listed = list(getattr(self.model, "unused_parameters", None) or [])
         if declared is None and not listed:
-            listed = self._dry_run_unused(named)
+            # every rank must pass DDP the same flag: the union of what each rank's dry run saw
+            seen = distributed.all_gather_object(self._dry_run_unused(named), self.env.world_size)
+            listed = sorted({name for names in seen for name in names})
         self.unused_parameters = listed
         dropout = float(getattr(self.model, "modality_dropout", 0.0) or 0.0) > 0
         decided = bool(declared) if declared is not None else bool(listed) or dropout
@@ -338,7 +359,13 @@ class Trainer:
         t0 = time.perf_counter()
         stopped_early, run = False, 0
         while self.epoch < self.epochs:
-            record = self._train_epoch()
+            try:
+                record = self._train_epoch()
+            except RuntimeError as exc:  # DDP's gradient all-reduce waiting for a rank that stopped
+                if self.env.distributed and distributed.is_timeout(exc) and not isinstance(
+                        exc, distributed.DistributedTimeoutError):
+                    raise distributed.timeout_error(exc, f"a training step of epoch {self.epoch + 1}") from exc
+                raise
             if self.val_data is not None:
                 record.update(self.evaluate(self.val_data, prefix="val"))
                 stopped_early = self._early_stopping(record)
