@@ -14,7 +14,15 @@ Distributed runs come from torchrun (or a Kubeflow PyTorchJob) through
 single process, so that the order of samples depends only on ``seed`` and the epoch: this is
 what makes resuming exact). Checkpoints (``last.pt`` every epoch and every
 ``checkpoint_every_steps`` optimiser steps, ``best.pt`` on a new best validation value) hold the
-model, optimiser, scaler, scheduler, counters, early-stopping state and every rank's RNG states.
+model, optimiser, scaler, scheduler, counters, early-stopping state, every rank's RNG states
+(CUDA ones per device index) and every rank's running loss sum of the epoch (so the epoch's
+``train/loss`` after a mid-epoch resume covers the whole epoch).
+
+Between logging steps (``log_every``) the step path makes no host sync: the loss is summed and
+checked for NaN / inf on the device and read back only at logging steps, before a checkpoint
+and at the end of the epoch; a non-finite loss stops the run with :class:`NonFiniteLossError`
+naming the step. Under DDP, ``find_unused_parameters`` is decided from a one-batch dry run (or
+declared by the model), and the process-group timeout is ``ddp_timeout_min``.
 """
 
 from __future__ import annotations
