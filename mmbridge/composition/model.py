@@ -298,14 +298,14 @@ class HybridModel(nn.Module):
             if s is not None:
                 tokens[name] = self.branches[name].trainable_forward(s)
         ref = next(iter(tokens.values()))
-        present = torch.tensor([state["branches"][k] is not None for k in self.names], device=ref.device)
-        present = present.unsqueeze(0).expand(n, -1).clone()
-        for name, mask in state.get("masks", {}).items():  # per-sample presence, e.g. rows without numeric data
+        # built on the device without a host round trip (no list -> tensor copy, no sync)
+        present = torch.stack([torch.full((n,), state["branches"][k] is not None, dtype=torch.bool, device=ref.device)
+                               for k in self.names], dim=1)  # [N, M]
+        masks = state.get("masks", {})
+        for name, mask in masks.items():  # per-sample presence, e.g. rows without numeric data
             present[:, self.names.index(name)] &= mask.to(device=present.device, dtype=torch.bool)
-        if not present.any(1).all():
-            rows = torch.nonzero(~present.any(1)).flatten().tolist()
-            raise MMBridgeError(f"batch rows {rows[:10]} have no modality present (every <name>_present is 0); "
-                                f"drop them or provide at least one modality")
+        if masks:  # only per-sample masks can leave a row with no modality
+            _check_rows_present(present)
         stacked = torch.stack(
             [tokens[k].to(ref.dtype) if k in tokens else ref.new_zeros(ref.shape) for k in self.names], dim=1
         )  # [N, M, D]
@@ -323,11 +323,11 @@ class HybridModel(nn.Module):
         drop = torch.rand(present.shape, device=present.device) < self.modality_dropout
         keep = present & ~drop
         empty = ~keep.any(1)
-        if empty.any():  # give back one random present modality to rows that lost all
-            score = torch.rand(present.shape, device=present.device) * present
-            pick = nn.functional.one_hot(score.argmax(1), present.shape[1]).bool()
-            keep = torch.where(empty.unsqueeze(1), pick & present, keep)
-        return keep
+        # give back one random present modality to rows that lost all; computed for every row
+        # (no `if empty.any()`: that would be a host sync per step)
+        score = torch.rand(present.shape, device=present.device) * present
+        pick = nn.functional.one_hot(score.argmax(1), present.shape[1]).bool()
+        return torch.where(empty.unsqueeze(1), pick & present, keep)
 
     def forward(self, batch: Mapping[str, Any], return_embeddings: bool = False) -> Any:
         """``trainable_stage(frozen_stage(batch))``.
@@ -378,6 +378,22 @@ class HybridModel(nn.Module):
         lines.append(f"  fusion     {type(self.fusion).__name__} -> {type(self.head).__name__}; modality "
                      f"dropout {self.modality_dropout}")
         return "\n".join(lines)
+
+
+def _check_rows_present(present: torch.Tensor) -> None:
+    """Raise :class:`MMBridgeError` naming the rows of ``present [N, M]`` with no modality.
+
+    Asynchronous: ``torch._assert_async`` queues the check on the device (no host sync on
+    CUDA, where a failure surfaces as a device-side assert at the next sync); the rows are
+    listed only after it failed.
+    """
+    ok = present.any(1).all()
+    try:
+        torch._assert_async(ok, "a batch row has no modality present (every <name>_present is 0)")
+    except RuntimeError as exc:
+        rows = torch.nonzero(~present.any(1)).flatten().tolist()
+        raise MMBridgeError(f"batch rows {rows[:10]} have no modality present (every <name>_present is 0); "
+                            f"drop them or provide at least one modality") from exc
 
 
 def _guess_out_dim(branch: Branch) -> int | None:

@@ -9,6 +9,9 @@ while saving leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import random
 import tempfile
@@ -19,6 +22,14 @@ import numpy as np
 import torch
 
 from mmbridge.errors import CacheError
+
+logger = logging.getLogger("mmbridge.train")
+_warned_missing_cuda: set[int] = set()  # device indices already warned about (warn once each)
+
+#: errno values of a write that cannot succeed until the user frees space or fixes permissions.
+_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.EFBIG: "the file is too large for the file system"}
 
 
 def rng_state() -> dict[str, Any]:
@@ -33,7 +44,9 @@ def rng_state() -> dict[str, Any]:
                    "gauss_next": py_gauss},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+        # keyed by device index, one state per visible device: restoring with fewer (or more)
+        # visible devices sets the ones that exist (see set_rng_state)
+        state["cuda"] = {i: torch.cuda.get_rng_state(i).cpu() for i in range(torch.cuda.device_count())}
     return state
 
 
@@ -46,7 +59,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        set_cuda_rng_states(state["cuda"])
+
+
+def set_cuda_rng_states(states: dict[int, torch.Tensor] | list[torch.Tensor]) -> list[int]:
+    """Restore per-device CUDA RNG states (``{index: state}``, or the older list by index).
+
+    ``torch.cuda.set_rng_state_all`` raises ``IndexError`` when fewer devices are visible than
+    when the states were saved (a job restarted with ``CUDA_VISIBLE_DEVICES`` set per rank, or
+    on a smaller node). Here the states of the devices that exist are restored and the others
+    are skipped with one warning per device index (resuming is then not bit-exact for them).
+
+    Returns:
+        The device indices whose saved state was skipped.
+    """
+    items = states.items() if isinstance(states, dict) else enumerate(states)
+    count = torch.cuda.device_count()
+    skipped = []
+    for index, s in items:
+        index = int(index)
+        if index < count:
+            torch.cuda.set_rng_state(s.cpu(), index)
+        else:
+            skipped.append(index)
+    new = [i for i in skipped if i not in _warned_missing_cuda]
+    if new:
+        _warned_missing_cuda.update(new)
+        logger.warning("checkpoint holds CUDA RNG states of device(s) %s but only %d device(s) are visible: "
+                       "their states are not restored, so resuming is not bit-exact on them", new, count)
+    return skipped
 
 
 def _default_mode() -> int:
@@ -59,11 +100,19 @@ def _default_mode() -> int:
 def _write_atomic(path: str | os.PathLike, write: Any, binary: bool) -> Path:
     """``write(file)`` into a temporary file beside ``path``, fsync, usual mode, then ``os.replace``.
 
-    On any error the temporary file is removed and ``path`` keeps its old content.
+    On any error the temporary file is removed and ``path`` keeps its old content. A full disk,
+    an exceeded quota, a read-only file system or a permission error raises
+    :class:`~mmbridge.errors.CacheError` (also an ``OSError``, same ``errno``) naming the path and the fix.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # a read-only file system fails here, before any temporary file exists
+        err = _disk_error(path, exc)
+        if err is exc:
+            raise
+        raise err from exc
     try:
         with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
             write(f)
@@ -71,11 +120,27 @@ def _write_atomic(path: str | os.PathLike, write: Any, binary: bool) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # must not hide the first error
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        err = _disk_error(path, exc) if isinstance(exc, OSError) else exc
+        if err is exc:
+            raise
+        raise err from exc
     return path
+
+
+def _disk_error(path: Path, exc: OSError) -> OSError:
+    """A :class:`CacheError` naming ``path`` and the fix for a full / read-only disk; else ``exc`` itself."""
+    if isinstance(exc, CacheError) or exc.errno not in _DISK_ERRNOS:
+        return exc
+    return CacheError(
+        exc.errno,
+        f"could not write {path}: {_DISK_ERRNOS[exc.errno]} ({exc.strerror or exc}); the previous {path.name} "
+        f"(if any) is unchanged and no temporary file was left. Free space on {path.parent} (or fix its "
+        f"permissions / mount it read-write), or point the output directory (output.dir) at a writable disk "
+        f"with room, then resume")
 
 
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -226,6 +226,8 @@ class TrainConfig(_Section):
             (``val/top1`` max for classification, ``val/loss`` min for regression).
         patience, checkpoint_every_steps, keep_checkpoints, deterministic, max_steps_per_epoch,
         log_every, progress, device (``cpu`` | ``cuda`` | None: CUDA if available).
+        ddp_timeout_min: minutes a collective waits for a rank that stopped before the others
+            fail (default 30).
         stop_after_epochs, resume (``auto`` | a checkpoint path | None), restore_best:
             arguments of :meth:`~mmbridge.Trainer.fit` in the ``mmbridge train`` recipe. (A direct
             ``Trainer.fit()`` call defaults to ``resume=None, restore_best=False``: a library
@@ -255,12 +257,13 @@ class TrainConfig(_Section):
     restore_best: bool = True
     log_every: int = 10
     progress: bool = True
+    ddp_timeout_min: float = 30.0
 
     #: The fields that are :class:`~mmbridge.Trainer` keyword arguments (the rest go to ``fit``).
     TRAINER_KEYS: ClassVar[tuple[str, ...]] = (
         "epochs", "batch_size", "lr", "weight_decay", "precision", "grad_accum", "grad_clip", "scheduler", "seed",
         "num_workers", "monitor", "mode", "patience", "checkpoint_every_steps", "keep_checkpoints", "deterministic",
-        "max_steps_per_epoch", "log_every", "progress", "device")
+        "max_steps_per_epoch", "log_every", "progress", "device", "ddp_timeout_min")
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :class:`~mmbridge.Trainer` this section sets."""
@@ -273,6 +276,8 @@ class TrainConfig(_Section):
         for key in ("patience", "checkpoint_every_steps", "max_steps_per_epoch", "stop_after_epochs"):
             v = getattr(self, key)
             check(v is None or is_int(v, 1), problems, f"{where}.{key}: must be an int >= 1 or null, got {v!r}")
+        check(is_num(self.ddp_timeout_min) and 0 < self.ddp_timeout_min < float("inf"), problems,
+              f"{where}.ddp_timeout_min: must be a finite number of minutes > 0, got {self.ddp_timeout_min!r}")
         check(is_num(self.lr) and self.lr > 0, problems, f"{where}.lr: must be a positive number, got {self.lr!r}")
         check(is_num(self.weight_decay) and self.weight_decay >= 0, problems,
               f"{where}.weight_decay: must be a number >= 0, got {self.weight_decay!r}")

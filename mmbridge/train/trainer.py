@@ -14,7 +14,15 @@ Distributed runs come from torchrun (or a Kubeflow PyTorchJob) through
 single process, so that the order of samples depends only on ``seed`` and the epoch: this is
 what makes resuming exact). Checkpoints (``last.pt`` every epoch and every
 ``checkpoint_every_steps`` optimiser steps, ``best.pt`` on a new best validation value) hold the
-model, optimiser, scaler, scheduler, counters, early-stopping state and every rank's RNG states.
+model, optimiser, scaler, scheduler, counters, early-stopping state, every rank's RNG states
+(CUDA ones per device index) and every rank's running loss sum of the epoch (so the epoch's
+``train/loss`` after a mid-epoch resume covers the whole epoch).
+
+Between logging steps (``log_every``) the step path makes no host sync: the loss is summed and
+checked for NaN / inf on the device and read back only at logging steps, before a checkpoint
+and at the end of the epoch; a non-finite loss stops the run with :class:`NonFiniteLossError`
+naming the step. Under DDP, ``find_unused_parameters`` is decided from a one-batch dry run (or
+declared by the model), and the process-group timeout is ``ddp_timeout_min``.
 """
 
 from __future__ import annotations
@@ -33,13 +41,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from mmbridge.composition.config import ModelConfig
 from mmbridge.composition.heads import TaskHead, task_heads
-from mmbridge.errors import ConfigError
+from mmbridge.errors import ConfigError, MMBridgeError
 from mmbridge.train import checkpoint as ckpt_io
 from mmbridge.train import distributed
 from mmbridge.train.config import SCHEDULERS, OutputConfig, TrainConfig
@@ -90,11 +97,25 @@ class Trainer:
         patience: stop after this many epochs without improvement (None: never stop early).
         checkpoint_every_steps: also write ``last.pt`` every this many optimiser steps.
         keep_checkpoints: also keep a copy of each epoch's checkpoint as ``epoch-NNNN.pt``.
-        deterministic: use deterministic CUDA kernels (``torch.use_deterministic_algorithms``,
-            cuDNN deterministic, ``CUBLAS_WORKSPACE_CONFIG``) so that resuming on a GPU is exact
-            too; slower. CPU runs are deterministic without it.
+        deterministic: use deterministic CUDA kernels (``torch.use_deterministic_algorithms``
+            with ``warn_only``, cuDNN deterministic without benchmark, ``CUBLAS_WORKSPACE_CONFIG``,
+            scaled-dot-product attention on the math kernel, no TF32) so that resuming on a GPU
+            is exact too; slower. CPU runs are deterministic without it. The settings chosen
+            are ``self.numerics`` (:func:`mmbridge.train.distributed.numerics`, with its table of
+            tolerances); on CUDA, deterministic or not, torch's cuDNN TF32 flag is set to agree
+            with its matmul flag, and ``self.numerics.ort_cuda_provider_options`` are the
+            onnxruntime CUDA options that agree with torch (pass them to the ORT bridges).
         max_steps_per_epoch: cap on micro-batches per epoch (quick runs).
-        log_every: TensorBoard step-loss interval, in optimiser steps.
+        log_every: interval, in optimiser steps, of the step loss (TensorBoard, progress bar)
+            and of the non-finite-loss check. The step path makes no host sync in between (the
+            loss stays on the device), so a larger value costs nothing but log detail.
+        ddp_timeout_min: minutes a collective waits for a rank that stopped before every other
+            rank fails with :class:`~mmbridge.train.distributed.DistributedTimeoutError`.
+        find_unused_parameters: DDP's flag. None (default): decided from the model (its
+            ``ddp_find_unused_parameters`` / ``unused_parameters`` attributes if it declares
+            them, else a one-batch dry run listing the trainable parameters that get no
+            gradient, e.g. a Hugging Face encoder's pooler; on with modality dropout); the list
+            is logged and kept as ``self.unused_parameters``.
         progress: tqdm bar on rank 0. tensorboard: SummaryWriter on rank 0.
         device: ``"cpu"``, ``"cuda"`` or None (CUDA if available).
         extra_state: plain values saved in every checkpoint under ``"extra"`` (e.g. the config
@@ -105,8 +126,13 @@ class Trainer:
     the YAML ``training`` section is read into; :meth:`from_config` takes those dataclasses.
 
     Raises:
-        ConfigError: an unknown ``precision`` / ``scheduler`` / ``task``, ``grad_accum < 1``, or
+        ConfigError: an unknown ``precision`` / ``scheduler`` / ``task``, ``grad_accum < 1``, a
+            non-finite or out-of-range number (``lr``, ``weight_decay``, ``grad_clip``,
+            ``ddp_timeout_min``, ``epochs``, ``batch_size``, ...; the message names the field), or
             ``fp16`` / ``bf16`` on a device that cannot autocast to it.
+
+    :meth:`fit` raises :class:`NonFiniteLossError` (naming the optimiser step) when the training
+    loss becomes NaN or inf on any rank; no checkpoint is written after that step.
     """
 
     def __init__(self, model: nn.Module, train_data: Dataset, val_data: Dataset | None = None, *,
@@ -120,18 +146,26 @@ class Trainer:
                  keep_checkpoints: bool = _T.keep_checkpoints, deterministic: bool = _T.deterministic,
                  max_steps_per_epoch: int | None = _T.max_steps_per_epoch, log_every: int = _T.log_every,
                  progress: bool = _T.progress, tensorboard: bool = _O.tensorboard, device: str | None = _T.device,
+                 ddp_timeout_min: float = _T.ddp_timeout_min, find_unused_parameters: bool | None = None,
                  extra_state: Mapping[str, Any] | None = None):
-        problems = []
+        problems = _numeric_problems(
+            positive={"lr": lr, "ddp_timeout_min": ddp_timeout_min},
+            non_negative={"weight_decay": weight_decay},
+            optional_positive={"grad_clip": grad_clip},
+            counts={"epochs": epochs, "batch_size": batch_size, "log_every": log_every},
+            optional_counts={"patience": patience, "checkpoint_every_steps": checkpoint_every_steps,
+                             "max_steps_per_epoch": max_steps_per_epoch},
+        )
         if precision not in PRECISIONS:
             problems.append(f"precision={precision!r} is not one of {sorted(PRECISIONS)}")
         if scheduler not in SCHEDULERS:
             problems.append(f"scheduler={scheduler!r} is not 'cosine' or 'none'")
-        if grad_accum < 1:
-            problems.append(f"grad_accum={grad_accum} must be >= 1")
+        if not _is_int(grad_accum) or grad_accum < 1:
+            problems.append(f"grad_accum={grad_accum!r} must be an int >= 1")
         head, task = _task_head(model, task, problems)
         if problems:
             raise ConfigError("Trainer: " + "; ".join(problems))
-        self.env = distributed.setup(device)
+        self.env = distributed.setup(device, timeout_s=float(ddp_timeout_min) * 60.0)
         self.device = self.env.device
         self.model = model.to(self.device)
         self.train_data, self.val_data = train_data, val_data
@@ -147,17 +181,17 @@ class Trainer:
         self.checkpoint_every_steps = checkpoint_every_steps
         self.keep_checkpoints = keep_checkpoints
         self.max_steps_per_epoch = max_steps_per_epoch
-        self.log_every = max(1, int(log_every))
+        self.log_every = int(log_every)
         self.progress = progress
         self.extra_state = dict(extra_state or {})
         if self.amp_dtype is not None and self.device.type == "cpu" and self.amp_dtype == torch.float16:
             logger.warning("fp16 autocast on CPU is slow and rarely useful; prefer precision=bf16 on CPU")
 
-        if deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
+        #: torch and onnxruntime numeric settings (TF32, SDPA kernels, cuDNN search); pass
+        #: ``self.numerics.ort_cuda_provider_options`` to the ORT bridges (see distributed.numerics)
+        self.numerics = distributed.numerics(deterministic)
+        if deterministic or self.device.type == "cuda":
+            distributed.apply_numerics(self.numerics)
         seed_everything(self.seed + self.env.rank)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
@@ -172,17 +206,18 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 
         core = self.model.trainable_module() if hasattr(self.model, "trainable_module") else None
+        self._staged = core is not None
+        self.runner: nn.Module = core if core is not None else self.model
+        self.unused_parameters: list[str] = []
+        self.find_unused_parameters = False
         if self.env.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            target = core if core is not None else self.model
-            self.runner: nn.Module = DDP(
-                target, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=getattr(self.model, "modality_dropout", 0.0) > 0,
+            self.find_unused_parameters = self._decide_find_unused(find_unused_parameters)
+            self.runner = DDP(
+                self.runner, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.find_unused_parameters,
             )
-        else:
-            self.runner = core if core is not None else self.model
-        self._staged = core is not None
 
         self.epoch = 0
         self.step_in_epoch = 0
@@ -191,6 +226,12 @@ class Trainer:
         self.best_epoch = -1
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
+        # this rank's running train-loss sum and sample count of the current epoch (on device;
+        # checkpointed, so the epoch's mean after a mid-epoch resume covers the whole epoch)
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._loss_count = torch.zeros((), dtype=torch.float64, device=self.device)
+        # first optimiser step (1-based) whose loss was not finite on this rank; _NO_STEP: none
+        self._bad_step = torch.full((), _NO_STEP, dtype=torch.int64, device=self.device)
         self.writer = None
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +251,64 @@ class Trainer:
         return cls(model, train_data, val_data, task=task, **kw)
 
     # ------------------------------------------------------------------------------------------
+    def _decide_find_unused(self, declared: bool | None) -> bool:
+        """DDP's ``find_unused_parameters``: declared, else from a one-batch dry run (logged).
+
+        A trainable parameter that gets no gradient in a step (a Hugging Face encoder's pooler
+        when the branch pools ``last_hidden_state``; a branch missing from the batch; a
+        modality-dropout model) makes DDP without ``find_unused_parameters`` fail at the next
+        step on 2+ ranks. The dry run (forward + backward of the first items of the training set,
+        RNG states and buffers restored, gradients cleared) lists the parameters whose ``grad``
+        stays None; ``self.unused_parameters`` keeps the list. A model may also declare them
+        (``model.unused_parameters``: names, or ``model.ddp_find_unused_parameters``: a bool).
+        """
+        if declared is None:
+            declared = getattr(self.model, "ddp_find_unused_parameters", None)
+        named = [(n, p) for n, p in self.runner.named_parameters() if p.requires_grad]
+        listed = list(getattr(self.model, "unused_parameters", None) or [])
+        if declared is None and not listed:
+            # every rank must pass DDP the same flag: the union of what each rank's dry run saw
+            seen = distributed.all_gather_object(self._dry_run_unused(named), self.env.world_size)
+            listed = sorted({name for names in seen for name in names})
+        self.unused_parameters = listed
+        dropout = float(getattr(self.model, "modality_dropout", 0.0) or 0.0) > 0
+        decided = bool(declared) if declared is not None else bool(listed) or dropout
+        if self.env.is_main:
+            if listed:
+                shown = ", ".join(listed[:20]) + (f", ... ({len(listed)} in all)" if len(listed) > 20 else "")
+                logger.info("DDP find_unused_parameters=%s: %d trainable parameter(s) got no gradient in a dry run: "
+                            "%s", decided, len(listed), shown)
+            else:
+                logger.info("DDP find_unused_parameters=%s (%s)", decided,
+                            "declared" if declared is not None else "modality dropout" if dropout
+                            else "every trainable parameter got a gradient in a dry run")
+        return decided
+
+    def _dry_run_unused(self, named: list[tuple[str, nn.Parameter]]) -> list[str]:
+        n = min(len(self.train_data), max(2, min(self.batch_size, 4)))
+        if n == 0:
+            return []
+        batch = next(iter(DataLoader(Subset(self.train_data, range(n)), batch_size=n, shuffle=False)))
+        buffers = {k: b.detach().clone() for k, b in self.model.named_buffers()}
+        grads_before = [p.grad for _, p in named]
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            batch = self._to_device(batch)
+            for _, p in named:
+                p.grad = None
+            with self._autocast():
+                out = self._forward(batch)
+                loss = self._loss(out, batch["label"])
+            loss.backward()
+        unused = [name for name, p in named if p.grad is None]
+        for (_, p), g in zip(named, grads_before):
+            p.grad = g
+        with torch.no_grad():
+            for k, b in self.model.named_buffers():
+                if k in buffers:
+                    b.copy_(buffers[k])
+        return unused
+
     def _micro_steps(self) -> int:
         n = math.ceil(len(self.sampler) / self.batch_size)
         return min(n, self.max_steps_per_epoch) if self.max_steps_per_epoch else n
@@ -268,7 +367,13 @@ class Trainer:
         t0 = time.perf_counter()
         stopped_early, run = False, 0
         while self.epoch < self.epochs:
-            record = self._train_epoch()
+            try:
+                record = self._train_epoch()
+            except RuntimeError as exc:  # DDP's gradient all-reduce waiting for a rank that stopped
+                if self.env.distributed and distributed.is_timeout(exc) and not isinstance(
+                        exc, distributed.DistributedTimeoutError):
+                    raise distributed.timeout_error(exc, f"a training step of epoch {self.epoch + 1}") from exc
+                raise
             if self.val_data is not None:
                 record.update(self.evaluate(self.val_data, prefix="val"))
                 stopped_early = self._early_stopping(record)
@@ -301,8 +406,13 @@ class Trainer:
         loader = itertools.islice(self._loader(self.epoch), start, steps)
         bar = tqdm(loader, total=steps, initial=start, desc=f"epoch {self.epoch + 1}/{self.epochs}",
                    disable=not (self.progress and self.env.is_main), leave=False, dynamic_ncols=True)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        if start == 0:  # a fresh epoch; mid-epoch, the sums come from the checkpoint (load_checkpoint)
+            self._loss_sum.zero_()
+            self._loss_count.zero_()
+        loss_sum, count = self._loss_sum, self._loss_count
+        # No host sync in this loop between logging steps: the loss stays on the device (summed
+        # into loss_sum, its first non-finite step recorded in _bad_step) and is read back only
+        # every log_every optimiser steps, before a checkpoint and at the end of the epoch.
         for i, batch in enumerate(bar, start=start):
             batch = self._to_device(batch)
             group_start = (i // self.grad_accum) * self.grad_accum
@@ -317,22 +427,43 @@ class Trainer:
                     loss = self._loss(out, batch["label"])
                 self.scaler.scale(loss / group_size).backward()
             n = batch["label"].shape[0]
-            loss_sum += loss.detach().double() * n
+            detached = loss.detach()
+            loss_sum += detached.double() * n
             count += n
+            step = self.global_step + 1  # the optimiser step this micro-batch belongs to
+            torch.where(torch.isfinite(detached) | (self._bad_step != _NO_STEP), self._bad_step,
+                        torch.full_like(self._bad_step, step), out=self._bad_step)
             self.step_in_epoch = i + 1
             if last_micro:
                 self._optimizer_step()
-                if self.writer is not None and self.global_step % self.log_every == 0:
-                    self.writer.add_scalar("train/loss_step", loss.item(), self.global_step)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-                if (self.checkpoint_every_steps and self.global_step % self.checkpoint_every_steps == 0
-                        and self.step_in_epoch < steps):
+                checkpoint_now = bool(self.checkpoint_every_steps and self.global_step % self.checkpoint_every_steps == 0
+                                      and self.step_in_epoch < steps)
+                if self.global_step % self.log_every == 0 or checkpoint_now:
+                    self._check_finite()
+                    value = detached.item()
+                    if self.writer is not None:
+                        self.writer.add_scalar("train/loss_step", value, self.global_step)
+                    bar.set_postfix(loss=f"{value:.4f}")
+                if checkpoint_now:
                     self.save_checkpoint(self.out_dir / "last.pt")
         bar.close()
-        distributed.all_reduce_sum(loss_sum)
-        distributed.all_reduce_sum(count)
-        return {"epoch": self.epoch + 1, "train/loss": (loss_sum / count.clamp_min(1)).item(),
+        self._check_finite()
+        total, total_count = loss_sum.clone(), count.clone()  # the running sums stay this rank's own
+        distributed.all_reduce_sum(total)
+        distributed.all_reduce_sum(total_count)
+        return {"epoch": self.epoch + 1, "train/loss": (total / total_count.clamp_min(1)).item(),
                 "lr": self.optimizer.param_groups[0]["lr"], "step": self.global_step}
+
+    def _check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if some rank saw a NaN / inf loss (collective; syncs)."""
+        bad = self._bad_step.clone()
+        distributed.all_reduce_min(bad)
+        step = int(bad.item())
+        if step != _NO_STEP:
+            raise NonFiniteLossError(
+                f"training loss is not finite (NaN or inf) at optimiser step {step} (epoch {self.epoch + 1}); "
+                f"the run is stopped and the last checkpoint (written before it) is kept. Lower lr, set grad_clip, "
+                f"use precision bf16 instead of fp16, or check the data for NaN / inf inputs")
 
     def _optimizer_step(self) -> None:
         if self.grad_clip is not None:
@@ -415,13 +546,10 @@ class Trainer:
 
         Collective under DDP (gathers every rank's RNG states): call it on every rank.
         """
-        rng = ckpt_io.rng_state()
-        if self.env.distributed:
-            gathered: list[Any] = [None] * self.env.world_size
-            dist.all_gather_object(gathered, rng)
-            rng_all = gathered
-        else:
-            rng_all = [rng]
+        mine = {"rng": ckpt_io.rng_state(),
+                "epoch_loss": [float(self._loss_sum.item()), float(self._loss_count.item())]}
+        gathered = distributed.all_gather_object(mine, self.env.world_size)
+        rng_all = [g["rng"] for g in gathered]
         state: dict[str, Any] = {
             "format": "mmbridge.train/1",
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -437,6 +565,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "bad_epochs": self.bad_epochs, "history": self.history, "world_size": self.env.world_size,
             "sampler_epoch": self.epoch, "sampler_seed": self.seed, "rng": rng_all,
+            # per rank [loss sum, sample count] of the current epoch so far (mid-epoch checkpoints)
+            "epoch_loss": [g["epoch_loss"] for g in gathered],
             "steps_per_epoch": self.steps_per_epoch, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
         })
         return state
@@ -484,6 +614,18 @@ class Trainer:
             logger.warning("checkpoint %s was written by %d processes, this run has %d: resuming is not exact",
                            path, len(rng), self.env.world_size)
         ckpt_io.set_rng_state(rng[self.env.rank % len(rng)])
+        # the epoch's running loss: rank r continues the sums of the saved ranks i with i % world == r
+        sums = state.get("epoch_loss")
+        self._loss_sum.zero_()
+        self._loss_count.zero_()
+        if self.step_in_epoch > 0:
+            if sums is None:
+                logger.warning("checkpoint %s has no running epoch loss (older format): train/loss of epoch %d "
+                               "covers only the steps after the resume", path, self.epoch + 1)
+            else:
+                mine = [s for i, s in enumerate(sums) if i % self.env.world_size == self.env.rank]
+                self._loss_sum.fill_(sum(float(s[0]) for s in mine))
+                self._loss_count.fill_(sum(float(s[1]) for s in mine))
 
     def close(self) -> None:
         """Flush and close TensorBoard; destroy the process group if this trainer started one."""
@@ -491,6 +633,44 @@ class Trainer:
             self.writer.close()
             self.writer = None
         distributed.cleanup()
+
+
+_NO_STEP = 2**62  # "no non-finite loss seen" (a min over ranks keeps the first bad step)
+
+
+class NonFiniteLossError(MMBridgeError, FloatingPointError):
+    """The training loss became NaN or inf; the message names the optimiser step."""
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _numeric_problems(*, positive: Mapping[str, Any], non_negative: Mapping[str, Any],
+                      optional_positive: Mapping[str, Any], counts: Mapping[str, Any],
+                      optional_counts: Mapping[str, Any]) -> list[str]:
+    """One message per numeric argument that is not a finite number in its range (names the field)."""
+    problems = []
+    for key, v in positive.items():
+        if not (_is_num(v) and math.isfinite(v) and v > 0):
+            problems.append(f"{key}={v!r} must be a finite number > 0")
+    for key, v in non_negative.items():
+        if not (_is_num(v) and math.isfinite(v) and v >= 0):
+            problems.append(f"{key}={v!r} must be a finite number >= 0")
+    for key, v in optional_positive.items():
+        if v is not None and not (_is_num(v) and math.isfinite(v) and v > 0):
+            problems.append(f"{key}={v!r} must be a finite number > 0 or None")
+    for key, v in counts.items():
+        if not (_is_int(v) and v >= 1):
+            problems.append(f"{key}={v!r} must be an int >= 1")
+    for key, v in optional_counts.items():
+        if v is not None and not (_is_int(v) and v >= 1):
+            problems.append(f"{key}={v!r} must be an int >= 1 or None")
+    return problems
 
 
 def summary_writer(log_dir: str | os.PathLike):
