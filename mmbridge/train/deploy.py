@@ -270,7 +270,9 @@ def export_onnx(run: Any, path: str | os.PathLike, *, data: Any = None, atol: fl
 
     Returns:
         ``{"path", "size_mib", "inputs", "outputs", "parity": {"max_abs_diff", "rows", "atol"},
-        "latency_ms_per_batch", "latency_batch", "top1_agreement"}``.
+        "latency_ms_per_batch", "latency_batch", "top1_agreement", "sample_inputs"}`` (also written
+        as ``deploy.json``; ``sample_inputs.npz`` holds 16 held-out raw rows and the torch model's
+        logits for them).
 
     Raises:
         ConfigError: a branch that cannot be put into one graph.
@@ -320,11 +322,14 @@ def export_onnx(run: Any, path: str | os.PathLike, *, data: Any = None, atol: fl
                               "pass data=FOLDER (--data) or check=False (--no-check)")
         sub = Subset(ds, range(min(rows, len(ds))))
         worst, agree, count = 0.0, 0, 0
+        sample = None
         for b in DataLoader(sub, batch_size=16, shuffle=False):
             b = {k: v for k, v in b.items() if k != "label"}
             with torch.no_grad():
                 ref = model({k: v.to(run.device) for k, v in b.items()}).float().cpu().numpy()
             got = sess.run(["logits"], _numpy_feeds(b, input_names))[0]
+            if sample is None:  # a few raw rows + the torch model's logits, for examples/serve_onnx.py
+                sample = {**_numpy_feeds(b, input_names), "id": b["id"].numpy(), "expected_logits": ref}
             worst = max(worst, float(np.abs(got - ref).max()))
             agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
             count += len(ref)
@@ -339,6 +344,9 @@ def export_onnx(run: Any, path: str | os.PathLike, *, data: Any = None, atol: fl
         info["latency_ms_per_batch"] = round((time.perf_counter() - t0) / repeats * 1000, 3)
         info["latency_batch"] = latency_batch
         info["latency_threads"] = "onnxruntime default (all cores), CPUExecutionProvider"
+        if sample is not None:
+            np.savez(path.parent / "sample_inputs.npz", **sample)
+            info["sample_inputs"] = str(path.parent / "sample_inputs.npz")
         if worst > atol:
             (path.parent / "deploy.json").write_text(json.dumps(info, indent=2))
             raise ParityError(f"export-model: the ONNX graph's logits differ from the torch model's by {worst:.3g} "

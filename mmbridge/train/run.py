@@ -114,7 +114,7 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None,
 
 #: config keys that may differ between runs into one folder: they change how a run is driven,
 #: not what its checkpoints hold
-VOLATILE_KEYS = ("training.resume", "training.stop_after_epochs", "training.progress", "training.log_every")
+VOLATILE_KEYS = ("output.dir", "training.resume", "training.stop_after_epochs", "training.progress", "training.log_every")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
