@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+import onnxruntime as ort  # noqa: TID251 - a standalone client: no mmbridge here
 
 
 def main(argv: list[str] | None = None) -> int:

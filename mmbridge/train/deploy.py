@@ -152,11 +152,12 @@ class _TorchPart(nn.Module):
 
 
 def _torch_inputs(model: HybridModel, plan: _Plan, batch: Mapping[str, torch.Tensor]
-                  ) -> tuple[list[str], list[torch.Tensor], dict[str, str]]:
-    """Names and example tensors of the torch graph's inputs, plus ONNX part output -> torch input."""
+                  ) -> tuple[list[str], list[torch.Tensor], dict[str, list[tuple[str, str]]]]:
+    """Names and example tensors of the torch graph's inputs, plus per branch the
+    ``(ONNX part output, torch input)`` pairs that join them."""
     names: list[str] = []
     tensors: list[torch.Tensor] = []
-    links: dict[str, str] = {}
+    links: dict[str, list[tuple[str, str]]] = {}
     seen: set[str] = set()
     for name, b in model.branches.items():
         cut = plan.cut.get(name)
@@ -180,7 +181,7 @@ def _torch_inputs(model: HybridModel, plan: _Plan, batch: Mapping[str, torch.Ten
         for tag, t, o in zip(tags, outs, part_outs):
             names.append(tag)
             tensors.append(t.detach())
-            links[o] = tag
+            links.setdefault(name, []).append((o, tag))
         if b.mask_key is not None and b.mask_key not in seen:
             seen.add(b.mask_key)
             names.append(b.mask_key)
@@ -238,8 +239,7 @@ def build_graph(model: HybridModel, batch: Mapping[str, torch.Tensor], *, opset:
                               f"branch reads {list(b.input_keys)}")
         for old, key in zip(part_ins, b.input_keys):
             _rename_input(part, old, key)
-        part_links = [(f"{name}__ort__{o}", t) for o, t in links.items()
-                      if f"{name}__ort__{o}" in {x.name for x in part.graph.output}]
+        part_links = [(f"{name}__ort__{o}", t) for o, t in links[name]]
         _align(part, main)
         shared = [k for k in b.input_keys if k in {i.name for i in main.graph.input}]
         if shared:  # a raw key both graphs read (e.g. a mask): feed it once
@@ -281,8 +281,6 @@ def export_onnx(run: Any, path: str | os.PathLike, *, data: Any = None, atol: fl
     import onnx
     from torch.utils.data import DataLoader, Subset, default_collate
 
-    from mmbridge.train.predict import example_batch
-
     model = run.model.eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -298,7 +296,7 @@ def export_onnx(run: Any, path: str | os.PathLike, *, data: Any = None, atol: fl
     if ds is not None and len(ds) >= 2:
         batch = default_collate([ds[i] for i in range(2)])
     else:
-        batch = example_batch(run.metadata, 2)
+        batch = run.example_batch(2)
     batch = {k: v.to(run.device) for k, v in batch.items() if k != "label"}
     graph = build_graph(model, batch)
     onnx.save(graph, os.fspath(path))

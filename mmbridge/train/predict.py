@@ -175,6 +175,10 @@ class Run:
             self.model.eval()
         return res[prefix] if data is not None else res
 
+    def example_batch(self, n: int = 2) -> dict[str, torch.Tensor]:
+        """``n`` zero rows with the shapes and dtypes of the model's inputs (no label)."""
+        return example_batch(self.metadata, n)
+
     def export_onnx(self, path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
         """One ONNX graph from raw inputs to outputs (see :func:`mmbridge.train.deploy.export_onnx`)."""
         from mmbridge.train.deploy import export_onnx
