@@ -170,3 +170,33 @@ def test_the_demo_model_deploys_as_one_graph(tmp_path):
     assert info["inputs"]["image"]["dtype"] == "uint8"  # the ORT preprocessing is inside the graph
     proc = _serve_without_mmbridge(tmp_path / "deploy")
     assert proc.returncode == 0 and "LEAKED []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_an_ort_encoder_reading_the_mask_the_pooling_uses_gets_it_once():
+    import onnx
+    from onnx import TensorProto, helper
+
+    import mmbridge
+    from mmbridge import Branch
+    from mmbridge.runtime.session import make_session
+    from mmbridge.train.deploy import build_graph
+
+    nodes = [helper.make_node("Cast", ["m"], ["mf"], to=TensorProto.FLOAT),
+             helper.make_node("Constant", [], ["ax"], value=helper.make_tensor("ax", TensorProto.INT64, [1], [2])),
+             helper.make_node("Unsqueeze", ["mf", "ax"], ["mu"]),
+             helper.make_node("Mul", ["x", "mu"], ["xm"]), helper.make_node("Relu", ["xm"], ["y"])]
+    graph = helper.make_graph(nodes, "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, 3]),
+                                                helper.make_tensor_value_info("m", TensorProto.INT64, ["b", 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 5, 3])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    model = mmbridge.compose({"t": Branch(mmbridge.to_ort(proto), input_keys=("t", "t_mask"), mask_key="t_mask",
+                                          trainable=False, out_dim=3)}, num_classes=2, fusion_dim=4).eval()
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    x = {"t": torch.randn(3, 5, 3), "t_mask": mask}
+    g = build_graph(model, x)
+    assert sorted(i.name for i in g.graph.input) == ["t", "t_mask"]
+    got = make_session(g).run(["logits"], {k: v.numpy() for k, v in x.items()})[0]
+    with torch.no_grad():
+        assert np.abs(got - model(x).numpy()).max() < 1e-5

@@ -66,6 +66,7 @@ class _Plan:
     def __init__(self, model: HybridModel):
         self.onnx_parts: dict[str, Any] = {}  # branch -> ModelProto feeding the torch graph
         self.cut: dict[str, str] = {}  # branch -> "pre" (ONNX = preprocess) | "enc" (ONNX = preprocess + encoder)
+        self.in_names: dict[str, list[str]] = {}  # branch -> the ONNX part's inputs in call order (input_specs)
         for name, b in model.branches.items():
             pre, enc = b.preprocess, b.encoder
             pre_ort = pre is not None and is_frozen_module(pre)
@@ -75,9 +76,14 @@ class _Plan:
                     f"export-model: branch {name!r} runs a torch preprocessing module ({type(pre).__name__}) in front of "
                     f"an onnxruntime encoder; one graph would have to go torch -> ONNX -> torch, which this exporter "
                     f"does not build. Bridge the preprocessing with backend: ort too, or the encoder with backend: torch")
+            first = pre if pre_ort else enc
+            if pre_ort or enc_ort:
+                self.in_names[name] = [s.name for s in first.input_specs]
             if pre_ort and enc_ort:
                 self.onnx_parts[name] = _chain(_onnx_of(pre, f"branch {name!r} preprocess"),
-                                               _onnx_of(enc, f"branch {name!r} encoder"), name)
+                                               _onnx_of(enc, f"branch {name!r} encoder"), name,
+                                               [s.name for s in enc.input_specs])
+                self.in_names[name] = [f"{name}__p__{n}" for n in self.in_names[name]]
                 self.cut[name] = "enc"
             elif enc_ort:
                 self.onnx_parts[name] = _onnx_of(enc, f"branch {name!r} encoder")
@@ -87,14 +93,16 @@ class _Plan:
                 self.cut[name] = "pre"
 
 
-def _chain(first: Any, second: Any, name: str) -> Any:
+def _chain(first: Any, second: Any, name: str, second_inputs: Sequence[str]) -> Any:
+    """``second(*first(x))`` as one graph (the outputs of ``first`` in graph order feed
+    ``second``'s inputs in call order, as :class:`~mmbridge.composition.Branch` splats them)."""
     import onnx.compose
 
     a = onnx.compose.add_prefix(first, f"{name}__p__")
     b = onnx.compose.add_prefix(second, f"{name}__e__")
     _align(a, b)
     outs = [o.name for o in a.graph.output]
-    ins = [i.name for i in b.graph.input]
+    ins = [f"{name}__e__{n}" for n in second_inputs]
     if len(outs) != len(ins):
         raise ConfigError(f"export-model: branch {name!r}: the preprocessing graph has {len(outs)} outputs but the "
                           f"encoder graph takes {len(ins)} inputs")
@@ -233,18 +241,27 @@ def build_graph(model: HybridModel, batch: Mapping[str, torch.Tensor], *, opset:
     for name, part in plan.onnx_parts.items():
         b = model.branches[name]
         part = onnx.compose.add_prefix(part, f"{name}__ort__")
-        part_ins = [i.name for i in part.graph.input if i.name not in {x.name for x in part.graph.initializer}]
-        if len(part_ins) != len(b.input_keys) - (1 if b.mask_key in b.input_keys else 0) and len(part_ins) != len(b.input_keys):
+        part_ins = [f"{name}__ort__{n}" for n in plan.in_names[name]]  # call order = the branch's input_keys
+        if len(part_ins) != len(b.input_keys):
             raise ConfigError(f"export-model: branch {name!r}: its onnxruntime graph takes inputs {part_ins} but the "
                               f"branch reads {list(b.input_keys)}")
         for old, key in zip(part_ins, b.input_keys):
             _rename_input(part, old, key)
         part_links = [(f"{name}__ort__{o}", t) for o, t in links[name]]
+        main_ins = {i.name for i in main.graph.input}
+        for key in [k for k in b.input_keys if k in main_ins]:
+            # a raw input both graphs read (e.g. a token mask the ORT encoder takes and the pooling
+            # uses): the ONNX part passes it through, so that the merged graph has it once
+            from onnx import helper
+
+            passed = f"{name}__ort__{key}__pass"
+            part.graph.node.append(helper.make_node("Identity", [key], [passed]))
+            vi = next(i for i in part.graph.input if i.name == key)
+            out = part.graph.output.add()
+            out.CopyFrom(vi)
+            out.name = passed
+            part_links.append((passed, key))
         _align(part, main)
-        shared = [k for k in b.input_keys if k in {i.name for i in main.graph.input}]
-        if shared:  # a raw key both graphs read (e.g. a mask): feed it once
-            raise ConfigError(f"export-model: branch {name!r}: inputs {shared} are read by both its onnxruntime graph "
-                              f"and the torch part; this exporter does not share graph inputs")
         main = onnx.compose.merge_models(part, main, io_map=part_links)
     main.graph.name = "mmbridge_deployed"
     onnx.checker.check_model(main)
