@@ -51,6 +51,7 @@ _LAZY = {
     "fusion_heads": ".composition.heads:fusion_heads",
     "task_heads": ".composition.heads:task_heads",
     "Trainer": ".train.trainer:Trainer",
+    "load_run": ".train.predict:load_run",
 }
 
 from mmbridge.errors import (  # noqa: E402, F401  (errors are tiny and always needed; re-exported)

@@ -64,9 +64,13 @@ def run_demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "ru
         DataError: the data checks failed.
     """
 
+    from mmbridge.errors import ConfigError
     from mmbridge.train.config import load_config
     from mmbridge.train.run import run_train
 
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ConfigError(f"mmbridge demo: epochs must be a whole number >= 1 (None: 8 on the sample, 15 on your "
+                          f"data), got {epochs!r}")
     if data is None:
         from mmbridge.data import sample_dir
 
@@ -77,7 +81,7 @@ def run_demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "ru
     size = DEFAULT_IMAGE_SIZE if data is None else 64  # image_encoder_32 / image_encoder_64
     backend = "ort"  # frozen TF preprocessing runs on onnxruntime (IO binding)
     cfg = load_config(None, data=demo_config(None if data is None else str(data), str(out),
-                                             epochs or (8 if data is None else 15), size,
+                                             epochs if epochs is not None else (8 if data is None else 15), size,
                                              preprocess_backend=backend))
     t0 = time.perf_counter()
     print("step 1-2: exporting the TF preprocessing and Keras encoder (child process), bridging them "

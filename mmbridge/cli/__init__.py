@@ -7,6 +7,8 @@
     mmbridge train CONFIG.yaml [key=value ...]       (mmbridge.cli.train)
     mmbridge evaluate CONFIG.yaml --checkpoint PATH    (mmbridge.cli.train)
     mmbridge demo [--data DIR]                         (mmbridge.cli.train)
+    mmbridge predict RUN_DIR --data DIR --out CSV      (mmbridge.cli.train)
+    mmbridge export-model RUN_DIR --out DIR            (mmbridge.cli.train)
     mmbridge bench [--quick] [--device cpu|cuda]       (mmbridge.cli.bench)
 
 Exports run in a child process, so this process never imports TensorFlow.
@@ -28,6 +30,8 @@ _EXTERNAL_PARSERS = (
     ("mmbridge.cli.train", "add_train_parser"),
     ("mmbridge.cli.train", "add_evaluate_parser"),
     ("mmbridge.cli.train", "add_demo_parser"),
+    ("mmbridge.cli.train", "add_predict_parser"),
+    ("mmbridge.cli.train", "add_export_model_parser"),
     ("mmbridge.cli.bench", "add_bench_parser"),
 )
 
@@ -190,7 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mmbridge`` console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `mmbridge evaluate CFG --checkpoint P key=value`: argparse gives an nargs="*" positional only the
+    # words before the first option, so dotted overrides after options come back as extras; they are
+    # appended in order (anything else is still an error)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*(args.overrides or []), *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except MMBridgeError as exc:

