@@ -67,7 +67,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
         "model.branches.numeric.input_keys: ['tabular'] not provided by data.modalities",
         "training.epochs: must be an int >= 1, got 0",
         "training.precision: must be fp32, bf16 or fp16, got 'fp8'",
-        "training.lr: must be a positive number, got -1",
+        "training.lr: must be a finite number in (0, 10], got -1",
         "training.learning_rate: unknown key",
         "training.batch_size: must be an int >= 1, got 0",
         "override 'oops': expected dotted.key=value",
@@ -332,3 +332,91 @@ def test_component_types_and_tokenizers_are_registries():
     assert sorted(tokenizers.names()) == sorted(TOKENIZER_NAMES)
     with pytest.raises(ConfigError, match=r"data.tokenizer: must be one of \['minilm', 'word'\], got 'wrod'; did you mean 'word'"):
         load_config(None, ["data.tokenizer=wrod"], data={"model": {"branches": {"numeric": {"encoder": {"type": "mlp"}}}}})
+
+
+# -- YAML strictness (issue 15 item 4) and imports: (issue 14 item 5) ---------------------------
+def test_duplicate_yaml_key_is_an_error_naming_key_and_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("training:\n  epochs: 2\n  lr: 0.01\n  epochs: 3\noutput: {dir: x}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "duplicate key 'epochs' on line 4 (first given on line 2)" in msg, msg
+    # the same key in different mappings is fine; a duplicate section is refused too
+    path.write_text("data: {image_size: 16}\ntraining: {epochs: 1}\ndata: {image_size: 32}\n")
+    with pytest.raises(ConfigError, match="duplicate key 'data' on line 3"):
+        load_config(path)
+    from mmbridge.train.config import _load_yaml
+
+    assert _load_yaml("a: {epochs: 1}\nb: {epochs: 2}\nc: [{x: 1}, {x: 2}]\n")["b"]["epochs"] == 2
+
+
+def test_numbers_must_be_finite_and_in_range_all_listed(tmp_path):
+    path = tmp_path / "nums.yaml"
+    path.write_text("training:\n  lr: .inf\n  weight_decay: .nan\n  grad_clip: -.inf\n  batch_size: -4\n"
+                    "  epochs: 1.5\nmodel:\n  modality_dropout: .nan\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["training.seed=-1"])
+    msg = str(err.value)
+    for e in ("training.lr: must be a finite number in (0, 10], got inf",
+              "training.weight_decay: must be a finite number in [0, 1], got nan",
+              "training.grad_clip: must be a finite positive number or null, got -inf",
+              "training.batch_size: must be an int >= 1, got -4",
+              "training.epochs: must be an int >= 1, got 1.5",
+              "model.modality_dropout: must be a number in [0, 1), got nan",
+              "training.seed: must be an int >= 0, got -1"):
+        assert e in msg, f"{e!r} not in\n{msg}"
+    assert "8 problems" in msg  # the 7 above + model.branches (none given)
+    with pytest.raises(ConfigError, match=r"training.lr: must be a finite number in \(0, 10\], got 100"):
+        load_config(None, ["training.lr=100"])
+
+
+def _authoring_guide_mean_fusion() -> str:
+    """The `fusion: mean` example module of docs/authoring-guide.md, as written (minus its compose call)."""
+    text = (REPO / "docs" / "authoring-guide.md").read_text()
+    start = text.index('@mmbridge.fusion_heads.register("mean")')
+    block_start = text.rindex("```python", 0, start) + len("```python")
+    block = text[block_start:text.index("```", start)]
+    assert "class MeanFusion" in block
+    return "\n".join(line for line in block.splitlines() if not line.startswith("model = mmbridge.compose("))
+
+
+def test_imports_register_a_fusion_head_for_yaml_and_cli(tmp_path, monkeypatch, capsys):
+    from mmbridge.cli.train import main
+    from mmbridge.composition.heads import fusion_heads
+
+    mod = "mmb_user_heads_" + tmp_path.name.replace("-", "_")
+    (tmp_path / f"{mod}.py").write_text(_authoring_guide_mean_fusion())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = {
+        "imports": [mod],
+        "data": {"root": None, "image_size": 16, "max_length": 16, "modalities": ["text", "numeric"]},
+        "model": {"branches": {"text": {"encoder": {"type": "text", "dim": 16}},
+                               "numeric": {"encoder": {"type": "mlp", "hidden": 16}}},
+                  "fusion": "mean", "fusion_dim": 16},
+        "training": {"epochs": 1, "batch_size": 32, "lr": 0.01, "precision": "fp32", "progress": False},
+        "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
+    }
+    try:
+        # without the import the head is unknown (reported as a config problem)
+        no_imports = {k: v for k, v in cfg.items() if k != "imports"}
+        if "mean" not in fusion_heads:
+            with pytest.raises(ConfigError, match="unknown fusion head 'mean'"):
+                load_config(None, data=no_imports)
+        loaded = load_config(None, data=cfg)
+        assert loaded.imports == (mod,) and loaded.model.fusion == "mean"
+        assert load_config(None, data=loaded.to_dict()) == loaded  # the saved config.yaml form reloads
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["train", str(tmp_path / "c.yaml")]) == 0
+        assert (tmp_path / "run" / "report.json").is_file()
+        # a module that does not import is one listed problem among the others
+        with pytest.raises(ConfigError) as err:
+            load_config(None, data={**cfg, "imports": ["no_such_module_xyz"], "training": {"epochs": 0}})
+        assert "imports: cannot import 'no_such_module_xyz'" in str(err.value)
+        assert "training.epochs: must be an int >= 1" in str(err.value)
+        with pytest.raises(ConfigError, match="imports: must be a list of module names"):
+            load_config(None, data={"imports": "x"})
+    finally:
+        if "mean" in fusion_heads:
+            fusion_heads.unregister("mean")
+        sys.modules.pop(mod, None)
