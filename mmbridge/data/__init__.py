@@ -2,6 +2,8 @@
 
 * :class:`MultimodalDataset` / :func:`load_splits`: torch datasets yielding raw tensors
   (uint8 NHWC images, token ids + mask, float features, int64 labels).
+* :func:`load_frame_splits`: the same datasets from a pandas DataFrame or a ``datasets.Dataset``
+  (:mod:`mmbridge.data.sources`).
 * :mod:`mmbridge.data.tokenizers`: ``"word"`` (fit on train) and ``"minilm"`` (offline).
 * :func:`tf_data_to_torch`: an existing ``tf.data.Dataset`` as a per-rank torch ``IterableDataset``.
 * :func:`sample_dir`: the small synthetic dataset shipped with the package (offline demo).
@@ -23,6 +25,7 @@ from mmbridge.data.folder import (
     load_splits,
     make_splits,
 )
+from mmbridge.data.sources import frame_columns, load_frame_splits
 from mmbridge.data.tf_adapter import TFDataIterable, resolve_rank, tf_data_to_torch
 from mmbridge.data.tokenizers import (
     HFTokenizer,
@@ -42,6 +45,8 @@ __all__ = [
     "apply_stats",
     "compute_stats",
     "get_tokenizer",
+    "frame_columns",
+    "load_frame_splits",
     "load_image",
     "load_splits",
     "make_splits",

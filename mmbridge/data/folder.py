@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -219,10 +220,16 @@ def _to_rgb(im: Image.Image, path: str | Path) -> Image.Image:
     return im.convert("RGB")
 
 
-def _decode_rgb(path: str | Path) -> Image.Image:
-    """Fully decode one image file to 8-bit RGB (every byte read), or raise a DataError naming it."""
+def _decode_rgb(path: str | Path | bytes) -> Image.Image:
+    """Fully decode one image file (or its encoded bytes) to 8-bit RGB (every byte read), or raise a
+    DataError naming it."""
+    if isinstance(path, bytes | bytearray | memoryview):
+        src: Any = io.BytesIO(bytes(path))
+        path = f"<{len(src.getbuffer())} encoded bytes>"
+    else:
+        src = path
     try:
-        with Image.open(path) as im:
+        with Image.open(src) as im:
             im.load()
             return _to_rgb(im, path)
     except DataError:
@@ -239,7 +246,7 @@ def _decode_rgb(path: str | Path) -> Image.Image:
         raise DataError(f"image {path} cannot be decoded ({type(exc).__name__}: {exc}); replace or remove it") from exc
 
 
-def _image_problem(path: Path) -> str | None:
+def _image_problem(path: Path | bytes) -> str | None:
     """Why the image cannot be decoded (the DataError's message), or None when it can."""
     try:
         _decode_rgb(path)
@@ -248,7 +255,7 @@ def _image_problem(path: Path) -> str | None:
     return None
 
 
-def _image_problems(paths: Mapping[int, Path]) -> dict[int, str]:
+def _image_problems(paths: Mapping[int, Path | bytes]) -> dict[int, str]:
     """id -> why, for the images that do not decode; decoded in a few threads (Pillow releases the GIL)."""
     ids = sorted(paths)
     workers = max(1, min(8, os.cpu_count() or 1, len(ids)))
@@ -260,8 +267,8 @@ def _image_problems(paths: Mapping[int, Path]) -> dict[int, str]:
     return {i: why for i, why in zip(ids, found) if why is not None}
 
 
-def load_image(path: str | Path, image_size: int) -> np.ndarray:
-    """Decode one image the way the dataset does.
+def load_image(path: str | Path | bytes, image_size: int) -> np.ndarray:
+    """Decode one image (a file, or the encoded bytes of one) the way the dataset does.
 
     Pixel formats (Pillow modes), each read exactly or refused, never clipped:
 
@@ -349,11 +356,14 @@ class _Table:
     texts: dict[int, str]
     features: dict[int, np.ndarray]  # float64 [F], NaN = missing
     feature_columns: list[str]
-    images: dict[int, Path]
+    images: dict[int, Path | bytes]  # a file, or the encoded bytes of one (DataFrame sources)
     skipped: dict[str, int]
     assignment: dict[int, str]  # kept id -> split (ids absent: in no split)
     split_source: str
     has_splits_csv: bool
+    categorical: dict[int, tuple[str | None, ...]] = dataclasses.field(default_factory=dict)  # None = missing
+    categorical_columns: list[str] = dataclasses.field(default_factory=list)
+    labels_optional: bool = False  # ids absent from ``labels`` are unlabelled (label -1)
 
 
 def _check_args(modalities: Sequence[str], on_error: str) -> tuple[str, ...]:
@@ -612,7 +622,8 @@ class MultimodalDataset(Dataset):
     """
 
     def __init__(self, table: _Table, split: str | None, *, image_size: int, tokenizer: Any, max_length: int,
-                 on_error: str, label_map: Mapping[str, int] | None, stats: Mapping[str, Any] | None):
+                 on_error: str, label_map: Mapping[str, int] | None, stats: Mapping[str, Any] | None,
+                 categories: Mapping[str, Sequence[str]] | None = None):
         _check_common(split, image_size, max_length, tokenizer)
         self.root = table.root
         self.split = split
@@ -638,7 +649,7 @@ class MultimodalDataset(Dataset):
 
         # labels
         if label_map is None:
-            names = sorted({table.labels[i] for i in table.ids})  # every class of the folder
+            names = sorted({table.labels[i] for i in table.ids if i in table.labels})  # every class of the folder
             label_map = {n: k for k, n in enumerate(names)}
         else:
             label_map = dict(label_map)
@@ -646,7 +657,7 @@ class MultimodalDataset(Dataset):
             if idx != list(range(len(idx))) or not all(isinstance(k, str) for k in label_map):
                 raise DataError(f"label_map must map str names to the indices 0..K-1 exactly once (the train dataset's "
                                 f"ds.label_map), got {label_map}")
-            unknown = {i for i in ids if table.labels[i] not in label_map}
+            unknown = {i for i in ids if i in table.labels and table.labels[i] not in label_map}
             if unknown:
                 unames = sorted({table.labels[i] for i in unknown})
                 if on_error == "raise":
@@ -663,7 +674,10 @@ class MultimodalDataset(Dataset):
         self.label_names = [n for n, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
         self.num_classes = len(self.label_names)
         self.ids = ids
-        self.targets = np.array([label_map[table.labels[i]] for i in ids], dtype=np.int64)
+        self.targets = np.array([label_map[table.labels[i]] if i in table.labels else -1 for i in ids],
+                                dtype=np.int64)
+        #: False when no id of this split has a label (labels="optional"): items then have no "label".
+        self.has_labels = bool((self.targets >= 0).any()) or not table.labels_optional
 
         # text
         self.tokenizer: Tokenizer | None = None
@@ -706,6 +720,21 @@ class MultimodalDataset(Dataset):
             self.numeric_columns = list(stats["output_columns"])
             self._numeric = apply_stats(np.stack([table.features[i] for i in ids]), stats)
         self.num_features = len(self.numeric_columns)
+        # categorical columns (DataFrame sources): codes 1..K by the train split's sorted values, 0 = missing/unseen
+        self.categories: dict[str, list[str]] | None = None
+        self.categorical_columns = list(table.categorical_columns)
+        self._categorical = None
+        if self.categorical_columns and "numeric" in self.modalities:
+            cols = self.categorical_columns
+            if categories is None:
+                categories = {c: sorted({table.categorical[i][j] for i in fit_ids} - {None}) for j, c in enumerate(cols)}
+            elif sorted(categories) != sorted(cols):
+                raise DataError(f"categories were computed for columns {sorted(categories)} but this data has "
+                                f"categorical columns {sorted(cols)}; pass the train dataset's ds.categories")
+            self.categories = {c: list(categories[c]) for c in cols}
+            lookup = [{v: k + 1 for k, v in enumerate(self.categories[c])} for c in cols]
+            self._categorical = np.array([[lookup[j].get(table.categorical[i][j], 0) for j in range(len(cols))]
+                                          for i in ids], dtype=np.int64).reshape(len(ids), len(cols))
         self._images = [table.images[i] for i in ids] if "image" in self.modalities else None
 
     # ---------------------------------------------------------------------------------- builders
@@ -774,7 +803,10 @@ class MultimodalDataset(Dataset):
             item["text_mask"] = torch.from_numpy(self._text_mask[index].copy())
         if "numeric" in self.modalities:
             item["numeric"] = torch.from_numpy(self._numeric[index].copy())
-        item["label"] = torch.tensor(int(self.targets[index]), dtype=torch.int64)
+        if self._categorical is not None:
+            item["categorical"] = torch.from_numpy(self._categorical[index].copy())
+        if self.has_labels:
+            item["label"] = torch.tensor(int(self.targets[index]), dtype=torch.int64)
         return item
 
     def metadata(self) -> dict[str, Any]:
@@ -797,6 +829,8 @@ class MultimodalDataset(Dataset):
             "numeric_columns": list(self.numeric_columns),
             "num_features": self.num_features,
             "split_source": self.split_source,
+            "categorical_columns": list(self.categorical_columns),
+            "categories": self.categories,
         }
 
     def __repr__(self) -> str:
@@ -874,11 +908,17 @@ def load_splits(
     table = _scan(root, modalities, on_error, restrict_to_splits=True)
     if not table.has_splits_csv:
         log.warning("%s: no splits.csv; using a %s", table.root, table.split_source.removeprefix("generated: "))
+    return _splits_of(table, image_size=image_size, tokenizer=tokenizer, max_length=max_length, on_error=on_error)
+
+
+def _splits_of(table: _Table, *, image_size: int, tokenizer: Any, max_length: int, on_error: str
+               ) -> dict[str, MultimodalDataset]:
+    """Train, val, test of a checked table; val / test reuse train's label map, tokenizer, stats, categories."""
     train = MultimodalDataset(table, "train", image_size=image_size, tokenizer=tokenizer, max_length=max_length,
                               on_error=on_error, label_map=None, stats=None)
     out = {"train": train}
     for split in ("val", "test"):
         out[split] = MultimodalDataset(table, split, image_size=image_size, tokenizer=train.tokenizer,
                                        max_length=max_length, on_error=on_error, label_map=train.label_map,
-                                       stats=train.stats)
+                                       stats=train.stats, categories=train.categories)
     return out
