@@ -26,7 +26,13 @@ from mmbridge.data.folder import (
     make_splits,
 )
 from mmbridge.data.sources import frame_columns, load_frame_splits
-from mmbridge.data.tf_adapter import TFDataIterable, resolve_rank, tf_data_to_torch
+from mmbridge.data.tf_adapter import (
+    TFDataDataset,
+    TFDataIterable,
+    resolve_rank,
+    tf_data_to_dataset,
+    tf_data_to_torch,
+)
 from mmbridge.data.tokenizers import (
     HFTokenizer,
     WordTokenizer,
@@ -40,6 +46,7 @@ __all__ = [
     "SPLITS",
     "HFTokenizer",
     "MultimodalDataset",
+    "TFDataDataset",
     "TFDataIterable",
     "WordTokenizer",
     "apply_stats",
@@ -53,6 +60,7 @@ __all__ = [
     "minilm_path",
     "resolve_rank",
     "sample_dir",
+    "tf_data_to_dataset",
     "tf_data_to_torch",
     "tokenizer_from_dict",
 ]
