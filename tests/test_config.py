@@ -420,3 +420,73 @@ def test_imports_register_a_fusion_head_for_yaml_and_cli(tmp_path, monkeypatch, 
         if "mean" in fusion_heads:
             fusion_heads.unregister("mean")
         sys.modules.pop(mod, None)
+
+
+# -- any Hugging Face text encoder, offline, with its own tokenizer (issue 14 item 4) -------------
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
+    set("the a of and shape red blue green circle square triangle star small big colour is with".split())
+    | set("abcdefghijklmnopqrstuvwxyz0123456789") | {f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"})
+
+
+def _tiny_hf(path, kind="bert", vocab=VOCAB, vocab_rows=None):
+    """A random tiny BERT / DistilBERT and its WordPiece tokenizer saved to ``path`` (no download)."""
+    transformers = pytest.importorskip("transformers")
+    path.mkdir(parents=True)
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok_cls = transformers.BertTokenizerFast if kind == "bert" else transformers.DistilBertTokenizerFast
+    try:  # transformers >= 5 takes the vocabulary itself; older versions a vocab file
+        tok = tok_cls(vocab={w: i for i, w in enumerate(vocab)})
+    except TypeError:
+        tok = tok_cls(vocab_file=str(path / "vocab.txt"))
+    assert len(tok) == len(vocab)
+    tok.save_pretrained(path)
+    rows = vocab_rows or len(vocab)
+    if kind == "bert":
+        cfg = transformers.BertConfig(vocab_size=rows, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, max_position_embeddings=64)
+        model = transformers.BertModel(cfg)
+    else:
+        cfg = transformers.DistilBertConfig(vocab_size=rows, dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                                            max_position_embeddings=64)
+        model = transformers.DistilBertModel(cfg)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def _hf_cfg(tokenizer, encoder, out):
+    return {
+        "data": {"root": None, "image_size": 16, "max_length": 16, "modalities": ["text"], "tokenizer": tokenizer},
+        "model": {"branches": {"text": {"encoder": {"type": "hf", "path": encoder}}}, "fusion_dim": 16},
+        "training": {"epochs": 1, "batch_size": 32, "lr": 0.01, "precision": "fp32", "progress": False},
+        "output": {"dir": str(out), "tensorboard": False},
+    }
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_any_offline_hf_encoder_trains_with_its_own_tokenizer(tmp_path, kind):
+    from mmbridge.cli.train import main
+
+    model_dir = _tiny_hf(tmp_path / kind, kind)
+    cfg = load_config(None, data=_hf_cfg(model_dir, model_dir, tmp_path / "run"))
+    assert cfg.data.tokenizer == model_dir
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_hf_cfg(model_dir, model_dir, tmp_path / "run")))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["results"]
+
+
+def test_tokenizer_encoder_mismatch_is_a_config_error_before_training(tmp_path):
+    big_vocab = _tiny_hf(tmp_path / "small_embedding", "bert", vocab_rows=20)   # tokenizer ids > 20 rows
+    a = _tiny_hf(tmp_path / "a", "bert")
+    b = _tiny_hf(tmp_path / "b", "distilbert")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, data=_hf_cfg(big_vocab, big_vocab, tmp_path / "r"))
+    assert f"has {len(VOCAB)} ids but the encoder's embedding has 20 rows" in str(err.value)
+    with pytest.raises(ConfigError, match="name two different models"):
+        load_config(None, data=_hf_cfg(a, b, tmp_path / "r"))
+    with pytest.raises(ConfigError, match="data.tokenizer is 'word'"):
+        load_config(None, data=_hf_cfg("word", a, tmp_path / "r"))
+    with pytest.raises(ConfigError, match="data.tokenizer: tokenizer '/no/such/model' cannot be loaded offline"):
+        load_config(None, data=_hf_cfg("/no/such/model", a, tmp_path / "r"))
+    with pytest.raises(ConfigError, match="did you mean 'word'"):
+        load_config(None, data=_hf_cfg("wrod", a, tmp_path / "r"))

@@ -229,8 +229,17 @@ class DataConfig(_Section):
               f"{where}.max_length: must be an int >= 2 (tokens), got {self.max_length!r}")
         if not isinstance(self.tokenizer, str) or self.tokenizer not in tokenizers:
             close = tokenizers.suggest(self.tokenizer)
-            problems.append(f"{where}.tokenizer: must be one of {tokenizers.names()}, got {self.tokenizer!r}"
-                            + (f"; did you mean {close[0]!r}?" if close else ""))
+            if isinstance(self.tokenizer, str) and self.tokenizer.strip() and not close:
+                try:  # a Hugging Face model's tokenizer, offline (imports transformers, only for such a name)
+                    from mmbridge.data.tokenizers import hf_tokenizer
+
+                    hf_tokenizer(self.tokenizer)
+                except (ValueError, ImportError) as exc:
+                    problems.append(f"{where}.tokenizer: {exc}")
+            else:
+                problems.append(f"{where}.tokenizer: must be one of {tokenizers.names()}, a local transformers model "
+                                f"directory or a cached Hugging Face model name, got {self.tokenizer!r}"
+                                + (f"; did you mean {close[0]!r}?" if close else ""))
         check(self.on_error in ON_ERROR, problems,
               f"{where}.on_error: must be 'raise' or 'skip', got {self.on_error!r}")
 
@@ -432,6 +441,13 @@ class RunConfig(Mapping):
                     problems.append(f"model.branches.{name}.input_keys: {missing} not provided by data.modalities "
                                     f"{list(self.data.valid_modalities)} (they provide {sorted(available)}); add the "
                                     f"modality or change input_keys")
+        for name, b in self.model.branches.items():
+            enc = b.encoder
+            if enc is not None and enc.type == "hf" and isinstance(getattr(enc, "path", None), str) \
+                    and "text" in self.data.valid_modalities and isinstance(self.data.tokenizer, str):
+                from mmbridge.train.components import hf_pairing_problems
+
+                problems.extend(hf_pairing_problems(self.data.tokenizer, enc.path, f"model.branches.{name}.encoder"))
         if self.framework == "keras":
             _check_keras(self, problems)
 
