@@ -330,7 +330,7 @@ def test_component_types_and_tokenizers_are_registries():
     assert component_types("preprocess") == ["artifact", "export", "import"]
     assert [n for n in components.names() if components.get(n).keras] == ["conv", "mlp", "text"]
     assert sorted(tokenizers.names()) == sorted(TOKENIZER_NAMES)
-    with pytest.raises(ConfigError, match=r"data.tokenizer: must be one of \['minilm', 'word'\], got 'wrod'; did you mean 'word'"):
+    with pytest.raises(ConfigError, match=r"data.tokenizer: must be one of \['minilm', 'word'\], a local transformers model directory or a cached Hugging Face model name, got 'wrod'; did you mean 'word'"):
         load_config(None, ["data.tokenizer=wrod"], data={"model": {"branches": {"numeric": {"encoder": {"type": "mlp"}}}}})
 
 
