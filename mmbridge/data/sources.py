@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from mmbridge.data.folder import (
+    LABEL_POLICIES,
     MODALITIES,
     SPLIT_FRACTIONS,
     SPLITS,
@@ -71,8 +72,6 @@ from mmbridge.data.tokenizers import Tokenizer
 from mmbridge.errors import DataError
 
 __all__ = ["LABEL_POLICIES", "frame_columns", "load_frame_splits"]
-
-LABEL_POLICIES = ("required", "optional")
 
 
 def frame_columns(frame: Any) -> dict[str, list[Any]]:
