@@ -490,3 +490,10 @@ def test_tokenizer_encoder_mismatch_is_a_config_error_before_training(tmp_path):
         load_config(None, data=_hf_cfg("/no/such/model", a, tmp_path / "r"))
     with pytest.raises(ConfigError, match="did you mean 'word'"):
         load_config(None, data=_hf_cfg("wrod", a, tmp_path / "r"))
+
+
+def test_a_model_directory_named_like_a_builtin_tokenizer_is_a_directory(tmp_path, monkeypatch):
+    d = _tiny_hf(tmp_path / "words", "bert")          # "words" is close to "word": a path still wins
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, data=_hf_cfg("words", "words", tmp_path / "r"))
+    assert cfg.data.tokenizer == "words" and Path(d).name == "words"

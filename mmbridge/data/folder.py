@@ -22,6 +22,8 @@ Rules (DESIGN.md section 8):
   exclude incomplete rows). Otherwise every id found in any requested modality is considered.
   Without ``splits.csv``, a requested split comes from a deterministic stratified 70/15/15
   split of the kept ids by label (seed 0; :func:`make_splits`), which is logged.
+* ``labels="optional"`` (data to predict on): the ``label`` column may be absent or empty; an
+  unlabelled id has target -1, and a split without any label yields items without ``"label"``.
 * Labels come from ``text.csv`` and/or ``numeric.csv`` (whichever is requested; for an
   image-only dataset from ``text.csv``, else ``numeric.csv``).
 * Empty numeric cells are real missing values, not errors: they are filled with the TRAIN

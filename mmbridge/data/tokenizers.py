@@ -340,7 +340,7 @@ def get_tokenizer(name: str, texts: Iterable[str] | None = None, *, max_vocab: i
             or without ``transformers``.
     """
     close = difflib.get_close_matches(str(name), TOKENIZER_NAMES, n=1)
-    if isinstance(name, str) and name not in TOKENIZER_NAMES and not close and name.strip():
+    if isinstance(name, str) and name not in TOKENIZER_NAMES and name.strip() and (not close or Path(name).is_dir()):
         return hf_tokenizer(name)
     if not isinstance(name, str) or name not in TOKENIZER_NAMES:
         hint = f" Did you mean {close[0]!r}?" if close else ""

@@ -229,7 +229,7 @@ class DataConfig(_Section):
               f"{where}.max_length: must be an int >= 2 (tokens), got {self.max_length!r}")
         if not isinstance(self.tokenizer, str) or self.tokenizer not in tokenizers:
             close = tokenizers.suggest(self.tokenizer)
-            if isinstance(self.tokenizer, str) and self.tokenizer.strip() and not close:
+            if isinstance(self.tokenizer, str) and self.tokenizer.strip() and (not close or Path(self.tokenizer).is_dir()):
                 try:  # a Hugging Face model's tokenizer, offline (imports transformers, only for such a name)
                     from mmbridge.data.tokenizers import hf_tokenizer
 
