@@ -333,9 +333,17 @@ DDP_SCRIPT = textwrap.dedent("""
     tr.fit()
     got = [None, None]
     dist.all_gather_object(got, seen)
+    # without ids, an unseeded shuffle gives each rank another order: refused on every rank
+    try:
+        tf_data_to_dataset(tf.data.Dataset.from_tensor_slices({"numeric": x}).shuffle(101), id_key=None)
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
+    flags = [None, None]
+    dist.all_gather_object(flags, refused)
     if rank == 0:
         with open(os.path.join(sys.argv[1], "ids.json"), "w") as f:
-            json.dump(got, f)
+            json.dump({"ids": got, "refused": flags}, f)
     dist.destroy_process_group()
 """)
 
@@ -356,6 +364,8 @@ def test_two_gloo_processes_train_on_a_tf_dataset(tf, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import json
 
-    ids0, ids1 = json.loads((tmp_path / "ids.json").read_text())
+    out = json.loads((tmp_path / "ids.json").read_text())
+    ids0, ids1 = out["ids"]
+    assert all("the ranks read different elements" in r for r in out["refused"]), out["refused"]
     assert len(ids0) == len(ids1) == 51                      # 101 ids, one padded: 7 batches per rank
     assert set(ids0) | set(ids1) == set(range(101)) and len(set(ids0) & set(ids1)) == 1
