@@ -67,7 +67,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
         "model.branches.numeric.input_keys: ['tabular'] not provided by data.modalities",
         "training.epochs: must be an int >= 1, got 0",
         "training.precision: must be fp32, bf16 or fp16, got 'fp8'",
-        "training.lr: must be a positive number, got -1",
+        "training.lr: must be a finite number in (0, 10], got -1",
         "training.learning_rate: unknown key",
         "training.batch_size: must be an int >= 1, got 0",
         "override 'oops': expected dotted.key=value",
@@ -330,5 +330,170 @@ def test_component_types_and_tokenizers_are_registries():
     assert component_types("preprocess") == ["artifact", "export", "import"]
     assert [n for n in components.names() if components.get(n).keras] == ["conv", "mlp", "text"]
     assert sorted(tokenizers.names()) == sorted(TOKENIZER_NAMES)
-    with pytest.raises(ConfigError, match=r"data.tokenizer: must be one of \['minilm', 'word'\], got 'wrod'; did you mean 'word'"):
+    with pytest.raises(ConfigError, match=r"data.tokenizer: must be one of \['minilm', 'word'\], a local transformers model directory or a cached Hugging Face model name, got 'wrod'; did you mean 'word'"):
         load_config(None, ["data.tokenizer=wrod"], data={"model": {"branches": {"numeric": {"encoder": {"type": "mlp"}}}}})
+
+
+# -- YAML strictness (issue 15 item 4) and imports: (issue 14 item 5) ---------------------------
+def test_duplicate_yaml_key_is_an_error_naming_key_and_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("training:\n  epochs: 2\n  lr: 0.01\n  epochs: 3\noutput: {dir: x}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "duplicate key 'epochs' on line 4 (first given on line 2)" in msg, msg
+    # the same key in different mappings is fine; a duplicate section is refused too
+    path.write_text("data: {image_size: 16}\ntraining: {epochs: 1}\ndata: {image_size: 32}\n")
+    with pytest.raises(ConfigError, match="duplicate key 'data' on line 3"):
+        load_config(path)
+    from mmbridge.train.config import _load_yaml
+
+    assert _load_yaml("a: {epochs: 1}\nb: {epochs: 2}\nc: [{x: 1}, {x: 2}]\n")["b"]["epochs"] == 2
+
+
+def test_numbers_must_be_finite_and_in_range_all_listed(tmp_path):
+    path = tmp_path / "nums.yaml"
+    path.write_text("training:\n  lr: .inf\n  weight_decay: .nan\n  grad_clip: -.inf\n  batch_size: -4\n"
+                    "  epochs: 1.5\nmodel:\n  modality_dropout: .nan\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["training.seed=-1"])
+    msg = str(err.value)
+    for e in ("training.lr: must be a finite number in (0, 10], got inf",
+              "training.weight_decay: must be a finite number in [0, 1], got nan",
+              "training.grad_clip: must be a finite positive number or null, got -inf",
+              "training.batch_size: must be an int >= 1, got -4",
+              "training.epochs: must be an int >= 1, got 1.5",
+              "model.modality_dropout: must be a number in [0, 1), got nan",
+              "training.seed: must be an int >= 0, got -1"):
+        assert e in msg, f"{e!r} not in\n{msg}"
+    assert "8 problems" in msg  # the 7 above + model.branches (none given)
+    with pytest.raises(ConfigError, match=r"training.lr: must be a finite number in \(0, 10\], got 100"):
+        load_config(None, ["training.lr=100"])
+
+
+def _authoring_guide_mean_fusion() -> str:
+    """The `fusion: mean` example module of docs/authoring-guide.md, as written (minus its compose call)."""
+    text = (REPO / "docs" / "authoring-guide.md").read_text()
+    start = text.index('@mmbridge.fusion_heads.register("mean")')
+    block_start = text.rindex("```python", 0, start) + len("```python")
+    block = text[block_start:text.index("```", start)]
+    assert "class MeanFusion" in block
+    return "\n".join(line for line in block.splitlines() if not line.startswith("model = mmbridge.compose("))
+
+
+def test_imports_register_a_fusion_head_for_yaml_and_cli(tmp_path, monkeypatch, capsys):
+    from mmbridge.cli.train import main
+    from mmbridge.composition.heads import fusion_heads
+
+    mod = "mmb_user_heads_" + tmp_path.name.replace("-", "_")
+    (tmp_path / f"{mod}.py").write_text(_authoring_guide_mean_fusion())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = {
+        "imports": [mod],
+        "data": {"root": None, "image_size": 16, "max_length": 16, "modalities": ["text", "numeric"]},
+        "model": {"branches": {"text": {"encoder": {"type": "text", "dim": 16}},
+                               "numeric": {"encoder": {"type": "mlp", "hidden": 16}}},
+                  "fusion": "mean", "fusion_dim": 16},
+        "training": {"epochs": 1, "batch_size": 32, "lr": 0.01, "precision": "fp32", "progress": False},
+        "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
+    }
+    try:
+        # without the import the head is unknown (reported as a config problem)
+        no_imports = {k: v for k, v in cfg.items() if k != "imports"}
+        if "mean" not in fusion_heads:
+            with pytest.raises(ConfigError, match="unknown fusion head 'mean'"):
+                load_config(None, data=no_imports)
+        loaded = load_config(None, data=cfg)
+        assert loaded.imports == (mod,) and loaded.model.fusion == "mean"
+        assert load_config(None, data=loaded.to_dict()) == loaded  # the saved config.yaml form reloads
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["train", str(tmp_path / "c.yaml")]) == 0
+        assert (tmp_path / "run" / "report.json").is_file()
+        # a module that does not import is one listed problem among the others
+        with pytest.raises(ConfigError) as err:
+            load_config(None, data={**cfg, "imports": ["no_such_module_xyz"], "training": {"epochs": 0}})
+        assert "imports: cannot import 'no_such_module_xyz'" in str(err.value)
+        assert "training.epochs: must be an int >= 1" in str(err.value)
+        with pytest.raises(ConfigError, match="imports: must be a list of module names"):
+            load_config(None, data={"imports": "x"})
+    finally:
+        if "mean" in fusion_heads:
+            fusion_heads.unregister("mean")
+        sys.modules.pop(mod, None)
+
+
+# -- any Hugging Face text encoder, offline, with its own tokenizer (issue 14 item 4) -------------
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
+    set("the a of and shape red blue green circle square triangle star small big colour is with".split())
+    | set("abcdefghijklmnopqrstuvwxyz0123456789") | {f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"})
+
+
+def _tiny_hf(path, kind="bert", vocab=VOCAB, vocab_rows=None):
+    """A random tiny BERT / DistilBERT and its WordPiece tokenizer saved to ``path`` (no download)."""
+    transformers = pytest.importorskip("transformers")
+    path.mkdir(parents=True)
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok_cls = transformers.BertTokenizerFast if kind == "bert" else transformers.DistilBertTokenizerFast
+    try:  # transformers >= 5 takes the vocabulary itself; older versions a vocab file
+        tok = tok_cls(vocab={w: i for i, w in enumerate(vocab)})
+    except TypeError:
+        tok = tok_cls(vocab_file=str(path / "vocab.txt"))
+    assert len(tok) == len(vocab)
+    tok.save_pretrained(path)
+    rows = vocab_rows or len(vocab)
+    if kind == "bert":
+        cfg = transformers.BertConfig(vocab_size=rows, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, max_position_embeddings=64)
+        model = transformers.BertModel(cfg)
+    else:
+        cfg = transformers.DistilBertConfig(vocab_size=rows, dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                                            max_position_embeddings=64)
+        model = transformers.DistilBertModel(cfg)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def _hf_cfg(tokenizer, encoder, out):
+    return {
+        "data": {"root": None, "image_size": 16, "max_length": 16, "modalities": ["text"], "tokenizer": tokenizer},
+        "model": {"branches": {"text": {"encoder": {"type": "hf", "path": encoder}}}, "fusion_dim": 16},
+        "training": {"epochs": 1, "batch_size": 32, "lr": 0.01, "precision": "fp32", "progress": False},
+        "output": {"dir": str(out), "tensorboard": False},
+    }
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_any_offline_hf_encoder_trains_with_its_own_tokenizer(tmp_path, kind):
+    from mmbridge.cli.train import main
+
+    model_dir = _tiny_hf(tmp_path / kind, kind)
+    cfg = load_config(None, data=_hf_cfg(model_dir, model_dir, tmp_path / "run"))
+    assert cfg.data.tokenizer == model_dir
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_hf_cfg(model_dir, model_dir, tmp_path / "run")))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["results"]
+
+
+def test_tokenizer_encoder_mismatch_is_a_config_error_before_training(tmp_path):
+    big_vocab = _tiny_hf(tmp_path / "small_embedding", "bert", vocab_rows=20)   # tokenizer ids > 20 rows
+    a = _tiny_hf(tmp_path / "a", "bert")
+    b = _tiny_hf(tmp_path / "b", "distilbert")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, data=_hf_cfg(big_vocab, big_vocab, tmp_path / "r"))
+    assert f"has {len(VOCAB)} ids but the encoder's embedding has 20 rows" in str(err.value)
+    with pytest.raises(ConfigError, match="name two different models"):
+        load_config(None, data=_hf_cfg(a, b, tmp_path / "r"))
+    with pytest.raises(ConfigError, match="data.tokenizer is 'word'"):
+        load_config(None, data=_hf_cfg("word", a, tmp_path / "r"))
+    with pytest.raises(ConfigError, match="data.tokenizer: tokenizer '/no/such/model' cannot be loaded offline"):
+        load_config(None, data=_hf_cfg("/no/such/model", a, tmp_path / "r"))
+    with pytest.raises(ConfigError, match="did you mean 'word'"):
+        load_config(None, data=_hf_cfg("wrod", a, tmp_path / "r"))
+
+
+def test_a_model_directory_named_like_a_builtin_tokenizer_is_a_directory(tmp_path, monkeypatch):
+    d = _tiny_hf(tmp_path / "words", "bert")          # "words" is close to "word": a path still wins
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, data=_hf_cfg("words", "words", tmp_path / "r"))
+    assert cfg.data.tokenizer == "words" and Path(d).name == "words"

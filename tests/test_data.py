@@ -468,3 +468,47 @@ def test_pokedex_minilm_tokenizer(pokedex_dir):
     n = int(item["text_mask"].sum())
     assert item["text"][n - 1].item() == 102 and (item["text"][n:] == 0).all()
     assert ds.tokenizer.to_dict() == {"kind": "hf", "name": "minilm", "path": ds.tokenizer.path}
+
+
+# ------------------------------------------------------------------------------------ optional labels
+def _strip_labels(src: Path, dst: Path, keep_every: int | None = None) -> Path:
+    """A copy of a folder whose CSVs lack the label column (or keep every n-th label only)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for name in ("text.csv", "numeric.csv"):
+        with open(dst / name, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        fields = [c for c in rows[0] if keep_every is not None or c != "label"]
+        with open(dst / name, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                if keep_every is not None and int(r["id"]) % keep_every:
+                    r["label"] = ""
+                w.writerow(r)
+    return dst
+
+
+def test_labels_optional_for_prediction_data(tmp_path):
+    d = _strip_labels(sample_dir(), tmp_path / "nolabels")
+    with pytest.raises(DataError, match="lacks column"):
+        load_splits(d, image_size=16)                       # default unchanged: labels are required
+    splits = load_splits(d, image_size=16, labels="optional")
+    item = splits["test"][0]
+    assert "label" not in item and {"image", "text", "numeric"} <= set(item)
+    assert splits["test"].has_labels is False and (splits["test"].targets == -1).all()
+    full = load_splits(sample_dir(), image_size=16)
+    assert splits["test"].ids == full["test"].ids           # splits.csv decides, not the labels
+    assert torch.equal(splits["test"][0]["numeric"], full["test"][0]["numeric"])
+    # some labels empty: refused by default, -1 with labels="optional"
+    part = _strip_labels(sample_dir(), tmp_path / "part", keep_every=2)
+    with pytest.raises(DataError, match="empty label"):
+        load_splits(part, image_size=16)
+    p = load_splits(part, image_size=16, labels="optional")
+    t = p["train"]
+    assert t.has_labels and all((t.targets[k] == -1) == (t.ids[k] % 2 == 1) for k in range(len(t)))
+    ds = MultimodalDataset.from_folder(d, split="val", image_size=16, labels="optional")
+    assert "label" not in ds[0]
+    with pytest.raises(ValueError, match="labels must be one of"):
+        load_splits(d, labels="maybe")

@@ -2,6 +2,8 @@
 
 * :class:`MultimodalDataset` / :func:`load_splits`: torch datasets yielding raw tensors
   (uint8 NHWC images, token ids + mask, float features, int64 labels).
+* :func:`load_frame_splits`: the same datasets from a pandas DataFrame or a ``datasets.Dataset``
+  (:mod:`mmbridge.data.sources`).
 * :mod:`mmbridge.data.tokenizers`: ``"word"`` (fit on train) and ``"minilm"`` (offline).
 * :func:`tf_data_to_torch`: an existing ``tf.data.Dataset`` as a per-rank torch ``IterableDataset``.
 * :func:`sample_dir`: the small synthetic dataset shipped with the package (offline demo).
@@ -23,7 +25,14 @@ from mmbridge.data.folder import (
     load_splits,
     make_splits,
 )
-from mmbridge.data.tf_adapter import TFDataIterable, resolve_rank, tf_data_to_torch
+from mmbridge.data.sources import frame_columns, load_frame_splits
+from mmbridge.data.tf_adapter import (
+    TFDataDataset,
+    TFDataIterable,
+    resolve_rank,
+    tf_data_to_dataset,
+    tf_data_to_torch,
+)
 from mmbridge.data.tokenizers import (
     HFTokenizer,
     WordTokenizer,
@@ -37,17 +46,21 @@ __all__ = [
     "SPLITS",
     "HFTokenizer",
     "MultimodalDataset",
+    "TFDataDataset",
     "TFDataIterable",
     "WordTokenizer",
     "apply_stats",
     "compute_stats",
     "get_tokenizer",
+    "frame_columns",
+    "load_frame_splits",
     "load_image",
     "load_splits",
     "make_splits",
     "minilm_path",
     "resolve_rank",
     "sample_dir",
+    "tf_data_to_dataset",
     "tf_data_to_torch",
     "tokenizer_from_dict",
 ]

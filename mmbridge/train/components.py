@@ -126,26 +126,91 @@ def build_mlp(cfg: MLPConfig, ctx: BuildContext) -> nn.Module:
 
 @dataclass(frozen=True)
 class HFConfig(ComponentConfig):
-    """A ``transformers.AutoModel`` from a local directory, or ``minilm`` (all-MiniLM-L6-v2), offline."""
+    """A ``transformers.AutoModel``, offline: a local model directory, a model name already in the
+    local Hugging Face cache, or ``minilm`` (all-MiniLM-L6-v2). Pair it with ``data.tokenizer``
+    naming the same model (checked: :func:`hf_pairing_problems`)."""
 
     type: ClassVar[str] = "hf"
     path: str | None = None
 
     def validate(self, where: str, problems: list[str]) -> None:
-        check(isinstance(self.path, str), problems,
-              f"{where}.path: a local transformers model directory or 'minilm', got {self.path!r}")
+        if not (isinstance(self.path, str) and self.path.strip()):
+            problems.append(f"{where}.path: a local transformers model directory, a cached Hugging Face model name "
+                            f"or 'minilm', got {self.path!r}")
+
+
+def resolve_hf(ref: str) -> str:
+    """A Hugging Face model reference in a comparable form: ``minilm`` -> its directory, a local
+    directory -> its real path, a cached model name -> itself."""
+    if ref == "minilm":
+        from mmbridge.data import minilm_path
+
+        try:
+            return os.path.realpath(minilm_path())
+        except ImportError:
+            return ref
+    return os.path.realpath(ref) if Path(ref).is_dir() else ref
+
+
+def _hf_config(ref: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_hf(ref), local_files_only=True)
+
+
+def hf_embedding_rows(ref: str) -> int | None:
+    """The number of rows of a model's token embedding (``config.vocab_size``), from its config only."""
+    cfg = _hf_config(ref)
+    n = getattr(cfg, "vocab_size", None)
+    if n is None and hasattr(cfg, "get_text_config"):
+        n = getattr(cfg.get_text_config(), "vocab_size", None)
+    return int(n) if n is not None else None
+
+
+def hf_pairing_problems(tokenizer: str, encoder: str, where: str) -> list[str]:
+    """Why ``data.tokenizer`` does not fit an ``hf`` encoder (before any training).
+
+    * ``word`` (a vocabulary fit on the train texts) with a pretrained encoder: ids mean nothing to it;
+    * two different models named (a tokenizer of one, the encoder of another);
+    * a tokenizer with more ids (``len(tokenizer)``, added tokens included) than the encoder's
+      embedding has rows (an index error, or a device-side assert on CUDA, mid-training).
+    """
+    if tokenizer == "word":
+        return [f"{where}: an hf encoder ({encoder!r}) reads its own model's token ids, but data.tokenizer is "
+                f"'word' (a vocabulary fit on the train texts); set data.tokenizer: {encoder}"]
+    if not isinstance(tokenizer, str) or tokenizer in tokenizers and tokenizer != "minilm":
+        return []
+    if resolve_hf(tokenizer) != resolve_hf(encoder):
+        return [f"{where}: data.tokenizer {tokenizer!r} and the hf encoder {encoder!r} name two different models; a "
+                f"tokenizer's ids index its own model's embedding: use the same model for both"]
+    try:
+        from mmbridge.data.tokenizers import hf_tokenizer
+
+        n_tok = hf_tokenizer(tokenizer).vocab_size
+        rows = hf_embedding_rows(encoder)
+    except ImportError:  # transformers or the minilm package missing: the build step says what to install
+        return []
+    except Exception as exc:  # noqa: BLE001 - not loadable offline: reported, not raised
+        return [f"{where}: cannot read the hf model {encoder!r} offline ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); give a local model directory or a cached model name"]
+    if rows is not None and n_tok > rows:
+        return [f"{where}: the tokenizer of {tokenizer!r} has {n_tok} ids but the encoder's embedding has {rows} rows "
+                f"(config.vocab_size); ids >= {rows} would index past it. Use the tokenizer the model was trained "
+                f"with, or resize the model's embeddings (model.resize_token_embeddings) and save it"]
+    return []
 
 
 @register_component(HFConfig)
 def build_hf(cfg: HFConfig, ctx: BuildContext) -> nn.Module:
     from transformers import AutoModel
 
-    path = cfg.path
-    if path == "minilm":
-        from mmbridge.data import minilm_path
-
-        path = str(minilm_path())
-    return AutoModel.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(resolve_hf(cfg.path), local_files_only=True)
+    vocab = getattr(ctx.train_ds, "vocab_size", None)
+    rows = model.get_input_embeddings().num_embeddings if model.get_input_embeddings() is not None else None
+    if vocab is not None and rows is not None and vocab > rows:
+        raise ConfigError(f"{ctx.where}: the data's tokenizer has {vocab} ids but {cfg.path!r}'s embedding has {rows} "
+                          f"rows; use the model's own tokenizer (data.tokenizer: {cfg.path})")
+    return model
 
 
 # -- bridged TF parts ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ every example config says ``precision:`` explicitly) and ``model.fusion_dim`` **
 Schema (defaults: the dataclasses; in YAML form in :data:`DEFAULTS` and :data:`TOP_LEVEL`)::
 
     framework: torch           # torch | keras (mmbridge.baselines.keras_run: the model built and trained in Keras)
+    imports: []                # modules imported before validation: their bridges / heads / component types apply
     data:                      # mmbridge.data.load_splits(...)
       root: ../shared/data/pokedex   # null -> the built-in sample (mmbridge.data.sample_dir())
       modalities: [image, text, numeric]
@@ -69,6 +70,9 @@ the registry's closest name):
 ``task: classification``, ``precision: fp32`` and ``grad_accum: 1``; anything else is reported
 with the branch or key it concerns.
 
+YAML is read strictly: a key given twice in one mapping is an error naming the key and its lines,
+and numbers must be finite and in range (``lr: .inf``, ``batch_size: -1`` are refused).
+
 Relative paths are relative to the current directory. Overrides are ``dotted.key=value`` with
 the value parsed as YAML (``training.epochs=3``, ``model.fusion=gated``,
 ``data.root=null``).
@@ -78,8 +82,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
+import math
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +115,28 @@ __all__ = ["BranchConfig", "ComponentConfig", "DataConfig", "ModelConfig", "Outp
 
 class _Loader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that also reads ``1e-3`` / ``3E+4`` as floats (YAML 1.2; PyYAML's 1.1
-    rules would leave ``lr: 1e-3`` a string)."""
+    rules would leave ``lr: 1e-3`` a string) and refuses a key repeated in one mapping (PyYAML
+    would silently keep the last one): the error names the key and both lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable key: SafeLoader reports it below
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {key!r} on line {line} (first given on line {first}); each key may "
+                        f"appear once in a mapping", key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -120,6 +148,11 @@ _Loader.add_implicit_resolver(
     |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."),
 )
+
+
+def _finite(v: Any) -> bool:
+    """An int or float (not a bool) that is finite (not ``.inf`` / ``.nan``)."""
+    return is_num(v) and math.isfinite(v)
 
 
 def _load_yaml(text: str) -> Any:
@@ -196,8 +229,17 @@ class DataConfig(_Section):
               f"{where}.max_length: must be an int >= 2 (tokens), got {self.max_length!r}")
         if not isinstance(self.tokenizer, str) or self.tokenizer not in tokenizers:
             close = tokenizers.suggest(self.tokenizer)
-            problems.append(f"{where}.tokenizer: must be one of {tokenizers.names()}, got {self.tokenizer!r}"
-                            + (f"; did you mean {close[0]!r}?" if close else ""))
+            if isinstance(self.tokenizer, str) and self.tokenizer.strip() and (not close or Path(self.tokenizer).is_dir()):
+                try:  # a Hugging Face model's tokenizer, offline (imports transformers, only for such a name)
+                    from mmbridge.data.tokenizers import hf_tokenizer
+
+                    hf_tokenizer(self.tokenizer)
+                except (ValueError, ImportError) as exc:
+                    problems.append(f"{where}.tokenizer: {exc}")
+            else:
+                problems.append(f"{where}.tokenizer: must be one of {tokenizers.names()}, a local transformers model "
+                                f"directory or a cached Hugging Face model name, got {self.tokenizer!r}"
+                                + (f"; did you mean {close[0]!r}?" if close else ""))
         check(self.on_error in ON_ERROR, problems,
               f"{where}.on_error: must be 'raise' or 'skip', got {self.on_error!r}")
 
@@ -278,11 +320,12 @@ class TrainConfig(_Section):
             check(v is None or is_int(v, 1), problems, f"{where}.{key}: must be an int >= 1 or null, got {v!r}")
         check(is_num(self.ddp_timeout_min) and 0 < self.ddp_timeout_min < float("inf"), problems,
               f"{where}.ddp_timeout_min: must be a finite number of minutes > 0, got {self.ddp_timeout_min!r}")
-        check(is_num(self.lr) and self.lr > 0, problems, f"{where}.lr: must be a positive number, got {self.lr!r}")
-        check(is_num(self.weight_decay) and self.weight_decay >= 0, problems,
-              f"{where}.weight_decay: must be a number >= 0, got {self.weight_decay!r}")
-        check(self.grad_clip is None or (is_num(self.grad_clip) and self.grad_clip > 0), problems,
-              f"{where}.grad_clip: must be a positive number or null, got {self.grad_clip!r}")
+        check(_finite(self.lr) and 0 < self.lr <= 10, problems,
+              f"{where}.lr: must be a finite number in (0, 10], got {self.lr!r}")
+        check(_finite(self.weight_decay) and 0 <= self.weight_decay <= 1, problems,
+              f"{where}.weight_decay: must be a finite number in [0, 1], got {self.weight_decay!r}")
+        check(self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0), problems,
+              f"{where}.grad_clip: must be a finite positive number or null, got {self.grad_clip!r}")
         check(self.precision in PRECISIONS, problems,
               f"{where}.precision: must be fp32, bf16 or fp16, got {self.precision!r}")
         check(self.scheduler in SCHEDULERS, problems,
@@ -338,10 +381,14 @@ class RunConfig(Mapping):
 
     Attributes:
         framework: ``torch`` (default) or ``keras`` (:mod:`mmbridge.baselines.keras_run`).
+        imports: modules imported (in order) before the sections are validated, so that the
+            bridges, fusion / task heads and component types they register can be named in the
+            config (:func:`import_modules`).
         data, model, training, output: the sections.
     """
 
     framework: str = "torch"
+    imports: tuple[str, ...] = ()
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainConfig = field(default_factory=TrainConfig)
@@ -349,7 +396,8 @@ class RunConfig(Mapping):
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain YAML data (``framework`` first), as saved in ``config.yaml``."""
-        return {"framework": self.framework, **{k: getattr(self, k).to_dict() for k in SECTIONS}}
+        return {"framework": self.framework, "imports": list(self.imports),
+                **{k: getattr(self, k).to_dict() for k in SECTIONS}}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, where: str = "<config>",
@@ -365,7 +413,8 @@ class RunConfig(Mapping):
             ConfigError: one or more problems (all listed, one per line).
         """
         problems = problems if problems is not None else []
-        unknown_keys("", raw, ["framework", *SECTIONS], problems)
+        unknown_keys("", raw, ["framework", "imports", *SECTIONS], problems)
+        imports = import_modules(raw.get("imports"), problems)
         framework = raw.get("framework", cls.framework)
         check(framework in FRAMEWORKS, problems, f"framework: must be one of {list(FRAMEWORKS)}, got {framework!r}")
         given: dict[str, Mapping[str, Any]] = {}
@@ -381,7 +430,7 @@ class RunConfig(Mapping):
                                       mask_keys=MASK_KEYS)
         training = TrainConfig.from_dict(given["training"], problems=problems, where="training")
         output = OutputConfig.from_dict(given["output"], problems=problems, where="output")
-        cfg = cls(framework=framework, data=data, model=model, training=training, output=output)
+        cfg = cls(framework=framework, imports=imports, data=data, model=model, training=training, output=output)
         cfg._check_across_sections(problems)
         if problems:
             lines = "\n".join(f"  - {p}" for p in problems)
@@ -397,6 +446,13 @@ class RunConfig(Mapping):
                     problems.append(f"model.branches.{name}.input_keys: {missing} not provided by data.modalities "
                                     f"{list(self.data.valid_modalities)} (they provide {sorted(available)}); add the "
                                     f"modality or change input_keys")
+        for name, b in self.model.branches.items():
+            enc = b.encoder
+            if enc is not None and enc.type == "hf" and isinstance(getattr(enc, "path", None), str) \
+                    and "text" in self.data.valid_modalities and isinstance(self.data.tokenizer, str):
+                from mmbridge.train.components import hf_pairing_problems
+
+                problems.extend(hf_pairing_problems(self.data.tokenizer, enc.path, f"model.branches.{name}.encoder"))
         if self.framework == "keras":
             _check_keras(self, problems)
 
@@ -404,15 +460,17 @@ class RunConfig(Mapping):
     def __getitem__(self, key: str) -> Any:
         if key == "framework":
             return self.framework
+        if key == "imports":
+            return list(self.imports)
         if key in SECTIONS:
             return getattr(self, key).to_dict()
         raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(["framework", *SECTIONS])
+        return iter(["framework", "imports", *SECTIONS])
 
     def __len__(self) -> int:
-        return 1 + len(SECTIONS)
+        return 2 + len(SECTIONS)
 
     def replace(self, **sections: Any) -> RunConfig:
         """A copy with some fields replaced (``cfg.replace(training=cfg.training.replace(...))``)."""
@@ -422,7 +480,37 @@ class RunConfig(Mapping):
 #: The defaults of every section, in the YAML form (read from the dataclasses; kept for callers).
 DEFAULTS: dict[str, Any] = {k: v().to_dict() for k, v in SECTIONS.items()}
 #: Top-level keys that are plain values, not sections: name -> default.
-TOP_LEVEL: dict[str, Any] = {"framework": RunConfig.framework}
+TOP_LEVEL: dict[str, Any] = {"framework": RunConfig.framework, "imports": []}
+
+
+def import_modules(names: Any, problems: list[str]) -> tuple[str, ...]:
+    """Import the modules of a config's ``imports:`` list, in order; each failure is a problem.
+
+    A module's registrations (``@mmbridge.register_bridge``, ``@mmbridge.fusion_heads.register``,
+    ``@mmbridge.task_heads.register``, ``@register_component``) then apply to the rest of the
+    config, whichever entry point reads it (``mmbridge train``, ``evaluate``, :func:`load_config`).
+    Modules are found on ``sys.path`` as usual (the current directory with ``python -m``; set
+    ``PYTHONPATH`` for the ``mmbridge`` script). Importing a module twice is a no-op (Python's
+    module cache), so a saved ``config.yaml`` that repeats the list loads again.
+
+    Returns:
+        the module names as a tuple (``()`` for null).
+    """
+    if names is None:
+        return ()
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(
+            isinstance(n, str) and n.strip() for n in names):
+        problems.append(f"imports: must be a list of module names (e.g. [my_project.heads]), got {names!r}")
+        return ()
+    for name in names:
+        if name in sys.modules:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any failure of user code is reported as a config problem
+            problems.append(f"imports: cannot import {name!r} ({type(exc).__name__}: {exc}); it must be an "
+                            f"importable module on sys.path (set PYTHONPATH, or run from its folder with python -m)")
+    return tuple(names)
 
 
 def as_run_config(cfg: RunConfig | Mapping[str, Any]) -> RunConfig:
