@@ -303,6 +303,26 @@ def test_trainer_runs_on_a_tf_dataset(tf, tmp_path):
     assert len(trainer.history) == 2 and "val/top1" in trainer.history[-1]
 
 
+@pytest.mark.tf
+def test_trainer_takes_the_tf_dataset_itself_and_refuses_the_stream(tf, tmp_path):
+    """Trainer(model, tf.data.Dataset) used to fail with "has no len()"; the stream is refused by name."""
+    from mmbridge import ConfigError, Trainer, compose
+    from mmbridge.data import tf_data_to_torch
+
+    x = np.random.default_rng(1).normal(size=(32, 5)).astype(np.float32)
+    pipeline = tf.data.Dataset.from_tensor_slices({"id": np.arange(32), "numeric": x,
+                                                   "label": (x[:, 0] > 0).astype(np.int64)}).shuffle(32).batch(8)
+    model = compose({"numeric": torch.nn.Linear(5, 8)}, num_classes=2, fusion_dim=8,
+                    example_batch={"numeric": torch.zeros(2, 5)})
+    trainer = Trainer(model, pipeline, pipeline, out_dir=str(tmp_path), epochs=1, batch_size=8, progress=False,
+                      tensorboard=False, device="cpu")
+    assert len(trainer.train_data) == 32 and trainer.train_data.ids == list(range(32))
+    trainer.fit()
+    assert len(trainer.history) == 1
+    with pytest.raises(ConfigError, match="TFDataIterable cannot be sharded"):
+        Trainer(model, tf_data_to_torch(pipeline), out_dir=str(tmp_path / "b"), progress=False, device="cpu")
+
+
 DDP_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import numpy as np

@@ -168,7 +168,8 @@ class Trainer:
         self.env = distributed.setup(device, timeout_s=float(ddp_timeout_min) * 60.0)
         self.device = self.env.device
         self.model = model.to(self.device)
-        self.train_data, self.val_data = train_data, val_data
+        self.train_data, self.val_data = as_map_dataset(train_data, "train_data"), as_map_dataset(val_data, "val_data")
+        train_data = self.train_data
         self.out_dir = Path(out_dir)
         self.epochs, self.batch_size, self.grad_accum = int(epochs), int(batch_size), int(grad_accum)
         self.grad_clip, self.seed, self.num_workers = grad_clip, int(seed), int(num_workers)
@@ -636,6 +637,29 @@ class Trainer:
 
 
 _NO_STEP = 2**62  # "no non-finite loss seen" (a min over ranks keeps the first bad step)
+
+
+def as_map_dataset(data: Any, what: str) -> Any:
+    """``data`` as the map-style dataset the Trainer shards exactly (one rank per id per epoch).
+
+    A ``tf.data.Dataset`` is read once through :func:`mmbridge.data.tf_adapter.tf_data_to_dataset`
+    (sorted by its ``"id"``, so an unseeded ``.shuffle()`` cannot send an id to two ranks); the
+    streaming :class:`~mmbridge.data.tf_adapter.TFDataIterable` is refused (a ``DistributedSampler``
+    needs indices). Anything else is returned as it is (``None`` too).
+
+    Raises:
+        ConfigError: ``data`` is a ``TFDataIterable``.
+    """
+    if data is None:
+        return None
+    if type(data).__name__ == "TFDataIterable":
+        raise ConfigError(f"Trainer({what}=...): a streaming TFDataIterable cannot be sharded by index; pass the "
+                          f"tf.data.Dataset itself (it is read through mmbridge.data.tf_data_to_dataset)")
+    if (type(data).__module__ or "").startswith("tensorflow") and hasattr(data, "element_spec"):
+        from mmbridge.data.tf_adapter import tf_data_to_dataset
+
+        return tf_data_to_dataset(data)
+    return data
 
 
 class NonFiniteLossError(MMBridgeError, FloatingPointError):
