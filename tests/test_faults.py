@@ -416,3 +416,18 @@ def test_a_builder_returning_its_own_reference_is_refused_not_recursed(tmp_path,
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(mmbridge.SpecError, match="lead in a circle"):
         mmbridge.export("loopy_bridges:build", cache_dir=tmp_path / "cache", isolate=False)
+
+
+def test_ort_branches_of_a_config_get_the_provider_options_that_match_torch(tmp_path):
+    """ORT bridges built from a config get the CUDA options of training.deterministic (conv algorithm
+    search, TF32) so a rerun on a GPU picks the same kernels and rounds like torch (issue 17)."""
+    from mmbridge.train.build import build_component
+    from mmbridge.train.distributed import numerics
+
+    art = _artifact(tmp_path / "double")
+    for deterministic, search in ((True, "DEFAULT"), (False, "EXHAUSTIVE")):
+        opts = numerics(deterministic).ort_cuda_provider_options
+        module = build_component({"type": "artifact", "path": str(art.path), "backend": "ort"}, "model.branches.x",
+                                 trainable=False, ort_provider_options=opts)
+        assert module.session_options["provider_options"] == {"cudnn_conv_algo_search": search, "use_tf32": "0"}
+        torch.testing.assert_close(module(torch.ones(2, 3)), torch.full((2, 3), 2.0))  # CPU ignores them

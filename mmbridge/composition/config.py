@@ -117,12 +117,16 @@ class BuildContext:
         role: ``"encoder"`` or ``"preprocess"``.
         trainable: the branch's ``trainable`` (a preprocess is always built frozen).
         train_ds: the train split (``vocab_size``, ``num_features``, ``stats``), or None.
+        ort_provider_options: onnxruntime CUDA execution-provider options for ORT bridges, chosen to
+            agree with torch's numerics (:func:`mmbridge.train.distributed.numerics`: TF32, conv
+            algorithm search under ``training.deterministic``); empty: onnxruntime's defaults.
     """
 
     where: str
     role: str = "encoder"
     trainable: bool = True
     train_ds: Any = None
+    ort_provider_options: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

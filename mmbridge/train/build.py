@@ -54,6 +54,7 @@ def build_data(data: DataConfig | RunConfig | Mapping[str, Any]) -> dict[str, An
 
 
 def build_component(comp: ComponentConfig | Mapping[str, Any], where: str, *, train_ds: Any = None,
+                    ort_provider_options: Mapping[str, str] | None = None,
                     trainable: bool = True, role: str = "encoder") -> nn.Module:
     """One encoder / preprocess module from its config, by its registered type's builder.
 
@@ -74,7 +75,8 @@ def build_component(comp: ComponentConfig | Mapping[str, Any], where: str, *, tr
         if problems or parsed is None:
             raise ConfigError("; ".join(problems) or f"{where}: missing")
         comp = parsed
-    ctx = BuildContext(where=where, role=role, trainable=trainable, train_ds=train_ds)
+    ctx = BuildContext(where=where, role=role, trainable=trainable, train_ds=train_ds,
+                       ort_provider_options=dict(ort_provider_options or {}))
     return components.get(comp.type).build(comp, ctx)
 
 
@@ -90,14 +92,18 @@ def build_model(cfg: RunConfig | Mapping[str, Any], train_ds: Any, num_classes: 
     cfg = as_run_config(cfg)
     m = cfg.model
     torch.manual_seed(cfg.training.seed)
+    from mmbridge.train.distributed import numerics
+
+    ort_opts = numerics(cfg.training.deterministic).ort_cuda_provider_options  # ORT rounds like torch
     branches = {}
     for name, b in m.branches.items():
         where = f"model.branches.{name}"
         pre = None
         if b.preprocess is not None:
             pre = build_component(b.preprocess, f"{where}.preprocess", train_ds=train_ds, trainable=False,
-                                  role="preprocess")
-        enc = build_component(b.encoder, f"{where}.encoder", train_ds=train_ds, trainable=b.trainable)
+                                  role="preprocess", ort_provider_options=ort_opts)
+        enc = build_component(b.encoder, f"{where}.encoder", train_ds=train_ds, trainable=b.trainable,
+                              ort_provider_options=ort_opts)
         branches[name] = Branch(enc, preprocess=pre, input_keys=b.input_keys, mask_key=b.mask_key,
                                 out_dim=b.out_dim, trainable=b.trainable, projection=b.projection)
     example = default_collate([train_ds[i] for i in range(min(2, len(train_ds)))])

@@ -226,8 +226,10 @@ class _BridgedConfig(ComponentConfig):
         check(self.backend in BACKENDS, problems, f"{where}.backend: must be 'torch' or 'ort', got {self.backend!r}")
 
 
-def _bridge(art: Any, backend: str, trainable: bool) -> nn.Module:
-    return art.to_ort() if backend == "ort" else art.to_torch(trainable=trainable)
+def _bridge(art: Any, backend: str, ctx: BuildContext) -> nn.Module:
+    if backend == "ort":
+        return art.to_ort(provider_options=dict(ctx.ort_provider_options)) if ctx.ort_provider_options else art.to_ort()
+    return art.to_torch(trainable=ctx.trainable)
 
 
 @dataclass(frozen=True)
@@ -249,7 +251,7 @@ class ArtifactConfig(_BridgedConfig):
 def build_artifact(cfg: ArtifactConfig, ctx: BuildContext) -> nn.Module:
     from mmbridge.artifact import BridgeArtifact
 
-    return _bridge(BridgeArtifact.load(cfg.path), cfg.backend, ctx.trainable)
+    return _bridge(BridgeArtifact.load(cfg.path), cfg.backend, ctx)
 
 
 @dataclass(frozen=True)
@@ -287,7 +289,7 @@ def build_export(cfg: ExportConfig, ctx: BuildContext) -> nn.Module:
     path, error = distributed.broadcast_object((path, error))
     if error is not None:
         raise ConfigError(f"{ctx.where}: exporting {cfg.ref!r} failed on rank 0: {error}")
-    return _bridge(BridgeArtifact.load(path, check="size"), cfg.backend, ctx.trainable)
+    return _bridge(BridgeArtifact.load(path, check="size"), cfg.backend, ctx)
 
 
 def is_module_ref(ref: str) -> bool:
