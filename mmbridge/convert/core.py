@@ -143,6 +143,9 @@ def to_torch(source: Any, *, trainable: bool = True) -> fx.GraphModule:
     _materialise_weights(gm, model, nodes, trainable)
     _fuse_linear(gm, nodes)
     _fuse_silu(gm)
+    from mmbridge.convert.fusions import run_all as _run_fusions  # GELU, constant element-wise chains, views
+
+    gm.mmbridge_fusions = _run_fusions(gm)
     gm.graph.eliminate_dead_code()  # Constant nodes whose value a converter folded into its module
     gm.delete_all_unused_submodules()
     _drop_unused_weights(gm)
