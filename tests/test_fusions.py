@@ -186,3 +186,25 @@ def test_views_lowered_to_tensor_methods(monkeypatch):
     assert not [n for n in fu.graph.nodes if n.op == "call_module"]
     x = torch.randn(2, 3, 4, 5)
     assert torch.equal(fu(x), un(x))
+
+
+def test_einsum_dense_bias_after_reshape_folds_into_linear():
+    """MatMul -> Reshape(split the last dim) -> Add(b[4, 16]) (Keras EinsumDense): b is the Linear's bias."""
+    rng = np.random.default_rng(2)
+    w, b = rng.normal(size=(64, 64)), rng.normal(size=(4, 16))
+    nodes = [helper.make_node("MatMul", ["x", "mmb_var__q__kernel"], ["m"]),
+             helper.make_node("Reshape", ["m", "shape"], ["r"]), helper.make_node("Add", ["r", "mmb_var__q__bias"], ["y"])]
+    m = _model(nodes, [_vi("x", ["B", 32, 64])], [_vi("y", ["B", 32, 4, 16])],
+               [_c("mmb_var__q__kernel", w), _c("mmb_var__q__bias", b),
+                numpy_helper.from_array(np.array([-1, 32, 4, 16], np.int64), "shape")])
+    fu = tb.to_torch(m)
+    lins = [mod for mod in fu.modules() if isinstance(mod, torch.nn.Linear)]
+    assert len(lins) == 1 and lins[0].bias is not None and lins[0].bias.shape == (64,)
+    assert not any(type(mod).__name__ == "OnnxBinaryMathOperation" for mod in fu.modules())
+    assert "mmb_var__q__bias" in fu.mmbridge_sources.values()
+    x = torch.from_numpy(rng.normal(size=(3, 32, 64)).astype(np.float32))
+    ref = (x @ torch.from_numpy(w.astype(np.float32))).reshape(-1, 32, 4, 16) + torch.from_numpy(b.astype(np.float32))
+    torch.testing.assert_close(fu(x), ref, rtol=1e-6, atol=1e-5)
+    y = fu(x).sum()
+    y.backward()
+    assert lins[0].bias.grad is not None
