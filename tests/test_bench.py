@@ -146,3 +146,28 @@ def test_cli_tiny_runs_every_suite(tmp_path):
     for suite in SUITES:
         assert f"## {suite}" in md
     assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_tensor_memory_counts_live_and_saved_tensors():
+    """tensor_memory: peak of live storages created in the call, and what autograd saves (weights excluded)."""
+    import torch
+
+    from mmbridge.bench.harness import tensor_memory
+
+    lin = torch.nn.Linear(256, 256, bias=False)
+    x = torch.randn(1024, 256)  # 1 MiB
+
+    def fwd_no_grad():
+        with torch.no_grad():
+            a = torch.relu(lin(x))  # 1 MiB out of Linear, relu adds 1 MiB while both live
+            del a
+
+    m = tensor_memory(fwd_no_grad, params=list(lin.parameters()))
+    assert 1.9 <= m["peak_live_mib"] <= 2.1 and m["saved_for_backward_mib"] == 0
+
+    def fwd_grad():
+        lin(x).relu_().sum()
+
+    m = tensor_memory(fwd_grad, params=list(lin.parameters()))
+    # saved: x (the Linear's input, 1 MiB; the weight is excluded) and relu_'s result (1 MiB)
+    assert 1.9 <= m["saved_for_backward_mib"] <= 2.1
