@@ -702,7 +702,10 @@ def _memory_rows(ctx: SuiteContext, kind: str, models: dict[str, Any], x: Any, b
         base = got.get("torch_native", {}).get("peak_live_mib") or None
         for name, mem in got.items():
             ratio = round(mem["peak_live_mib"] / base, 3) if base else None
-            rows.append(Result("encoders", case, name, "torch_native", note="peak live tensors (ratio) and saved for backward; goal <= 1.2x",
+            note = (f"tensor memory: peak live {mem['peak_live_mib']:.3g} MiB"
+                    f"{f' ({ratio:.2f}x native)' if ratio is not None else ''}, saved for backward "
+                    f"{mem['saved_for_backward_mib']:.3g} MiB; goal <= 1.2x")
+            rows.append(Result("encoders", case, name, "torch_native", note=note,
                                items_per_call=batch, ratio=ratio, peak_py_mib=None,
                                params={"model": kind, "batch": batch, "mode": mode}, extra=dict(mem)))
     return rows
