@@ -23,6 +23,14 @@ takes and returns torch tensors without copying them through numpy:
   pre-allocated shape that turns out wrong (data-dependent shapes) is caught from ORT's own
   check (microsoft/onnxruntime#10992, case 20), the call is re-run with ORT-allocated outputs,
   that output is never pre-allocated again, and this is logged once.
+* **Repeated calls (CPU).** After a validated call, a positional call with the same input
+  types, dtypes, shapes, contiguity and device (CPU, no input requiring grad, every output shape
+  known) takes a fast path: inputs are rebound only when their data pointer or shape changed,
+  and each output comes from a two-deep pool of tensors ORT wrote before, reused (and its binding
+  kept) only when nothing outside the pool references it: no Python reference, no other holder
+  of its TensorImpl (autograd, DLPack) and no view on its storage. A result the caller still
+  holds is therefore never overwritten; otherwise a fresh tensor is allocated. Anything else
+  goes through the full path above.
 * **CUDA streams.** The session is created with ``user_compute_stream`` = torch's current
   stream on that device (or a dedicated stream when that is the legacy default stream). If a
   call comes from another current stream, the session stream first waits on it (a CUDA event,
@@ -209,7 +217,10 @@ def _refcount_baselines() -> tuple[int, int, int]:
     raise AssertionError
 
 
-_REF_BASE = _refcount_baselines()
+try:  # private torch APIs (Tensor._use_count, torch._C._storage_Use_Count): without them, no reuse
+    _REF_BASE: tuple[int, int, int] | None = _refcount_baselines()
+except Exception:  # noqa: BLE001 - pragma: no cover - other torch builds
+    _REF_BASE = None
 
 
 class _Runner:
@@ -363,7 +374,7 @@ class _Runner:
             for j, ((name, code, dtype), shape) in enumerate(zip(self.out_spec, out_shapes)):
                 pool = self.out_pool[j]
                 o = None
-                for c in pool:
+                for c in pool if _REF_BASE is not None else ():
                     if _holders(c) == _REF_BASE and c.shape == shape:
                         o = c
                         break
