@@ -134,6 +134,9 @@ def test_cli_tiny_runs_every_suite(tmp_path):
         if r["status"] != "ok":
             assert r["note"], r  # every skip or error says why
             continue
+        if "peak_live_mib" in r["extra"]:  # a tensor-memory row (harness.tensor_memory): no timing
+            assert r["timing"] is None and r["extra"]["peak_live_mib"] > 0 and r["ratio"] > 0, r
+            continue
         assert r["timing"]["median_ms"] > 0
         assert r["samples_per_s"] is None if r["suite"] == "cache" else r["samples_per_s"] > 0
         if r["ratio"] is not None:
@@ -146,3 +149,28 @@ def test_cli_tiny_runs_every_suite(tmp_path):
     for suite in SUITES:
         assert f"## {suite}" in md
     assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_tensor_memory_counts_live_and_saved_tensors():
+    """tensor_memory: peak of live storages created in the call, and what autograd saves (weights excluded)."""
+    import torch
+
+    from mmbridge.bench.harness import tensor_memory
+
+    lin = torch.nn.Linear(256, 256, bias=False)
+    x = torch.randn(1024, 256)  # 1 MiB
+
+    def fwd_no_grad():
+        with torch.no_grad():
+            a = torch.relu(lin(x))  # 1 MiB out of Linear, relu adds 1 MiB while both live
+            del a
+
+    m = tensor_memory(fwd_no_grad, params=list(lin.parameters()))
+    assert 1.9 <= m["peak_live_mib"] <= 2.1 and m["saved_for_backward_mib"] == 0
+
+    def fwd_grad():
+        lin(x).relu_().sum()
+
+    m = tensor_memory(fwd_grad, params=list(lin.parameters()))
+    # saved: x (the Linear's input, 1 MiB; the weight is excluded) and relu_'s result (1 MiB)
+    assert 1.9 <= m["saved_for_backward_mib"] <= 2.1

@@ -555,3 +555,49 @@ def test_cuda_autocast_fp16_into_fp32_graph():
         y = m(h)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, 2 * h.float(), rtol=0, atol=0)
+
+
+# --- the CPU fast path (issue 16 item 4): bind once, reuse unreferenced outputs --------------
+def test_fast_path_never_overwrites_a_result_the_caller_holds():
+    mod = mmbridge.to_ort(mul2_model(), intra_op_threads=1)
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    held = [mod(x) for _ in range(4)]  # after the first call these go through the fast path
+    assert mod._fast is not None
+    assert len({h.data_ptr() for h in held}) == 4  # every held result is its own memory
+    for h in held:
+        assert torch.equal(h, x * 2)
+    view = mod(x)[0]  # only a view of the result survives: its storage must not be reused
+    for _ in range(3):
+        y = mod(x + 1)
+    assert torch.equal(view, x[0] * 2) and torch.equal(y, (x + 1) * 2)
+
+
+def test_fast_path_reuses_a_dropped_output_and_rebinds_new_inputs():
+    mod = mmbridge.to_ort(mul2_model(), intra_op_threads=1)
+    x = torch.ones(2, 3)
+    ptrs = []
+    for _ in range(4):
+        ptrs.append(mod(x).data_ptr())  # dropped at once
+    runner = mod._fast[0]
+    assert len(runner.out_pool[0]) >= 1 and ptrs[-1] == ptrs[-2]  # the dropped output was reused
+    for k in range(3):  # a new tensor (new pointer) each call, same shape: rebound, right values
+        xk = torch.full((2, 3), float(k))
+        assert torch.equal(mod(xk), xk * 2)
+    # a shape change, a non-contiguous input and a dtype error all leave the fast path correctly
+    assert torch.equal(mod(torch.ones(5, 3)), torch.full((5, 3), 2.0))
+    xt = torch.arange(6, dtype=torch.float32).reshape(3, 2).t()
+    assert torch.equal(mod(xt), xt * 2)
+    with pytest.raises(SpecError):
+        mod(torch.ones(2, 3, dtype=torch.float64))
+    assert torch.equal(mod(x), x * 2)
+
+
+def test_fast_path_keeps_the_frozen_backward_error():
+    mod = mmbridge.to_ort(mul2_model(), intra_op_threads=1)
+    for _ in range(3):
+        mod(torch.ones(2, 3))
+    x = torch.ones(2, 3, requires_grad=True)
+    y = mod(x)
+    assert y.requires_grad
+    with pytest.raises(RuntimeBackendError, match="frozen"):
+        y.sum().backward()

@@ -281,6 +281,65 @@ class _RssSampler:
             self.peak = v
 
 
+def tensor_memory(fn: Callable[[], Any], params: Any = ()) -> dict[str, float]:
+    """Deterministic tensor memory of one call of ``fn`` (CPU or CUDA), in MiB.
+
+    RSS growth (:func:`peak_memory`) depends on what the allocator already holds from earlier
+    calls; this counts tensors instead:
+
+    * ``peak_live_mib``: the largest sum of the storages created during the call that are alive
+      at once (every op output is seen through a ``TorchDispatchMode``; a storage counts from its
+      creation until its last tensor is freed; views and in-place results add nothing);
+    * ``saved_for_backward_mib``: the storages autograd saves for backward during the call
+      (``torch.autograd.graph.saved_tensors_hooks``), without ``params`` (weights are not extra
+      memory). 0 under ``no_grad``.
+    """
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class _Live(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.live = self.peak = 0
+            self.sizes: dict[int, int] = {}
+            self.refs: list[Any] = []
+
+        def _free(self, key: int) -> None:
+            n = self.sizes.pop(key, None)
+            if n is not None:
+                self.live -= n
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and not t._is_view():
+                    key = t.untyped_storage().data_ptr()
+                    if key and key not in self.sizes:
+                        self.sizes[key] = n = t.untyped_storage().nbytes()
+                        self.live += n
+                        self.peak = max(self.peak, self.live)
+                        self.refs.append(weakref.ref(t, lambda _r, key=key: self._free(key)))
+            return out
+
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    saved: dict[int, int] = {}
+
+    def pack(t: Any) -> Any:
+        key = t.untyped_storage().data_ptr()
+        if key not in skip:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    gc.collect()
+    mode = _Live()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), mode:
+        fn()
+    return {"peak_live_mib": round(mode.peak / _MIB, 3), "saved_for_backward_mib": round(sum(saved.values()) / _MIB, 3)}
+
+
 def peak_memory(fn: Callable[[], Any], device: str = "cpu") -> dict[str, float | None]:
     """Peak memory of one call of ``fn``, in MiB (method in the module docstring).
 
@@ -586,4 +645,4 @@ def script_output(script: str, device: str, out: str | os.PathLike) -> Any:
 
 
 __all__ = ["HarnessConfig", "Variant", "Timing", "Result", "BenchRun", "measure_case", "skipped_case",
-           "peak_memory", "rss_bytes", "environment", "script_output", "SCHEMA_VERSION"]
+           "peak_memory", "tensor_memory", "rss_bytes", "environment", "script_output", "SCHEMA_VERSION"]

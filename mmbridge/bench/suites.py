@@ -71,6 +71,8 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
         "pre_image": [(2, 32, 24)],            # (batch, input side, output side)
         "pre_numeric": [(16, 8)],              # (batch, features)
+        "pre_numeric_us": [(64, 6)],           # (batch, features): the microsecond graph of issue 16
+        "transformer": [2],                    # batch of the tiny Transformer (seq 32, dim 64)
         "encoders": [("small_cnn", 2, 16)],    # (model, batch, side)
         "train_encoders": [("small_cnn", 2, 16)],
         "cache": [("small_cnn", 16)],
@@ -81,6 +83,8 @@ SIZES: dict[str, dict[str, Any]] = {
     "quick": {
         "pre_image": [(1, 128, 96), (16, 128, 96)],
         "pre_numeric": [(1024, 32)],
+        "pre_numeric_us": [(64, 6)],
+        "transformer": [16],
         "encoders": [("small_cnn", 16, 32), ("mobilenet_v2", 8, 96)],
         "train_encoders": [("small_cnn", 16, 32), ("mobilenet_v2", 8, 96)],
         "cache": [("mobilenet_v2", 224)],
@@ -91,6 +95,8 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": {
         "pre_image": [(1, 256, 224), (64, 256, 224)],
         "pre_numeric": [(8192, 64)],
+        "pre_numeric_us": [(64, 6)],
+        "transformer": [64],
         "encoders": [("small_cnn", 64, 32), ("mobilenet_v2", 32, 224), ("resnet50", 16, 224)],
         "train_encoders": [("small_cnn", 64, 32), ("mobilenet_v2", 16, 224), ("resnet50", 8, 224)],
         "cache": [("mobilenet_v2", 224), ("resnet50", 224), ("efficientnet_b0", 224)],
@@ -353,7 +359,100 @@ def suite_preprocess(ctx: SuiteContext) -> list[Result]:
                          config=ctx.config, params=params, log=ctx.log)
         _diff_notes(r, outputs, "torch_native")
         rows += r
+    for batch, feats in ctx.p.get("pre_numeric_us", []):
+        rows += _numeric_us_cases(ctx, tf, tf_note, batch, feats)
     return rows
+
+
+def _unfused_to_torch(art: Any, *, trainable: bool, device: str) -> tuple[Any, str | None]:
+    """``to_torch`` with mmbridge's post-conversion fusions switched off (the before of the fusion rows)."""
+    from mmbridge.convert import fusions
+
+    orig = fusions.run_all
+    fusions.run_all = lambda gm: {}
+    try:
+        return _to_torch(art, trainable=trainable, device=device)
+    finally:
+        fusions.run_all = orig
+
+
+def _numeric_us_cases(ctx: SuiteContext, tf: Any, tf_note: str | None, batch: int, feats: int) -> list[Result]:
+    """Issue 16 goals on a microsecond graph (``clip((x - mu) / sd, -5, 5)``, ``[64, 6]``).
+
+    * ``ort overhead``: ``to_ort()`` module vs a bare ``run_with_iobinding`` on pre-bound
+      OrtValues (goal <= 1.5x); ``ort_module`` is a plain call (no ``no_grad`` wrapper: nothing
+      requires grad), ``ort_module_no_grad`` the same inside ``torch.no_grad()``.
+    * ``converted vs hand-written``: ``to_torch`` (fused, and with the fusions off) vs the
+      hand-written torch expression (goal <= 2x); all inside ``torch.no_grad()``.
+    """
+    import torch
+
+    from mmbridge.specs import TensorSpec
+
+    dev = torch.device(ctx.device)
+    rng = np.random.default_rng(1)
+    x_np = rng.normal(3.0, 2.0, size=(batch, feats)).astype(np.float32)
+    mu = rng.normal(3.0, 0.1, size=(feats,)).astype(np.float32)
+    sd = rng.uniform(1.5, 2.5, size=(feats,)).astype(np.float32)
+    x_t = torch.from_numpy(x_np).to(dev)
+    mu_t, sd_t = torch.from_numpy(mu).to(dev), torch.from_numpy(sd).to(dev)
+    params = {"batch": batch, "features": feats}
+    case_ort = f"numeric [B,{feats}] norm + clip, b{batch}: ORT module vs bare IO binding"
+    case_t = f"numeric [B,{feats}] norm + clip, b{batch}: converted vs hand-written torch"
+    art, note = (None, tf_note) if tf is None else _export(
+        ctx, _tf_numeric_fn(tf, feats, mu, sd), name=f"bench_pre_numeric_{feats}_us", role="preprocess",
+        input_specs=[TensorSpec("features", ("batch", feats), "float32", "NC")])
+    rows: list[Result] = []
+    if art is None:
+        rows += skipped_case("preprocess", case_ort, ["ort_iobinding_bare", "ort_module", "ort_module_no_grad"],
+                             "ort_iobinding_bare", note or "export failed")
+        vt: list[Variant] = [Variant("torch_converted", None, note or ""), Variant("torch_converted_unfused", None, note or "")]
+    else:
+        vo = [v for v in _ort_variants(art, {"features": x_np}, ctx) if v.name == "ort_iobinding_bare"]
+        ort_mod, onote = _to_ort(art, ctx.device, ctx.threads)
+        if ort_mod is None:
+            vo += [Variant("ort_module", None, onote or ""), Variant("ort_module_no_grad", None, onote or "")]
+        else:
+            def ort_plain(m: Any = ort_mod) -> Any:
+                return m(x_t)
+
+            def ort_ng(m: Any = ort_mod) -> Any:
+                with torch.no_grad():
+                    return m(x_t)
+
+            vo += [Variant("ort_module", ort_plain, "to_ort(), plain call (outputs do not require grad); goal <= 1.5x"),
+                   Variant("ort_module_no_grad", ort_ng, "the same inside torch.no_grad()")]
+        rows += measure_case("preprocess", case_ort, vo, baseline="ort_iobinding_bare", items_per_call=batch,
+                             config=ctx.config, params=params, log=ctx.log)
+        vt = []
+        for name, conv, what in (("torch_converted", _to_torch, "to_torch(trainable=False), fused; goal <= 2x"),
+                                 ("torch_converted_unfused", _unfused_to_torch, "the same with the fusions off")):
+            mod, tnote = conv(art, trainable=False, device=ctx.device)
+            if mod is None:
+                vt.append(Variant(name, None, tnote or ""))
+                continue
+
+            mod.eval()
+
+            def run(m: Any = mod) -> Any:
+                with torch.no_grad():
+                    return m(x_t)
+
+            vt.append(Variant(name, run, what))
+
+    def native(x: Any = x_t, m: Any = mu_t, s_: Any = sd_t) -> Any:
+        with torch.no_grad():
+            return ((x - m) / s_).clamp_(-5.0, 5.0)
+
+    vt.append(Variant("torch_native", native, "hand-written torch"))
+    outputs = {v.name: _once(v.fn) for v in vt}
+    r = measure_case("preprocess", case_t, vt, baseline="torch_native", items_per_call=batch,
+                     config=ctx.config, params=params, log=ctx.log)
+    _diff_notes(r, outputs, "torch_converted_unfused")  # fused vs unfused: 0 = the same values
+    for row in r:
+        if "max_abs_diff" in row.extra:
+            row.extra["max_abs_diff_vs_unfused"] = row.extra.pop("max_abs_diff")
+    return rows + r
 
 
 def _bridge_variants(ctx: SuiteContext, art: Any, export_note: str | None, feeds: dict[str, np.ndarray],
@@ -485,6 +584,130 @@ def suite_encoders(ctx: SuiteContext) -> list[Result]:
 
     for kind, batch, side in ctx.p["train_encoders"]:
         rows += _train_case(ctx, tf, tf_note, kind, batch, side)
+    for batch in ctx.p.get("transformer", []):
+        rows += _transformer_case(ctx, tf, tf_note, batch)
+    return rows
+
+
+_TX = {"vocab": 1000, "seq": 32, "dim": 64, "heads": 4, "ffn": 128}  # as benchmarks/bench_torch.py
+
+
+def _keras_tiny_transformer(tf: Any) -> Any:
+    """Embedding + one post-LN encoder block (Keras MultiHeadAttention, exact GELU) + mean + Dense(10)."""
+    keras = tf.keras
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((_TX["seq"],), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(_TX["vocab"], _TX["dim"])(inp)
+    a = keras.layers.MultiHeadAttention(num_heads=_TX["heads"], key_dim=_TX["dim"] // _TX["heads"])(x, x)
+    x = keras.layers.LayerNormalization(epsilon=1e-5)(x + a)
+    f = keras.layers.Dense(_TX["ffn"], activation="gelu")(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-5)(x + keras.layers.Dense(_TX["dim"])(f))
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inp, keras.layers.Dense(10)(x), name="tiny_transformer")
+
+
+def _torch_tiny_transformer() -> Any:
+    import torch
+    from torch import nn
+
+    class Twin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(_TX["vocab"], _TX["dim"])
+            self.block = nn.TransformerEncoderLayer(_TX["dim"], _TX["heads"], _TX["ffn"], dropout=0.0, activation="gelu",
+                                                    batch_first=True, layer_norm_eps=1e-5)
+            self.head = nn.Linear(_TX["dim"], 10)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.head(self.block(self.emb(tokens.long())).mean(dim=1))
+
+    return Twin()
+
+
+def _transformer_case(ctx: SuiteContext, tf: Any, tf_note: str | None, batch: int) -> list[Result]:
+    """Issue 16: converted tiny Transformer forward vs its native twin (goal <= 1.10x), fused and
+    with the fusions off, in one run; plus the tensor memory of forward and train step."""
+    import torch
+
+    from mmbridge.specs import TensorSpec
+
+    dev = torch.device(ctx.device)
+    case = f"tiny_transformer forward b{batch} seq{_TX['seq']}"
+    params = {"model": "tiny_transformer", "batch": batch, **_TX, "mode": "forward"}
+    x_t = torch.randint(0, _TX["vocab"], (batch, _TX["seq"]), dtype=torch.int32,
+                        generator=torch.Generator().manual_seed(0)).to(dev)
+    twin = _torch_tiny_transformer().to(dev).eval()
+    variants: list[Variant] = []
+    mods: dict[str, Any] = {}
+    if tf is None:
+        art, note = None, tf_note
+    else:
+        art, note = _export(ctx, _keras_tiny_transformer(tf), name="bench_tiny_transformer", trainable=True,
+                            input_specs=[TensorSpec("tokens", ("batch", _TX["seq"]), "int32",
+                                                    value_range=(0, _TX["vocab"] - 1))])
+    for name, conv, what in (("torch_converted", _to_torch, "to_torch(trainable=True), fused, eval, no_grad; goal <= 1.10x"),
+                             ("torch_converted_unfused", _unfused_to_torch, "the same with the fusions off")):
+        mod, tnote = (None, note) if art is None else conv(art, trainable=True, device=ctx.device)
+        if mod is None:
+            variants.append(Variant(name, None, tnote or "export failed"))
+            continue
+        mods[name] = mod.eval()
+
+        def run(m: Any = mod) -> Any:
+            with torch.no_grad():
+                return m(x_t)
+
+        extra = f"; fusions {getattr(mod, 'mmbridge_fusions', {})}" if name == "torch_converted" else ""
+        variants.append(Variant(name, run, what + extra))
+
+    def run_twin(m: Any = twin) -> Any:
+        with torch.no_grad():
+            return m(x_t)
+
+    variants.append(Variant("torch_native", run_twin, "nn.TransformerEncoderLayer twin (own weights), eval, no_grad"))
+    rows = measure_case("encoders", case, variants, baseline="torch_native", items_per_call=batch,
+                        config=ctx.config, params=params, log=ctx.log)
+    if mods:
+        rows += _memory_rows(ctx, "tiny_transformer", {**mods, "torch_native": twin}, x_t, batch)
+    return rows
+
+
+def _memory_rows(ctx: SuiteContext, kind: str, models: dict[str, Any], x: Any, batch: int) -> list[Result]:
+    """Tensor memory (:func:`mmbridge.bench.harness.tensor_memory`) of a no-grad forward and of a
+    train step (forward, mean-square loss, backward) per model, as rows whose ``ratio`` is the
+    peak-live ratio against ``torch_native`` (memory, not time: measured once, deterministic)."""
+    import torch
+
+    from mmbridge.bench.harness import tensor_memory
+
+    rows: list[Result] = []
+    for mode in ("no-grad forward", "train step"):
+        case = f"{kind} {mode} memory b{batch}"
+        got: dict[str, dict[str, float]] = {}
+        for name, m in models.items():
+            def call(m: Any = m, mode: str = mode) -> None:
+                if mode == "train step":
+                    m.train()
+                    _first(m(x)).float().pow(2).mean().backward()
+                else:
+                    m.eval()
+                    with torch.no_grad():
+                        m(x)
+
+            call()  # warm-up (lazy state)
+            m.zero_grad(set_to_none=True)
+            got[name] = tensor_memory(call, params=list(m.parameters()))
+            m.zero_grad(set_to_none=True)
+            m.eval()
+        base = got.get("torch_native", {}).get("peak_live_mib") or None
+        for name, mem in got.items():
+            ratio = round(mem["peak_live_mib"] / base, 3) if base else None
+            note = (f"tensor memory: peak live {mem['peak_live_mib']:.3g} MiB"
+                    f"{f' ({ratio:.2f}x native)' if ratio is not None else ''}, saved for backward "
+                    f"{mem['saved_for_backward_mib']:.3g} MiB; goal <= 1.2x")
+            rows.append(Result("encoders", case, name, "torch_native", note=note,
+                               items_per_call=batch, ratio=ratio, peak_py_mib=None,
+                               params={"model": kind, "batch": batch, "mode": mode}, extra=dict(mem)))
     return rows
 
 
@@ -527,6 +750,7 @@ def _train_case(ctx: SuiteContext, tf: Any, tf_note: str | None, kind: str, batc
     y_t = torch.from_numpy(y_np).to(dev)
     feat = FEATURES[kind]
     variants: list[Variant] = []
+    art = tmod = None
     if tf is None:
         variants += [Variant("tf", None, tf_note or ""), Variant("torch_converted", None, tf_note or "")]
     else:
@@ -555,8 +779,11 @@ def _train_case(ctx: SuiteContext, tf: Any, tf_note: str | None, kind: str, batc
         twin = twin.to(dev).train()
         step = _torch_train_step(twin, torch.nn.Linear(feat, 10).to(dev), x_t, y_t)
         variants.append(Variant("torch_native", step, f"native twin, {step.n_params:,} trainable params"))
-    return measure_case("encoders", case, variants, baseline="torch_native", items_per_call=batch,
+    rows = measure_case("encoders", case, variants, baseline="torch_native", items_per_call=batch,
                         config=ctx.config, params=params, log=ctx.log)
+    if tf is not None and art is not None and twin is not None and tmod is not None:
+        rows += _memory_rows(ctx, kind, {"torch_converted": tmod, "torch_native": twin}, x_t, batch)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------

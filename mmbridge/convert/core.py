@@ -41,6 +41,7 @@ artifact's input specs (``artifact.input_specs``; NHWC unless exported with ``in
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import warnings
@@ -143,6 +144,9 @@ def to_torch(source: Any, *, trainable: bool = True) -> fx.GraphModule:
     _materialise_weights(gm, model, nodes, trainable)
     _fuse_linear(gm, nodes)
     _fuse_silu(gm)
+    from mmbridge.convert.fusions import run_all as _run_fusions  # GELU, constant element-wise chains, views
+
+    gm.mmbridge_fusions = _run_fusions(gm)
     gm.graph.eliminate_dead_code()  # Constant nodes whose value a converter folded into its module
     gm.delete_all_unused_submodules()
     _drop_unused_weights(gm)
@@ -560,11 +564,13 @@ def _fuse_linear(gm: fx.GraphModule, nodes: dict[str, Any]) -> None:
                 b = param_arg(other, 1)
                 if b is not None and params[b].shape[0] == w.shape[1]:
                     bias_name, add_node = b, user
+            elif add_onnx is not None and add_onnx.op_type == "Reshape":
+                bias_name, add_node = _bias_after_reshape(gm, nodes, user, params, param_arg, w.shape[1])
         lin = Linear(w.shape[0], w.shape[1], bias=bias_name is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             lin.weight.copy_(w.detach().t())
             if bias_name is not None:
-                lin.bias.copy_(params[bias_name].detach())
+                lin.bias.copy_(params[bias_name].detach().reshape(-1))
         lin.weight.requires_grad_(w.requires_grad)
         if bias_name is not None:
             lin.bias.requires_grad_(params[bias_name].requires_grad)
@@ -577,12 +583,38 @@ def _fuse_linear(gm: fx.GraphModule, nodes: dict[str, Any]) -> None:
         node.args = (node.args[0],)
         if add_node is not None:
             sources[f"{node.target}.bias"] = sources.pop(bias_name)
-            b_arg = add_node.args[0] if add_node.args[1] is node else add_node.args[1]
-            add_node.replace_all_uses_with(node)
+            kept = node if node in add_node.args else next(a for a in add_node.args if a in node.users)  # or the Reshape
+            b_arg = add_node.args[0] if add_node.args[1] is kept else add_node.args[1]
+            add_node.replace_all_uses_with(kept)
             gm.graph.erase_node(add_node)
             gm.graph.erase_node(b_arg)
         gm.graph.erase_node(w_arg)
     gm.mmbridge_transposed = transposed
+
+
+def _bias_after_reshape(gm: fx.GraphModule, nodes: dict[str, Any], reshape: fx.Node, params: dict[str, Any],
+                        param_arg: Any, out: int) -> tuple[str | None, fx.Node | None]:
+    """``MatMul -> Reshape -> Add(b)`` (Keras ``EinsumDense``, e.g. MultiHeadAttention's query / key /
+    value, and ``Dense`` on 3-D inputs as ``Tensordot``): when the Reshape only splits the last dim
+    (``out``) into ``b``'s shape, ``b`` is the Linear's bias (``b.reshape(out)``: the same sums, one
+    ``addmm`` instead of ``mm`` + ``add``). Returns ``(bias parameter name, Add node)`` or ``(None, None)``."""
+    from mmbridge.convert.ops.shape import Reshape
+
+    mod = gm.get_submodule(reshape.target)
+    if not isinstance(mod, Reshape) or mod.shape is None or len(reshape.users) != 1 or len(reshape.args) != 1:
+        return None, None
+    add = next(iter(reshape.users))
+    add_onnx = nodes.get(add.target) if add.op == "call_module" else None
+    if add_onnx is None or add_onnx.op_type != "Add" or len(add.args) != 2 or add.kwargs:
+        return None, None
+    other = add.args[1] if add.args[0] is reshape else add.args[0]
+    if not isinstance(other, fx.Node) or other.op != "get_attr" or other.target not in params:
+        return None, None
+    bshape = tuple(params[other.target].shape)
+    if not bshape or math.prod(bshape) != out or len(bshape) > len(mod.shape) or tuple(mod.shape[-len(bshape):]) != bshape:
+        return None, None
+    b = param_arg(other, len(bshape))
+    return (b, add) if b is not None else (None, None)
 
 
 def _fuse_silu(gm: fx.GraphModule) -> int:

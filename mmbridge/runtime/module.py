@@ -23,6 +23,14 @@ takes and returns torch tensors without copying them through numpy:
   pre-allocated shape that turns out wrong (data-dependent shapes) is caught from ORT's own
   check (microsoft/onnxruntime#10992, case 20), the call is re-run with ORT-allocated outputs,
   that output is never pre-allocated again, and this is logged once.
+* **Repeated calls (CPU).** After a validated call, a positional call with the same input
+  types, dtypes, shapes, contiguity and device (CPU, no input requiring grad, every output shape
+  known) takes a fast path: inputs are rebound only when their data pointer or shape changed,
+  and each output comes from a two-deep pool of tensors ORT wrote before, reused (and its binding
+  kept) only when nothing outside the pool references it: no Python reference, no other holder
+  of its TensorImpl (autograd, DLPack) and no view on its storage. A result the caller still
+  holds is therefore never overwritten; otherwise a fresh tensor is allocated. Anything else
+  goes through the full path above.
 * **CUDA streams.** The session is created with ``user_compute_stream`` = torch's current
   stream on that device (or a dedicated stream when that is the legacy default stream). If a
   call comes from another current stream, the session stream first waits on it (a CUDA event,
@@ -59,6 +67,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -190,6 +199,30 @@ def _static_output_plan(model: Any, specs: Sequence[TensorSpec]) -> list[list[An
     return plan
 
 
+def _holders(c: torch.Tensor) -> tuple[int, int, int]:
+    """Python reference count, TensorImpl and StorageImpl use counts of ``c``."""
+    return sys.getrefcount(c), c._use_count(), torch._C._storage_Use_Count(c.untyped_storage()._cdata)
+
+
+def _refcount_baselines() -> tuple[int, int, int]:
+    """What :func:`_holders` gives for a tensor held only by a runner's output pool, called the
+    way :meth:`_Runner.run_cpu_fast` calls it (calibrated once, so it follows the interpreter).
+
+    The fast path lets ORT overwrite a pooled output only when its counts equal these: no Python
+    reference outside the pool, no other holder of its TensorImpl (autograd, DLPack, C++) and no
+    view or other tensor on its storage. A tensor the caller can still see is never reused."""
+    pool = [torch.empty(1)]
+    for c in pool:
+        return _holders(c)
+    raise AssertionError
+
+
+try:  # private torch APIs (Tensor._use_count, torch._C._storage_Use_Count): without them, no reuse
+    _REF_BASE: tuple[int, int, int] | None = _refcount_baselines()
+except Exception:  # noqa: BLE001 - pragma: no cover - other torch builds
+    _REF_BASE = None
+
+
 class _Runner:
     """One session + IO binding on one device (not pickled; see ``ORTModule.__getstate__``)."""
 
@@ -242,6 +275,13 @@ class _Runner:
         self.binding = self.session.io_binding()
         self.lock = threading.Lock()
         self.in_spec = list(zip(owner._in_names, owner._in_codes))
+        # per input, the (data_ptr, shape) bound last: an unchanged input is not bound again
+        self.bound: list[Any] = [None] * len(self.in_spec)
+        # fast path outputs: per output up to two tensors ORT wrote before, reused only when nothing
+        # outside this pool references them (see _refcount_baselines), and the (pointer, shape) bound last
+        self.out_pool: list[list[torch.Tensor]] = [[] for _ in owner.output_names]
+        self.out_next = [0] * len(owner.output_names)
+        self.out_bound: list[Any] = [None] * len(owner.output_names)
         self.out_spec = list(zip(owner.output_names, owner._out_codes, owner._out_dtypes))
         # Fast path: the pybind objects behind the public wrappers (same calls, fewer Python frames).
         cb, cs = getattr(self.binding, "_iobinding", None), getattr(self.session, "_sess", None)
@@ -279,8 +319,13 @@ class _Runner:
         cdev, bind_in, bind_out = self._cdev, self._bind_in, self._bind_out
         dev = None if not self.is_cuda else self.device
         with self.lock:
-            for (name, code), t in zip(self.in_spec, tensors):
-                bind_in(name, cdev, code, t.shape, t.data_ptr())
+            self.out_bound = [None] * len(self.out_spec)  # rebound below: the fast path must bind again
+            bound = self.bound
+            for i, ((name, code), t) in enumerate(zip(self.in_spec, tensors)):
+                now = (t.data_ptr(), t.shape)
+                if bound[i] != now:  # the binding keeps the last (pointer, shape): rebind only a change
+                    bind_in(name, cdev, code, now[1], now[0])
+                    bound[i] = now
             outs: list[Any] = []
             dynamic = False
             for (name, code, dtype), shape in zip(self.out_spec, out_shapes):
@@ -307,6 +352,49 @@ class _Runner:
                 for j, o in enumerate(outs):
                     if o is None:
                         outs[j] = torch.from_dlpack(values[j].to_dlpack())
+        return outs
+
+
+    def run_cpu_fast(self, tensors: Sequence[torch.Tensor], out_shapes: Sequence[tuple]) -> list[torch.Tensor]:
+        """:meth:`run` for CPU inputs whose output shapes are all known (no ORT-allocated output).
+
+        The per-call work left is what cannot move to construction: rebinding an input whose
+        pointer or shape changed, one ``torch.empty`` + ``bind_output`` per output (a fresh tensor
+        every call, so earlier results are never overwritten) and the run itself.
+        """
+        cdev, bind_in, bind_out, bound = self._cdev, self._bind_in, self._bind_out, self.bound
+        with self.lock:
+            for i, t in enumerate(tensors):
+                now = (t.data_ptr(), t.shape)
+                if bound[i] != now:
+                    name, code = self.in_spec[i]
+                    bind_in(name, cdev, code, now[1], now[0])
+                    bound[i] = now
+            outs = []
+            for j, ((name, code, dtype), shape) in enumerate(zip(self.out_spec, out_shapes)):
+                pool = self.out_pool[j]
+                o = None
+                for c in pool if _REF_BASE is not None else ():
+                    if _holders(c) == _REF_BASE and c.shape == shape:
+                        o = c
+                        break
+                if o is None:
+                    o = torch.empty(shape, dtype=dtype)
+                    if len(pool) < 2:
+                        pool.append(o)
+                    else:
+                        pool[self.out_next[j]] = o
+                        self.out_next[j] ^= 1
+                ptr = o.data_ptr()
+                if self.out_bound[j] != (ptr, shape):
+                    bind_out(name, cdev, code, shape, ptr)
+                    self.out_bound[j] = (ptr, shape)
+                outs.append(o)
+            try:
+                self._run()
+            except BaseException:
+                self.out_bound = [None] * len(self.out_spec)
+                raise
         return outs
 
 
@@ -412,6 +500,7 @@ class ORTModule(nn.Module):
     # -- runtime state (not pickled) --------------------------------------------------------
     def _init_runtime_state(self) -> None:
         self._runners: dict[torch.device, _Runner] = {}
+        self._fast: tuple | None = None  # (runner, input shapes, output shapes) of the forward fast path
         self._runner_lock = threading.Lock()
         self._shape_cache: dict[tuple, list[Any]] = {}
         self._data_dependent: set[int] = set()
@@ -420,7 +509,7 @@ class ORTModule(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for key in ("_runners", "_runner_lock", "_shape_cache", "_logged", "_logged_threads"):
+        for key in ("_runners", "_fast", "_runner_lock", "_shape_cache", "_logged", "_logged_threads"):
             state.pop(key, None)
         state["_data_dependent"] = set(self._data_dependent)
         return state
@@ -465,6 +554,7 @@ class ORTModule(nn.Module):
                 f"'cuda'. Use to_torch(...) for other devices."
             )
         self._device = device
+        self._fast = None
         self._runners = {d: r for d, r in self._runners.items() if _same_device(d, device)}
 
     def _runner_for(self, device: torch.device) -> _Runner:
@@ -510,6 +600,24 @@ class ORTModule(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Run the graph; see the class docstring for arguments, returns and errors."""
+        fast = self._fast
+        if fast is not None and not kwargs:
+            # Fast path (CPU): the same positional signature as the last validated call. Every
+            # check of the full path still holds: same dtypes and shapes (so the spec check and
+            # the output shapes are the cached ones), contiguous, CPU, no input requiring grad.
+            runner, key, out_shapes = fast
+            if len(args) == len(key):
+                for t, dt, shape in zip(args, self._in_dtypes, key):
+                    if (type(t) is not torch.Tensor or t.dtype is not dt or not t.is_cpu or t.shape != shape
+                            or t.requires_grad or not t.is_contiguous()):
+                        break
+                else:
+                    try:
+                        outs = runner.run_cpu_fast(args, out_shapes)
+                    except Exception:  # noqa: BLE001 - the full path retries / reports it
+                        self._fast = None
+                    else:
+                        return outs[0] if len(outs) == 1 else tuple(outs)
         tensors = list(args) if not kwargs and len(args) == len(self._in_names) else self._gather(args, kwargs)
         in_dtypes = self._in_dtypes
         device = None
@@ -547,6 +655,11 @@ class ORTModule(nn.Module):
             outs = _FrozenBridge.apply(self.name, lambda: self._run(runner, tensors, key, out_shapes), *tensors)
             return outs[0] if len(outs) == 1 else tuple(outs)
         outs = self._run(runner, tensors, key, out_shapes)
+        if not runner.is_cuda and not kwargs and len(args) == len(tensors) and all(
+                a is t for a, t in zip(args, tensors)):
+            shapes = self._shape_cache.get(key)
+            if shapes is not None and all(sh is not None and all(d > 0 for d in sh) for sh in shapes):
+                self._fast = (runner, key, shapes)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _run(self, runner: _Runner, tensors: list[torch.Tensor], key: tuple, out_shapes: list[Any]) -> list[torch.Tensor]:
@@ -667,6 +780,7 @@ class ORTModule(nn.Module):
             logger.warning("ORTModule %r: a run with pre-allocated outputs failed (%s) and succeeded with "
                            "onnxruntime-allocated outputs", self.name, str(exc).splitlines()[0][:200])
         self._shape_cache.clear()
+        self._fast = None
         return outs
 
     def extra_repr(self) -> str:

@@ -1,0 +1,442 @@
+"""Post-conversion fusions of the fx graph ``to_torch`` builds (issue 16, items 4 and 5).
+
+onnx2torch turns every ONNX node into one ``call_module``; on small tensors the Python call of
+each module costs more than its kernel, and chains of element-wise ops write one tensor each.
+These passes rewrite patterns that tf2onnx emits for common Keras / TF code into fewer, cheaper
+calls **computing the same values** (the same torch kernels on the same operands in the same
+order; the one exception, GELU, is documented there and tested to a few ulp):
+
+* :func:`fuse_gelu`: Keras / TF exact GELU, ``0.5 * x * erfc(-x / sqrt 2)`` as tf2onnx writes it
+  after mmbridge's ``Erfc`` rewrite (``Mul``, ``Neg``, ``Mul``, ``Erf``, ``Sub``, ``Mul``; also the
+  ``1 + erf(x / sqrt 2)`` form) -> one ``nn.GELU()``.
+* :func:`fuse_constant_elementwise`: a chain of ``Add`` / ``Sub`` / ``Mul`` / ``Div`` / ``Min`` /
+  ``Max`` / ``Clip`` whose other operand is a constant (a buffer, never a trainable parameter),
+  as a Keras ``Normalization`` + clip exports -> one :class:`ConstantElementwise` that applies the
+  same ops with plain torch functions, in place on its own first result when no gradient is
+  recorded (onnx2torch's ``Min`` / ``Max`` stack and reduce their broadcast operands).
+* :func:`lower_views`: ``Reshape`` (constant target), ``Transpose``, ``Squeeze`` and ``Unsqueeze``
+  modules (the ones tf2onnx puts around each einsum of Keras ``MultiHeadAttention``) -> direct
+  ``Tensor.reshape`` / ``permute`` / ``squeeze`` / ``unsqueeze`` calls in the graph, without a
+  module call each.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+_SQRT1_2 = 1.0 / math.sqrt(2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _module(gm: fx.GraphModule, node: Any) -> nn.Module | None:
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        return gm.get_submodule(node.target)
+    return None
+
+
+def _binop(gm: fx.GraphModule, node: Any) -> str | None:
+    """``"add" | "sub" | "mul" | "div"`` for an onnx2torch binary math module without old-style broadcast."""
+    from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
+
+    mod = _module(gm, node)
+    if not isinstance(mod, OnnxBinaryMathOperation) or mod.broadcast == 1 or node.kwargs or len(node.args) != 2:
+        return None
+    fn = mod.math_op_function
+    return {torch.add: "add", torch.sub: "sub", torch.mul: "mul"}.get(fn) or (
+        "div" if getattr(fn, "__name__", "") == "_onnx_div" else None)
+
+
+def _replace_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
+    parent, _, leaf = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
+
+
+def _const_tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The value of a ``get_attr`` buffer (never a parameter) or an ``OnnxConstant`` node."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        try:
+            value = operator.attrgetter(node.target)(gm)
+        except AttributeError:
+            return None
+        return value if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) else None
+    mod = _module(gm, node)
+    if type(mod).__name__ == "OnnxConstant" and not node.args and isinstance(getattr(mod, "value", None), torch.Tensor):
+        return mod.value
+    return None
+
+
+def _scalar(gm: fx.GraphModule, node: Any) -> float | None:
+    t = _const_tensor(gm, node)
+    if t is None or t.numel() != 1 or not t.is_floating_point():
+        return None
+    return float(t.reshape(()).item())
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU
+# ---------------------------------------------------------------------------------------------
+def _erf_argument_sign(gm: fx.GraphModule, z: Any, x: Any) -> int | None:
+    """+1 if ``z`` is ``x / sqrt 2``, -1 if it is ``-x / sqrt 2`` (as Mul by +-1/sqrt 2 or Div by +-sqrt 2,
+    optionally of ``Neg(x)``), else None."""
+    op = _binop(gm, z)
+    if op not in ("mul", "div"):
+        return None
+    a, b = z.args
+    if op == "mul":
+        c, y = (_scalar(gm, a), b) if _scalar(gm, a) is not None else (_scalar(gm, b), a)
+        if c is None or abs(abs(c) - _SQRT1_2) > 1e-6:
+            return None
+    else:
+        c, y = _scalar(gm, b), a
+        if c is None or abs(abs(c) - math.sqrt(2.0)) > 1e-6:
+            return None
+    sign = 1 if c > 0 else -1
+    if y is x:
+        return sign
+    if type(_module(gm, y)).__name__ == "OnnxNeg" and y.args and y.args[0] is x:
+        return -sign
+    return None
+
+
+def _gelu_input(gm: fx.GraphModule, top: fx.Node) -> Any:
+    """``x`` when ``top`` computes ``0.5 * x * (1 +- erf(+-x / sqrt 2))`` (the exact GELU), else None."""
+    from onnx2torch.node_converters.activations import OnnxErf
+
+    leaves: list[Any] = []
+    stack = [top]
+    while stack:  # the factors of a product of Mul nodes (inner ones used only by the product)
+        n = stack.pop()
+        if _binop(gm, n) == "mul" and (n is top or len(n.users) == 1):
+            stack.extend(n.args)
+        else:
+            leaves.append(n)
+    if len(leaves) != 3:
+        return None
+    halves = [n for n in leaves if _scalar(gm, n) == 0.5]
+    if len(halves) != 1:
+        return None
+    rest = [n for n in leaves if n is not halves[0]]
+    for e, x in (rest, rest[::-1]):
+        op = _binop(gm, e)
+        if op not in ("add", "sub") or not isinstance(x, fx.Node):
+            continue
+        a, b = e.args
+        if op == "sub":
+            one, erf, want = a, b, -1  # 1 - erf(z) = erfc(z): z must be -x / sqrt 2
+        else:
+            one, erf = (a, b) if _scalar(gm, a) == 1.0 else (b, a)
+            want = 1
+        if _scalar(gm, one) != 1.0 or not isinstance(_module(gm, erf), OnnxErf) or len(erf.args) != 1:
+            continue
+        if _erf_argument_sign(gm, erf.args[0], x) == want:
+            return x
+    return None
+
+
+def fuse_gelu(gm: fx.GraphModule) -> int:
+    """Exact GELU as tf2onnx writes Keras ``gelu`` / ``tf.nn.gelu(approximate=False)`` -> ``nn.GELU()``.
+
+    Matches a product of Mul nodes with the factors ``0.5``, ``x`` and ``1 - erf(-x / sqrt 2)``
+    (``erfc`` after mmbridge's rewrite) or ``1 + erf(x / sqrt 2)``, in any order. torch's GELU
+    kernel computes ``x * 0.5 * (1 + erf(x * M_SQRT1_2))`` in one pass (one kernel forward and
+    backward, only ``x`` saved) instead of six ops that each write a tensor; values agree to a
+    few ulp (the association of the products differs; ``tests/test_fusions.py`` bounds it).
+    The nodes left without users are removed by the caller's dead-code elimination. Returns the
+    number of GELUs fused.
+    """
+    fused = 0
+    for top in list(gm.graph.nodes):
+        if _binop(gm, top) != "mul":
+            continue
+        x = _gelu_input(gm, top)
+        if x is None:
+            continue
+        _replace_module(gm, top.target, nn.GELU())
+        top.args = (x,)
+        fused += 1
+    if fused:
+        gm.graph.eliminate_dead_code()
+    return fused
+
+
+# ---------------------------------------------------------------------------------------------
+# chains of element-wise ops with constant operands
+# ---------------------------------------------------------------------------------------------
+_OUT_OF_PLACE = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
+                 "min": torch.minimum, "max": torch.maximum}
+
+
+def _minimum_(t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return torch.minimum(t, c, out=t)
+
+
+def _maximum_(t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return torch.maximum(t, c, out=t)
+
+
+_IN_PLACE = {"add": torch.Tensor.add_, "sub": torch.Tensor.sub_, "mul": torch.Tensor.mul_, "div": torch.Tensor.div_,
+             "min": _minimum_, "max": _maximum_}
+
+
+class ConstantElementwise(nn.Module):
+    """A chain of element-wise ops, each with one constant operand, as one module.
+
+    Called as ``module(x, *constants)`` (the constants stay the graph's ``get_attr`` buffers, so
+    ``state_dict`` keys and ``mmbridge_sources`` do not change). ``steps`` is a tuple of
+    ``(op, constant index, reversed, lo, hi)``: ``op`` is ``add`` / ``sub`` / ``mul`` / ``div`` /
+    ``min`` / ``max`` (``reversed``: the constant is the first operand, ``c - t``) or ``clip``
+    (``torch.clamp(t, lo, hi)``, the bounds as Python floats, as onnx2torch's ``OnnxClip`` has).
+
+    The first op writes a new tensor; when no gradient is recorded, the constants have its dtype
+    and do not broadcast it to a larger shape, the later ops run in place on that tensor (same
+    kernels, same values, no intermediate tensors). Otherwise every op is out of place, exactly
+    as the unfused graph.
+    """
+
+    def __init__(self, steps: tuple[tuple[str, int | None, bool, float | None, float | None], ...],
+                 slots: tuple[tuple[str, Any], ...] = ()):
+        """``slots``: where constant ``k`` comes from: ``("arg", i)`` (the ``i``-th extra call
+        argument, a ``get_attr`` the graph shares with other nodes) or ``("own", name)`` (a buffer
+        of this module, moved here from ``gm.weights`` when nothing else used it)."""
+        super().__init__()
+        self.steps = tuple(steps)
+        self.slots = tuple(slots)
+        self._inplace_cache: dict[Any, bool] = {}
+        self._ordered_key: Any = None
+        own_only = bool(self.slots) and all(kind == "own" for kind, _ in self.slots)
+        self._own_names = tuple(v for _, v in self.slots) if own_only else None
+        self._ordered_val = False
+
+    @staticmethod
+    def _step(t: torch.Tensor, step: tuple, consts: tuple) -> torch.Tensor:
+        op, k, rev, lo, hi = step
+        if op == "clip":
+            return torch.clamp(t, lo, hi)
+        c = consts[k]
+        return _OUT_OF_PLACE[op](c, t) if rev else _OUT_OF_PLACE[op](t, c)
+
+    def _inplace_ok(self, t: torch.Tensor, consts: tuple) -> bool:
+        key = (t.shape, t.dtype)
+        ok = self._inplace_cache.get(key)
+        if ok is None:
+            ok = all(c.dtype == t.dtype and c.device == t.device and torch.broadcast_shapes(t.shape, c.shape) == t.shape
+                     for c in consts)
+            if len(self._inplace_cache) < 16:
+                self._inplace_cache[key] = ok
+        return ok
+
+    def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        if self._own_names is not None:
+            own = self._buffers  # read each call: .to() / load_state_dict replace these entries
+            consts = [own[v] for v in self._own_names]
+        elif self.slots:
+            own = self._buffers
+            consts = [own[v] if kind == "own" else args[v] for kind, v in self.slots]
+        else:
+            consts = args
+        steps = self.steps
+        op, k, rev, lo, hi = steps[0]
+        if op == "clip":
+            t = torch.clamp(x, lo, hi)
+        else:
+            t = _OUT_OF_PLACE[op](consts[k], x) if rev else _OUT_OF_PLACE[op](x, consts[k])
+        if len(steps) == 1:
+            return t
+        if (t.requires_grad and torch.is_grad_enabled()) or not self._inplace_ok(t, consts):
+            for step in steps[1:]:
+                t = self._step(t, step, consts)
+            return t
+        i, n = 1, len(steps)
+        while i < n:
+            op, k, rev, lo, hi = steps[i]
+            if rev:
+                t = _OUT_OF_PLACE[op](consts[k], t)
+            elif op == "clip":
+                t.clamp_(lo, hi)
+            elif op in ("min", "max") and i + 1 < n and steps[i + 1][0] == ("max" if op == "min" else "min") \
+                    and not steps[i + 1][2]:
+                # Min(hi) then Max(lo) (a TF clip_by_value) as one clamp_(lo, hi): the same values
+                # when lo <= hi everywhere (checked, cached per buffer version); Max then Min always
+                c_lo, c_hi = (consts[steps[i + 1][1]], consts[k]) if op == "min" else (consts[k], consts[steps[i + 1][1]])
+                if op == "max" or self._ordered(c_lo, c_hi):
+                    t.clamp_(c_lo, c_hi)
+                else:
+                    _IN_PLACE[op](t, consts[k])
+                    _IN_PLACE[steps[i + 1][0]](t, consts[steps[i + 1][1]])
+                i += 1
+            else:
+                _IN_PLACE[op](t, consts[k])
+            i += 1
+        return t
+
+    def _ordered(self, lo: torch.Tensor, hi: torch.Tensor) -> bool:
+        key = (lo.data_ptr(), lo._version, hi.data_ptr(), hi._version)
+        if self._ordered_key != key:
+            self._ordered_val = bool((lo <= hi).all())
+            self._ordered_key = key
+        return self._ordered_val
+
+    def extra_repr(self) -> str:
+        return " -> ".join(s[0] if s[0] != "clip" else f"clip({s[3]}, {s[4]})" for s in self.steps)
+
+
+def _elementwise_step(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, str, Any, bool, float | None, float | None] | None:
+    """``(data input, op, constant node or None, reversed, lo, hi)`` for one fusable node, else None."""
+    mod = _module(gm, node)
+    if mod is None or node.kwargs:
+        return None
+    name = type(mod).__name__
+    if name == "OnnxClip" and len(node.args) == 1:
+        lo, hi = mod.min_val, mod.max_val
+        if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
+            return None
+        return node.args[0], "clip", None, False, lo, hi
+    if name == "OnnxMinMax" and len(node.args) == 2:
+        op = "min" if mod._operator is torch.amin else "max" if mod._operator is torch.amax else None
+    else:
+        op = _binop(gm, node)
+    if op is None:
+        return None
+    a, b = node.args
+    ca, cb = _const_tensor(gm, a), _const_tensor(gm, b)
+    if (ca is None) == (cb is None):
+        return None  # both constant (folded elsewhere) or neither
+    const, data, rev = (b, a, False) if cb is not None else (a, b, True)
+    value = cb if cb is not None else ca
+    if const.op != "get_attr" or not value.is_floating_point() or not isinstance(data, fx.Node):
+        return None
+    if op in ("add", "mul", "min", "max"):
+        rev = False  # commutative, bit for bit
+    return data, op, const, rev, None, None
+
+
+def fuse_constant_elementwise(gm: fx.GraphModule) -> int:
+    """Chains of element-wise ops with constant (buffer) operands -> one :class:`ConstantElementwise`.
+
+    A chain continues through a node whose only user is the next step. Single ``Add`` / ``Sub`` /
+    ``Mul`` / ``Div`` nodes are left alone (nothing to gain); a single ``Min`` / ``Max`` / ``Clip``
+    is replaced (onnx2torch's ``Min`` / ``Max`` stack their operands). Returns the number of
+    nodes folded into fused modules.
+    """
+    chains: dict[fx.Node, list[tuple[fx.Node, tuple]]] = {}
+    head_of: dict[fx.Node, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        step = _elementwise_step(gm, node)
+        if step is None:
+            continue
+        data = step[0]
+        if data in head_of and len(data.users) == 1 and chains[head_of[data]][-1][0] is data:
+            head = head_of[data]
+            chains[head].append((node, step))
+        else:
+            head = node
+            chains[head] = [(node, step)]
+        head_of[node] = head
+    folded = 0
+    for chain in chains.values():
+        if len(chain) == 1 and chain[0][1][1] in ("add", "sub", "mul", "div"):
+            continue
+        x = chain[0][1][0]
+        consts: list[fx.Node] = []
+        steps = []
+        for _, (_, op, const, rev, lo, hi) in chain:
+            k = None
+            if const is not None:
+                if const not in consts:
+                    consts.append(const)
+                k = consts.index(const)
+            steps.append((op, k, rev, lo, hi))
+        last = chain[-1][0]
+        members = {n for n, _ in chain}
+        targets = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+        slots: list[tuple[str, Any]] = []
+        args: list[fx.Node] = []
+        owned: dict[str, torch.Tensor] = {}
+        for k, const in enumerate(consts):
+            holder_name, _, leaf = const.target.rpartition(".")
+            holder = gm.get_submodule(holder_name) if holder_name else gm
+            exclusive = set(const.users) <= members and targets.count(const.target) == 1 and leaf in holder._buffers
+            if exclusive:  # move the buffer into the fused module: no get_attr per call
+                owned[f"c{k}"] = holder._buffers.pop(leaf)
+                slots.append(("own", f"c{k}"))
+                sources = getattr(gm, "mmbridge_sources", None)
+                if sources is not None and const.target in sources:
+                    sources[f"{last.target}.c{k}"] = sources.pop(const.target)
+            else:
+                slots.append(("arg", len(args)))
+                args.append(const)
+        fused = ConstantElementwise(tuple(steps), tuple(slots))
+        for name, value in owned.items():
+            fused.register_buffer(name, value)
+        _replace_module(gm, last.target, fused)
+        last.args = (x, *args)
+        for node, _ in reversed(chain[:-1]):
+            gm.graph.erase_node(node)
+        for const in consts:
+            if not const.users:
+                gm.graph.erase_node(const)
+        folded += len(chain)
+    return folded
+
+
+# ---------------------------------------------------------------------------------------------
+# view ops as direct tensor-method calls
+# ---------------------------------------------------------------------------------------------
+def lower_views(gm: fx.GraphModule) -> int:
+    """``Reshape`` / ``Transpose`` / ``Squeeze`` / ``Unsqueeze`` modules -> ``call_method`` nodes.
+
+    Only forms whose result does not depend on the input's rank are lowered: a constant
+    ``Reshape`` target without ``0`` dims (or ``allowzero``), a ``Transpose`` with its ``perm``,
+    ``Squeeze`` / ``Unsqueeze`` with non-negative ``axes``. The calls are the ones the modules
+    make (``reshape``, ``permute``, ``squeeze(dims)``, ``unsqueeze`` in ascending axis order).
+    Returns the number of nodes lowered.
+    """
+    from mmbridge.convert.ops.shape import Reshape, Squeeze, Unsqueeze
+
+    try:
+        from onnx2torch.node_converters.transpose import OnnxTranspose
+    except ImportError:  # pragma: no cover
+        OnnxTranspose = ()  # type: ignore[assignment]  # noqa: N806
+    lowered = 0
+    graph = gm.graph
+    for node in list(graph.nodes):
+        mod = _module(gm, node)
+        if mod is None or node.kwargs or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+            continue
+        x = node.args[0]
+        calls: list[tuple[str, tuple]] = []
+        if isinstance(mod, Reshape) and mod.shape is not None and (mod.allowzero or 0 not in mod.shape):
+            calls = [("reshape", (tuple(mod.shape),))]
+        elif isinstance(mod, OnnxTranspose) and mod.perm is not None:
+            calls = [("permute", (tuple(int(p) for p in mod.perm),))]
+        elif isinstance(mod, Squeeze) and mod.axes and all(a >= 0 for a in mod.axes):
+            calls = [("squeeze", (tuple(sorted(set(mod.axes))),))]
+        elif isinstance(mod, Unsqueeze) and all(a >= 0 for a in mod.axes):
+            calls = [("unsqueeze", (a,)) for a in sorted(mod.axes)]
+        if not calls:
+            continue
+        with graph.inserting_before(node):
+            cur = x
+            for method, args in calls:
+                cur = graph.call_method(method, (cur, *args))
+        node.replace_all_uses_with(cur)
+        graph.erase_node(node)
+        lowered += 1
+    return lowered
+
+
+def run_all(gm: fx.GraphModule) -> dict[str, int]:
+    """The passes in order (GELU first: its pattern contains constant-operand Mul / Sub nodes)."""
+    counts = {"gelu": fuse_gelu(gm), "constant_elementwise": fuse_constant_elementwise(gm), "views": lower_views(gm)}
+    gm.graph.lint()
+    gm.recompile()
+    return counts
