@@ -182,7 +182,25 @@ def export(
             with contextlib.suppress(CacheError):
                 return _copy_out(BridgeArtifact.load(entry_dir(options.name, fingerprint, root), check="size"), out)
     if located.isolate:
-        return _copy_out(_export_in_child(located.ref, options, sample_inputs, root, force, fingerprint), out)
+        record = None
+        if located.path is None:  # a "module:attribute" reference: a hit without TF (mmbridge.export.refcache)
+            from mmbridge.export import refcache
+            from mmbridge.export.fingerprint import samples_bytes
+
+            record = refcache.record_path(root, located.ref, f"{options.stable_hash()}:{options.name}", samples_bytes(sample_inputs),
+                                          export_versions())
+            hit = None if force else refcache.lookup(record)
+            if hit is not None:
+                with contextlib.suppress(CacheError):
+                    art = BridgeArtifact.load(hit, check="size")
+                    logger.info("export %s: cache hit of reference %r without TensorFlow (%s)", art.name,
+                                located.ref, art.path)
+                    return _copy_out(art, out)
+        art, files = _export_in_child(located.ref, options, sample_inputs, root, force, fingerprint)
+        if record is not None and files:
+            with contextlib.suppress(CacheError):
+                refcache.save(record, art.path, files)
+        return _copy_out(art, out)
     return _copy_out(export_located(located, options, sample_inputs, root, force, fingerprint), out)
 
 
@@ -205,8 +223,11 @@ def _child_path() -> list[str]:
 
 
 def _export_in_child(ref: str, options: ExportOptions, sample_inputs: Samples | None, root: Path, force: bool,
-                     fingerprint: str | None = None) -> BridgeArtifact:
-    """Run the export in ``python -m mmbridge.export._child`` and load the artifact it wrote.
+                     fingerprint: str | None = None) -> tuple[BridgeArtifact, dict[str, str]]:
+    """Run the export in a child process (:mod:`mmbridge.export._child`) and load the artifact it wrote.
+
+    Returns ``(artifact, {source file: sha256})``: the files the child loaded outside the standard
+    library and site-packages (for :mod:`mmbridge.export.refcache`).
 
     The request carries ``options.to_dict()``, the samples (as ``samples.npz``), the cache root,
     ``force`` and the parent's fingerprint (paths), so the child writes to the same cache entry.
@@ -250,7 +271,7 @@ def _export_in_child(ref: str, options: ExportOptions, sample_inputs: Samples | 
 
             raise errors.ParityError(err["message"], _PR.from_dict(err["report"]) if err.get("report") else None)
         raise ExportError(f"export of {ref!r} failed in the child process: {err['type']}: {err['message']}")
-    return BridgeArtifact.load(result["path"])
+    return BridgeArtifact.load(result["path"]), dict(result.get("files") or {})
 
 
 # ---------------------------------------------------------------------------------------------
