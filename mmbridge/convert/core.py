@@ -4,7 +4,7 @@
 ``BridgeArtifact.to_torch``) runs onnx2torch 1.5.15 with :data:`mmbridge.op_converters`
 consulted first for every node (:mod:`mmbridge.convert.ops`, one file per op family; the hook is
 :func:`mmbridge.convert.registry.consult_op_converters`), and then fixes the module so that it
-trains like the Keras original (DESIGN.md part 4):
+trains like the Keras original (docs/design.md part 4):
 
 * **every weight is an ``nn.Parameter``.** onnx2torch keeps every initializer that is an operand
   (MatMul / Add / Gather / Mul...) as a buffer, one copy per use. Here each ONNX initializer

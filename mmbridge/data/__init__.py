@@ -1,4 +1,4 @@
-"""Multimodal data: an image folder + text CSV + numeric CSV joined by id (DESIGN.md section 8).
+"""Multimodal data: an image folder + text CSV + numeric CSV joined by id (docs/design.md section 8).
 
 * :class:`MultimodalDataset` / :func:`load_splits`: torch datasets yielding raw tensors
   (uint8 NHWC images, token ids + mask, float features, int64 labels).

@@ -7,7 +7,7 @@ Layout of ``root``::
     numeric.csv            id,<feature>...,label      empty cells = missing values
     splits.csv             id,split                   optional; split in {train, val, test}
 
-Rules (DESIGN.md section 8):
+Rules (docs/design.md section 8):
 
 * Rows are joined **by id**, never by row order. Ids are integers.
 * Only ids present in every requested modality are kept. An id missing from a requested

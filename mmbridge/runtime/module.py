@@ -7,13 +7,13 @@ takes and returns torch tensors without copying them through numpy:
   the CUDA execution provider with ``device_id = tensor.device.index`` (the local rank under
   torchrun). CUDA asked for but the CUDA EP missing (for example ``onnxruntime`` and
   ``onnxruntime-gpu`` both installed, microsoft/onnxruntime#26996) raises with the cause and the
-  fix; there is no silent CPU fallback (case 22).
+  fix; there is no silent CPU fallback.
 * **Inputs bound in place** (``IOBinding.bind_input`` with the tensor's ``data_ptr``). The
   element type is taken from ``tensor.dtype`` and checked against the graph: a mismatch raises
   and names the input and both dtypes, because ORT reinterprets the bytes without a word
-  (microsoft/onnxruntime#10299, case 19). A non-contiguous tensor is copied once with
+  (microsoft/onnxruntime#10299). A non-contiguous tensor is copied once with
   ``.contiguous()`` (or refused with ``strict=True``), because ORT reads the storage row-major
-  and returns wrong values without an error (onnxruntime PR #10315, case 18). Shapes are checked
+  and returns wrong values without an error (onnxruntime PR #10315). Shapes are checked
   against the input specs (:meth:`mmbridge.TensorSpec.check`).
 * **Outputs.** When an output's shape follows from the input shapes (ONNX shape inference with
   the inputs' symbolic dims; dims are matched by name, never evaluated as expressions), or was
@@ -21,7 +21,7 @@ takes and returns torch tensors without copying them through numpy:
   ORT writes into it. Otherwise ORT allocates it and it is handed to torch through DLPack,
   zero-copy. Either way the returned tensor *is* the memory ORT wrote (no host copy). A
   pre-allocated shape that turns out wrong (data-dependent shapes) is caught from ORT's own
-  check (microsoft/onnxruntime#10992, case 20), the call is re-run with ORT-allocated outputs,
+  check (microsoft/onnxruntime#10992), the call is re-run with ORT-allocated outputs,
   that output is never pre-allocated again, and this is logged once.
 * **Repeated calls (CPU).** After a validated call, a positional call with the same input
   types, dtypes, shapes, contiguity and device (CPU, no input requiring grad, every output shape
@@ -37,7 +37,7 @@ takes and returns torch tensors without copying them through numpy:
   no host sync) and the caller's stream waits on the session stream afterwards. ORT synchronises
   its stream once at the end of each run. Producers on *side* streams must be ordered by the
   caller as torch requires (``torch.cuda.current_stream().wait_stream(side)``;
-  microsoft/onnxruntime#26609, case 21).
+  microsoft/onnxruntime#26609).
 * **Frozen.** No parameters, no buffers, empty ``state_dict()``. ``train()`` / ``eval()`` only
   flip the flag (so a composed model can call ``model.train()``); ``requires_grad_(True)`` and
   ``trainable = True`` raise :class:`~mmbridge.errors.RuntimeBackendError` pointing to
@@ -535,7 +535,7 @@ class ORTModule(nn.Module):
         (``.half()``, ``.to(torch.bfloat16)``) do not change the ONNX graph and are ignored.
 
         Raises:
-            RuntimeBackendError: a CUDA device while onnxruntime has no CUDA EP (case 22).
+            RuntimeBackendError: a CUDA device while onnxruntime has no CUDA EP.
         """
         origin = self._device or torch.device("cpu")
         probe = fn(torch.empty(0, device=origin))
@@ -894,7 +894,7 @@ def to_ort(model: Any, *, device: str | torch.device | None = None, strict: bool
     Raises:
         RuntimeBackendError: ``device`` is CUDA but onnxruntime has no CUDA execution provider
             (names the installed distributions and, if both ``onnxruntime`` and
-            ``onnxruntime-gpu`` are installed, that conflict and the fix; case 22).
+            ``onnxruntime-gpu`` are installed, that conflict and the fix).
         SpecError: specs that do not match the graph's inputs, or graph inputs / outputs of a
             type torch cannot hold (strings, sequences).
         TypeError: an unknown ``session_options`` key or ``model`` type.

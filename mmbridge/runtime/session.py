@@ -205,7 +205,7 @@ def cuda_provider_error(requested: str) -> str | None:
         requested: what asked for CUDA, for the message (e.g. ``"device='cuda:0'"``).
 
     The message names the installed onnxruntime distributions and, when both ``onnxruntime``
-    and ``onnxruntime-gpu`` are installed (microsoft/onnxruntime#26996, #23833; case 22), says
+    and ``onnxruntime-gpu`` are installed (microsoft/onnxruntime#26996, #23833), says
     that this conflict is the likely cause (via :func:`mmbridge.info.conflicts`).
     """
     ort = import_onnxruntime()

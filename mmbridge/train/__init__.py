@@ -1,4 +1,4 @@
-"""Training and evaluation of :class:`~mmbridge.HybridModel` (DESIGN.md parts 9 and 10).
+"""Training and evaluation of :class:`~mmbridge.HybridModel` (docs/design.md parts 9 and 11).
 
 * :mod:`.trainer`: :class:`Trainer` (autocast, GradScaler, DDP, accumulation, checkpoints,
   early stopping, TensorBoard, tqdm, torchmetrics);

@@ -1,4 +1,4 @@
-"""``Gelu-20`` -> ``nn.GELU(approximate="none" | "tanh")`` (ENOT-AutoDL/onnx2torch#251; case 11)."""
+"""``Gelu-20`` -> ``nn.GELU(approximate="none" | "tanh")`` (ENOT-AutoDL/onnx2torch#251)."""
 
 from __future__ import annotations
 

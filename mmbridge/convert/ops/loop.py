@@ -1,4 +1,4 @@
-"""ONNX ``Loop`` -> :class:`OnnxLoop`, a Python loop around the converted body (issue 3, case 12).
+"""ONNX ``Loop`` -> :class:`OnnxLoop`, a Python loop around the converted body (issue 3).
 
 onnx2torch 1.5.15 has no ``Loop`` converter. What tf2onnx 1.17 emits for Keras 3 recurrent layers
 (measured, Keras 3.15 / TF 2.21, opset 17): ``GRU`` and ``SimpleRNN`` (frozen and

@@ -1,6 +1,6 @@
 """``OneHot-9`` / ``OneHot-11`` -> ``F.one_hot`` with ONNX's ``values`` / ``axis`` / negative-index rules.
 
-Keras ``CategoryEncoding(output_mode="one_hot")`` (ENOT-AutoDL/onnx2torch#233; case 12).
+Keras ``CategoryEncoding(output_mode="one_hot")`` (ENOT-AutoDL/onnx2torch#233).
 """
 
 from __future__ import annotations

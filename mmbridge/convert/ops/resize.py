@@ -2,7 +2,7 @@
 
 * **Output size.** onnxruntime (and TF) compute ``floor(float32(in) * float32(scale))``;
   ``F.interpolate`` with ``scale_factor`` computes in double and gets ``floor(12.9999997) = 12``
-  for a 9 -> 13 resize (case 10, onnx/onnx#4919). With static spatial input dims the size is
+  for a 9 -> 13 resize (onnx/onnx#4919). With static spatial input dims the size is
   computed here, once; with dynamic ones, at run time by the same float32 rule.
 * **Coordinates.** Given ``scales``, ONNX maps an output pixel back with ``1 / scale``
   (``x_in = (x_out + 0.5) / scale - 0.5`` for ``half_pixel``), not with ``in / out``; the two

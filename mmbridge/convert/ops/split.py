@@ -1,4 +1,4 @@
-"""``Split-18`` with ``num_outputs`` or a ``split`` input -> ``torch.split`` (case 11)."""
+"""``Split-18`` with ``num_outputs`` or a ``split`` input -> ``torch.split``."""
 
 from __future__ import annotations
 
