@@ -431,3 +431,19 @@ def test_ort_branches_of_a_config_get_the_provider_options_that_match_torch(tmp_
                                  trainable=False, ort_provider_options=opts)
         assert module.session_options["provider_options"] == {"cudnn_conv_algo_search": search, "use_tf32": "0"}
         torch.testing.assert_close(module(torch.ones(2, 3)), torch.full((2, 3), 2.0))  # CPU ignores them
+
+
+def test_concurrent_copies_into_one_out_dir_all_succeed_and_leave_nothing_behind(tmp_path, monkeypatch):
+    """Concurrent `--out` copies raced (4 of 160 failed, a .trash-* folder was left): they are serialised."""
+    import concurrent.futures as cf
+
+    from mmbridge.export.exporter import _copy_out
+
+    monkeypatch.setenv("MMBRIDGE_CACHE", str(tmp_path / "cache"))
+    art = _artifact(tmp_path / "src")
+    out = tmp_path / "out" / "bridge"
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: _copy_out(art, out), range(32)))
+    assert all(r.path == out for r in results)
+    assert BridgeArtifact.load(out).meta["onnx_sha256"] == art.meta["onnx_sha256"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bridge"]  # no .tmp-* / .trash-* left

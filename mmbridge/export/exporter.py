@@ -702,16 +702,24 @@ def _copy_out(art: BridgeArtifact, out: str | os.PathLike | None) -> BridgeArtif
 
     from mmbridge.artifact import replace_dir
 
+    import hashlib
+
+    from mmbridge.store import cache_lock
+
     dest = Path(out)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
+    # one copier at a time per destination: two concurrent rename dances on the same --out failed
+    # (one process renamed the directory the other was moving aside) and left .trash-* behind
+    key = "out-" + hashlib.sha256(str(dest.resolve()).encode()).hexdigest()
     try:
         shutil.copytree(art.path, tmp)
-        replace_dir(tmp, dest)
+        with cache_lock(key):
+            replace_dir(tmp, dest)
+            return BridgeArtifact.load(dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return BridgeArtifact.load(dest)
 
 
 __all__ = ["export", "export_located", "export_patches", "check_model", "optimize_model", "ExportOptions", "SAFE_PASSES",
