@@ -193,3 +193,28 @@ def test_batch_without_ids_and_cpu_storage():
     assert cache.bytes <= cache.max_bytes
     assert torch.equal(model(_batch(TRAIN, range(4))), build().eval()(_batch(TRAIN, range(4))))
     assert cache.stats["hits"] == 4
+
+
+def test_recipe_turns_it_on_by_default(tmp_path):
+    from mmbridge.train.config import TrainConfig
+
+    assert TrainConfig().feature_cache is True and "feature_cache" in TrainConfig().trainer_kwargs()
+    t = Trainer.from_config(build(), TRAIN, None, TrainConfig(epochs=1, progress=False),
+                            out_dir=tmp_path, tensorboard=False)
+    assert t.model.feature_cache is not None
+    t.close()
+    t = Trainer(build(), TRAIN, None, out_dir=tmp_path / "off", feature_cache=False, **KW)
+    assert t.model.feature_cache is None
+    t.close()
+
+
+def test_bench_row_cached_vs_uncached_tiny(tmp_path):
+    from mmbridge.bench.harness import HarnessConfig
+    from mmbridge.bench.suites import SuiteContext, _e2e_feature_cache
+
+    ctx = SuiteContext(size="tiny", device="cpu", config=HarnessConfig(), cache_dir=tmp_path, log=lambda s: None,
+                       threads=1)
+    rows = {r.variant: r for r in _e2e_feature_cache(ctx, "fc")}
+    assert set(rows) == {"cached", "uncached"} and all(r.status == "ok" for r in rows.values())
+    assert rows["uncached"].ratio == 1.0 and rows["cached"].ratio > 0
+    assert rows["cached"].extra["cache_hits"] > 0 and rows["cached"].extra["speedup"] > 0
