@@ -257,3 +257,10 @@ def test_frozen_modules_are_recognised_by_a_declared_attribute():
             return x
 
     assert Branch(ORTModule(), input_keys=("numeric",)).trainable
+
+
+def test_compose_leaves_the_feature_cache_off_until_asked():
+    model = _model("concat")
+    assert model.feature_cache is None  # the training recipe turns it on (training.feature_cache)
+    model.enable_feature_cache()
+    assert model.feature_cache is not None and model.feature_cache.stats["hits"] == 0

@@ -21,6 +21,13 @@ The forward pass has two stages so that DDP only wraps what trains (DESIGN.md pa
    holding only that stage's modules, for ``DistributedDataParallel``.
 
 ``model(batch)`` runs both.
+
+**Feature cache** (:mod:`mmbridge.composition.feature_cache`): off by default for a model built
+with :func:`compose`; :meth:`HybridModel.enable_feature_cache` turns it on (the ``mmbridge train``
+recipe and the :class:`~mmbridge.Trainer` do so unless ``training.feature_cache: false``). It then
+serves the pooled features of deterministic frozen branches by the batch's ``"id"``; trainable
+branches, branches with a module in train mode (e.g. active Dropout) and batches without ids are
+always computed.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 from torch import nn
 
 from mmbridge.composition.config import BranchConfig, ModelConfig
+from mmbridge.composition.feature_cache import FeatureCache
 from mmbridge.composition.heads import fusion_heads, task_heads
 from mmbridge.errors import ConfigError, MMBridgeError
 
@@ -238,6 +246,32 @@ class HybridModel(nn.Module):
         self.task = task
         self.names = list(self.branches)
         self._trainable_stage: _TrainableStage | None = None
+        self.feature_cache: FeatureCache | None = None
+
+    def enable_feature_cache(self, *, device: str | torch.device | None = None,
+                             max_bytes: int | None = None) -> FeatureCache:
+        """Cache frozen branches' pooled features by row id (see :mod:`mmbridge.composition.feature_cache`).
+
+        Off by default for :func:`compose` users; the training recipe turns it on
+        (``training.feature_cache``). Only deterministic frozen branches are cached (no parameter
+        requires grad, every submodule in eval mode); the key also holds the branch's parameter
+        bytes and each row's input bytes, so changed weights or inputs are recomputed.
+
+        Args:
+            device: None (default): features stay on the model's device; ``"cpu"``: host memory.
+            max_bytes: cap on stored feature bytes (default 2 GiB).
+
+        Returns:
+            The cache (also ``model.feature_cache``); calling again keeps an existing one.
+        """
+        if self.feature_cache is None:
+            kw = {} if max_bytes is None else {"max_bytes": int(max_bytes)}
+            self.feature_cache = FeatureCache(device=device, **kw)
+        return self.feature_cache
+
+    def disable_feature_cache(self) -> None:
+        """Drop the feature cache (every frozen branch is computed each step again)."""
+        self.feature_cache = None
 
     @property
     def input_keys(self) -> list[str]:
@@ -266,7 +300,9 @@ class HybridModel(nn.Module):
         n = None
         for name, branch in self.branches.items():
             if branch.available(batch):
-                states[name] = branch.frozen_forward(batch)
+                cache = self.feature_cache
+                states[name] = (cache.frozen_forward(branch, batch) if cache is not None
+                                else branch.frozen_forward(batch))
                 if n is None:
                     n = int(batch[branch.input_keys[0]].shape[0])
             else:

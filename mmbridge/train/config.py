@@ -270,6 +270,8 @@ class TrainConfig(_Section):
         log_every, progress, device (``cpu`` | ``cuda`` | None: CUDA if available).
         ddp_timeout_min: minutes a collective waits for a rank that stopped before the others
             fail (default 30).
+        feature_cache: cache the pooled features of deterministic frozen branches by row id
+            (default True; see :meth:`~mmbridge.HybridModel.enable_feature_cache`).
         stop_after_epochs, resume (``auto`` | a checkpoint path | None), restore_best:
             arguments of :meth:`~mmbridge.Trainer.fit` in the ``mmbridge train`` recipe. (A direct
             ``Trainer.fit()`` call defaults to ``resume=None, restore_best=False``: a library
@@ -300,12 +302,13 @@ class TrainConfig(_Section):
     log_every: int = 10
     progress: bool = True
     ddp_timeout_min: float = 30.0
+    feature_cache: bool = True
 
     #: The fields that are :class:`~mmbridge.Trainer` keyword arguments (the rest go to ``fit``).
     TRAINER_KEYS: ClassVar[tuple[str, ...]] = (
         "epochs", "batch_size", "lr", "weight_decay", "precision", "grad_accum", "grad_clip", "scheduler", "seed",
         "num_workers", "monitor", "mode", "patience", "checkpoint_every_steps", "keep_checkpoints", "deterministic",
-        "max_steps_per_epoch", "log_every", "progress", "device", "ddp_timeout_min")
+        "max_steps_per_epoch", "log_every", "progress", "device", "ddp_timeout_min", "feature_cache")
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :class:`~mmbridge.Trainer` this section sets."""

@@ -120,6 +120,9 @@ class Trainer:
         device: ``"cpu"``, ``"cuda"`` or None (CUDA if available).
         extra_state: plain values saved in every checkpoint under ``"extra"`` (e.g. the config
             and the label mapping).
+        feature_cache: on a :class:`~mmbridge.HybridModel`, call ``model.enable_feature_cache()``
+            (default True): deterministic frozen branches' pooled features are computed once per
+            row id and served from the cache afterwards (``model.feature_cache.stats``).
 
     Every default is the field of the same name of :class:`~mmbridge.train.config.TrainConfig`
     (``out_dir`` / ``tensorboard``: :class:`~mmbridge.train.config.OutputConfig`), the dataclass
@@ -147,7 +150,7 @@ class Trainer:
                  max_steps_per_epoch: int | None = _T.max_steps_per_epoch, log_every: int = _T.log_every,
                  progress: bool = _T.progress, tensorboard: bool = _O.tensorboard, device: str | None = _T.device,
                  ddp_timeout_min: float = _T.ddp_timeout_min, find_unused_parameters: bool | None = None,
-                 extra_state: Mapping[str, Any] | None = None):
+                 extra_state: Mapping[str, Any] | None = None, feature_cache: bool = _T.feature_cache):
         problems = _numeric_problems(
             positive={"lr": lr, "ddp_timeout_min": ddp_timeout_min},
             non_negative={"weight_decay": weight_decay},
@@ -168,6 +171,8 @@ class Trainer:
         self.env = distributed.setup(device, timeout_s=float(ddp_timeout_min) * 60.0)
         self.device = self.env.device
         self.model = model.to(self.device)
+        if feature_cache and hasattr(self.model, "enable_feature_cache"):
+            self.model.enable_feature_cache()  # frozen branches' features by row id (HybridModel)
         self.train_data, self.val_data = as_map_dataset(train_data, "train_data"), as_map_dataset(val_data, "val_data")
         train_data = self.train_data
         self.out_dir = Path(out_dir)
