@@ -697,13 +697,11 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
 def _copy_out(art: BridgeArtifact, out: str | os.PathLike | None) -> BridgeArtifact:
     if out is None:
         return art
+    import hashlib
     import shutil
     import uuid
 
     from mmbridge.artifact import replace_dir
-
-    import hashlib
-
     from mmbridge.store import cache_lock
 
     dest = Path(out)
