@@ -215,6 +215,10 @@ def test_demo_runs_end_to_end_without_tf_in_the_training_process(tmp_path):
 
     losses = [h["train/loss"] for h in torch.load(tmp_path / "demo" / "last.pt", weights_only=True)["history"]]
     assert losses[1] < losses[0], losses
+    # the pictures of the run (PNG files) and the test metrics + hparams in TensorBoard
+    for png in ("learning_curve.png", "confusion_matrix.png"):
+        assert (tmp_path / "demo" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert "plots: " in out and (tmp_path / "demo" / "tensorboard" / "hparams").is_dir()
 
 
 # -- the config dataclasses: one source of defaults --------------------------------------------

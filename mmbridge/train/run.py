@@ -105,11 +105,51 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None,
             notes = [f"data: {root}{' (built-in sample)' if builtin else ''}",
                      f"weights: {'best.pt (' + str(fit['monitor']) + ')' if t.restore_best else 'last epoch'}"]
             report = str(write_report({name: row}, out_dir, title=f"mmbridge: {name}", notes=notes)[1])
+            _run_outputs(cfg, trainer, model, splits["test"], fit, {**test, **val}, out_dir, env.device)
             print("test: " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()), flush=True)
             print(f"report: {report}", flush=True)
     finally:
         trainer.close()
     return {"fit": fit, "val": val, "test": test, "report": report}
+
+
+def _run_outputs(cfg: Any, trainer: Any, model: Any, test_ds: Any, fit: Mapping[str, Any], metrics: Mapping[str, float],
+                 out_dir: Path, device: Any) -> None:
+    """What people look at after a run: the learning-curve and confusion-matrix PNGs
+    (:mod:`mmbridge.train.plots`), and the final test / val metrics with the run's hyper-parameters in
+    TensorBoard (``add_hparams``, so runs compare side by side in its HPARAMS tab)."""
+    import torch
+
+    from mmbridge.train.plots import predictions, write_run_plots
+
+    t = cfg.training
+    confusion = None
+    if cfg.model.task == "classification":
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        if amp is torch.float16 and torch.device(device).type != "cuda":
+            amp = None
+        confusion = predictions(model, test_ds, batch_size=t.batch_size, device=device, autocast_dtype=amp)
+    written = write_run_plots(out_dir, fit["history"], monitor=fit.get("monitor"), confusion=confusion,
+                              class_names=getattr(test_ds, "label_names", None))
+    if "skipped" in written:
+        print(f"plots: {written['skipped']}", flush=True)
+    else:
+        print("plots: " + ", ".join(written.values()), flush=True)
+    if cfg.output.tensorboard:
+        from mmbridge.train.trainer import summary_writer
+
+        writer = summary_writer(out_dir / "tensorboard")
+        try:
+            step = int(getattr(trainer, "global_step", 0))
+            for k, v in metrics.items():
+                if k.startswith("test/"):
+                    writer.add_scalar(k, v, step)
+            hparams = {"lr": t.lr, "batch_size": t.batch_size, "epochs": t.epochs, "precision": t.precision,
+                       "weight_decay": t.weight_decay, "seed": t.seed, "fusion": cfg.model.fusion,
+                       "fusion_dim": cfg.model.fusion_dim, "branches": ",".join(cfg.model.branches)}
+            writer.add_hparams(hparams, {k: float(v) for k, v in metrics.items()}, run_name="hparams")
+        finally:
+            writer.close()
 
 
 #: config keys that may differ between runs into one folder: they change how a run is driven,
