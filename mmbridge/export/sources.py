@@ -26,6 +26,7 @@ images, and returns a tensor, a list / tuple, or a dict of tensors.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -542,10 +543,17 @@ class KerasSource(SourceAdapter):
 
         @tf.function(input_signature=tf_signature(specs, tf))
         def keras_fn(*args):
-            return call(args)
+            with self.trace_patches():
+                return call(args)
 
         kind = "keras_model" if isinstance(obj, self._module().Model) else "keras_layer"
         return Traceable(keras_fn, specs, default_name(obj), kind, obj, lambda: keras_payload(obj))
+
+    @contextlib.contextmanager
+    def trace_patches(self) -> Iterator[None]:
+        """Patches active while the model's call is traced (none for Keras 3: see
+        :func:`mmbridge.export.exporter.export_patches`)."""
+        yield
 
     @staticmethod
     def _input_specs(obj: Any) -> tuple[TensorSpec, ...] | None:
@@ -786,6 +794,32 @@ class TFKerasSource(KerasSource):
     kind = "tf_keras"
     description = ""  # listed with "a Keras model or layer"
     module = "tf_keras"
+
+    @contextlib.contextmanager
+    def trace_patches(self) -> Iterator[None]:
+        """tf-keras runs grouped convolutions (``groups > 1``: RegNet, ResNeXt) through a nested
+        ``tf.function(jit_compile=True)``, which reaches tf2onnx as an opaque ``PartitionedCall``
+        it refuses. While tracing, the plain ``convolution_op`` (``tf.nn.convolution`` with the
+        grouped kernel, ONNX ``Conv(group=...)``) is used instead: the same computation inlined.
+        """
+        try:
+            from tf_keras.src.layers.convolutional.base_conv import Conv
+        except ImportError:  # another tf-keras layout: nothing to patch
+            yield
+            return
+        orig = Conv.__dict__.get("_jit_compiled_convolution_op")
+        if orig is None:
+            yield
+            return
+
+        def inlined(layer, inputs, kernel):
+            return layer.convolution_op(inputs, kernel)
+
+        Conv._jit_compiled_convolution_op = inlined
+        try:
+            yield
+        finally:
+            Conv._jit_compiled_convolution_op = orig
 
 
 @SOURCES.register
