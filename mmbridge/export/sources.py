@@ -762,8 +762,16 @@ def tf_run_error(exc: BaseException, name: str, specs: tuple[TensorSpec, ...], s
     import numpy as np
 
     msg = str(exc).strip()
-    first = next((ln for ln in msg.splitlines() if ln.strip()), type(exc).__name__)
+    text = getattr(exc, "message", None) or msg
+    useful = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(
+        ("Graph execution error", "Detected at node", "File ", "[[", "Stack trace", "Traceback"))]
+    first = useful[-1] if useful else type(exc).__name__
+    node = re.search(r"\{\{node ([^}]+)\}\}", msg)
+    if node:
+        first += f" (at TF node {node.group(1)!r})"
     m = re.search(r"indices\[[^\]]*\] = (-?\d+) is not in \[(-?\d+), (-?\d+)\)", msg)
+    if m:
+        first = m.group(0) + (f" (at TF node {node.group(1)!r})" if node else "")
     named = [s for s in specs if re.search(rf"\b{re.escape(s.name)}\b", msg)]
     ints = [s for s in specs if s.dtype in _INTEGER]
     suspects = named or ints or list(specs)
