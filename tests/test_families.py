@@ -15,6 +15,7 @@ the small recurrent / subclassed / multi-input models); the rest are ``slow``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -29,6 +30,9 @@ import mmbridge
 from mmbridge.errors import ExportError
 
 pytestmark = [pytest.mark.tf]
+
+ROWS_ENV = "MMBRIDGE_ZOO_ROWS"
+"""When set, every family test appends its zoo row (JSON, one line) to this file."""
 
 PARITY_ATOL = 1e-4
 """Forward parity the families must meet (max abs, ORT and torch vs TF)."""
@@ -243,6 +247,24 @@ def _subclassed_dict(env):
     return m
 
 
+def _tfk_subclassed(env):
+    tf_keras = env.tf_keras
+
+    class Net(tf_keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = tf_keras.layers.Conv2D(4, 3, groups=2, activation="relu")
+            self.pool = tf_keras.layers.GlobalAveragePooling2D()
+            self.d = tf_keras.layers.Dense(3)
+
+        def call(self, x, training=False):
+            return self.d(self.pool(self.conv(x)))
+
+    m = Net()
+    m(np.zeros((1, 8, 8, 4), np.float32))
+    return m
+
+
 def _dict_functional(env):
     """A multi-input functional model built on a dict whose keys are not the Input names."""
     keras = env.keras
@@ -259,12 +281,14 @@ def _list_functional(env):
     return keras.Model([a, b], keras.layers.Dense(2)(keras.layers.Concatenate()([a, b])))
 
 
-TFK_BN = ("trainable export: tf_keras BatchNormalization is not patched by trainable_patches (Keras 3 only), so "
-          "tf2onnx folds gamma/beta into the convs; owner: contract (mmbridge/export/trainable.py)")
+TFK_BN = ("trainable export: trainable_patches marks Keras 3 variables only, so for tf_keras models grappler folds "
+          "all-zero biases away and tf2onnx folds BatchNormalization gamma/beta into the convs (fewer torch "
+          "parameters than Keras trainable weights); owner: contract (mmbridge/export/trainable.py)")
 GREATER_OR_EQUAL = ("torch backend: no ONNX GreaterOrEqual converter yet (the causal mask); owner: ops (adding it)")
 DYNAMIC_SHAPE = ("torch.compile: dynamo.explain raises InternalTorchDynamoError 'torch.Size() takes an iterable of "
-                 "int (item 0 is FakeTensor)': a Shape-derived size fed to a reshape/expand converter; owner: ops "
-                 "(static Shape / Range, in progress)")
+                 "int (item 0 is FakeTensor)' in onnx2torch's Expand converter (torch.ones(torch.Size(shape)) with a "
+                 "shape computed from ONNX Shape: TF's zeros([batch, units]) / broadcasts); owner: ops (Expand / "
+                 "static Shape)")
 REVERSE_SEQUENCE = ("torch backend: no ONNX ReverseSequence converter yet (the backward LSTM of Bidirectional); "
                     "owner: ops")
 
@@ -283,11 +307,13 @@ CASES: list[Case] = [
     Case("keras.applications", "ConvNeXtTiny", _app("ConvNeXtTiny", 64)),
     Case("keras.applications", "NASNetMobile", _app("NASNetMobile", 32)),
     Case("tf-keras", "MobileNetV2", _tfk_mobilenet, slow=False, gaps={"params": TFK_BN}),
+    Case("tf-keras", "subclassed, grouped Conv2D", _tfk_subclassed, slow=False, gaps={"params": TFK_BN},
+         export_kwargs={"input_specs": [mmbridge.TensorSpec("x", ("batch", 8, 8, 4), layout="NHWC")]}),
     Case("tf-keras", "RegNetX002", _tfk_regnet, gaps={"params": TFK_BN}),
     Case("SavedModel", "Keras 3 CNN (model.export dir)", _saved_model_dir, slow=False),
     Case("SavedModel", "hub.KerasLayer-style wrapper", _hub_layer, slow=False),
     Case("recurrent", "Embedding+BiLSTM", _bilstm, slow=False, gaps={"torch": REVERSE_SEQUENCE}),
-    Case("recurrent", "Conv1D+GRU", _conv_gru, slow=False),
+    Case("recurrent", "Conv1D+GRU", _conv_gru, slow=False, gaps={"dynamo": DYNAMIC_SHAPE}),
     Case("subclassed", "Dense MLP", _subclassed, slow=False,
          export_kwargs={"input_specs": [mmbridge.TensorSpec("x", ("batch", 5))]}),
     Case("subclassed", "keyword tensors", _subclassed_kwargs, slow=False,
@@ -330,6 +356,7 @@ def measure(case: Case, cache_dir: str, tmp: str) -> dict[str, Any]:
     golden = load_golden(art)
     inputs, ref = golden["inputs"], golden["outputs"]
     names = [s.name for s in art.input_specs]
+    row["ref_scale"] = max(float(np.abs(np.asarray(r, np.float64)).max()) for r in ref.values())
     row["ort_max_abs"] = _max_abs(mmbridge.parity.run_ort(art.onnx_path, inputs), ref)
     row["inputs"] = {s.name: [s.dtype, s.value_range] for s in art.input_specs}
     row["keras_params"] = keras_trainable_count(src) if not isinstance(src, str) else None
@@ -387,6 +414,10 @@ def _param(c: Case):
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
 def test_family_exports_with_parity(case, workdir):
     row = measure(case, os.path.join(workdir, "cache"), tempfile.mkdtemp(dir=workdir))
+    rows_file = os.environ.get(ROWS_ENV)
+    if rows_file:  # tools/gen_zoo_table.py --rows renders docs/zoo.md from these
+        with open(rows_file, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
     assert row["export"], row.get("error")
     assert row["ort_max_abs"] <= PARITY_ATOL, row
     if "torch" in case.gaps:

@@ -508,11 +508,17 @@ class BridgeSource(SourceAdapter):
 @SOURCES.register
 class KerasSource(SourceAdapter):
     """A Keras 3 model (functional, ``Sequential``, subclassed) or layer, called with
-    ``training=False`` on one tensor (one input) or a list (several).
+    ``training=False`` in the structure it takes (:func:`_caller`): the dict / list / nested
+    structure a functional model was built on (keras-hub backbones take
+    ``{"token_ids", "padding_mask", ...}``), else one tensor, keyword tensors when ``call``
+    names every input spec, or a list (a dict by spec name if the list is refused).
 
-    Specs come from a functional model's ``inputs`` (Keras auto-names become ``"input"`` /
-    ``"input_{i}"``); subclassed models and layers need ``input_specs``. The fingerprint hashes
-    config and weights (:func:`~mmbridge.export.fingerprint.keras_payload`), without tracing.
+    Specs come from a functional model's inputs, named by their dict keys (else the ``Input``
+    names; Keras auto-names become ``"input"`` / ``"input_{i}"``); subclassed models and layers
+    need ``input_specs``. Integer inputs without a ``value_range`` get one from the model's
+    embeddings (:func:`with_model_ranges`), so the default parity samples are valid ids. The
+    fingerprint hashes config and weights (:func:`~mmbridge.export.fingerprint.keras_payload`),
+    without tracing.
     """
 
     kind = "keras"
