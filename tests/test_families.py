@@ -286,9 +286,9 @@ TFK_BN = ("trainable export: trainable_patches marks Keras 3 variables only, so 
           "parameters than Keras trainable weights); owner: contract (mmbridge/export/trainable.py)")
 GREATER_OR_EQUAL = ("torch backend: no ONNX GreaterOrEqual converter yet (the causal mask); owner: ops (adding it)")
 DYNAMIC_SHAPE = ("torch.compile: dynamo.explain raises InternalTorchDynamoError 'torch.Size() takes an iterable of "
-                 "int (item 0 is FakeTensor)' in onnx2torch's Expand converter (torch.ones(torch.Size(shape)) with a "
-                 "shape computed from ONNX Shape: TF's zeros([batch, units]) / broadcasts); owner: ops (Expand / "
-                 "static Shape)")
+                 "int (item 0 is FakeTensor)'; traced on Conv1D+GRU to onnx2torch's Expand converter "
+                 "(torch.ones(torch.Size(shape)) with a shape computed from ONNX Shape: TF's zeros([batch, units])), "
+                 "the transformers raise the same error (node not traced); owner: ops (Expand / static Shape)")
 REVERSE_SEQUENCE = ("torch backend: no ONNX ReverseSequence converter yet (the backward LSTM of Bidirectional); "
                     "owner: ops")
 
