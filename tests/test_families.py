@@ -284,20 +284,17 @@ def _list_functional(env):
 TFK_BN = ("trainable export: trainable_patches marks Keras 3 variables only, so for tf_keras models grappler folds "
           "all-zero biases away and tf2onnx folds BatchNormalization gamma/beta into the convs (fewer torch "
           "parameters than Keras trainable weights); owner: contract (mmbridge/export/trainable.py)")
-GREATER_OR_EQUAL = ("torch backend: no ONNX GreaterOrEqual converter yet (the causal mask); owner: ops (adding it)")
 DYNAMIC_SHAPE = ("torch.compile: dynamo.explain raises InternalTorchDynamoError 'torch.Size() takes an iterable of "
                  "int (item 0 is FakeTensor)'; traced on Conv1D+GRU to onnx2torch's Expand converter "
                  "(torch.ones(torch.Size(shape)) with a shape computed from ONNX Shape: TF's zeros([batch, units])), "
                  "the transformers raise the same error (node not traced); owner: ops (Expand / static Shape)")
-REVERSE_SEQUENCE = ("torch backend: no ONNX ReverseSequence converter yet (the backward LSTM of Bidirectional); "
-                    "owner: ops")
 
 CASES: list[Case] = [
     Case("keras-hub", "BertBackbone", _hub("BertBackbone", **TEXT), slow=False, gaps={"dynamo": DYNAMIC_SHAPE}),
     Case("keras-hub", "DistilBertBackbone", _hub("DistilBertBackbone", **TEXT), gaps={"dynamo": DYNAMIC_SHAPE}),
     Case("keras-hub", "RobertaBackbone", _hub("RobertaBackbone", **TEXT), gaps={"dynamo": DYNAMIC_SHAPE}),
-    Case("keras-hub", "GPT2Backbone", _gpt2, gaps={"torch": GREATER_OR_EQUAL}),
-    Case("keras-hub", "LlamaBackbone", _llama, gaps={"torch": GREATER_OR_EQUAL}),
+    Case("keras-hub", "GPT2Backbone", _gpt2, gaps={"dynamo": DYNAMIC_SHAPE}),
+    Case("keras-hub", "LlamaBackbone", _llama, gaps={"dynamo": DYNAMIC_SHAPE}),
     Case("keras-hub", "ViTBackbone", _vit, gaps={"dynamo": DYNAMIC_SHAPE}),
     Case("keras-hub", "ResNetBackbone", _hub_resnet),
     Case("keras.applications", "MobileNetV2", _app("MobileNetV2", 32, alpha=0.35)),
@@ -312,7 +309,7 @@ CASES: list[Case] = [
     Case("tf-keras", "RegNetX002", _tfk_regnet, gaps={"params": TFK_BN}),
     Case("SavedModel", "Keras 3 CNN (model.export dir)", _saved_model_dir, slow=False),
     Case("SavedModel", "hub.KerasLayer-style wrapper", _hub_layer, slow=False),
-    Case("recurrent", "Embedding+BiLSTM", _bilstm, slow=False, gaps={"torch": REVERSE_SEQUENCE}),
+    Case("recurrent", "Embedding+BiLSTM", _bilstm, slow=False, gaps={"dynamo": DYNAMIC_SHAPE}),
     Case("recurrent", "Conv1D+GRU", _conv_gru, slow=False, gaps={"dynamo": DYNAMIC_SHAPE}),
     Case("subclassed", "Dense MLP", _subclassed, slow=False,
          export_kwargs={"input_specs": [mmbridge.TensorSpec("x", ("batch", 5))]}),
