@@ -105,7 +105,7 @@ def render(rows: list[dict], atol: float, seconds: float, source: str | None = N
         if r.get("dynamo_error"):
             notes.append(f"{r['family']} {r['model']}: dynamo.explain failed: {_one_line(r['dynamo_error'], 120)}"
                          + _gap(gaps, r, "dynamo"))
-        elif r.get("keras_params") is not None and r.get("torch_params") != r["keras_params"]:
+        if r.get("keras_params") is not None and r.get("torch_params") != r["keras_params"]:
             notes.append(f"{r['family']} {r['model']}: parameter count differs" + _gap(gaps, r, "params"))
             lines[-1] = lines[-1].replace(" ✗ |", f" ✗ (note {len(notes)}) |", 1)
     tail = ["", "A Keras count marked – has no Keras model in this process (a SavedModel directory is exported in",
