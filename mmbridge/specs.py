@@ -238,6 +238,34 @@ class BridgeSpec:
             raise SpecError(f"bridge {self.name!r}: input names {names} are not unique")
 
 
+def is_padding_mask(spec: TensorSpec) -> bool:
+    """An integer / bool input named like a mask (``"padding_mask"``, ``"attention_mask"``)
+    whose values are 0 / 1 (no ``value_range`` or one inside ``[0, 1]``), with a batch axis and
+    at least one more axis."""
+    if "mask" not in spec.name.lower() or spec.rank < 2 or spec.dtype in ("string",) or \
+            spec.dtype.startswith(("float", "bfloat")):
+        return False
+    return spec.value_range is None or (spec.value_range[0] >= 0 and spec.value_range[1] <= 1)
+
+
+def padding_mask_sample(spec: TensorSpec, batch: int = 2, seed: int = 0) -> np.ndarray:
+    """A padding mask: per row, ones for a random length in ``[1, T]`` along the last axis and
+    zeros after (every row has at least one 1, like a real tokenizer's mask; the first row is
+    all ones)."""
+    rng = np.random.default_rng(seed)
+    shape = spec.concrete_shape(batch)
+    t = shape[-1]
+    lengths = rng.integers(1, t + 1, size=shape[:-1])
+    lengths.reshape(-1)[0] = t
+    out = np.arange(t) < lengths[..., None]
+    return out.astype(spec.dtype)
+
+
 def samples_from_specs(specs: Sequence[TensorSpec], batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    """Default sample inputs: :meth:`TensorSpec.sample` per spec, with seeds ``seed + i``."""
-    return {s.name: s.sample(batch, seed + i) for i, s in enumerate(specs)}
+    """Default sample inputs: :meth:`TensorSpec.sample` per spec, with seeds ``seed + i``.
+
+    Padding masks (:func:`is_padding_mask`) are 1s then 0s with at least one 1 per row
+    (:func:`padding_mask_sample`): an all-zero row makes attention softmax over nothing.
+    """
+    return {s.name: (padding_mask_sample if is_padding_mask(s) else TensorSpec.sample)(s, batch, seed + i)
+            for i, s in enumerate(specs)}

@@ -626,7 +626,12 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     missing = [s.name for s in specs if s.name not in samples]
     if missing:
         raise SpecError(f"sample_inputs lack {missing}; give one array per input spec")
-    tf_out = src.fn(*[tf.constant(samples[s.name]) for s in specs])
+    try:
+        tf_out = src.fn(*[tf.constant(samples[s.name]) for s in specs])
+    except (tf.errors.OpError, ValueError, TypeError) as exc:  # TF refuses the samples: say which input, how to fix
+        from mmbridge.export.sources import tf_run_error
+
+        raise tf_run_error(exc, name, specs, samples) from exc
     ref = dict(zip(out_keys, [np.asarray(t) for t in tf.nest.flatten(tf_out)]))
     onnx_inputs = {k: (np.ascontiguousarray(np.transpose(v, (0, 3, 1, 2))) if k in nchw else v) for k, v in samples.items()}
     tol = options.tolerance

@@ -26,6 +26,7 @@ images, and returns a tensor, a list / tuple, or a dict of tensors.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -37,7 +38,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from mmbridge.errors import RegistryError, SpecError
+from mmbridge.errors import ExportError, RegistryError, SpecError
 from mmbridge.specs import BridgeSpec, TensorSpec
 
 if TYPE_CHECKING:
@@ -507,11 +508,17 @@ class BridgeSource(SourceAdapter):
 @SOURCES.register
 class KerasSource(SourceAdapter):
     """A Keras 3 model (functional, ``Sequential``, subclassed) or layer, called with
-    ``training=False`` on one tensor (one input) or a list (several).
+    ``training=False`` in the structure it takes (:func:`_caller`): the dict / list / nested
+    structure a functional model was built on (keras-hub backbones take
+    ``{"token_ids", "padding_mask", ...}``), else one tensor, keyword tensors when ``call``
+    names every input spec, or a list (a dict by spec name if the list is refused).
 
-    Specs come from a functional model's ``inputs`` (Keras auto-names become ``"input"`` /
-    ``"input_{i}"``); subclassed models and layers need ``input_specs``. The fingerprint hashes
-    config and weights (:func:`~mmbridge.export.fingerprint.keras_payload`), without tracing.
+    Specs come from a functional model's inputs, named by their dict keys (else the ``Input``
+    names; Keras auto-names become ``"input"`` / ``"input_{i}"``); subclassed models and layers
+    need ``input_specs``. Integer inputs without a ``value_range`` get one from the model's
+    embeddings (:func:`with_model_ranges`), so the default parity samples are valid ids. The
+    fingerprint hashes config and weights (:func:`~mmbridge.export.fingerprint.keras_payload`),
+    without tracing.
     """
 
     kind = "keras"
@@ -532,33 +539,262 @@ class KerasSource(SourceAdapter):
     def prepare(self, obj: Any, options: ExportOptions, tf: Any) -> Traceable:
         from mmbridge.export.fingerprint import keras_payload
 
+        structure = call_structure(obj)
         specs = options.input_specs or _signature_specs(obj, tf) or self._input_specs(obj)
         if not specs:
             raise _missing_specs(obj)
+        specs = with_model_ranges(obj, specs)
+        names = [s.name for s in specs]
+        call = _caller(obj, structure, names, tf)
 
         @tf.function(input_signature=tf_signature(specs, tf))
         def keras_fn(*args):
-            x = args[0] if len(args) == 1 else list(args)
-            return obj(x, training=False)
+            with self.trace_patches():
+                return call(args)
 
         kind = "keras_model" if isinstance(obj, self._module().Model) else "keras_layer"
         return Traceable(keras_fn, specs, default_name(obj), kind, obj, lambda: keras_payload(obj))
 
+    @contextlib.contextmanager
+    def trace_patches(self) -> Iterator[None]:
+        """Patches active while the model's call is traced (none for Keras 3: see
+        :func:`mmbridge.export.exporter.export_patches`)."""
+        yield
+
     @staticmethod
     def _input_specs(obj: Any) -> tuple[TensorSpec, ...] | None:
-        inputs = getattr(obj, "inputs", None)
-        if not inputs:
+        named = _named_inputs(obj)
+        if not named:
             return None
         specs = []
-        for i, t in enumerate(inputs):
-            nm = (getattr(t, "name", None) or "").split(":")[0]
-            if not nm or nm.startswith("keras_tensor"):  # Keras 3 auto-name: not meaningful
-                nm = "input" if len(inputs) == 1 else f"input_{i}"
-            shape = tuple(t.shape)
+        for nm, t in named:
+            shape = tuple(None if d is None else int(d) for d in t.shape)
             shape = ("batch",) + tuple(shape[1:]) if shape and shape[0] is None else shape
             dt = t.dtype if isinstance(t.dtype, str) else t.dtype.name
             specs.append(TensorSpec(nm, shape, dt, "NHWC" if len(shape) == 4 else None))
         return tuple(specs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keras call structure (one tensor, a list, a dict, keyword tensors) and value ranges
+# ---------------------------------------------------------------------------------------------
+def call_structure(obj: Any) -> Any:
+    """The nested input structure a functional Keras model was built on (a ``dict`` of
+    ``KerasTensor`` for keras-hub backbones, a list for multi-input models, one tensor), or
+    ``None`` when the model does not record one (subclassed models, layers).
+
+    Keras 3 keeps it as ``_inputs_struct``, tf-keras as ``_nested_inputs``.
+    """
+    for attr in ("_inputs_struct", "_nested_inputs"):
+        try:
+            value = getattr(obj, attr, None)
+        except Exception:  # noqa: BLE001 - a property that raises on an unbuilt model
+            value = None
+        if value is not None:
+            return value
+    return None
+
+
+def _flatten_with_names(structure: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(name, leaf)`` in ``tf.nest`` order: dict keys (sorted) name their leaves; list items
+    take their tensor's own name."""
+    if isinstance(structure, dict):
+        out = []
+        for k in sorted(structure):
+            out += _flatten_with_names(structure[k], f"{prefix}{k}" if not prefix else f"{prefix}_{k}")
+        return out
+    if isinstance(structure, (list, tuple)):
+        out = []
+        for i, v in enumerate(structure):
+            out += _flatten_with_names(v, prefix + (f"_{i}" if prefix else ""))
+        return out
+    return [(prefix, structure)]
+
+
+def _named_inputs(obj: Any) -> list[tuple[str, Any]]:
+    """The model's input tensors with the names the input specs take: dict keys for a dict of
+    inputs, else the ``Input`` names (Keras auto-names become ``"input"`` / ``"input_{i}"``)."""
+    structure = call_structure(obj)
+    if structure is not None:
+        leaves = _flatten_with_names(structure)
+    else:
+        leaves = [("", t) for t in (getattr(obj, "inputs", None) or [])]
+    out = []
+    n = len(leaves)
+    for i, (nm, t) in enumerate(leaves):
+        if not nm:
+            nm = (getattr(t, "name", None) or "").split(":")[0]
+        if not nm or nm.startswith("keras_tensor"):  # Keras 3 auto-name: not meaningful
+            nm = "input" if n == 1 else f"input_{i}"
+        out.append((nm, t))
+    names = [nm for nm, _ in out]
+    if len(set(names)) != len(names):  # clashing Input names: fall back to positions
+        out = [("input" if n == 1 else f"input_{i}", t) for i, (_, t) in enumerate(out)]
+    return out
+
+
+def _caller(obj: Any, structure: Any, names: list[str], tf: Any) -> Callable[[tuple], Any]:
+    """``args -> obj(<args in the structure the model takes>, training=False)``.
+
+    * a recorded dict structure: a dict by key (``names`` are the specs' names; when they are
+      not the dict's keys, the specs are taken in ``tf.nest`` order);
+    * a recorded list / tuple / nested structure: ``tf.nest.pack_sequence_as``;
+    * no record (subclassed model, layer): one tensor; keyword tensors when the ``call``
+      signature names every spec; else a list, and a dict by spec name if the list is refused.
+    """
+    n = len(names)
+    if isinstance(structure, dict) and set(structure) == set(names):
+        return lambda args: obj(dict(zip(names, args)), training=False)
+    if structure is not None and not _is_leaf(structure):
+        return lambda args: obj(tf.nest.pack_sequence_as(structure, list(args)), training=False)
+    if n == 1:
+        return lambda args: obj(args[0], training=False)
+    if structure is not None:  # a single recorded input but several specs: what export() always did
+        return lambda args: obj(list(args), training=False)
+    params = _call_params(obj)
+    if params is not None and set(names) <= set(params):
+        return lambda args: obj(**dict(zip(names, args)), training=False)
+
+    def list_then_dict(args: tuple) -> Any:
+        try:
+            return obj(list(args), training=False)
+        except (ValueError, TypeError, KeyError) as exc:
+            try:
+                return obj(dict(zip(names, args)), training=False)
+            except Exception:  # noqa: BLE001 - report the first (list) failure, it is the default call
+                raise exc from None
+
+    return list_then_dict
+
+
+def _is_leaf(structure: Any) -> bool:
+    return not isinstance(structure, (dict, list, tuple))
+
+
+def _call_params(obj: Any) -> list[str] | None:
+    """The parameter names of ``obj.call`` (without ``self``), or ``None``."""
+    try:
+        return [p for p in inspect.signature(obj.call).parameters if p not in ("training", "mask", "kwargs")]
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+_INTEGER = ("int8", "int16", "int32", "int64", "uint8")
+
+
+def _sublayers(obj: Any) -> list[Any]:
+    """Every layer inside ``obj`` (Keras 3 ``_flatten_layers``, tf-keras ``submodules``)."""
+    for attr in ("_flatten_layers",):
+        fn = getattr(obj, attr, None)
+        if callable(fn):
+            try:
+                return [x for x in fn(include_self=False, recursive=True)]
+            except TypeError:
+                pass
+    try:
+        return list(getattr(obj, "submodules", ()))
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def _vocab_size(layer: Any) -> int | None:
+    """The number of ids an embedding-like layer accepts (``Embedding.input_dim``,
+    keras-hub ``TokenAndPositionEmbedding.vocabulary_size``)."""
+    for attr in ("input_dim", "vocabulary_size"):
+        v = getattr(layer, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def embedding_bounds(obj: Any) -> tuple[dict[str, int], int | None]:
+    """``({input name: ids accepted}, smallest vocabulary in the model)``.
+
+    An integer input feeding an embedding-like layer directly is bounded by that layer's size;
+    the smallest vocabulary of all embedding layers is the fallback for inputs that reach an
+    embedding through other layers (or models without a recorded graph).
+    """
+    try:
+        by_id = {id(t): nm for nm, t in _named_inputs(obj)}
+    except Exception:  # noqa: BLE001 - an unbuilt subclassed model raises on .inputs
+        by_id = {}
+    direct: dict[str, int] = {}
+    sizes = []
+    for layer in _sublayers(obj):
+        size = _vocab_size(layer)
+        if size is None:
+            continue
+        sizes.append(size)
+        for node in getattr(layer, "_inbound_nodes", None) or []:
+            try:
+                tensors = node.input_tensors
+            except Exception:  # noqa: BLE001 - tf-keras nodes of layers called eagerly
+                continue
+            for t in (tensors if isinstance(tensors, (list, tuple)) else [tensors]):
+                nm = by_id.get(id(t))
+                if nm is not None:
+                    direct[nm] = min(direct.get(nm, size), size)
+    return direct, (min(sizes) if sizes else None)
+
+
+def with_model_ranges(obj: Any, specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+    """``specs`` with a ``value_range`` for integer inputs that have none: ``(0, n - 1)`` for an
+    input bounded by an embedding of ``n`` ids (the segment embedding for segment ids), ``(0, 1)``
+    for padding masks (names containing ``"mask"``; :func:`mmbridge.specs.samples_from_specs`
+    gives every row at least one 1). A spec's own ``value_range`` always wins."""
+    if not any(s.dtype in _INTEGER and s.value_range is None for s in specs):
+        return specs
+    direct, smallest = embedding_bounds(obj)
+    out = []
+    for s in specs:
+        if s.dtype in _INTEGER and s.value_range is None:
+            if "mask" in s.name.lower():
+                s = dataclasses.replace(s, value_range=(0, 1))
+            elif s.name in direct:
+                s = dataclasses.replace(s, value_range=(0, direct[s.name] - 1))
+            elif smallest is not None:
+                s = dataclasses.replace(s, value_range=(0, smallest - 1))
+        out.append(s)
+    return tuple(out)
+
+
+def tf_run_error(exc: BaseException, name: str, specs: tuple[TensorSpec, ...], samples: Any) -> ExportError:
+    """The error to raise when TF itself fails on the sample inputs during the parity run.
+
+    Names the input(s) the failure is most likely about (the integer inputs, the one whose
+    name or embedding layer the TF message mentions first) with the value range sampled, the
+    TF message's first line, and how to pass ``sample_inputs`` / ``value_range``.
+    """
+    import numpy as np
+
+    msg = str(exc).strip()
+    text = getattr(exc, "message", None) or msg
+    useful = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(
+        ("Graph execution error", "Detected at node", "File ", "[[", "Stack trace", "Traceback"))]
+    first = useful[-1] if useful else type(exc).__name__
+    node = re.search(r"\{\{node ([^}]+)\}\}", msg)
+    if node:
+        first += f" (at TF node {node.group(1)!r})"
+    m = re.search(r"indices\[[^\]]*\] = (-?\d+) is not in \[(-?\d+), (-?\d+)\)", msg)
+    if m:
+        first = m.group(0) + (f" (at TF node {node.group(1)!r})" if node else "")
+    named = [s for s in specs if re.search(rf"\b{re.escape(s.name)}\b", msg)]
+    ints = [s for s in specs if s.dtype in _INTEGER]
+    suspects = named or ints or list(specs)
+    lines = []
+    for s in suspects:
+        arr = np.asarray(samples.get(s.name)) if samples is not None and s.name in samples else None
+        got = f"sampled values {arr.min()}..{arr.max()}" if arr is not None and arr.size and arr.dtype.kind in "iub" \
+            else "sampled"
+        lines.append(f"input {s.name!r} ({s.dtype}, shape {list(s.shape)}, {got}, value_range {s.value_range})")
+    hint = f" (the model accepts ids in [{m.group(2)}, {m.group(3)})" if m else ""
+    ex = ", ".join(f"{s.name!r}: np.array(..., dtype={s.dtype!r})" for s in specs)
+    return ExportError(
+        f"export {name!r}: TensorFlow failed running the model on the sample inputs{hint}: {first[:300]}\n"
+        f"  suspected: " + "; ".join(lines) + "\n"
+        f"What to do: pass sample_inputs={{{ex}}} with values the model accepts (or a "
+        f"(batch, seed) -> dict callable), or give the TensorSpec a value_range=(low, high)."
+    )
 
 
 @SOURCES.register
@@ -572,6 +808,32 @@ class TFKerasSource(KerasSource):
     kind = "tf_keras"
     description = ""  # listed with "a Keras model or layer"
     module = "tf_keras"
+
+    @contextlib.contextmanager
+    def trace_patches(self) -> Iterator[None]:
+        """tf-keras runs grouped convolutions (``groups > 1``: RegNet, ResNeXt) through a nested
+        ``tf.function(jit_compile=True)``, which reaches tf2onnx as an opaque ``PartitionedCall``
+        it refuses. While tracing, the plain ``convolution_op`` (``tf.nn.convolution`` with the
+        grouped kernel, ONNX ``Conv(group=...)``) is used instead: the same computation inlined.
+        """
+        try:
+            from tf_keras.src.layers.convolutional.base_conv import Conv
+        except ImportError:  # another tf-keras layout: nothing to patch
+            yield
+            return
+        orig = Conv.__dict__.get("_jit_compiled_convolution_op")
+        if orig is None:
+            yield
+            return
+
+        def inlined(layer, inputs, kernel):
+            return layer.convolution_op(inputs, kernel)
+
+        Conv._jit_compiled_convolution_op = inlined
+        try:
+            yield
+        finally:
+            Conv._jit_compiled_convolution_op = orig
 
 
 @SOURCES.register
@@ -620,4 +882,5 @@ class PythonFunctionSource(SourceAdapter):
 
 
 __all__ = ["SOURCES", "SourceAdapter", "SourceAdapters", "Located", "Traceable", "LoadedSavedModel",
-           "KERAS_FILE_EXTENSIONS", "default_name", "importable_ref", "spec_from_tf", "tf_signature"]
+           "KERAS_FILE_EXTENSIONS", "default_name", "importable_ref", "spec_from_tf", "tf_signature",
+           "call_structure", "embedding_bounds", "with_model_ranges", "tf_run_error"]

@@ -1,0 +1,491 @@
+"""Model families through export -> ORT / torch (issue 13, items 1, 2, 4, 6).
+
+Each case builds a model from a tiny config with random weights (no downloads), exports it with
+``trainable=True`` without ``sample_inputs`` (the samples come from the model: token ids bounded
+by its vocabularies, padding masks with a 1 in every row) and measures one zoo-table row
+(:func:`measure`): forward parity of ORT and of the torch module against TF's outputs stored at
+export, torch trainable parameters == Keras trainable weights, a bf16 autocast forward, and the
+graph breaks ``torch._dynamo.explain`` finds. ``tools/gen_zoo_table.py`` runs every case with
+:func:`measure` and writes ``docs/zoo.md``.
+
+The default run keeps a fast subset (one keras-hub transformer, one tf-keras CNN, one SavedModel,
+the small recurrent / subclassed / multi-input models); the rest are ``slow``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import mmbridge
+from mmbridge.errors import ExportError
+
+pytestmark = [pytest.mark.tf]
+
+ROWS_ENV = "MMBRIDGE_ZOO_ROWS"
+"""When set, every family test appends its zoo row (JSON, one line) to this file."""
+
+PARITY_ATOL = 1e-4
+"""Forward parity the families must meet (max abs, ORT and torch vs TF)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the cases
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Case:
+    family: str
+    name: str
+    build: Callable[[Any], Any]
+    """``env -> source``: a live model, or a SavedModel directory (``env.tmp`` is a scratch dir)."""
+    slow: bool = True
+    xfail: str | None = None
+    gaps: dict = dataclasses.field(default_factory=dict)
+    """Known gaps owned elsewhere: ``{"torch": reason}`` (no torch conversion yet),
+    ``{"params": reason}`` (the trainable export does not keep every Keras weight) or
+    ``{"dynamo": reason}`` (``torch._dynamo.explain`` cannot trace the module); the test checks
+    everything else and then xfails with the reason."""
+    export_kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+class Env:
+    """What builders get: ``tf``, ``keras``, ``tf_keras``, ``keras_hub`` (imported on use), ``tmp``."""
+
+    def __init__(self, tmp: str):
+        self.tmp = tmp
+
+    @property
+    def tf(self):
+        return mmbridge.export._tf.import_tensorflow()
+
+    @property
+    def keras(self):
+        self.tf  # noqa: B018 - TF first, the safe way
+        import keras
+
+        keras.utils.set_random_seed(0)
+        return keras
+
+    @property
+    def tf_keras(self):
+        self.tf  # noqa: B018
+        import tf_keras
+
+        tf_keras.utils.set_random_seed(0)
+        return tf_keras
+
+    @property
+    def keras_hub(self):
+        self.keras  # noqa: B018
+        import keras_hub
+
+        return keras_hub
+
+
+def _app(arch: str, size: int, **kw):
+    def build(env):
+        return getattr(env.keras.applications, arch)(weights=None, include_top=False, pooling="avg",
+                                                     input_shape=(size, size, 3), **kw)
+    return build
+
+
+def _hub(cls: str, **kw):
+    def build(env):
+        return getattr(env.keras_hub.models, cls)(**kw)
+    return build
+
+
+TEXT = dict(vocabulary_size=100, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32, max_sequence_length=16)
+
+
+def _llama(env):
+    return env.keras_hub.models.LlamaBackbone(vocabulary_size=100, num_layers=1, num_query_heads=2, num_key_value_heads=1,
+                                              hidden_dim=16, intermediate_dim=32)
+
+
+def _gpt2(env):
+    return env.keras_hub.models.GPT2Backbone(**TEXT)
+
+
+def _vit(env):
+    return env.keras_hub.models.ViTBackbone(image_shape=(32, 32, 3), patch_size=8, num_layers=1, num_heads=2,
+                                            hidden_dim=16, mlp_dim=32, use_mha_bias=True)
+
+
+def _hub_resnet(env):
+    return env.keras_hub.models.ResNetBackbone(input_conv_filters=[64], input_conv_kernel_sizes=[7],
+                                               stackwise_num_filters=[64, 64], stackwise_num_blocks=[1, 1],
+                                               stackwise_num_strides=[1, 2], block_type="basic_block",
+                                               image_shape=(32, 32, 3))
+
+
+def _tfk_mobilenet(env):
+    return env.tf_keras.applications.MobileNetV2(weights=None, include_top=False, pooling="avg", alpha=0.35,
+                                                 input_shape=(32, 32, 3))
+
+
+def _tfk_regnet(env):
+    return env.tf_keras.applications.RegNetX002(weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3))
+
+
+def _saved_model_dir(env):
+    """A SavedModel directory of a small Keras 3 CNN (``model.export``)."""
+    keras = env.keras
+    m = keras.Sequential([keras.Input((16, 16, 3), name="image"), keras.layers.Conv2D(4, 3, activation="relu"),
+                          keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])
+    path = os.path.join(env.tmp, "small_cnn_saved_model")
+    m.export(path, verbose=False)
+    return path
+
+
+def _hub_layer(env):
+    """A Keras 3 model around a ``tf.saved_model.load``-ed callable (what ``hub.KerasLayer`` does)."""
+    tf, keras = env.tf, env.keras
+
+    class Module(tf.Module):
+        def __init__(self):
+            self.w = tf.Variable(np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32)])
+        def __call__(self, x):
+            return tf.nn.tanh(tf.matmul(x, self.w))
+
+    path = os.path.join(env.tmp, "hub_module")
+    tf.saved_model.save(Module(), path)
+    loaded = tf.saved_model.load(path)
+
+    class HubLayer(keras.layers.Layer):
+        def __init__(self, fn, **kw):
+            super().__init__(**kw)
+            self.fn = fn
+
+        def call(self, x):
+            return self.fn(x)
+
+        def compute_output_shape(self, shape):
+            return (shape[0], 4)
+
+    x = keras.Input((8,), name="features")
+    return keras.Model(x, keras.layers.Dense(2)(HubLayer(loaded)(x)))
+
+
+def _bilstm(env):
+    keras = env.keras
+    x = keras.Input((12,), dtype="int32", name="tokens")
+    h = keras.layers.Embedding(50, 8)(x)
+    h = keras.layers.Bidirectional(keras.layers.LSTM(6))(h)
+    return keras.Model(x, keras.layers.Dense(3)(h))
+
+
+def _conv_gru(env):
+    keras = env.keras
+    x = keras.Input((20, 4), name="signal")
+    h = keras.layers.Conv1D(8, 3, activation="relu")(x)
+    h = keras.layers.GRU(6)(h)
+    return keras.Model(x, keras.layers.Dense(2)(h))
+
+
+def _subclassed(env):
+    keras = env.keras
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d1 = keras.layers.Dense(8, activation="relu")
+            self.d2 = keras.layers.Dense(3)
+
+        def call(self, x, training=False):
+            return self.d2(self.d1(x))
+
+    m = Net()
+    m(np.zeros((1, 5), np.float32))
+    return m
+
+
+def _subclassed_kwargs(env):
+    """A subclassed model whose call takes keyword tensors."""
+    keras = env.keras
+
+    class Fuse(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.emb = keras.layers.Embedding(30, 4)
+            self.d = keras.layers.Dense(2)
+
+        def call(self, token_ids, features, training=False):
+            pooled = keras.ops.mean(self.emb(token_ids), axis=1)
+            return self.d(keras.ops.concatenate([pooled, features], axis=-1))
+
+    m = Fuse()
+    m(token_ids=np.zeros((1, 6), np.int32), features=np.zeros((1, 3), np.float32))
+    return m
+
+
+def _subclassed_dict(env):
+    """A subclassed model whose call takes one dict of tensors (no recorded structure)."""
+    keras = env.keras
+
+    class DictNet(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = keras.layers.Dense(2)
+
+        def call(self, inputs, training=False):
+            return self.d(keras.ops.concatenate([inputs["a"], 2.0 * inputs["b"]], axis=-1))
+
+    m = DictNet()
+    m({"a": np.zeros((1, 2), np.float32), "b": np.zeros((1, 3), np.float32)})
+    return m
+
+
+def _tfk_subclassed(env):
+    tf_keras = env.tf_keras
+
+    class Net(tf_keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = tf_keras.layers.Conv2D(4, 3, groups=2, activation="relu")
+            self.pool = tf_keras.layers.GlobalAveragePooling2D()
+            self.d = tf_keras.layers.Dense(3)
+
+        def call(self, x, training=False):
+            return self.d(self.pool(self.conv(x)))
+
+    m = Net()
+    m(np.zeros((1, 8, 8, 4), np.float32))
+    return m
+
+
+def _dict_functional(env):
+    """A multi-input functional model built on a dict whose keys are not the Input names."""
+    keras = env.keras
+    ids = keras.Input((6,), dtype="int32", name="ids_in")
+    num = keras.Input((3,), name="num_in")
+    h = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(20, 4)(ids))
+    out = keras.layers.Dense(2)(keras.layers.Concatenate()([h, num]))
+    return keras.Model({"text": ids, "numbers": num}, out)
+
+
+def _list_functional(env):
+    keras = env.keras
+    a, b = keras.Input((4,), name="a"), keras.Input((3,), name="b")
+    return keras.Model([a, b], keras.layers.Dense(2)(keras.layers.Concatenate()([a, b])))
+
+
+TFK_BN = ("trainable export: trainable_patches marks Keras 3 variables only, so for tf_keras models grappler folds "
+          "all-zero biases away and tf2onnx folds BatchNormalization gamma/beta into the convs (fewer torch "
+          "parameters than Keras trainable weights); owner: contract (mmbridge/export/trainable.py)")
+DYNAMIC_SHAPE = ("torch.compile: dynamo.explain raises InternalTorchDynamoError 'torch.Size() takes an iterable of "
+                 "int (item 0 is FakeTensor)'; traced on Conv1D+GRU to onnx2torch's Expand converter "
+                 "(torch.ones(torch.Size(shape)) with a shape computed from ONNX Shape: TF's zeros([batch, units])), "
+                 "the transformers raise the same error (node not traced); owner: ops (Expand / static Shape)")
+
+LLAMA_UNTIED = ("not a bridge gap: LlamaBackbone's untied ReversibleEmbedding holds reverse_embeddings (hidden x vocab "
+                "= 1,600 here), a Keras trainable weight the backbone's forward never reads, so the graph has none")
+
+CASES: list[Case] = [
+    Case("keras-hub", "BertBackbone", _hub("BertBackbone", **TEXT), slow=False, gaps={"dynamo": DYNAMIC_SHAPE}),
+    Case("keras-hub", "DistilBertBackbone", _hub("DistilBertBackbone", **TEXT), gaps={"dynamo": DYNAMIC_SHAPE}),
+    Case("keras-hub", "RobertaBackbone", _hub("RobertaBackbone", **TEXT), gaps={"dynamo": DYNAMIC_SHAPE}),
+    Case("keras-hub", "GPT2Backbone", _gpt2, gaps={"dynamo": DYNAMIC_SHAPE}),
+    Case("keras-hub", "LlamaBackbone", _llama, gaps={"dynamo": DYNAMIC_SHAPE, "params": LLAMA_UNTIED}),
+    Case("keras-hub", "ViTBackbone", _vit, gaps={"dynamo": DYNAMIC_SHAPE}),
+    Case("keras-hub", "ResNetBackbone", _hub_resnet),
+    Case("keras.applications", "MobileNetV2", _app("MobileNetV2", 32, alpha=0.35)),
+    Case("keras.applications", "EfficientNetB0", _app("EfficientNetB0", 32)),
+    Case("keras.applications", "ResNet50", _app("ResNet50", 32)),
+    Case("keras.applications", "DenseNet121", _app("DenseNet121", 32)),
+    Case("keras.applications", "ConvNeXtTiny", _app("ConvNeXtTiny", 64)),
+    Case("keras.applications", "NASNetMobile", _app("NASNetMobile", 32)),
+    Case("tf-keras", "MobileNetV2", _tfk_mobilenet, slow=False, gaps={"params": TFK_BN}),
+    Case("tf-keras", "subclassed, grouped Conv2D", _tfk_subclassed, slow=False, gaps={"params": TFK_BN},
+         export_kwargs={"input_specs": [mmbridge.TensorSpec("x", ("batch", 8, 8, 4), layout="NHWC")]}),
+    Case("tf-keras", "RegNetX002", _tfk_regnet, gaps={"params": TFK_BN}),
+    Case("SavedModel", "Keras 3 CNN (model.export dir)", _saved_model_dir, slow=False),
+    Case("SavedModel", "hub.KerasLayer-style wrapper", _hub_layer, slow=False),
+    Case("recurrent", "Embedding+BiLSTM", _bilstm, slow=False, gaps={"dynamo": DYNAMIC_SHAPE}),
+    Case("recurrent", "Conv1D+GRU", _conv_gru, slow=False, gaps={"dynamo": DYNAMIC_SHAPE}),
+    Case("subclassed", "Dense MLP", _subclassed, slow=False,
+         export_kwargs={"input_specs": [mmbridge.TensorSpec("x", ("batch", 5))]}),
+    Case("subclassed", "keyword tensors", _subclassed_kwargs, slow=False,
+         export_kwargs={"input_specs": [mmbridge.TensorSpec("token_ids", ("batch", 6), "int32"),
+                                        mmbridge.TensorSpec("features", ("batch", 3))]}),
+    Case("subclassed", "dict of tensors", _subclassed_dict, slow=False,
+         export_kwargs={"input_specs": [mmbridge.TensorSpec("a", ("batch", 2)), mmbridge.TensorSpec("b", ("batch", 3))]}),
+    Case("functional", "dict of inputs", _dict_functional, slow=False),
+    Case("functional", "list of inputs", _list_functional, slow=False),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# one row of the zoo table
+# ---------------------------------------------------------------------------------------------
+def keras_trainable_count(model: Any) -> int | None:
+    ws = getattr(model, "trainable_weights", None)
+    return None if ws is None else int(sum(int(np.prod(w.shape)) for w in ws))
+
+
+def _max_abs(got: dict, ref: dict) -> float:
+    return max(float(np.abs(np.asarray(got[k], np.float64) - np.asarray(ref[k], np.float64)).max()) for k in ref)
+
+
+def measure(case: Case, cache_dir: str, tmp: str) -> dict[str, Any]:
+    """Export ``case`` and measure its zoo row; failures are recorded, not raised."""
+    from mmbridge.convert import core as tb
+    from mmbridge.parity import load_golden
+
+    row: dict[str, Any] = {"family": case.family, "model": case.name}
+    t0 = time.perf_counter()
+    try:
+        src = case.build(Env(tmp))
+        art = mmbridge.export(src, trainable=True, cache_dir=cache_dir, name=_slug(case.name), **case.export_kwargs)
+    except Exception as exc:  # noqa: BLE001 - a row records why it failed
+        row.update(export=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:240]}")
+        return row
+    row["export"] = True
+    row["export_s"] = round(time.perf_counter() - t0, 1)
+    golden = load_golden(art)
+    inputs, ref = golden["inputs"], golden["outputs"]
+    names = [s.name for s in art.input_specs]
+    row["ref_scale"] = max(float(np.abs(np.asarray(r, np.float64)).max()) for r in ref.values())
+    row["ort_max_abs"] = _max_abs(mmbridge.parity.run_ort(art.onnx_path, inputs), ref)
+    row["inputs"] = {s.name: [s.dtype, s.value_range] for s in art.input_specs}
+    row["keras_params"] = keras_trainable_count(src) if not isinstance(src, str) else None
+    try:
+        tm = art.to_torch().eval()
+    except Exception as exc:  # noqa: BLE001 - e.g. a converter the torch backend lacks
+        row["torch_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        return row
+    xs = [torch.from_numpy(np.asarray(inputs[n])) for n in names]
+    with torch.no_grad():
+        out = tm(*xs)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        got = {k: o.numpy() for k, o in zip(art.output_names, outs)}
+        row["torch_max_abs"] = _max_abs(got, ref)
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                b = tm(*xs)
+            bs = b if isinstance(b, (tuple, list)) else (b,)
+            scale = max(float(np.abs(np.asarray(r, np.float64)).max()) for r in ref.values()) or 1.0
+            err = _max_abs({k: o.float().numpy() for k, o in zip(art.output_names, bs)}, ref)
+            row["bf16_ok"] = bool(all(torch.isfinite(o.float()).all() for o in bs) and err <= 0.1 * scale)
+            row["bf16_rel_err"] = err / scale
+        except Exception as exc:  # noqa: BLE001
+            row["bf16_ok"] = False
+            row["bf16_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+    row["torch_params"] = tb.parameter_count(tm)
+    try:
+        import torch._dynamo as dynamo
+
+        dynamo.reset()
+        row["graph_breaks"] = int(dynamo.explain(tm)(*xs).graph_break_count)
+    except Exception as exc:  # noqa: BLE001
+        row["graph_breaks"] = None
+        row["dynamo_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+    return row
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")[:40]
+
+
+# ---------------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tf, tmp_path_factory):
+    return str(tmp_path_factory.mktemp("families"))
+
+
+def _param(c: Case):
+    marks = ([pytest.mark.slow] if c.slow else []) + ([pytest.mark.xfail(reason=c.xfail, strict=False)] if c.xfail else [])
+    return pytest.param(c, id=f"{c.family}-{_slug(c.name)}", marks=marks)
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+def test_family_exports_with_parity(case, workdir):
+    row = measure(case, os.path.join(workdir, "cache"), tempfile.mkdtemp(dir=workdir))
+    rows_file = os.environ.get(ROWS_ENV)
+    if rows_file:  # tools/gen_zoo_table.py --rows renders docs/zoo.md from these
+        with open(rows_file, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+    assert row["export"], row.get("error")
+    assert row["ort_max_abs"] <= PARITY_ATOL, row
+    if "torch" in case.gaps:
+        assert "torch_error" in row, f"{case.name}: to_torch works now; drop the gap {case.gaps['torch']!r}"
+        pytest.xfail(case.gaps["torch"])
+    assert "torch_error" not in row, row["torch_error"]
+    assert row["torch_max_abs"] <= PARITY_ATOL, row
+    assert row["bf16_ok"], row
+    if row["keras_params"] is not None:
+        if "params" in case.gaps and row["torch_params"] != row["keras_params"]:
+            pytest.xfail(case.gaps["params"])
+        assert row["torch_params"] == row["keras_params"], row
+    if "dynamo" in case.gaps and row["graph_breaks"] is None:
+        pytest.xfail(case.gaps["dynamo"])
+    assert row["graph_breaks"] is not None, row.get("dynamo_error")
+
+
+def test_bert_samples_respect_the_vocabularies(keras):
+    """Token ids < vocabulary, segment ids < num_segments, padding masks 1/0 with a 1 per row."""
+    import keras_hub
+
+    from mmbridge.export.options import ExportOptions
+    from mmbridge.export.sources import SOURCES
+    from mmbridge.specs import samples_from_specs
+
+    m = keras_hub.models.BertBackbone(**{**TEXT, "vocabulary_size": 37}, num_segments=3)
+    src = SOURCES.match(m).prepare(m, ExportOptions(), mmbridge.export._tf.import_tensorflow())
+    specs = {s.name: s for s in src.specs}
+    assert sorted(specs) == ["padding_mask", "segment_ids", "token_ids"]  # the user's names, not input_0..
+    assert specs["token_ids"].value_range == (0, 36)
+    assert specs["segment_ids"].value_range == (0, 2)
+    assert specs["padding_mask"].value_range == (0, 1)
+    for seed in range(5):
+        s = samples_from_specs(src.specs, batch=4, seed=seed)
+        assert s["token_ids"].max() <= 36 and s["segment_ids"].max() <= 2
+        assert set(np.unique(s["padding_mask"])) <= {0, 1} and (s["padding_mask"].sum(-1) >= 1).all()
+
+
+def test_value_range_on_the_spec_wins(keras):
+    from mmbridge.export.sources import with_model_ranges
+
+    m = _bilstm(Env(""))
+    spec = mmbridge.TensorSpec("tokens", ("batch", 12), "int32", value_range=(3, 7))
+    assert with_model_ranges(m, (spec,))[0].value_range == (3, 7)
+    assert with_model_ranges(m, (dataclasses.replace(spec, value_range=None),))[0].value_range == (0, 49)
+
+
+def test_bad_sample_inputs_name_the_input(keras, tmp_path):
+    """TF refusing the samples is an ExportError naming the input and sample_inputs, not a raw
+    InvalidArgumentError."""
+    m = _bilstm(Env(""))
+    bad = {"tokens": np.full((2, 12), 80, np.int32)}  # vocabulary is 50
+    with pytest.raises(ExportError) as ei:
+        mmbridge.export(m, sample_inputs=bad, cache_dir=tmp_path)
+    msg = str(ei.value)
+    assert "'tokens'" in msg and "sample_inputs" in msg and "value_range" in msg
+    assert len(msg) < 1500, msg
+    print(msg)
+
+
+def test_bert_export_without_samples_keeps_the_names(keras, tmp_path):
+    """The ONNX inputs are the dict keys the backbone takes; the stored samples respect it."""
+    import keras_hub
+
+    from mmbridge.parity import load_golden
+
+    m = keras_hub.models.DistilBertBackbone(**{**TEXT, "vocabulary_size": 23})
+    art = mmbridge.export(m, cache_dir=tmp_path)
+    assert sorted(s.name for s in art.input_specs) == ["padding_mask", "token_ids"]
+    g = load_golden(art)["inputs"]
+    assert g["token_ids"].max() < 23 and (g["padding_mask"].sum(-1) >= 1).all()
