@@ -28,6 +28,7 @@ A failure names the Keras layer and variable and says what to do.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections import Counter
 from typing import Any
@@ -136,8 +137,8 @@ def audit(module: nn.Module, inventory: dict[str, Any], *, trainable: bool = Tru
     for rate, n in (keras_rates - torch_rates).items():
         names = [ly["name"] for ly in layers if ly["kind"] == DROPOUT and round(float(ly["rate"]), 6) == rate]
         shaped = [ly["name"] for ly in layers if ly["kind"] == DROPOUT and ly.get("noise_shape") is not None]
-        why = (f"; {shaped[:5]} have a noise_shape (e.g. stochastic depth), which the trainable export does not "
-               f"keep yet" if shaped else "")
+        why = (f"; {shaped[:5]} have a noise_shape: only a per-sample one (None, 1, ..., 1), e.g. stochastic depth, "
+               f"is kept; replace the others (SpatialDropout) or keep the bridge frozen (to_ort())" if shaped else "")
         problems.append(f"Keras Dropout layer(s) {names[:5]} with rate {rate} ({n} missing) are not Dropout modules in "
                         f"torch: fine-tuning would run without them{why}")
     n_bn_keras = sum(1 for ly in layers if ly["kind"] == BATCH_NORM)
@@ -159,3 +160,57 @@ def audit(module: nn.Module, inventory: dict[str, Any], *, trainable: bool = Tru
         torch_trainable_values=torch_values, matched=matched,
         counts={"variables": len(inventory.get("variables", [])), "parameters": len(params), "buffers": len(buffers),
                 "batch_norms": n_bn_torch, "dropouts": sum(torch_rates.values())})
+
+
+def artifact_meta(source: Any) -> dict[str, Any] | None:
+    """The ``meta.json`` of what :func:`mmbridge.to_torch` was given (artifact or artifact directory), or None."""
+    meta = getattr(source, "meta", None)
+    if isinstance(meta, dict):
+        return meta
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        from mmbridge.store import read_meta
+
+        try:
+            return read_meta(source, check=False)
+        except Exception:  # noqa: BLE001 - to_torch reports an unreadable artifact itself
+            return None
+    return None
+
+
+def resolve_trainable(source: Any, trainable: bool | None) -> bool:
+    """The one rule of ``to_torch(trainable=...)``: the default follows the artifact.
+
+    * an **inference** export of a Keras model (``meta["keras_inventory"]`` recorded,
+      ``meta["trainable"]`` false: BatchNorm folded into constants, Dropout gone) converts to a
+      frozen module by default, and asking for ``trainable=True`` raises;
+    * everything else (a ``trainable=True`` export, a tf.function / SavedModel export, an ONNX
+      file, an artifact written before inventories existed) is trainable by default, as before.
+
+    Raises:
+        ConversionError: ``trainable=True`` on a Keras inference export, with the fix.
+    """
+    meta = artifact_meta(source)
+    inference_keras = bool(meta) and meta.get("keras_inventory") is not None and not meta.get("trainable")
+    if trainable is None:
+        return not inference_keras
+    if trainable and inference_keras:
+        raise ConversionError(
+            f"bridge {meta.get('name', '?')!r} is an inference export of a Keras model: its BatchNormalization layers "
+            f"are folded into constants and its Dropout layers are gone, so training it in torch would silently train "
+            f"something other than the Keras model. What to do: re-export with trainable=True (mmbridge.export(model, "
+            f"trainable=True) / `mmbridge export --trainable`), or to_torch(trainable=False) for a frozen module")
+    return bool(trainable)
+
+
+def audit_converted(module: nn.Module, source: Any, trainable: bool) -> None:
+    """Run :func:`audit` on a ``to_torch(trainable=True)`` result when its artifact records a Keras
+    inventory from a trainable export (a no-op otherwise).
+
+    Raises:
+        ConversionError: the audit failed (every problem listed).
+    """
+    meta = artifact_meta(source)
+    if not trainable or not meta or not meta.get("trainable") or meta.get("keras_inventory") is None:
+        return
+    audit(module, meta["keras_inventory"], trainable=True).raise_if_failed(
+        f"to_torch(trainable=True) of bridge {meta.get('name', '?')!r}")
