@@ -6,7 +6,8 @@
 * :func:`train_parity` runs ``k`` SGD steps on the Keras model (``training=True``) and on the
   converted torch module from the same weights and batches, with every Dropout rate set to 0 for
   the comparison, and compares every variable after the steps against a measured float32 noise
-  floor: the same torch steps in float64. A real mismatch (a folded BatchNorm, a wrong momentum,
+  floor: the same torch steps in float64 (plus :data:`MOVED_FRACTION` of each variable's movement,
+  for TF's own kernel rounding). A real mismatch (a folded BatchNorm, a wrong momentum,
   an unbiased running variance, a frozen weight) is orders of magnitude above that floor; float32
   rounding is not.
 
@@ -43,6 +44,15 @@ FLOOR_FACTOR = 16.0
 MOVED_FRACTION = 5e-4
 
 
+def _is_float(v: Any) -> bool:
+    return np.dtype(getattr(v.dtype, "as_numpy_dtype", v.dtype)).kind == "f"
+
+
+def _float_weights(model: Any) -> list[Any]:
+    """``model.weights`` without integer / bool variables, in order (what :func:`keras_inventory` lists)."""
+    return [v for v in model.weights if _is_float(v)]
+
+
 def _iter_layers(model: Any) -> list[Any]:
     return list(getattr(model, "_flatten_layers", lambda **k: [])(include_self=False, recursive=True))
 
@@ -66,6 +76,8 @@ def keras_inventory(model: Any) -> dict[str, Any]:
         keras = sys.modules["tf_keras"]
     variables = []
     for v in model.weights:
+        if not _is_float(v):  # int counters / seed state (Normalization's count): not weights, never marked
+            continue
         path = getattr(v, "path", None) or v.name.split(":")[0]
         trainable = bool(v.trainable)
         variables.append({"path": path, "marker": (VAR_MARK if trainable else STATE_MARK) + _safe_path(path),
@@ -199,7 +211,10 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
     report = audit(module, inventory, trainable=True)
     problems = [p for p in report.problems if "has no torch tensor" in p or "became" in p]
     rng = np.random.default_rng(seed)
-    initial = [np.array(v.numpy(), copy=True) for v in model.weights]
+    weights = _float_weights(model)
+    if [v["path"] for v in inventory["variables"]] != [getattr(w, "path", None) or w.name.split(":")[0] for w in weights]:
+        inventory = keras_inventory(model)  # an inventory of another model version: list this one's
+    initial = [np.array(v.numpy(), copy=True) for v in weights]
     dropouts = [ly for ly in _iter_layers(model) if isinstance(ly, keras.layers.Dropout)]
     rates = [ly.rate for ly in dropouts]
 
@@ -260,11 +275,11 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
                 loss = loss_of(m(*torch_inputs(batch, dtype)), [torch.from_numpy(t).to(dtype) for t in targets])
                 loss.backward()
                 opt.step()
-        after = [np.asarray(v.numpy()) for v in model.weights]
+        after = [np.asarray(v.numpy()) for v in weights]
     finally:
         for ly, r in zip(dropouts, rates):
             ly.rate = r
-        for v, init in zip(model.weights, initial):
+        for v, init in zip(weights, initial):
             v.assign(init)
     rows = []
     t64 = {**dict(m64.named_parameters()), **dict(m64.named_buffers())}
