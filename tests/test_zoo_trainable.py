@@ -92,7 +92,9 @@ def test_zoo_opset18_export_proves_the_training_contract(zoo, arch):
     assert audit["passed"] and audit["torch_trainable_values"] == audit["keras_trainable_values"]
     assert audit["counts"]["batch_norms"] == BN_COUNTS[arch]
     assert tp["passed"] and tp["steps"] == 3 and tp["batch"] >= 4, tp.get("first_failure")
-    assert len(tp["rows"]) == sum(w.dtype.startswith("float") for w in model.weights)  # not Normalization.count
+    floats = [w for w in model.weights if w.dtype.startswith("float")]  # not Normalization's int count
+    assert len(tp["rows"]) == len(audit["matched"]) == len(floats) - len(audit["constants"])
+    assert all("normalization" in c for c in audit["constants"])  # EfficientNet's adapted mean / variance only
     assert tp["worst_ratio"] < 1.0
     assert max(r["moved"] for r in tp["rows"]) > 1e-4  # the steps really trained
     if arch == "EfficientNetB0":  # stochastic depth: Dropout(noise_shape=(None, 1, 1, 1)) kept, per sample

@@ -15,7 +15,9 @@ artifact's metadata as an *inventory* (:func:`mmbridge.export.contract.keras_inv
 * every Keras **trainable** variable is exactly one torch ``Parameter`` with ``requires_grad``
   (when the module is trainable) and the same number of values (layouts differ: Dense kernels are
   transposed, conv kernels HWIO -> OIHW);
-* every Keras **non-trainable** variable (BatchNorm moving statistics) is exactly one buffer;
+* every Keras **non-trainable** variable (BatchNorm moving statistics) is exactly one buffer; one
+  outside a BatchNormalization (``Normalization``'s adapted mean / variance, which Keras training
+  never changes) may instead be folded into constants (listed in ``constants``);
 * no torch ``Parameter`` exists that no Keras variable accounts for (e.g. a BatchNorm with
   ``scale=False`` must not gain a trainable gamma);
 * every Keras **Dropout** is an ``nn.Dropout`` (or :class:`NoiseShapeDropout`-like module with a
@@ -53,6 +55,9 @@ class AuditReport:
         torch_trainable_values: scalar values in the module's ``requires_grad`` parameters.
         matched: Keras variable path -> torch parameter / buffer name.
         counts: ``{"variables", "parameters", "buffers", "batch_norms", "dropouts"}`` found.
+        constants: Keras non-trainable variables outside BatchNormalization (``Normalization``'s
+            adapted mean / variance) that the graph holds as folded constants: Keras never changes
+            them in training either, so that is allowed.
     """
 
     passed: bool
@@ -61,6 +66,7 @@ class AuditReport:
     torch_trainable_values: int
     matched: dict[str, str]
     counts: dict[str, int]
+    constants: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (what the artifact's ``meta.json`` stores under ``"audit"``)."""
@@ -98,6 +104,8 @@ def audit(module: nn.Module, inventory: dict[str, Any], *, trainable: bool = Tru
     buffers = dict(module.named_buffers())
     problems: list[str] = []
     matched: dict[str, str] = {}
+    constants: list[str] = []
+    bn_layers = {ly["name"] for ly in inventory.get("layers", []) if ly["kind"] == BATCH_NORM}
     for var in inventory.get("variables", []):
         pattern = marker_pattern(var["marker"])
         keys = [k for k, src in sources.items() if pattern.search(src) and (k in params or k in buffers)]
@@ -105,6 +113,9 @@ def audit(module: nn.Module, inventory: dict[str, Any], *, trainable: bool = Tru
         numel = 1
         for d in var["shape"]:
             numel *= int(d)
+        if not keys and not var["trainable"] and var.get("layer", "").rsplit("/", 1)[-1] not in bn_layers:
+            constants.append(var["path"])  # e.g. Normalization's adapted statistics: fixed in Keras training too
+            continue
         if not keys:
             problems.append(f"{where} has no torch tensor: tf2onnx folded it into a constant, so it would not train. "
                             f"Report the layer type; meanwhile keep the bridge frozen (to_ort()) or re-export at "
@@ -157,7 +168,7 @@ def audit(module: nn.Module, inventory: dict[str, Any], *, trainable: bool = Tru
     torch_values = sum(p.numel() for p in params.values() if p.requires_grad)
     return AuditReport(
         passed=not problems, problems=problems, keras_trainable_values=keras_values,
-        torch_trainable_values=torch_values, matched=matched,
+        torch_trainable_values=torch_values, matched=matched, constants=constants,
         counts={"variables": len(inventory.get("variables", [])), "parameters": len(params), "buffers": len(buffers),
                 "batch_norms": n_bn_torch, "dropouts": sum(torch_rates.values())})
 

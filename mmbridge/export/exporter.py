@@ -54,7 +54,12 @@ import numpy as np
 from mmbridge.artifact import BridgeArtifact, cache_root, cached_or_build, entry_dir
 from mmbridge.errors import CacheError, ExportError, SpecError, UnsupportedOpsError
 from mmbridge.export import _tf
-from mmbridge.export.contract import train_batches  # also registers verify()'s train-parity re-run
+from mmbridge.export.contract import (  # also registers verify()'s train-parity re-run
+    TRAIN_PARITY_BATCH,
+    TRAIN_PARITY_LARGE,
+    TRAIN_PARITY_MIN_BATCH,
+    train_batches,
+)
 from mmbridge.export.fingerprint import export_versions, live_fingerprint, path_fingerprint
 from mmbridge.export.options import DEFAULT_OPSET, ExportOptions
 from mmbridge.export.rewrites import repair_and_check_ops
@@ -683,7 +688,8 @@ def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, 
     ``keras_inventory`` always (it makes :func:`mmbridge.to_torch` follow the artifact: an inference
     export converts frozen). For ``trainable=True``: the converted module must pass the weight
     audit (``audit``, :func:`mmbridge.convert.contract.audit`) and train parity
-    (``train_parity``: :data:`TRAIN_PARITY_STEPS` SGD steps at batch :data:`TRAIN_PARITY_BATCH`,
+    (``train_parity``: 3 SGD steps at batch 8, or 4 for models over
+    :data:`~mmbridge.export.contract.TRAIN_PARITY_LARGE` trainable values,
     :func:`mmbridge.export.contract.train_parity`); ``contract_seconds`` is what both cost.
 
     Raises:
@@ -702,6 +708,7 @@ def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, 
     from mmbridge.errors import ConversionError
 
     t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
     what = f"trainable export of {name!r}"
     try:
         module = to_torch(model, trainable=True)
@@ -709,7 +716,9 @@ def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, 
         raise ConversionError(f"{what}: the graph does not convert to a trainable torch module, so the training "
                               f"contract cannot hold: {exc}\nWhat to do: export with trainable=False and keep the "
                               f"bridge frozen (to_ort()), or register the missing converter") from exc
+    seconds["to_torch"] = round(time.perf_counter() - t0, 3)
     report = audit(module, inventory, trainable=True)
+    seconds["audit"] = round(time.perf_counter() - t0 - seconds["to_torch"], 3)
     out["audit"] = report.to_dict()
     report.raise_if_failed(what)
     floats = [o for o in model.graph.output if o.type.tensor_type.elem_type in (1, 10, 11, 16)]
@@ -718,12 +727,17 @@ def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, 
     elif not floats:
         out["train_parity"] = {"skipped": "the model has no floating output to take a loss of", "passed": None}
     else:
-        batches = train_batches(specs, samples, sample_fn)
+        n_values = sum(int(np.prod(v["shape"])) for v in inventory["variables"] if v["trainable"])
+        batch = TRAIN_PARITY_BATCH if n_values <= TRAIN_PARITY_LARGE else TRAIN_PARITY_MIN_BATCH
+        batches = train_batches(specs, samples, sample_fn, batch=batch)
+        t1 = time.perf_counter()
         tp = train_parity(obj, module, batches, input_names=[s.name for s in specs], nchw=list(nchw),
                           inventory=inventory)
+        seconds["train_parity"] = round(time.perf_counter() - t1, 3)
         out["train_parity"] = dict(tp.to_dict(), batch=int(len(next(iter(batches[0].values())))))
         tp.raise_if_failed(what)
     out["contract_seconds"] = round(time.perf_counter() - t0, 3)
+    out["contract_breakdown"] = seconds
     return out
 
 
