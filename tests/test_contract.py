@@ -270,3 +270,12 @@ def test_verify_train_steps_reports_recorded_or_reruns_with_the_source(exported)
     assert "train parity (recorded at export" in str(recorded)
     rerun = mmbridge.verify(art, train_steps=2, source=model)
     assert rerun.passed and rerun.train["source"] == "rerun with the Keras model" and rerun.train["steps"] == 2
+
+
+def test_cli_verify_train_prints_the_recorded_train_parity(exported, capsys):
+    from mmbridge.cli import main
+
+    _, art, _ = exported["_mlp"]
+    assert main(["verify", str(art.path), "--train"]) == 0
+    out = capsys.readouterr().out
+    assert "train parity (recorded at export, not re-run" in out and "PASSED after 3 SGD steps" in out

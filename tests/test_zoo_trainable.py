@@ -103,7 +103,7 @@ def test_zoo_opset18_export_proves_the_training_contract(zoo, arch):
         shaped = [ly for ly in art.meta["keras_inventory"]["layers"] if ly["kind"] == "dropout" and ly["noise_shape"]]
         assert shaped and sum(isinstance(m, PerSampleDropout) for m in art.to_torch().modules()) == len(shaped)
     print(f"{arch}: export {art.meta['export_seconds']:.1f} s, of which contract {art.meta['contract_seconds']:.1f} s; "
-          f"worst train-parity ratio {tp['worst_ratio']:.3f}")
+          f"({art.meta['contract_breakdown']}); worst train-parity ratio {tp['worst_ratio']:.3f}")
 
 
 @pytest.mark.parametrize("arch", list(ZOO))
