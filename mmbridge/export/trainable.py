@@ -22,8 +22,11 @@ module fixes it in two steps, both called by :func:`mmbridge.export` when ``trai
      ``FusedBatchNormV3(is_training=False)`` under the name scope ``mmb_bn__m<momentum>`` (``0.99`` is written
      ``0p99``), which tf2onnx maps to one ONNX ``BatchNormalization`` (not fused into Conv, since its inputs are
      not constants while tf2onnx optimises);
-   * ``keras.layers.Dropout`` (no ``noise_shape``) emits ``x * 1`` where the ``1`` is a
-     placeholder named ``mmb_dropout__r<rate>``.
+   * ``keras.layers.Dropout`` (no ``noise_shape``, or a per-sample ``(None, 1, ..., 1)`` one:
+     stochastic depth) emits ``x * 1`` where the ``1`` is a placeholder named
+     ``mmb_dropout__r<rate>`` (+ :data:`NOISE_MARK` for a per-sample mask);
+   * ``keras.layers.PReLU`` computes ``relu(x) - alpha * relu(-x)`` (bit-identical to Keras'
+     ``relu(x) + (-alpha) * relu(-x)``), so tf2onnx cannot fold ``Neg(alpha)`` into an unnamed constant.
 
    TF's outputs are unchanged (the parity check against TF still runs on this graph).
 
@@ -50,10 +53,12 @@ LayerNormalization (``axis=-1``, ``center`` and ``scale``, no ``rms_scaling``) i
 name scope ``mmb_ln__e<epsilon>`` and, at opset >= 17, :func:`postprocess` replaces the decomposed
 ops of each such scope by one ONNX ``LayerNormalization`` (``nn.LayerNorm`` in torch).
 
-Not kept (listed in the notes :func:`postprocess` returns; the export still succeeds): BatchNorm
-with ``axis`` other than the last, with ``renorm``, or inside a mixed-precision policy; Dropout
-subclasses with a ``noise_shape`` (``SpatialDropout*``); other LayerNormalizations stay
-decomposed, their ``gamma`` / ``beta`` still trainable initializers. Only Keras objects traced in
+Not kept (listed in the notes :func:`postprocess` returns): BatchNorm with ``axis`` other than the
+last or with ``renorm``; Dropout with another ``noise_shape`` (``SpatialDropout*``); the
+exporter's training contract (weight audit, :mod:`mmbridge.convert.contract`) then refuses the
+export. :func:`check_trainable_source` refuses tf-keras models and mixed-precision policies
+before tracing. Other LayerNormalizations stay decomposed, their ``gamma`` / ``beta`` still
+trainable initializers. Only Keras objects traced in
 this process are patched: a SavedModel export has no markers, and ``to_torch`` then falls back
 to recognising weights by the ops that consume them.
 """
