@@ -101,9 +101,14 @@ class BridgeArtifact:
         return f"BridgeArtifact({self.name!r}, role={self.role}, opset={self.opset}, inputs=[{ins}], path={str(self.path)!r})"
 
     # -- backends ---------------------------------------------------------------------------
-    def to_torch(self, *, trainable: bool = True) -> torch.nn.Module:
+    def to_torch(self, *, trainable: bool | None = None) -> torch.nn.Module:
         """Materialise as a ``torch.nn.Module`` (onnx2torch + mmbridge converters).
 
+        ``trainable`` defaults to what the artifact is for: an inference export of a Keras model
+        (BatchNorm folded, Dropout gone) converts frozen, and ``trainable=True`` on one raises
+        :class:`~mmbridge.errors.ConversionError` (re-export with ``trainable=True``, or pass
+        ``trainable=False``); every other artifact converts trainable. A trainable Keras export
+        is checked against its Keras inventory (the weight audit) on conversion.
         See :func:`mmbridge.convert.core.to_torch` for arguments, shapes and errors.
         """
         from mmbridge._torch_stack import guard_torch_stack

@@ -106,10 +106,13 @@ class ParityReport:
 
     rows: list[OutputParity]
     reference: str = "tensorflow"
+    #: train parity (``verify(train_steps=k)``): the ``TrainParityReport.to_dict()`` re-run with the
+    #: Keras model (``"source": "rerun"``) or what export recorded (``"source": "recorded at export"``).
+    train: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.rows)
+        return all(r.passed for r in self.rows) and (self.train is None or self.train.get("passed") is not False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"reference": self.reference, "passed": self.passed, "rows": [r.to_dict() for r in self.rows]}
@@ -134,10 +137,15 @@ class ParityReport:
                 f"{r.max_rel:9.2e} {r.required_atol:9.2e} {r.tolerance.atol:8.1e} {r.tolerance.rtol:8.1e}  "
                 f"{'yes' if r.passed else 'NO ' + r.problem}"
             )
+        if self.train is not None:
+            lines.append(train_parity_summary(self.train))
         return "\n".join(lines)
 
     def raise_if_failed(self, what: str = "bridge") -> ParityReport:
         """Raise :class:`ParityError` (carrying this report) unless every row passed."""
+        if self.train is not None and self.train.get("passed") is False and all(r.passed for r in self.rows):
+            raise ParityError(f"{what}: training parity failed ({self.train.get('source')}): "
+                              f"{self.train.get('first_failure')}\n{self}", report=self)
         if not self.passed:
             bad = [r for r in self.rows if not r.passed]
             worst = ", ".join(
@@ -240,6 +248,8 @@ def verify(
     backends: Sequence[str] = ("ort",),
     tolerance: Tolerance | None = None,
     raise_on_failure: bool = True,
+    train_steps: int | None = None,
+    source: Any = None,
 ) -> ParityReport:
     """Check that a bridge computes what TensorFlow computes.
 
@@ -261,6 +271,12 @@ def verify(
             loosened one would let wrong weights pass (a failing report names it, so the caller
             can decide to pass it explicitly).
         raise_on_failure: raise :class:`ParityError` instead of returning a failing report.
+        train_steps: also report train parity (``ParityReport.train``): with ``source`` (the Keras
+            model that was exported, unchanged afterwards) it is re-run for ``train_steps`` SGD steps
+            on the Keras model and ``to_torch(trainable=True)``; without it, what export recorded
+            is reported, labelled ``"recorded at export, not re-run"``. A failed train parity
+            fails the report.
+        source: the Keras model, for ``train_steps``.
 
     Returns:
         A :class:`ParityReport` with one row per (backend, output).
@@ -305,6 +321,8 @@ def verify(
         else:
             raise ValueError(f"verify(): unknown backend {backend!r}; use 'ort', 'ort_module' and/or 'torch'")
     report = ParityReport(rows)
+    if train_steps:
+        report.train = _train_record(artifact, int(train_steps), source)
     if raise_on_failure and not report.passed:
         try:
             report.raise_if_failed(f"bridge {artifact.name!r}")
@@ -314,6 +332,40 @@ def verify(
                 raise
             raise ParityError(f"{exc}\n{note}", report=report) from None
     return report
+
+
+#: The function :func:`verify` re-runs train parity with (``(artifact, source, steps) -> dict``); set by
+#: :mod:`mmbridge.export.contract` when it is imported (it needs TensorFlow, a layer above this one).
+TRAIN_PARITY_RUNNER: list[Callable[..., dict[str, Any]]] = []
+
+
+def train_parity_summary(train: Mapping[str, Any]) -> str:
+    """One or two lines on a train-parity record (re-run or recorded at export)."""
+    src = train.get("source", "recorded at export")
+    if train.get("skipped"):
+        return f"train parity ({src}): not run: {train['skipped']}"
+    if train.get("passed") is None:
+        return f"train parity ({src}): none recorded"
+    ratio = train.get("worst_ratio")
+    margin = f", worst variable at {ratio:.2g} of its tolerance" if isinstance(ratio, (int, float)) else ""
+    head = (f"train parity ({src}): {'PASSED' if train['passed'] else 'FAILED'} after {train.get('steps')} SGD steps "
+            f"(lr {train.get('lr')}, batch {train.get('batch', '?')}), {len(train.get('rows', []))} Keras variables{margin}")
+    return head if train["passed"] else f"{head}\n  first failure: {train.get('first_failure')}"
+
+
+def _train_record(artifact: BridgeArtifact, steps: int, source: Any) -> dict[str, Any]:
+    """What ``verify(train_steps=steps, source=...)`` reports under ``ParityReport.train``."""
+    if source is not None:
+        if not TRAIN_PARITY_RUNNER:
+            raise ValueError("verify(source=...): re-running train parity needs mmbridge.export (TensorFlow); "
+                             "import mmbridge.export.contract first, or omit source= to report what export recorded")
+        return dict(TRAIN_PARITY_RUNNER[0](artifact, source, steps), source="rerun with the Keras model")
+    recorded = artifact.meta.get("train_parity")
+    if recorded is None:
+        why = ("an inference export (trainable=False): nothing to train" if not artifact.meta.get("trainable")
+               else "not a Keras export, or exported before train parity was recorded")
+        return {"passed": None, "skipped": why, "source": "recorded at export"}
+    return dict(recorded, source="recorded at export, not re-run (pass source=<the Keras model> to re-run)")
 
 
 def _registered_tolerance(name: str) -> Tolerance | None:
@@ -338,7 +390,7 @@ def run_torch(artifact: BridgeArtifact, inputs: Mapping[str, np.ndarray]) -> dic
     """Run the artifact's onnx2torch module (eval mode, CPU, no grad) on numpy inputs."""
     import torch
 
-    module = artifact.to_torch(trainable=True).eval()
+    module = artifact.to_torch(trainable=False).eval()  # forward only: frozen works for every artifact
     args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in artifact.input_specs]
     with torch.no_grad():
         out = module(*args)

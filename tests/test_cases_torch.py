@@ -206,7 +206,8 @@ def test_case12_keras_category_encoding_and_gru(keras, tmp_path):
     art = mmbridge.export(gru, name="case12_gru", cache_dir=tmp_path)
     assert "Loop" in [n.op_type for n in art.model.graph.node]  # tf2onnx's form of the Keras 3 GRU
     tm = art.to_torch()  # raised ConversionError (no Loop converter) before
-    assert tb.parameter_count(tm) == 81 == int(sum(np.prod(w.shape) for w in gru.trainable_weights))
+    assert tb.parameter_count(tm) == 0  # an inference export of a Keras model converts frozen by default
+    assert tb.parameter_count(tm, trainable_only=False) == 81 == int(sum(np.prod(w.shape) for w in gru.trainable_weights))
     for batch in (2, 5):
         xs = np.random.RandomState(batch).randn(batch, 6, 4).astype(np.float32)
         got = _run(tm, xs)[0]
@@ -261,8 +262,14 @@ def test_case13_dense_weights_are_parameters(keras, tmp_path, trainable_export):
     model = keras.Model(inp, keras.layers.Dense(4, bias_initializer="random_normal")(h))
     art = mmbridge.export(model, name=f"case13_{trainable_export}", cache_dir=tmp_path, trainable=trainable_export)
     tm = art.to_torch()
-    assert tb.parameter_count(tm) == 172 == int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    assert tb.parameter_count(tm, trainable_only=False) == 172 == int(sum(np.prod(w.shape) for w in model.trainable_weights))
     assert sum(b.numel() for b in tm.buffers()) == 0
+    if not trainable_export:  # the training contract: an inference export of a Keras model converts frozen
+        assert tb.parameter_count(tm) == 0
+        with pytest.raises(mmbridge.ConversionError, match="re-export with trainable=True"):
+            art.to_torch(trainable=True)
+        return
+    assert tb.parameter_count(tm) == 172
     opt = torch.optim.SGD(tm.parameters(), lr=0.1)  # raised "empty parameter list" before
     before = [p.detach().clone() for p in tm.parameters()]
     x = torch.rand(5, 16, generator=torch.Generator().manual_seed(0))

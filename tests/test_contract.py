@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mmbridge
+from mmbridge.convert import core as tb
 from mmbridge.convert.contract import audit
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -77,7 +78,7 @@ def test_audit_of_an_inference_export_finds_the_folded_batchnorm(keras, tmp_path
 
     model = _cnn(keras)
     art = mmbridge.export(model, cache_dir=tmp_path)  # inference: BatchNorm folded, Dropout dropped
-    report = audit(art.to_torch(), keras_inventory(model))
+    report = audit(art.to_torch(trainable=False), keras_inventory(model), trainable=False)
     assert not report.passed
     assert any("moving_mean" in p and "no torch tensor" in p for p in report.problems)
 
@@ -113,3 +114,168 @@ def test_train_parity_fails_on_a_wrong_batchnorm_momentum(exported):
     assert "moving_mean" in report.first_failure() or "moving_variance" in report.first_failure()
     with pytest.raises(mmbridge.ParityError, match="training parity failed"):
         report.raise_if_failed("bridge 'cnn'")
+
+
+# -- the contract wired into export and to_torch (issue 12) -------------------------------------
+@pytest.mark.parametrize("name", ["_cnn", "_mlp", "_transformer"])
+def test_trainable_export_records_inventory_audit_and_train_parity(exported, name):
+    model, art, inv = exported[name]
+    meta = art.meta
+    assert meta["keras_inventory"] == inv
+    assert meta["audit"]["passed"] and meta["audit"]["keras_trainable_values"] == meta["audit"]["torch_trainable_values"]
+    tp = meta["train_parity"]
+    assert tp["passed"] and tp["steps"] == 3 and tp["batch"] >= 4
+    assert len(tp["rows"]) == len(model.weights) and 0 < tp["worst_ratio"] < 1
+    assert meta["contract_seconds"] < 60
+
+
+def test_inference_export_converts_frozen_by_default_and_refuses_trainable(keras, tmp_path):
+    model = _cnn(keras)
+    art = mmbridge.export(model, cache_dir=tmp_path)  # inference: BatchNorm folded, Dropout gone
+    assert art.meta["keras_inventory"]["variables"] and "audit" not in art.meta
+    tm = art.to_torch()
+    assert not any(p.requires_grad for p in tm.parameters())
+    with pytest.raises(mmbridge.ConversionError, match=r"re-export with trainable=True.*to_torch\(trainable=False\)"):
+        art.to_torch(trainable=True)
+    with pytest.raises(mmbridge.ConversionError, match="inference export of a Keras model"):
+        mmbridge.to_torch(str(art.path), trainable=True)
+    assert not any(p.requires_grad for p in art.to_torch(trainable=False).parameters())
+
+
+def test_tf_function_artifact_keeps_the_trainable_default(tf, tmp_path):
+    w = tf.Variable(np.ones((3, 2), np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+    def f(x):
+        return tf.matmul(x, w)
+
+    art = mmbridge.export(f, cache_dir=tmp_path)
+    assert "keras_inventory" not in art.meta
+    assert all(p.requires_grad for p in art.to_torch().parameters())
+
+
+def test_to_torch_runs_the_audit_of_a_trainable_keras_artifact(exported, monkeypatch):
+    _, art, inv = exported["_cnn"]
+    bad = dict(inv, variables=inv["variables"] + [dict(inv["variables"][0], path="ghost/kernel",
+                                                        marker="mmb_var__ghost__kernel", layer="ghost")])
+    monkeypatch.setitem(art.meta, "keras_inventory", bad)
+    with pytest.raises(mmbridge.ConversionError, match="'ghost/kernel'.*layer 'ghost'"):
+        art.to_torch()
+
+
+def _export_trainable(keras, model, tmp_path, **kw):
+    return mmbridge.export(model, trainable=True, cache_dir=tmp_path, **kw)
+
+
+def test_prelu_slope_stays_a_trainable_parameter(keras, tmp_path):
+    """Failed before: tf2onnx folded Neg(alpha) into an unnamed constant, the slope froze silently."""
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((6,))
+    h = keras.layers.PReLU(alpha_initializer=keras.initializers.Constant(0.25))(keras.layers.Dense(5)(inp))
+    model = keras.Model(inp, keras.layers.Dense(2)(h))
+    art = _export_trainable(keras, model, tmp_path)
+    assert art.meta["audit"]["passed"] and art.meta["train_parity"]["passed"]
+    tm = art.to_torch()
+    assert tb.parameter_count(tm) == sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    slope = [k for k, src in tm.mmbridge_sources.items() if "p_re_lu__alpha" in src]
+    assert len(slope) == 1 and dict(tm.named_parameters())[slope[0]].requires_grad
+
+
+@pytest.mark.parametrize("flags", [{"scale": False}, {"center": False}, {"scale": False, "center": False}])
+def test_batchnorm_without_scale_or_center_gains_no_trainable_gamma_or_beta(keras, tmp_path, flags):
+    """Failed before: the torch BatchNorm made the constant ones / zeros a trainable weight / bias."""
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.BatchNormalization(**flags)(keras.layers.Conv2D(4, 3, padding="same")(inp))
+    h = keras.layers.BatchNormalization(**flags)(keras.layers.Dense(5)(keras.layers.GlobalAveragePooling2D()(h)))
+    model = keras.Model(inp, keras.layers.Dense(2)(h))
+    art = _export_trainable(keras, model, tmp_path)
+    assert art.meta["audit"]["passed"] and art.meta["train_parity"]["passed"]
+    tm = art.to_torch()
+    assert tb.parameter_count(tm) == sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    bns = [m for m in tm.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 2
+    for bn in bns:
+        assert isinstance(bn.weight, torch.nn.Parameter) == flags.get("scale", True)
+        assert isinstance(bn.bias, torch.nn.Parameter) == flags.get("center", True)
+
+
+def test_stochastic_depth_dropout_is_kept_per_sample(keras, tmp_path):
+    """Failed before: a Dropout with noise_shape=(None, 1, 1, 1) (EfficientNet) vanished from the module."""
+    from mmbridge.convert.ops.dropout import PerSampleDropout
+
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((8, 8, 4))
+    h = keras.layers.Conv2D(4, 3, padding="same")(inp)
+    h = keras.layers.add([inp, keras.layers.Dropout(0.5, noise_shape=(None, 1, 1, 1))(h)])
+    model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h)))
+    art = _export_trainable(keras, model, tmp_path)
+    assert art.meta["audit"]["passed"] and art.meta["audit"]["counts"]["dropouts"] == 1
+    assert art.meta["train_parity"]["passed"]
+    tm = art.to_torch()
+    drops = [m for m in tm.modules() if isinstance(m, PerSampleDropout)]
+    assert len(drops) == 1 and drops[0].p == 0.5 and drops[0].noise_shape == (None, 1, 1, 1)
+    seen = []
+    drops[0].register_forward_hook(lambda mod, i, o: seen.append((i[0].detach(), o.detach())))
+    x = torch.rand(64, 8, 8, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tm(x)
+        torch.testing.assert_close(seen[-1][1], seen[-1][0], rtol=0, atol=0)  # eval: identity
+        tm.train()
+        tm(x)
+    inp_t, out_t = seen[-1]
+    for i in range(64):  # each sample is dropped or kept (x2) as a whole
+        kept = torch.allclose(out_t[i], 2 * inp_t[i])
+        assert kept or bool((out_t[i] == 0).all()), i
+    n_dropped = sum(bool((out_t[i] == 0).all()) for i in range(64))
+    assert 16 < n_dropped < 48
+
+
+def test_spatial_dropout_is_refused_and_nothing_is_cached(keras, tmp_path):
+    keras.utils.set_random_seed(6)
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.SpatialDropout2D(0.3)(keras.layers.Conv2D(4, 3, padding="same")(inp))
+    model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h)))
+    with pytest.raises(mmbridge.ConversionError, match=r"spatial_dropout2d.*not Dropout modules.*SpatialDropout"):
+        _export_trainable(keras, model, tmp_path)
+    assert not list(tmp_path.rglob("meta.json"))
+
+
+def test_mixed_float16_model_is_refused_with_the_fix(keras, tmp_path):
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((6,))
+    h = keras.layers.Dense(4, dtype="mixed_float16")(inp)
+    model = keras.Model(inp, keras.layers.Dense(2, dtype="float32")(h))
+    with pytest.raises(mmbridge.ExportError, match=r"mixed-precision policy 'mixed_float16'.*torch.autocast"):
+        _export_trainable(keras, model, tmp_path)
+    assert not list(tmp_path.rglob("meta.json"))
+
+
+def test_tf_keras_trainable_export_is_refused_naming_the_layer(tf, tmp_path):
+    tf_keras = pytest.importorskip("tf_keras")
+    inp = tf_keras.Input((6,))
+    h = tf_keras.layers.Dense(4, name="dense_k2")(inp)
+    model = tf_keras.Model(inp, tf_keras.layers.Dropout(0.2)(h))
+    with pytest.raises(mmbridge.ExportError, match=r"tf-keras.*layer 'dense_k2'.*Keras 3"):
+        mmbridge.export(model, trainable=True, cache_dir=tmp_path)
+    art = mmbridge.export(model, cache_dir=tmp_path)  # inference export: fine, converts frozen
+    assert art.meta["keras_inventory"]["layers"][0]["kind"] == "dropout"
+    assert not any(p.requires_grad for p in art.to_torch().parameters())
+
+
+def test_verify_train_steps_reports_recorded_or_reruns_with_the_source(exported):
+    model, art, _ = exported["_cnn"]
+    recorded = mmbridge.verify(art, train_steps=3)
+    assert recorded.passed and recorded.train["source"].startswith("recorded at export, not re-run")
+    assert "train parity (recorded at export" in str(recorded)
+    rerun = mmbridge.verify(art, train_steps=2, source=model)
+    assert rerun.passed and rerun.train["source"] == "rerun with the Keras model" and rerun.train["steps"] == 2
+
+
+def test_cli_verify_train_prints_the_recorded_train_parity(exported, capsys):
+    from mmbridge.cli import main
+
+    _, art, _ = exported["_mlp"]
+    assert main(["verify", str(art.path), "--train"]) == 0
+    out = capsys.readouterr().out
+    assert "train parity (recorded at export, not re-run" in out and "PASSED after 3 SGD steps" in out

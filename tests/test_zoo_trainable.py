@@ -85,6 +85,28 @@ def test_zoo_opset18_trainable_counts_parity_batch_and_bf16(zoo, keras, arch):
 
 
 @pytest.mark.parametrize("arch", list(ZOO))
+def test_zoo_opset18_export_proves_the_training_contract(zoo, arch):
+    """The export itself ran the weight audit and 3 SGD steps of train parity (issue 12)."""
+    model, art = zoo(arch)
+    audit, tp = art.meta["audit"], art.meta["train_parity"]
+    assert audit["passed"] and audit["torch_trainable_values"] == audit["keras_trainable_values"]
+    assert audit["counts"]["batch_norms"] == BN_COUNTS[arch]
+    assert tp["passed"] and tp["steps"] == 3 and tp["batch"] >= 4, tp.get("first_failure")
+    floats = [w for w in model.weights if w.dtype.startswith("float")]  # not Normalization's int count
+    assert len(tp["rows"]) == len(audit["matched"]) == len(floats) - len(audit["constants"])
+    assert all("normalization" in c for c in audit["constants"])  # EfficientNet's adapted mean / variance only
+    assert tp["worst_ratio"] < 1.0
+    assert max(r["moved"] for r in tp["rows"]) > 1e-4  # the steps really trained
+    if arch == "EfficientNetB0":  # stochastic depth: Dropout(noise_shape=(None, 1, 1, 1)) kept, per sample
+        from mmbridge.convert.ops.dropout import PerSampleDropout
+
+        shaped = [ly for ly in art.meta["keras_inventory"]["layers"] if ly["kind"] == "dropout" and ly["noise_shape"]]
+        assert shaped and sum(isinstance(m, PerSampleDropout) for m in art.to_torch().modules()) == len(shaped)
+    print(f"{arch}: export {art.meta['export_seconds']:.1f} s, of which contract {art.meta['contract_seconds']:.1f} s; "
+          f"({art.meta['contract_breakdown']}); worst train-parity ratio {tp['worst_ratio']:.3f}")
+
+
+@pytest.mark.parametrize("arch", list(ZOO))
 def test_zoo_opset18_traces_without_graph_breaks(zoo, arch):
     import torch._dynamo as dynamo
 

@@ -1,7 +1,7 @@
 """The ``mmbridge`` command line.
 
     mmbridge export MODULE:ATTR|SAVEDMODEL_DIR|MODEL.keras|BRIDGE --out DIR [--opset N] [--name NAME]
-    mmbridge verify DIR [--backend ort --backend torch] [--atol A --rtol R]
+    mmbridge verify DIR [--backend ort --backend torch] [--atol A --rtol R] [--train]
     mmbridge bridges [PATTERN]
     mmbridge info
     mmbridge train CONFIG.yaml [key=value ...]       (mmbridge.cli.train)
@@ -68,7 +68,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         tolerance = Tolerance(args.atol if args.atol is not None else 0.0, args.rtol if args.rtol is not None else 0.0,
                               "given on the mmbridge verify command line")
     art = BridgeArtifact.load(args.artifact)
-    report = verify(art, backends=args.backend or ["ort"], tolerance=tolerance, raise_on_failure=False)
+    report = verify(art, backends=args.backend or ["ort"], tolerance=tolerance, raise_on_failure=False,
+                    train_steps=3 if args.train else None)  # the CLI has no Keras model: what export recorded
     print(report)
     if not report.passed and tolerance is None and art.meta.get("tolerance"):
         print(f"note: checked against the tolerance table; meta.json records tolerance {art.meta['tolerance']}, "
@@ -172,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=None,
                    help="absolute tolerance for floating outputs (default: the tolerance table, never meta.json's)")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance for floating outputs (with --atol)")
+    p.add_argument("--train", action="store_true",
+                   help="also report the train parity recorded at export (trainable Keras exports; not re-run: that "
+                        "needs the Keras model, mmbridge.verify(art, train_steps=3, source=model))")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("bridges", help="list registered bridges")

@@ -15,7 +15,9 @@ artifact's metadata as an *inventory* (:func:`mmbridge.export.contract.keras_inv
 * every Keras **trainable** variable is exactly one torch ``Parameter`` with ``requires_grad``
   (when the module is trainable) and the same number of values (layouts differ: Dense kernels are
   transposed, conv kernels HWIO -> OIHW);
-* every Keras **non-trainable** variable (BatchNorm moving statistics) is exactly one buffer;
+* every Keras **non-trainable** variable (BatchNorm moving statistics) is exactly one buffer; one
+  outside a BatchNormalization (``Normalization``'s adapted mean / variance, which Keras training
+  never changes) may instead be folded into constants (listed in ``constants``);
 * no torch ``Parameter`` exists that no Keras variable accounts for (e.g. a BatchNorm with
   ``scale=False`` must not gain a trainable gamma);
 * every Keras **Dropout** is an ``nn.Dropout`` (or :class:`NoiseShapeDropout`-like module with a
@@ -28,6 +30,7 @@ A failure names the Keras layer and variable and says what to do.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections import Counter
 from typing import Any
@@ -52,6 +55,9 @@ class AuditReport:
         torch_trainable_values: scalar values in the module's ``requires_grad`` parameters.
         matched: Keras variable path -> torch parameter / buffer name.
         counts: ``{"variables", "parameters", "buffers", "batch_norms", "dropouts"}`` found.
+        constants: Keras non-trainable variables outside BatchNormalization (``Normalization``'s
+            adapted mean / variance) that the graph holds as folded constants: Keras never changes
+            them in training either, so that is allowed.
     """
 
     passed: bool
@@ -60,6 +66,7 @@ class AuditReport:
     torch_trainable_values: int
     matched: dict[str, str]
     counts: dict[str, int]
+    constants: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (what the artifact's ``meta.json`` stores under ``"audit"``)."""
@@ -97,6 +104,8 @@ def audit(module: nn.Module, inventory: dict[str, Any], *, trainable: bool = Tru
     buffers = dict(module.named_buffers())
     problems: list[str] = []
     matched: dict[str, str] = {}
+    constants: list[str] = []
+    bn_layers = {ly["name"] for ly in inventory.get("layers", []) if ly["kind"] == BATCH_NORM}
     for var in inventory.get("variables", []):
         pattern = marker_pattern(var["marker"])
         keys = [k for k, src in sources.items() if pattern.search(src) and (k in params or k in buffers)]
@@ -104,6 +113,9 @@ def audit(module: nn.Module, inventory: dict[str, Any], *, trainable: bool = Tru
         numel = 1
         for d in var["shape"]:
             numel *= int(d)
+        if not keys and not var["trainable"] and var.get("layer", "").rsplit("/", 1)[-1] not in bn_layers:
+            constants.append(var["path"])  # e.g. Normalization's adapted statistics: fixed in Keras training too
+            continue
         if not keys:
             problems.append(f"{where} has no torch tensor: tf2onnx folded it into a constant, so it would not train. "
                             f"Report the layer type; meanwhile keep the bridge frozen (to_ort()) or re-export at "
@@ -136,8 +148,8 @@ def audit(module: nn.Module, inventory: dict[str, Any], *, trainable: bool = Tru
     for rate, n in (keras_rates - torch_rates).items():
         names = [ly["name"] for ly in layers if ly["kind"] == DROPOUT and round(float(ly["rate"]), 6) == rate]
         shaped = [ly["name"] for ly in layers if ly["kind"] == DROPOUT and ly.get("noise_shape") is not None]
-        why = (f"; {shaped[:5]} have a noise_shape (e.g. stochastic depth), which the trainable export does not "
-               f"keep yet" if shaped else "")
+        why = (f"; {shaped[:5]} have a noise_shape: only a per-sample one (None, 1, ..., 1), e.g. stochastic depth, "
+               f"is kept; replace the others (SpatialDropout) or keep the bridge frozen (to_ort())" if shaped else "")
         problems.append(f"Keras Dropout layer(s) {names[:5]} with rate {rate} ({n} missing) are not Dropout modules in "
                         f"torch: fine-tuning would run without them{why}")
     n_bn_keras = sum(1 for ly in layers if ly["kind"] == BATCH_NORM)
@@ -156,6 +168,60 @@ def audit(module: nn.Module, inventory: dict[str, Any], *, trainable: bool = Tru
     torch_values = sum(p.numel() for p in params.values() if p.requires_grad)
     return AuditReport(
         passed=not problems, problems=problems, keras_trainable_values=keras_values,
-        torch_trainable_values=torch_values, matched=matched,
+        torch_trainable_values=torch_values, matched=matched, constants=constants,
         counts={"variables": len(inventory.get("variables", [])), "parameters": len(params), "buffers": len(buffers),
                 "batch_norms": n_bn_torch, "dropouts": sum(torch_rates.values())})
+
+
+def artifact_meta(source: Any) -> dict[str, Any] | None:
+    """The ``meta.json`` of what :func:`mmbridge.to_torch` was given (artifact or artifact directory), or None."""
+    meta = getattr(source, "meta", None)
+    if isinstance(meta, dict):
+        return meta
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        from mmbridge.store import read_meta
+
+        try:
+            return read_meta(source, check=False)
+        except Exception:  # noqa: BLE001 - to_torch reports an unreadable artifact itself
+            return None
+    return None
+
+
+def resolve_trainable(source: Any, trainable: bool | None) -> bool:
+    """The one rule of ``to_torch(trainable=...)``: the default follows the artifact.
+
+    * an **inference** export of a Keras model (``meta["keras_inventory"]`` recorded,
+      ``meta["trainable"]`` false: BatchNorm folded into constants, Dropout gone) converts to a
+      frozen module by default, and asking for ``trainable=True`` raises;
+    * everything else (a ``trainable=True`` export, a tf.function / SavedModel export, an ONNX
+      file, an artifact written before inventories existed) is trainable by default, as before.
+
+    Raises:
+        ConversionError: ``trainable=True`` on a Keras inference export, with the fix.
+    """
+    meta = artifact_meta(source)
+    inference_keras = bool(meta) and meta.get("keras_inventory") is not None and not meta.get("trainable")
+    if trainable is None:
+        return not inference_keras
+    if trainable and inference_keras:
+        raise ConversionError(
+            f"bridge {meta.get('name', '?')!r} is an inference export of a Keras model: its BatchNormalization layers "
+            f"are folded into constants and its Dropout layers are gone, so training it in torch would silently train "
+            f"something other than the Keras model. What to do: re-export with trainable=True (mmbridge.export(model, "
+            f"trainable=True) / `mmbridge export --trainable`), or to_torch(trainable=False) for a frozen module")
+    return bool(trainable)
+
+
+def audit_converted(module: nn.Module, source: Any, trainable: bool) -> None:
+    """Run :func:`audit` on a ``to_torch(trainable=True)`` result when its artifact records a Keras
+    inventory from a trainable export (a no-op otherwise).
+
+    Raises:
+        ConversionError: the audit failed (every problem listed).
+    """
+    meta = artifact_meta(source)
+    if not trainable or not meta or not meta.get("trainable") or meta.get("keras_inventory") is None:
+        return
+    audit(module, meta["keras_inventory"], trainable=True).raise_if_failed(
+        f"to_torch(trainable=True) of bridge {meta.get('name', '?')!r}")

@@ -93,13 +93,15 @@ class Linear(nn.Linear):
 # ---------------------------------------------------------------------------------------------
 # public entry point
 # ---------------------------------------------------------------------------------------------
-def to_torch(source: Any, *, trainable: bool = True) -> fx.GraphModule:
+def to_torch(source: Any, *, trainable: bool | None = None) -> fx.GraphModule:
     """Convert an ONNX bridge into a ``torch.nn.Module`` (an ``fx.GraphModule``), in eval mode.
 
     Args:
         source: a :class:`~mmbridge.BridgeArtifact`, an ``onnx.ModelProto``, or a path to a
             ``.onnx`` file or an artifact directory. Not modified.
-        trainable: True (default): weights are ``nn.Parameter`` with ``requires_grad=True``
+        trainable: None (default): follow the artifact
+            (:func:`mmbridge.convert.contract.resolve_trainable`): False for an inference export
+            of a Keras model, True otherwise. True: weights are ``nn.Parameter`` with ``requires_grad=True``
             (see the module doc for which initializers are weights), BatchNorm keeps running
             statistics as buffers. False: a frozen module: the same parameters, all with
             ``requires_grad=False`` (:func:`frozen_parameters` lists them; unfreeze with
@@ -115,7 +117,9 @@ def to_torch(source: Any, *, trainable: bool = True) -> fx.GraphModule:
         came from (for trainable exports that name contains the Keras variable path).
 
     Raises:
-        ConversionError: the graph has operators no converter handles; the message lists every
+        ConversionError: ``trainable=True`` for an inference export of a Keras model (re-export
+            with ``trainable=True``, or ``trainable=False``), or the weight audit of a trainable
+            Keras export fails. Also: the graph has operators no converter handles; the message lists every
             one (op type, opset, node names) and how to register a converter. Also raised when a
             converter fails on a node, naming that node.
         FileNotFoundError: ``source`` is a path that does not exist.
@@ -126,8 +130,10 @@ def to_torch(source: Any, *, trainable: bool = True) -> fx.GraphModule:
     guard_torch_stack("mmbridge.to_torch()")  # onnx2torch imports torchvision: segfault after TF
     import onnx2torch
 
+    from mmbridge.convert.contract import audit_converted, resolve_trainable
     from mmbridge.convert.registry import consult_op_converters
 
+    trainable = resolve_trainable(source, trainable)  # raises for trainable=True on a Keras inference export
     model = _prepare(_load(source))
     check_supported(model)
     aliases = _undot_domains(model)
@@ -161,6 +167,7 @@ def to_torch(source: Any, *, trainable: bool = True) -> fx.GraphModule:
     specs = getattr(source, "input_specs", None)
     if specs is not None:  # lets compose() infer the branch width with a dry run
         gm.input_specs = tuple(specs)
+    audit_converted(gm, source, trainable)  # the Keras weight audit, when the artifact has an inventory
     return gm.eval()
 
 

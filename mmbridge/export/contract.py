@@ -6,7 +6,8 @@
 * :func:`train_parity` runs ``k`` SGD steps on the Keras model (``training=True``) and on the
   converted torch module from the same weights and batches, with every Dropout rate set to 0 for
   the comparison, and compares every variable after the steps against a measured float32 noise
-  floor: the same torch steps in float64. A real mismatch (a folded BatchNorm, a wrong momentum,
+  floor: the same torch steps in float64 (plus :data:`MOVED_FRACTION` of each variable's movement,
+  for TF's own kernel rounding). A real mismatch (a folded BatchNorm, a wrong momentum,
   an unbiased running variance, a frozen weight) is orders of magnitude above that floor; float32
   rounding is not.
 
@@ -29,8 +30,27 @@ from mmbridge.export.trainable import STATE_MARK, VAR_MARK, _safe_path
 
 #: float32 machine epsilon; the floor of a variable is never below ``8 * steps * EPS32 * max|value|``.
 EPS32 = float(np.finfo(np.float32).eps)
-#: How far above the float64-measured noise floor a float32 difference may be.
-FLOOR_FACTOR = 8.0
+#: How far above the float64-measured noise floor a float32 difference may be. The floor measures
+#: torch's float32 rounding only; Keras' own float32 rounding (another op order) is of the same size
+#: but unmeasured, and both are amplified through BatchNorm at small batches: 8 refused a correct
+#: BatchNorm(scale=False) model by 1 % (``tests/test_contract.py``). Real mismatches (a folded
+#: BatchNorm, a wrong momentum, an unbiased running variance, a frozen weight) are 100x+ above.
+FLOOR_FACTOR = 16.0
+#: A variable may also differ by this fraction of how far the steps moved it. TF's CPU kernels
+#: (oneDNN convolutions) round differently from torch's, which the torch float64 floor cannot see:
+#: measured 15x the floor on a Conv -> BatchNorm kernel, under 1e-4 of its movement. A real mismatch
+#: differs by a large part of the movement (a frozen weight: all of it; an unbiased running variance
+#: at 512 values per channel: 2e-3 of it).
+MOVED_FRACTION = 5e-4
+
+
+def _is_float(v: Any) -> bool:
+    return np.dtype(getattr(v.dtype, "as_numpy_dtype", v.dtype)).kind == "f"
+
+
+def _float_weights(model: Any) -> list[Any]:
+    """``model.weights`` without integer / bool variables, in order (what :func:`keras_inventory` lists)."""
+    return [v for v in model.weights if _is_float(v)]
 
 
 def _iter_layers(model: Any) -> list[Any]:
@@ -48,10 +68,16 @@ def keras_inventory(model: Any) -> dict[str, Any]:
         "class", "kind", ...}]}``; ``kind`` is ``"batch_norm"`` (with momentum, epsilon, scale,
         center) or ``"dropout"`` (with rate and noise_shape).
     """
+    import sys
+
     import keras
 
+    if type(model).__module__.split(".")[0] == "tf_keras":  # tf-keras (Keras 2) classes
+        keras = sys.modules["tf_keras"]
     variables = []
     for v in model.weights:
+        if not _is_float(v):  # int counters / seed state (Normalization's count): not weights, never marked
+            continue
         path = getattr(v, "path", None) or v.name.split(":")[0]
         trainable = bool(v.trainable)
         variables.append({"path": path, "marker": (VAR_MARK if trainable else STATE_MARK) + _safe_path(path),
@@ -65,8 +91,11 @@ def keras_inventory(model: Any) -> dict[str, Any]:
                            "scale": bool(layer.scale), "center": bool(layer.center)})
         elif isinstance(layer, keras.layers.Dropout):
             ns = getattr(layer, "noise_shape", None)
+            ns = list(ns) if ns is not None else None
+            if ns is None and type(layer).__name__.startswith("SpatialDropout"):  # its noise_shape is set per call
+                ns = "one mask value per channel (SpatialDropout)"
             layers.append({"name": layer.name, "class": type(layer).__name__, "kind": DROPOUT, "rate": float(layer.rate),
-                           "noise_shape": list(ns) if ns is not None else None})
+                           "noise_shape": ns})
     return {"variables": variables, "layers": layers}
 
 
@@ -115,7 +144,12 @@ class TrainParityReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the artifact's ``meta["train_parity"]``)."""
         return {"steps": self.steps, "lr": self.lr, "passed": self.passed, "problems": self.problems,
-                "first_failure": self.first_failure(), "rows": [dataclasses.asdict(r) for r in self.rows]}
+                "first_failure": self.first_failure(), "worst_ratio": self.worst_ratio(),
+                "rows": [dataclasses.asdict(r) for r in self.rows]}
+
+    def worst_ratio(self) -> float:
+        """The largest ``max_abs / tolerance`` over the variables (< 1 passes; the margin is its inverse)."""
+        return max((r.max_abs / r.tolerance for r in self.rows if r.tolerance > 0), default=0.0)
 
     def raise_if_failed(self, what: str) -> None:
         """Raise :class:`~mmbridge.errors.ParityError` naming the first diverging variable."""
@@ -177,7 +211,10 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
     report = audit(module, inventory, trainable=True)
     problems = [p for p in report.problems if "has no torch tensor" in p or "became" in p]
     rng = np.random.default_rng(seed)
-    initial = [np.array(v.numpy(), copy=True) for v in model.weights]
+    weights = _float_weights(model)
+    if [v["path"] for v in inventory["variables"]] != [getattr(w, "path", None) or w.name.split(":")[0] for w in weights]:
+        inventory = keras_inventory(model)  # an inventory of another model version: list this one's
+    initial = [np.array(v.numpy(), copy=True) for v in weights]
     dropouts = [ly for ly in _iter_layers(model) if isinstance(ly, keras.layers.Dropout)]
     rates = [ly.rate for ly in dropouts]
 
@@ -238,11 +275,11 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
                 loss = loss_of(m(*torch_inputs(batch, dtype)), [torch.from_numpy(t).to(dtype) for t in targets])
                 loss.backward()
                 opt.step()
-        after = [np.asarray(v.numpy()) for v in model.weights]
+        after = [np.asarray(v.numpy()) for v in weights]
     finally:
         for ly, r in zip(dropouts, rates):
             ly.rate = r
-        for v, init in zip(model.weights, initial):
+        for v, init in zip(weights, initial):
             v.assign(init)
     rows = []
     t64 = {**dict(m64.named_parameters()), **dict(m64.named_buffers())}
@@ -257,7 +294,80 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
         max_abs = float(np.max(np.abs(got - want))) if got.size else 0.0
         floor = float(np.max(np.abs(got - exact))) if got.size else 0.0
         scale = float(np.max(np.abs(want))) if want.size else 0.0
-        tol = max(FLOOR_FACTOR * floor, FLOOR_FACTOR * steps * EPS32 * max(scale, 1e-3))
         moved = float(np.max(np.abs(value - init))) if value.size else 0.0
+        tol = max(FLOOR_FACTOR * floor, FLOOR_FACTOR * steps * EPS32 * max(scale, 1e-3), MOVED_FRACTION * moved)
         rows.append(VariableParity(var["path"], max_abs, floor, tol, moved, max_abs <= tol))
     return TrainParityReport(steps=steps, lr=lr, rows=rows, problems=problems)
+
+
+#: SGD steps and batch size of the train-parity check a trainable Keras export runs.
+TRAIN_PARITY_STEPS = 3
+TRAIN_PARITY_BATCH = 8
+#: Models with more trainable values than this run train parity at :data:`TRAIN_PARITY_MIN_BATCH`
+#: (ResNet50 at batch 8 added 82 s to a 91 s export on a loaded 2-core machine).
+TRAIN_PARITY_LARGE = 1_000_000
+TRAIN_PARITY_MIN_BATCH = 4
+
+
+def train_batches(specs: Sequence[Any], samples: Mapping[str, np.ndarray] | None, sample_fn: Callable[[int, int], Mapping[str, np.ndarray]] | None,
+                  steps: int = TRAIN_PARITY_STEPS, batch: int = TRAIN_PARITY_BATCH) -> list[dict[str, np.ndarray]]:
+    """``steps`` batches of ``batch`` rows (TF layout) for train parity, within the inputs' value ranges.
+
+    From ``sample_fn(batch, seed)`` when the caller gave one; else from the given sample arrays
+    (floats drawn uniformly between their min and max, integers / bools from their values, so
+    e.g. pixel ranges or token ids stay valid); else from the specs (dtype and ``value_range``).
+    """
+    out = []
+    for i in range(steps):
+        seed = 1000 + i
+        if sample_fn is not None:
+            out.append({k: np.asarray(v) for k, v in sample_fn(batch, seed).items()})
+        elif samples is not None:
+            rng = np.random.default_rng(seed)
+            b = {}
+            for k, v in samples.items():
+                v = np.asarray(v)
+                shape = (batch,) + v.shape[1:]
+                if np.issubdtype(v.dtype, np.floating):
+                    lo, hi = float(v.min()), float(v.max())
+                    b[k] = rng.uniform(lo, hi if hi > lo else lo + 1.0, shape).astype(v.dtype)
+                else:
+                    b[k] = rng.choice(v.reshape(-1), size=shape).astype(v.dtype)
+            out.append(b)
+        else:
+            from mmbridge.specs import samples_from_specs
+
+            out.append(samples_from_specs(specs, batch=batch, seed=seed))
+    return out
+
+
+def rerun_train_parity(artifact: Any, model: Any, steps: int = 3) -> dict[str, Any]:
+    """Train parity of a stored trainable artifact against its Keras model, as a dict
+    (:meth:`TrainParityReport.to_dict`); what ``mmbridge.verify(art, train_steps=k, source=model)`` runs.
+
+    Batches as at export (:func:`train_batches`, from the stored golden
+    inputs' ranges); a non-trainable artifact reports ``skipped``.
+    """
+    if not artifact.meta.get("trainable"):
+        return {"passed": None, "skipped": "an inference export (trainable=False): nothing to train"}
+    from mmbridge.parity import load_golden
+    from mmbridge.specs import TensorSpec
+
+    specs = [TensorSpec.from_dict(d) for d in artifact.meta.get("tf_inputs", artifact.meta["inputs"])]
+    nchw = [d["name"] for d in artifact.meta["inputs"] if d.get("layout") == "NCHW"]
+    golden = load_golden(artifact)["inputs"]
+    samples = {k: (np.transpose(v, (0, 2, 3, 1)) if k in nchw else v) for k, v in golden.items()}
+    batches = train_batches(specs, samples, None, steps=steps, batch=TRAIN_PARITY_BATCH)
+    report = train_parity(model, artifact.to_torch(trainable=True), batches, input_names=[s.name for s in specs],
+                          nchw=nchw, inventory=artifact.meta.get("keras_inventory"))
+    return dict(report.to_dict(), batch=TRAIN_PARITY_BATCH)
+
+
+def _register() -> None:
+    from mmbridge.parity import TRAIN_PARITY_RUNNER
+
+    if rerun_train_parity not in TRAIN_PARITY_RUNNER:
+        TRAIN_PARITY_RUNNER.insert(0, rerun_train_parity)
+
+
+_register()

@@ -54,6 +54,12 @@ import numpy as np
 from mmbridge.artifact import BridgeArtifact, cache_root, cached_or_build, entry_dir
 from mmbridge.errors import CacheError, ExportError, SpecError, UnsupportedOpsError
 from mmbridge.export import _tf
+from mmbridge.export.contract import (  # also registers verify()'s train-parity re-run
+    TRAIN_PARITY_BATCH,
+    TRAIN_PARITY_LARGE,
+    TRAIN_PARITY_MIN_BATCH,
+    train_batches,
+)
 from mmbridge.export.fingerprint import export_versions, live_fingerprint, path_fingerprint
 from mmbridge.export.options import DEFAULT_OPSET, ExportOptions
 from mmbridge.export.rewrites import repair_and_check_ops
@@ -318,7 +324,8 @@ def export_located(located: Located, options: ExportOptions, sample_inputs: Samp
         fingerprint = live_fingerprint(src.kind, src.specs, options, samples, payload)
 
     def build():
-        return _build(src, name, options, samples, freeze, tf, t0)
+        return _build(src, name, options, samples, freeze, tf, t0,
+                      sample_fn=sample_inputs if callable(sample_inputs) else None)
 
     art, hit = cached_or_build(name, fingerprint, build, root=root, force=force)
     logger.info("export %s: %s in %.2f s (%s)", name, "cache hit" if hit else "exported", time.perf_counter() - t0, art.path)
@@ -596,10 +603,20 @@ def optimize_model(model: Any, check: Callable[[Any], bool], passes: Sequence[st
 
 
 def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples | None, freeze: Callable[[], tuple],
-           tf: Any, t0: float) -> tuple[Any, dict[str, Any], dict[str, dict[str, np.ndarray]]]:
-    """Steps 5-10: freeze, convert, repair, check, optimise, verify; returns ``(model, meta, golden)``."""
+           tf: Any, t0: float, sample_fn: Callable[[int, int], Samples] | None = None,
+           ) -> tuple[Any, dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """Steps 5-10: freeze, convert, repair, check, optimise, verify; returns ``(model, meta, golden)``.
+
+    For a Keras source, also the training contract (:func:`_training_contract`): the inventory
+    always, and for ``trainable=True`` the weight audit and train parity (a failure refuses the
+    export: nothing is cached)."""
     import onnx
 
+    keras_obj = src.obj if src.kind in KERAS_KINDS else None
+    if keras_obj is not None and options.trainable:
+        from mmbridge.export.trainable import check_trainable_source
+
+        check_trainable_source(keras_obj)  # tf-keras / mixed precision: refused before any tracing
     specs = src.specs
     opset = options.opset
     nchw = list(options.inputs_as_nchw or [])
@@ -695,8 +712,74 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
         "export_seconds": round(time.perf_counter() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if keras_obj is not None:
+        meta.update(_training_contract(keras_obj, name, options, model, specs, samples, sample_fn, nchw))
+        meta["export_seconds"] = round(time.perf_counter() - t0, 3)
     golden = {"inputs": onnx_inputs, "outputs": ref}
     return model, meta, golden
+
+
+#: Source kinds whose object is a Keras model or layer (Keras 3 or tf-keras).
+KERAS_KINDS = ("keras_model", "keras_layer")
+def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, specs: Sequence[TensorSpec],
+                       samples: Samples | None, sample_fn: Callable[[int, int], Samples] | None,
+                       nchw: Sequence[str]) -> dict[str, Any]:
+    """The training contract of a Keras export, as meta entries.
+
+    ``keras_inventory`` always (it makes :func:`mmbridge.to_torch` follow the artifact: an inference
+    export converts frozen). For ``trainable=True``: the converted module must pass the weight
+    audit (``audit``, :func:`mmbridge.convert.contract.audit`) and train parity
+    (``train_parity``: 3 SGD steps at batch 8, or 4 for models over
+    :data:`~mmbridge.export.contract.TRAIN_PARITY_LARGE` trainable values,
+    :func:`mmbridge.export.contract.train_parity`); ``contract_seconds`` is what both cost.
+
+    Raises:
+        ConversionError: the module does not convert, or the audit fails (names the Keras layer /
+            variable and what to do).
+        ParityError: training parity fails (names the first diverging Keras variable).
+    """
+    from mmbridge.export.contract import keras_inventory, train_parity
+
+    inventory = keras_inventory(obj)
+    out: dict[str, Any] = {"keras_inventory": inventory}
+    if not options.trainable:
+        return out
+    from mmbridge.convert.contract import audit
+    from mmbridge.convert.core import to_torch
+    from mmbridge.errors import ConversionError
+
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    what = f"trainable export of {name!r}"
+    try:
+        module = to_torch(model, trainable=True)
+    except ConversionError as exc:
+        raise ConversionError(f"{what}: the graph does not convert to a trainable torch module, so the training "
+                              f"contract cannot hold: {exc}\nWhat to do: export with trainable=False and keep the "
+                              f"bridge frozen (to_ort()), or register the missing converter") from exc
+    seconds["to_torch"] = round(time.perf_counter() - t0, 3)
+    report = audit(module, inventory, trainable=True)
+    seconds["audit"] = round(time.perf_counter() - t0 - seconds["to_torch"], 3)
+    out["audit"] = report.to_dict()
+    report.raise_if_failed(what)
+    floats = [o for o in model.graph.output if o.type.tensor_type.elem_type in (1, 10, 11, 16)]
+    if not any(v["trainable"] for v in inventory["variables"]):
+        out["train_parity"] = {"skipped": "the model has no trainable variables", "passed": None}
+    elif not floats:
+        out["train_parity"] = {"skipped": "the model has no floating output to take a loss of", "passed": None}
+    else:
+        n_values = sum(int(np.prod(v["shape"])) for v in inventory["variables"] if v["trainable"])
+        batch = TRAIN_PARITY_BATCH if n_values <= TRAIN_PARITY_LARGE else TRAIN_PARITY_MIN_BATCH
+        batches = train_batches(specs, samples, sample_fn, batch=batch)
+        t1 = time.perf_counter()
+        tp = train_parity(obj, module, batches, input_names=[s.name for s in specs], nchw=list(nchw),
+                          inventory=inventory)
+        seconds["train_parity"] = round(time.perf_counter() - t1, 3)
+        out["train_parity"] = dict(tp.to_dict(), batch=int(len(next(iter(batches[0].values())))))
+        tp.raise_if_failed(what)
+    out["contract_seconds"] = round(time.perf_counter() - t0, 3)
+    out["contract_breakdown"] = seconds
+    return out
 
 
 def _copy_out(art: BridgeArtifact, out: str | os.PathLike | None) -> BridgeArtifact:

@@ -22,8 +22,11 @@ module fixes it in two steps, both called by :func:`mmbridge.export` when ``trai
      ``FusedBatchNormV3(is_training=False)`` under the name scope ``mmb_bn__m<momentum>`` (``0.99`` is written
      ``0p99``), which tf2onnx maps to one ONNX ``BatchNormalization`` (not fused into Conv, since its inputs are
      not constants while tf2onnx optimises);
-   * ``keras.layers.Dropout`` (no ``noise_shape``) emits ``x * 1`` where the ``1`` is a
-     placeholder named ``mmb_dropout__r<rate>``.
+   * ``keras.layers.Dropout`` (no ``noise_shape``, or a per-sample ``(None, 1, ..., 1)`` one:
+     stochastic depth) emits ``x * 1`` where the ``1`` is a placeholder named
+     ``mmb_dropout__r<rate>`` (+ :data:`NOISE_MARK` for a per-sample mask);
+   * ``keras.layers.PReLU`` computes ``relu(x) - alpha * relu(-x)`` (bit-identical to Keras'
+     ``relu(x) + (-alpha) * relu(-x)``), so tf2onnx cannot fold ``Neg(alpha)`` into an unnamed constant.
 
    TF's outputs are unchanged (the parity check against TF still runs on this graph).
 
@@ -50,10 +53,12 @@ LayerNormalization (``axis=-1``, ``center`` and ``scale``, no ``rms_scaling``) i
 name scope ``mmb_ln__e<epsilon>`` and, at opset >= 17, :func:`postprocess` replaces the decomposed
 ops of each such scope by one ONNX ``LayerNormalization`` (``nn.LayerNorm`` in torch).
 
-Not kept (listed in the notes :func:`postprocess` returns; the export still succeeds): BatchNorm
-with ``axis`` other than the last, with ``renorm``, or inside a mixed-precision policy; Dropout
-subclasses with a ``noise_shape`` (``SpatialDropout*``); other LayerNormalizations stay
-decomposed, their ``gamma`` / ``beta`` still trainable initializers. Only Keras objects traced in
+Not kept (listed in the notes :func:`postprocess` returns): BatchNorm with ``axis`` other than the
+last or with ``renorm``; Dropout with another ``noise_shape`` (``SpatialDropout*``); the
+exporter's training contract (weight audit, :mod:`mmbridge.convert.contract`) then refuses the
+export. :func:`check_trainable_source` refuses tf-keras models and mixed-precision policies
+before tracing. Other LayerNormalizations stay decomposed, their ``gamma`` / ``beta`` still
+trainable initializers. Only Keras objects traced in
 this process are patched: a SavedModel export has no markers, and ``to_torch`` then falls back
 to recognising weights by the ops that consume them.
 """
@@ -78,7 +83,7 @@ from mmbridge.graph.markers import (  # noqa: F401  (re-exported: the names this
 
 #: Version of what :func:`trainable_patches` / :func:`postprocess` produce; part of what determines
 #: a trainable export's graph (the exporter should hash it into the fingerprint).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
@@ -173,12 +178,15 @@ def trainable_patches() -> Iterator[None]:
     def do_call(self: Any, inputs: Any, training: Any = False) -> Any:
         if not tf.inside_function() or training:
             return orig_do(self, inputs, training=training)
-        if self.noise_shape is not None or not inputs.dtype.is_floating:
+        noise = _per_sample_noise(self.noise_shape, len(inputs.shape))
+        if (self.noise_shape is not None and noise is None) or not inputs.dtype.is_floating:
             _SKIPPED.append(f"{type(self).__name__} {self.name!r} removed (noise_shape={self.noise_shape}): "
-                            f"only plain Dropout is kept")
+                            f"only plain Dropout and a per-sample noise_shape (None, 1, ..., 1) are kept")
             return orig_do(self, inputs, training=training)
-        one = tf.raw_ops.PlaceholderWithDefault(input=tf.ones([], inputs.dtype), shape=[],
-                                                name=f"{DROPOUT_MARK}{encode_float(self.rate)}")
+        # a per-sample mask (stochastic depth): the marker name says so (NOISE_MARK), the ONNX
+        # Dropout node carries it in its name and the converter draws the mask at [N, 1, ..., 1]
+        mark = f"{DROPOUT_MARK}{encode_float(self.rate)}" + (NOISE_MARK if noise else "")
+        one = tf.raw_ops.PlaceholderWithDefault(input=tf.ones([], inputs.dtype), shape=[], name=mark)
         return inputs * one
 
     from keras.src.layers.normalization.layer_normalization import LayerNormalization
@@ -194,8 +202,20 @@ def trainable_patches() -> Iterator[None]:
         with tf.name_scope(f"{LN_MARK}{encode_float(self.epsilon)}"):
             return orig_ln(self, inputs)
 
+    from keras.src.layers.activations.prelu import PReLU
+
+    def prelu_call(self: Any, inputs: Any) -> Any:
+        # Keras writes ``relu(x) + (-alpha) * relu(-x)``; tf2onnx folds ``Neg(alpha)`` into an unnamed
+        # constant, so the slope would lose its marker and freeze. ``relu(x) - alpha * relu(-x)`` is the
+        # same value bit for bit (negation is exact) and keeps ``alpha`` a marked weight.
+        if not tf.inside_function():
+            return orig_prelu(self, inputs)
+        return tf.nn.relu(inputs) - tf.convert_to_tensor(self.alpha) * tf.nn.relu(-inputs)
+
+    orig_prelu = PReLU.call
     for obj, attr, new in ((kcore.Variable, "__tf_tensor__", read), (BatchNormalization, "call", bn_call),
-                           (Dropout, "call", do_call), (LayerNormalization, "call", ln_call)):
+                           (Dropout, "call", do_call), (LayerNormalization, "call", ln_call),
+                           (PReLU, "call", prelu_call)):
         patched.append((obj, attr, getattr(obj, attr)))
         setattr(obj, attr, new)
     try:
@@ -203,6 +223,60 @@ def trainable_patches() -> Iterator[None]:
     finally:
         for obj, attr, orig in reversed(patched):
             setattr(obj, attr, orig)
+
+
+#: Suffix of a Dropout marker (and of its ONNX Dropout node's name) whose Keras layer has a per-sample
+#: ``noise_shape`` ``(None, 1, ..., 1)``: :mod:`mmbridge.convert.ops.dropout` reads the same string.
+NOISE_MARK = "__mmb_noise_per_sample"
+
+
+def _per_sample_noise(noise_shape: Any, rank: int) -> bool | None:
+    """False: no noise_shape; True: ``(None, 1, ..., 1)`` of the input's rank (one mask value per
+    sample, layout-free, so NHWC / NCHW do not matter); None: any other noise_shape (not kept)."""
+    if noise_shape is None:
+        return False
+    dims = list(noise_shape)
+    if len(dims) == rank and rank >= 2 and all(d == 1 for d in dims[1:]):
+        return True
+    return None
+
+
+def check_trainable_source(obj: Any) -> None:
+    """Refuse a Keras object that a ``trainable=True`` export cannot keep trainable, before tracing.
+
+    * a tf-keras (Keras 2) model: :func:`trainable_patches` know Keras 3's classes only, so its
+      zero biases / BatchNorms / Dropouts would be folded away silently;
+    * a mixed-precision policy (``mixed_float16`` / ``mixed_bfloat16``): the graph would compute in
+      float16 with the BatchNorms folded; AMP in torch comes from ``torch.autocast`` instead.
+
+    Raises:
+        ExportError: naming the layer and the fix.
+    """
+    from mmbridge.errors import ExportError
+
+    module = type(obj).__module__.split(".")[0]
+    if module == "tf_keras":
+        layers = [ly for ly in getattr(obj, "_flatten_layers", lambda **k: [])(include_self=False, recursive=True)
+                  if ly.weights or type(ly).__name__ in ("Dropout", "BatchNormalization")]
+        named = f"layer {layers[0].name!r} ({type(layers[0]).__name__})" if layers else f"model {obj.name!r}"
+        raise ExportError(
+            f"trainable export of the tf-keras (Keras 2) model {obj.name!r}: mmbridge keeps weights, BatchNorm and "
+            f"Dropout trainable for Keras 3 models only; {named} would be folded into constants and silently not "
+            f"train. What to do: rebuild the model in Keras 3 (same architecture, then "
+            f"`model3.set_weights(model2.get_weights())`) and export that, or export with trainable=False and use "
+            f"to_torch(trainable=False) / to_ort() (frozen)")
+    layers = [obj] + list(getattr(obj, "_flatten_layers", lambda **k: [])(include_self=False, recursive=True))
+    for ly in layers:
+        policy = getattr(ly, "dtype_policy", None)
+        pname = getattr(policy, "name", str(policy) if policy is not None else "")
+        if isinstance(pname, str) and pname.startswith("mixed_"):
+            raise ExportError(
+                f"trainable export of {obj.name!r}: layer {ly.name!r} ({type(ly).__name__}) uses the mixed-precision "
+                f"policy {pname!r}; the graph would compute in {pname.split('_', 1)[1]} with its BatchNorms folded, "
+                f"so the torch module would not train like the Keras model. What to do: build the model under "
+                f"keras.mixed_precision.set_dtype_policy('float32') (or dtype='float32' per layer), load the "
+                f"weights (set_weights / load_weights) and export that float32 model; for mixed precision in "
+                f"torch use torch.autocast around the converted module (the Trainer's amp option)")
 
 
 def postprocess(model: Any) -> list[str]:
@@ -300,15 +374,16 @@ def postprocess(model: Any) -> list[str]:
         rate = decode_float(m.group(1))
         data = [x for x in node.input if x != mark][0]
         pos = list(g.node).index(node)
+        node_name = node.name + "__dropout" + (NOISE_MARK if NOISE_MARK in mark else "")
         if opset >= 12:
             ratio_name = mark.rsplit(":", 1)[0] + "__ratio"
             if ratio_name not in inits:
                 t = numpy_helper.from_array(np.array(rate, dtype=np.float32), ratio_name)
                 g.initializer.append(t)
                 inits[ratio_name] = t
-            new = helper.make_node("Dropout", [data, ratio_name], [node.output[0]], name=node.name + "__dropout")
+            new = helper.make_node("Dropout", [data, ratio_name], [node.output[0]], name=node_name)
         else:
-            new = helper.make_node("Dropout", [data], [node.output[0]], name=node.name + "__dropout", ratio=rate)
+            new = helper.make_node("Dropout", [data], [node.output[0]], name=node_name, ratio=rate)
         g.node.remove(node)
         g.node.insert(pos, new)
         n_do += 1

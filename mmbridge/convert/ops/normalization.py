@@ -10,6 +10,11 @@ updated with the *population* variance of the batch, as Keras and the ONNX spec 
 BatchNorm uses the unbiased one, which drifts by ``n / (n - 1)``). Other forms (computed
 statistics) go to onnx2torch's converter.
 
+In a ``trainable=True`` export (marked initializers), a scale of ones / bias of zeros that is *not*
+a marked Keras variable is Keras' ``BatchNormalization(scale=False)`` / ``center=False``: it
+becomes a buffer (``weight`` / ``bias``), so the torch module gains no trainable gamma / beta the
+Keras model does not have.
+
 Shape notation: ``N`` batch, ``C`` channels, ``L`` / ``H, W`` / ``D, H, W`` spatial.
 """
 
@@ -21,6 +26,7 @@ from onnx2torch.onnx_node import OnnxNode
 from torch import nn
 
 from mmbridge.convert.ops._common import const, delegate, rank_of, register, result
+from mmbridge.graph.markers import STATE_MARK, VAR_MARK, marker_of
 
 
 class _PopulationVarianceBN:
@@ -89,4 +95,19 @@ def batch_normalization(node: OnnxNode, graph: OnnxGraph):
         bn.bias.copy_(bias.to(scale.dtype))
         bn.running_mean.copy_(mean.to(scale.dtype))
         bn.running_var.copy_(var.to(scale.dtype))
+    if _has_markers(graph):  # a trainable export: a constant gamma / beta is Keras' scale=False / center=False
+        for pname, onnx_name, fill in (("weight", ins[1], 1.0), ("bias", ins[2], 0.0)):
+            value = getattr(bn, pname).detach()
+            if not marker_of(onnx_name) and bool((value == fill).all()):
+                delattr(bn, pname)
+                bn.register_buffer(pname, value.clone())  # F.batch_norm still applies it; nothing trains it
     return result(bn, node, (ins[0],))
+
+
+def _has_markers(graph: OnnxGraph) -> bool:
+    """True for the graph of a ``trainable=True`` export (its Keras variables are marked initializers)."""
+    cached = getattr(graph, "_mmbridge_has_markers", None)
+    if cached is None:
+        cached = any(marker_of(name) in (VAR_MARK, STATE_MARK) for name in graph.initializers)
+        graph._mmbridge_has_markers = cached
+    return cached
