@@ -335,7 +335,8 @@ class HybridModel(nn.Module):
                 tokens[name] = self.branches[name].trainable_forward(s)
         ref = next(iter(tokens.values()))
         # built on the device without a host round trip (no list -> tensor copy, no sync)
-        present = torch.stack([torch.full((n,), state["branches"][k] is not None, dtype=torch.bool, device=ref.device)
+        # (new_ones / new_zeros rather than torch.full(bool): the TorchScript ONNX exporter has no bool full)
+        present = torch.stack([(ref.new_ones if state["branches"][k] is not None else ref.new_zeros)((n,), dtype=torch.bool)
                                for k in self.names], dim=1)  # [N, M]
         masks = state.get("masks", {})
         for name, mask in masks.items():  # per-sample presence, e.g. rows without numeric data

@@ -259,18 +259,23 @@ class ExportConfig(_BridgedConfig):
     """Exported in a child process (TensorFlow never enters the training process), then bridged.
 
     ``ref`` is an importable ``"module:attr"`` reference or the path of an existing Keras file
-    (``.keras``, ``.h5``) or SavedModel directory.
+    (``.keras``, ``.h5``) or SavedModel directory. ``trainable_export`` null (the default) follows
+    the branch: a trainable encoder on the torch backend gets a trainable export (BatchNorm and
+    Dropout kept, the training contract checked), anything frozen an inference export; the
+    artifact's ``to_torch`` default follows it (docs/user-guide.md, "the training contract").
     """
 
     type: ClassVar[str] = "export"
     ref: str | None = None
     backend: str = "torch"
-    trainable_export: bool = False
+    trainable_export: bool | None = None
     name: str | None = None
 
     def validate(self, where: str, problems: list[str]) -> None:
         super().validate(where, problems)
         _validate_export_ref(where, self.ref, problems)
+        check(self.trainable_export is None or isinstance(self.trainable_export, bool), problems,
+              f"{where}.trainable_export: must be true, false or null (follow the branch), got {self.trainable_export!r}")
 
 
 @register_component(ExportConfig, roles=("encoder", "preprocess"))
@@ -283,7 +288,9 @@ def build_export(cfg: ExportConfig, ctx: BuildContext) -> nn.Module:
     path, error = None, None
     if distributed.read_env()["rank"] == 0:
         try:
-            path = str(export(cfg.ref, name=cfg.name, role=ctx.role, trainable=bool(cfg.trainable_export)).path)
+            trainable = (cfg.trainable_export if cfg.trainable_export is not None
+                         else ctx.trainable and cfg.backend == "torch" and ctx.role == "encoder")
+            path = str(export(cfg.ref, name=cfg.name, role=ctx.role, trainable=bool(trainable)).path)
         except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
             error = f"{type(exc).__name__}: {exc}"
     path, error = distributed.broadcast_object((path, error))
