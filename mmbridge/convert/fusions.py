@@ -149,7 +149,7 @@ def fuse_gelu(gm: fx.GraphModule) -> int:
     (``erfc`` after mmbridge's rewrite) or ``1 + erf(x / sqrt 2)``, in any order. torch's GELU
     kernel computes ``x * 0.5 * (1 + erf(x * M_SQRT1_2))`` in one pass (one kernel forward and
     backward, only ``x`` saved) instead of six ops that each write a tensor; values agree to a
-    few ulp (the association of the products differs; ``tests/test_fusions.py`` bounds it).
+    few ulp (the association of the products differs; ``tests/convert/test_fusions.py`` bounds it).
     The nodes left without users are removed by the caller's dead-code elimination. Returns the
     number of GELUs fused.
     """

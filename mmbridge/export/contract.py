@@ -33,7 +33,7 @@ EPS32 = float(np.finfo(np.float32).eps)
 #: How far above the float64-measured noise floor a float32 difference may be. The floor measures
 #: torch's float32 rounding only; Keras' own float32 rounding (another op order) is of the same size
 #: but unmeasured, and both are amplified through BatchNorm at small batches: 8 refused a correct
-#: BatchNorm(scale=False) model by 1 % (``tests/test_contract.py``). Real mismatches (a folded
+#: BatchNorm(scale=False) model by 1 % (``tests/export/test_contract.py``). Real mismatches (a folded
 #: BatchNorm, a wrong momentum, an unbiased running variance, a frozen weight) are 100x+ above.
 FLOOR_FACTOR = 16.0
 #: A variable may also differ by this fraction of how far the steps moved it. TF's CPU kernels

@@ -3,7 +3,7 @@
 :data:`CASES` lists every layer / op and mode that mmbridge exports, and every mode it refuses,
 each with a builder, an input spec and a sample input. ``tools/gen_preprocessing_table.py`` runs
 each one through :func:`mmbridge.export`, measures parity against TF with :func:`measure`, and
-writes ``docs/preprocessing.md``; ``tests/test_preprocessing.py`` asserts the same behaviour.
+writes ``docs/preprocessing.md``; ``tests/export/test_preprocessing.py`` asserts the same behaviour.
 
 How each TF op becomes ONNX is in :mod:`mmbridge.export.handlers`.
 

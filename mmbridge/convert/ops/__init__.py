@@ -3,7 +3,7 @@
 Importing this package registers them (``mmbridge.op_converters`` and ``mmbridge.to_torch`` do).
 Each is consulted before onnx2torch's own converter for the same op and version (see
 :func:`mmbridge.convert.registry.consult_op_converters`) and tested against onnxruntime at two
-opsets per registered version (``tests/test_convert_ops.py``, parametrised from the registry).
+opsets per registered version (``tests/convert/test_ops.py``, parametrised from the registry).
 
 * :mod:`.normalization` -- ``BatchNormalization`` -> population-variance BatchNorm (Keras' running variance);
 * :mod:`.dropout` -- ``Dropout`` -> ``nn.Dropout(p)``;

@@ -20,7 +20,7 @@ from mmbridge.bench import BenchRun, HarnessConfig, Result, Variant, measure_cas
 from mmbridge.bench import report as bench_report
 from mmbridge.bench.suites import SUITES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ROW_KEYS = {"suite", "case", "variant", "baseline", "status", "note", "timing", "items_per_call", "samples_per_s",
             "ratio", "ratio_p25", "ratio_p75", "peak_rss_mib", "peak_py_mib", "peak_cuda_mib", "params", "extra",
             "median_ms"}

@@ -387,7 +387,7 @@ def test_generated_docs_table_lists_every_case():
 
     from mmbridge.export.preprocessing import CASES
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "preprocessing.md").read_text(encoding="utf-8")
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "preprocessing.md").read_text(encoding="utf-8")
     missing = [f"{c.name} [{c.mode}]" for c in CASES if f"| `{c.name}` | {c.mode} |" not in doc]
     assert not missing, f"docs/preprocessing.md is stale; run tools/gen_preprocessing_table.py (missing {missing})"
     assert "FAILED" not in doc

@@ -23,7 +23,8 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cases-cache")
 
 
-def test_case03_keras_exact_gelu_erfc(keras, cache):
+@pytest.mark.case("03")
+def test_keras_exact_gelu_erfc(keras, cache):
     """onnx/tensorflow-onnx#2347: exact GELU lowers to TF Erfc; mmbridge rewrites it to 1 - Erf."""
     keras.utils.set_random_seed(0)
     inp = keras.Input((6,))
@@ -38,7 +39,8 @@ def test_case03_keras_exact_gelu_erfc(keras, cache):
     assert np.abs(got - ref).max() <= 1e-5
 
 
-def test_case04_text_vectorization_ids_equal_keras(keras, cache):
+@pytest.mark.case("04")
+def test_text_vectorization_ids_equal_keras(keras, cache):
     """onnx/tensorflow-onnx#1886, #1328: StaticRegexReplace / StringSplitV2 / LookupTableFindV2."""
     tv = keras.layers.TextVectorization(max_tokens=20, output_sequence_length=4)
     tv.adapt(["the cat sat", "a dog ran fast"])
@@ -61,7 +63,8 @@ def test_case04_text_vectorization_ids_equal_keras(keras, cache):
     ("Discretization", lambda k: k.layers.Discretization(bin_boundaries=[0.0, 1.0, 2.0]), (3,), "float32",
      np.array([[-1.0, 0.5, 3.0]], np.float32)),
 ])
-def test_case05_layers_give_keras_ids(keras, cache, name, make, shape, dtype, x):
+@pytest.mark.case("05")
+def test_layers_give_keras_ids(keras, cache, name, make, shape, dtype, x):
     """onnx/tensorflow-onnx#1867: the same integer ids as Keras through the exported graph."""
     inp = keras.Input(shape, dtype=dtype)
     model = keras.Model(inp, make(keras)(inp))
@@ -72,7 +75,8 @@ def test_case05_layers_give_keras_ids(keras, cache, name, make, shape, dtype, x)
     np.testing.assert_array_equal(got, ref)
 
 
-def test_case05_hashing_integers_give_keras_ids(keras, cache):
+@pytest.mark.case("05")
+def test_hashing_integers_give_keras_ids(keras, cache):
     """Keras Hashing on integers = FarmHash Fingerprint64 of the decimal string, rebuilt in ONNX."""
     inp = keras.Input((2,), dtype="int64")
     model = keras.Model(inp, keras.layers.Hashing(num_bins=8)(inp))
@@ -83,7 +87,8 @@ def test_case05_hashing_integers_give_keras_ids(keras, cache):
     assert "StringToHashBucketFast" not in {n.op_type for n in art.model.graph.node}
 
 
-def test_case05_string_hashing_is_refused_naming_layer_and_op(keras, cache):
+@pytest.mark.case("05")
+def test_string_hashing_is_refused_naming_layer_and_op(keras, cache):
     """On strings, FarmHash needs the string's bytes, which no ONNX / ORT-extensions op exposes."""
     inp = keras.Input((2,), dtype="string")
     model = keras.Model(inp, keras.layers.Hashing(num_bins=8, name="bucket_ids")(inp))

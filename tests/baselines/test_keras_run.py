@@ -20,7 +20,7 @@ import mmbridge
 from mmbridge.errors import ConfigError
 from mmbridge.train.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 POKEDEX = REPO.parent / "shared" / "data" / "pokedex"
 
 

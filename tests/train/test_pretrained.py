@@ -19,7 +19,7 @@ from mmbridge.train.pretrained import (  # noqa: E402 - after the importorskip
     map_state_dict_by_order,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from mmbridge.train.config import TrainConfig
 from mmbridge.train.encoders import MLPEncoder, TextEncoder
 from mmbridge.train.trainer import NonFiniteLossError, Trainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Tiny(Dataset):

@@ -20,7 +20,7 @@ import mmbridge
 from mmbridge.convert.registry import ConverterKey, OpConverterRegistry, consult_op_converters, current_opsets
 from mmbridge.runtime.session import make_session
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "authoring-guide.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "authoring-guide.md"
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=17):

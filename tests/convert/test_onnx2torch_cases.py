@@ -57,7 +57,8 @@ def _mlp_onnx():
 # case 10: Resize 7x9 -> 5x13 given as float scales
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.tf
-def test_case10_resize_keeps_tf_output_shape_and_values(tf, tmp_path):
+@pytest.mark.case("10")
+def test_resize_keeps_tf_output_shape_and_values(tf, tmp_path):
     @tf.function(input_signature=[tf.TensorSpec([None, 7, 9, 3], tf.float32, name="img")])
     def preprocess(img):
         return tf.image.resize(img, [5, 13], method="bilinear")
@@ -73,7 +74,8 @@ def test_case10_resize_keeps_tf_output_shape_and_values(tf, tmp_path):
     np.testing.assert_allclose(_run(art.to_torch(), x5)[0], preprocess(tf.constant(x5)).numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_case10_resize_float_scale_rounding_matches_ort_on_raw_graph():
+@pytest.mark.case("10")
+def test_resize_float_scale_rounding_matches_ort_on_raw_graph():
     scales = numpy_helper.from_array(np.array([1, 1, 5 / 7, 13 / 9], np.float32), "scales")
     roi = numpy_helper.from_array(np.array([], np.float32), "roi")
     m = _model([helper.make_node("Resize", ["x", "roi", "scales"], ["y"], name="rs", mode="linear")],
@@ -90,7 +92,8 @@ def test_case10_resize_float_scale_rounding_matches_ort_on_raw_graph():
 # case 11: Gelu-20, Split-18
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
-def test_case11_gelu20(approximate):
+@pytest.mark.case("11")
+def test_gelu20(approximate):
     m = _model([helper.make_node("Gelu", ["x"], ["y"], name="gelu", approximate=approximate)],
                [helper.make_tensor_value_info("x", TP.FLOAT, [2, 5])], [helper.make_tensor_value_info("y", TP.FLOAT, None)], opset=20)
     x = np.random.RandomState(0).randn(2, 5).astype(np.float32) * 3
@@ -100,7 +103,8 @@ def test_case11_gelu20(approximate):
 
 
 @pytest.mark.parametrize("dim,num_outputs,split", [(4, 2, None), (5, 3, None), (6, None, [1, 2, 3])])
-def test_case11_split18(dim, num_outputs, split):
+@pytest.mark.case("11")
+def test_split18(dim, num_outputs, split):
     outs = [f"o{i}" for i in range(num_outputs or len(split))]
     inits, inputs = [], ["x"]
     if split is not None:
@@ -178,7 +182,8 @@ def test_reduce18_every_op_matches_ort(op, keepdims):
 # case 12: OneHot (Keras CategoryEncoding) and the Loop of a Keras 3 GRU (more in test_recurrent.py)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("axis", [-1, 1, 0])
-def test_case12_onehot_matches_ort(axis):
+@pytest.mark.case("12")
+def test_onehot_matches_ort(axis):
     depth = numpy_helper.from_array(np.array(5, np.int64), "depth")
     values = numpy_helper.from_array(np.array([-1.0, 2.5], np.float32), "values")
     m = _model([helper.make_node("OneHot", ["idx", "depth", "values"], ["y"], name="oh", axis=axis)],
@@ -192,7 +197,8 @@ def test_case12_onehot_matches_ort(axis):
 
 @pytest.mark.tf
 @pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")  # inside onnx2torch's Slice
-def test_case12_keras_category_encoding_and_gru(keras, tmp_path):
+@pytest.mark.case("12")
+def test_keras_category_encoding_and_gru(keras, tmp_path):
     i2 = keras.Input((1,), dtype="int32")
     ohe = keras.Model(i2, keras.layers.CategoryEncoding(num_tokens=5, output_mode="one_hot")(i2))
     x = np.array([[1], [3], [0], [4]], np.int32)
@@ -215,7 +221,8 @@ def test_case12_keras_category_encoding_and_gru(keras, tmp_path):
         np.testing.assert_allclose(got, _ort(art.model, {"input": xs})[0], rtol=0, atol=1e-5)
 
 
-def test_case12_unsupported_loop_forms_raise_conversion_error():
+@pytest.mark.case("12")
+def test_unsupported_loop_forms_raise_conversion_error():
     """A Loop carrying an ONNX sequence, and a Loop body with an op that has no converter: ORT runs
     both; ``to_torch`` refuses with the node's name and points to ``to_ort()``."""
     seq_t = helper.make_tensor_sequence_value_info("s", TP.FLOAT, [2])
@@ -255,7 +262,8 @@ def test_case12_unsupported_loop_forms_raise_conversion_error():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.tf
 @pytest.mark.parametrize("trainable_export", [True, False])
-def test_case13_dense_weights_are_parameters(keras, tmp_path, trainable_export):
+@pytest.mark.case("13")
+def test_dense_weights_are_parameters(keras, tmp_path, trainable_export):
     keras.utils.set_random_seed(0)
     inp = keras.Input((16,))
     h = keras.layers.Dense(8, activation="relu", bias_initializer="random_normal")(inp)
@@ -282,7 +290,8 @@ def test_case13_dense_weights_are_parameters(keras, tmp_path, trainable_export):
 # case 14: BN folded, Dropout removed
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.tf
-def test_case14_trainable_export_keeps_bn_dropout_and_every_weight(keras, tmp_path):
+@pytest.mark.case("14")
+def test_trainable_export_keeps_bn_dropout_and_every_weight(keras, tmp_path):
     keras.utils.set_random_seed(0)
     inp = keras.Input((8, 8, 3))
     h = keras.layers.Conv2D(4, 3, padding="same")(inp)
@@ -311,7 +320,8 @@ def test_case14_trainable_export_keeps_bn_dropout_and_every_weight(keras, tmp_pa
 # ---------------------------------------------------------------------------------------------
 # case 15: module starts in train mode
 # ---------------------------------------------------------------------------------------------
-def test_case15_convert_then_run_equals_ort():
+@pytest.mark.case("15")
+def test_convert_then_run_equals_ort():
     c = 3
     rng = np.random.RandomState(0)
     inits = [numpy_helper.from_array(rng.rand(c).astype(np.float32) + 0.5, "scale"),
@@ -370,7 +380,8 @@ _DDP_WORKER = textwrap.dedent("""
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_case16_two_process_gloo_ddp_step(tmp_path):
+@pytest.mark.case("16")
+def test_two_process_gloo_ddp_step(tmp_path):
     onnx.save(_mlp_onnx(), str(tmp_path / "enc.onnx"))
     (tmp_path / "worker.py").write_text(_DDP_WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -393,7 +404,8 @@ def test_case16_two_process_gloo_ddp_step(tmp_path):
     assert res["ref_diff"] < 1e-6  # and applied the all-reduced (averaged) gradient
 
 
-def test_case16_frozen_encoder_is_flagged():
+@pytest.mark.case("16")
+def test_frozen_encoder_is_flagged():
     frozen = tb.to_torch(_mlp_onnx(), trainable=False)
     assert sorted(tb.frozen_parameters(frozen)) == ["mm.bias", "mm.weight"]
     assert tb.parameter_count(frozen) == 0

@@ -16,7 +16,7 @@ from mmbridge.errors import ConfigError
 from mmbridge.train.config import DEFAULTS, load_config
 from mmbridge.train.distributed import read_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples" / "pokedex").glob("*.yaml"))
 
 BAD = textwrap.dedent("""

@@ -17,7 +17,8 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.tf
-def test_case01_tf_imported_first_gives_import_order_error_not_segfault():
+@pytest.mark.case("01")
+def test_tf_imported_first_gives_import_order_error_not_segfault():
     """`import tensorflow` then torchvision segfaults (rc -11); mmbridge must raise instead."""
     r = _run(
         "import tensorflow\n"
@@ -32,7 +33,8 @@ def test_case01_tf_imported_first_gives_import_order_error_not_segfault():
 
 
 @pytest.mark.tf
-def test_case01_in_process_export_loads_torch_stack_first():
+@pytest.mark.case("01")
+def test_in_process_export_loads_torch_stack_first():
     r = _run(
         "import sys, mmbridge\n"
         "tf = mmbridge.export._tf.import_tensorflow()\n"
@@ -44,7 +46,8 @@ def test_case01_in_process_export_loads_torch_stack_first():
 
 
 @pytest.mark.tf
-def test_case01_export_of_reference_keeps_tensorflow_out_of_this_process(tmp_path):
+@pytest.mark.case("01")
+def test_export_of_reference_keeps_tensorflow_out_of_this_process(tmp_path):
     (tmp_path / "mmb_case01.py").write_text(
         "def build():\n"
         "    from mmbridge.export._tf import import_tensorflow\n"
@@ -61,7 +64,8 @@ def test_case01_export_of_reference_keeps_tensorflow_out_of_this_process(tmp_pat
     assert r.stdout.strip().splitlines()[-1] == "False True"
 
 
-def test_case24_dependency_set_resolves_and_versions_are_reported():
+@pytest.mark.case("24")
+def test_dependency_set_resolves_and_versions_are_reported():
     v = mmbridge.versions()
     for name in ("onnx", "onnxruntime", "torch", "protobuf", "numpy"):
         assert v[name], f"{name} version not found"

@@ -19,7 +19,7 @@ import torch
 
 from mmbridge.errors import ConfigError, DataError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _native_config(out: Path, **training) -> dict:

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from mmbridge.errors import ConfigError
-from tests.test_predict import _native_config, _train
+from tests.train.test_predict import _native_config, _train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SERVE = REPO / "examples" / "serve_onnx.py"
 
 

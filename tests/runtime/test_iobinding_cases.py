@@ -30,7 +30,8 @@ def mul2(dims=("N", "C")):
 
 
 # -- case 18: non-contiguous input (onnxruntime PR #10315; torch2trt#190) ----------------------
-def test_case18_noncontiguous_input_gives_right_values():
+@pytest.mark.case("18")
+def test_noncontiguous_input_gives_right_values():
     t = torch.arange(6, dtype=torch.float32).reshape(2, 3).t()  # (3, 2) view, not contiguous
     assert not t.is_contiguous()
     y = mmbridge.to_ort(mul2())(t)
@@ -42,7 +43,8 @@ def test_case18_noncontiguous_input_gives_right_values():
     torch.testing.assert_close(m4(img), 2 * img, rtol=0, atol=0)
 
 
-def test_case18_noncontiguous_strict_raises_naming_input():
+@pytest.mark.case("18")
+def test_noncontiguous_strict_raises_naming_input():
     t = torch.arange(6, dtype=torch.float32).reshape(2, 3).t()
     with pytest.raises(SpecError, match=r"input 'x' \(shape \(3, 2\), strides \(1, 3\)\) is not contiguous and strict=True"):
         mmbridge.to_ort(mul2(), strict=True)(t)
@@ -51,7 +53,8 @@ def test_case18_noncontiguous_strict_raises_naming_input():
 
 
 # -- case 19: dtype mismatch (microsoft/onnxruntime#10299) --------------------------------------
-def test_case19_float64_into_float32_graph_names_input_and_both_dtypes():
+@pytest.mark.case("19")
+def test_float64_into_float32_graph_names_input_and_both_dtypes():
     t = torch.from_numpy(np.arange(4, dtype=np.float64).reshape(2, 2))
     m = mmbridge.to_ort(mul2())
     with pytest.raises(SpecError, match=r"input 'x' has dtype float64 but the graph expects float32"):
@@ -60,7 +63,8 @@ def test_case19_float64_into_float32_graph_names_input_and_both_dtypes():
 
 
 # -- case 20: output shape changes with the batch (microsoft/onnxruntime#10992, #13463) --------
-def test_case20_batch_2_then_4_outputs_sized_per_call():
+@pytest.mark.case("20")
+def test_batch_2_then_4_outputs_sized_per_call():
     m = mmbridge.to_ort(mul2())
     y2 = m(torch.ones(2, 3))
     y4 = m(torch.ones(4, 3))
@@ -68,7 +72,8 @@ def test_case20_batch_2_then_4_outputs_sized_per_call():
     assert torch.equal(y4, torch.full((4, 3), 2.0)) and torch.equal(y2, torch.full((2, 3), 2.0))
 
 
-def test_case20_stale_preallocated_shape_is_caught_not_silent(caplog):
+@pytest.mark.case("20")
+def test_stale_preallocated_shape_is_caught_not_silent(caplog):
     """The case's own failure: an output buffer sized for the last batch (2) while this batch is 4.
     ORT's shape check refuses it; mmbridge re-runs with an ORT-allocated output (DLPack), returns
     the right values, logs the output name and both shapes once, and stops pre-allocating it."""
@@ -84,7 +89,8 @@ def test_case20_stale_preallocated_shape_is_caught_not_silent(caplog):
     assert torch.equal(mod(torch.ones(2, 3)), torch.full((2, 3), 2.0))
 
 
-def test_case20_declared_output_dims_are_not_trusted():
+@pytest.mark.case("20")
+def test_declared_output_dims_are_not_trusted():
     """A graph whose output declares a fixed [2, 3] but computes [N, 3]: ONNX inference recomputes
     the output dims from the inputs, so the pre-allocated buffer has the right shape."""
     m = mul2()
@@ -99,7 +105,8 @@ def test_case20_declared_output_dims_are_not_trusted():
 
 
 # -- case 22: onnxruntime + onnxruntime-gpu both installed (microsoft/onnxruntime#26996) --------
-def test_case22_conflict_detected_by_info(monkeypatch):
+@pytest.mark.case("22")
+def test_conflict_detected_by_info(monkeypatch):
     fake = {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.32.0"}
     monkeypatch.setattr(info, "dist_version", lambda name: fake.get(name))
     found = info.conflicts()
@@ -110,7 +117,8 @@ def test_case22_conflict_detected_by_info(monkeypatch):
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA EP present here")
-def test_case22_cuda_requested_without_cuda_ep_raises_with_cause_and_fix(monkeypatch):
+@pytest.mark.case("22")
+def test_cuda_requested_without_cuda_ep_raises_with_cause_and_fix(monkeypatch):
     fake = {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.32.0"}
     monkeypatch.setattr(info, "dist_version", lambda name: fake.get(name))
     with pytest.raises(RuntimeBackendError) as e:
@@ -174,7 +182,8 @@ def _fp32_reference(op, x):
 
 
 @pytest.mark.parametrize("op,opset", [("Conv", 17), ("Sub", 17), ("LayerNormalization", 17), ("Resize", 17), ("Gelu", 20)])
-def test_case23_fp16_graph_on_cpu_within_fp16_tolerance(op, opset):
+@pytest.mark.case("23")
+def test_fp16_graph_on_cpu_within_fp16_tolerance(op, opset):
     x = np.random.RandomState(0).rand(1, 2, 4, 4).astype(np.float16)
     m = mmbridge.to_ort(_fp16_one_op(op, opset), device="cpu")
     y = m(torch.from_numpy(x))

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -13,9 +10,7 @@ import torch
 import mmbridge
 from mmbridge.convert import core as tb
 from mmbridge.convert.contract import audit
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_trainable import _cnn, _mlp, _transformer  # noqa: E402
+from tests.export.test_trainable import _cnn, _mlp, _transformer  # noqa: E402
 
 pytestmark = pytest.mark.tf
 
