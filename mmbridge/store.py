@@ -203,6 +203,17 @@ def write_dir(dest: str | os.PathLike, model: Any, meta: dict[str, Any],
             f.flush()
             os.fsync(f.fileno())
         replace_dir(tmp, dest)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, CacheError):
+            raise
+        import errno
+
+        why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}.get(exc.errno, str(exc))
+        raise CacheError(exc.errno or 0, f"cannot write artifact {dest}: {why} ({exc}); nothing was left behind. "
+                         f"Free space under {dest.parent}, or point MMBRIDGE_CACHE (or cache_dir= / --out) at "
+                         f"another disk, then export again") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

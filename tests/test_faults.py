@@ -447,3 +447,18 @@ def test_concurrent_copies_into_one_out_dir_all_succeed_and_leave_nothing_behind
     assert all(r.path == out for r in results)
     assert BridgeArtifact.load(out).meta["onnx_sha256"] == art.meta["onnx_sha256"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["bridge"]  # no .tmp-* / .trash-* left
+
+
+def test_a_full_cache_disk_names_the_path_and_the_fix_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import onnx as onnx_mod
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx_mod, "save_model", full)
+    with pytest.raises(CacheError, match=r"disk is full.*MMBRIDGE_CACHE") as info:
+        _artifact(tmp_path / "cache" / "bridge")
+    assert str(tmp_path / "cache" / "bridge") in str(info.value) and info.value.errno == errno.ENOSPC
+    assert list((tmp_path / "cache").iterdir()) == []  # no .tmp-* left
