@@ -53,6 +53,7 @@ from torch import fx, nn
 
 from mmbridge.errors import ConversionError
 from mmbridge.graph import STATE_MARK, VAR_MARK
+from mmbridge.graph.walk import nodes_with_subgraphs
 
 # ONNX op -> input positions that hold weights (when they are float initializers).
 WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
@@ -195,7 +196,7 @@ def check_supported(model: Any) -> None:
 
     opsets = {o.domain or "": o.version for o in model.opset_import}
     missing: dict[tuple[str, str, int], list[str]] = {}
-    for node, label in _nodes_with_subgraphs(model.graph):
+    for node, label in nodes_with_subgraphs(model.graph):
         domain = node.domain or ""
         version = opsets.get(domain, opsets.get("ai.onnx", 0)) if domain not in ("", "ai.onnx") else opsets.get("", opsets.get("ai.onnx", 0))
         try:
@@ -218,24 +219,6 @@ def check_supported(model: Any) -> None:
         )
 
 
-def _nodes_with_subgraphs(graph: Any, prefix: str = "") -> list[tuple[Any, str]]:
-    """Every node of ``graph`` and of its subgraphs (``Loop`` bodies...), with a label for messages:
-    ``'name'`` or ``'name' (in the body of Loop 'loop')``."""
-    import onnx
-
-    out: list[tuple[Any, str]] = []
-    for node in graph.node:
-        name = node.name or "<unnamed>"
-        out.append((node, f"{name!r}{prefix}"))
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                out += _nodes_with_subgraphs(sub, f" (in the {a.name} of {node.op_type} {name!r})")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# preparation of the ONNX graph
-# ---------------------------------------------------------------------------------------------
 def _load(source: Any) -> Any:
     import onnx
 
@@ -302,7 +285,7 @@ def _undot_domains(model: Any) -> dict[str, str]:
             o.domain = new
     if aliases:
         back = {v: k for k, v in aliases.items()}
-        for node, _ in _nodes_with_subgraphs(model.graph):
+        for node, _ in nodes_with_subgraphs(model.graph):
             if node.domain in back:
                 node.domain = back[node.domain]
     return aliases

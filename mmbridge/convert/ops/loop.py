@@ -49,6 +49,7 @@ from torch import fx, nn
 from mmbridge.convert.ops._common import TO_ORT as _TO_ORT
 from mmbridge.convert.ops._common import register
 from mmbridge.convert.registry import current_opsets
+from mmbridge.graph.walk import all_nodes, free_values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,47 +143,6 @@ class OnnxLoop(nn.Module, OnnxToTorchModule):
 
     def extra_repr(self) -> str:
         return f"node={self.node_name!r}, carried={self.n_carried}, scan_outputs={self.n_scan}"
-
-
-def _subgraphs(node: Any) -> list[Any]:
-    import onnx
-
-    out = []
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            out.append(a.g)
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            out.extend(a.graphs)
-    return out
-
-
-def _all_nodes(graph: Any) -> list[Any]:
-    """The nodes of ``graph`` and of every subgraph nested in it."""
-    out = []
-    for n in graph.node:
-        out.append(n)
-        for g in _subgraphs(n):
-            out += _all_nodes(g)
-    return out
-
-
-def free_values(graph: Any) -> list[str]:
-    """Names ``graph`` (a ``GraphProto``, nested subgraphs included) reads but does not define.
-
-    These are the outer-scope values of an ONNX subgraph, in order of first use.
-    """
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    defined |= {t.values.name for t in graph.sparse_initializer}
-    defined |= {o for n in graph.node for o in n.output if o}
-    seen: dict[str, None] = {}
-    for n in graph.node:
-        for x in list(n.input) + [y for g in _subgraphs(n) for y in free_values(g)]:
-            if x and x not in defined:
-                seen.setdefault(x, None)
-    for o in graph.output:
-        if o.name and o.name not in defined:
-            seen.setdefault(o.name, None)
-    return list(seen)
 
 
 def _value_info(name: str, graph: OnnxGraph) -> Any:
@@ -361,7 +321,7 @@ def loop_weight_initializers(graph: Any, float_inits: set[str], weight_inputs: d
         for x in free_values(body):
             if x in float_inits:
                 alias[x] = x
-        nodes = _all_nodes(body)  # nested subgraphs read the same outer names
+        nodes = all_nodes(body)  # nested subgraphs read the same outer names
         changed = True
         while changed:
             changed = False
