@@ -410,7 +410,7 @@ def _convert(graph_def: Any, inputs: list[str], outputs: list[str], opset: int, 
     from mmbridge.export.handlers import tf2onnx_handlers
 
     handlers, extra_opset = tf2onnx_handlers(tables)
-    with _quiet_tf2onnx():
+    with _quiet_tf2onnx(), _bfloat16_is_bfloat16():
         try:
             model, _ = tf2onnx.convert.from_graph_def(
                 graph_def, name=name, input_names=inputs, output_names=outputs, opset=opset,
@@ -421,6 +421,22 @@ def _convert(graph_def: Any, inputs: list[str], outputs: list[str], opset: int, 
         except Exception as exc:  # tf2onnx raises bare Exceptions / ValueErrors on internal failures
             raise ExportError(f"tf2onnx could not convert {name!r} at opset {opset}: {type(exc).__name__}: {exc}") from exc
     return model
+
+
+@contextlib.contextmanager
+def _bfloat16_is_bfloat16() -> Iterator[None]:
+    """While converting, map TF's bfloat16 to ONNX BFLOAT16 (tf2onnx maps it to FLOAT16, so a
+    ``tf.cast(x, tf.bfloat16)`` was exported as a float16 cast: other rounding, other range)."""
+    from onnx import TensorProto
+    from tensorflow.core.framework import types_pb2
+    from tf2onnx import tf_utils
+
+    old = tf_utils.TF_TO_ONNX_DTYPE.get(types_pb2.DT_BFLOAT16)
+    tf_utils.TF_TO_ONNX_DTYPE[types_pb2.DT_BFLOAT16] = TensorProto.BFLOAT16
+    try:
+        yield
+    finally:
+        tf_utils.TF_TO_ONNX_DTYPE[types_pb2.DT_BFLOAT16] = old
 
 
 @contextlib.contextmanager

@@ -261,7 +261,14 @@ def _unsqueeze(opset):
     return [_one("Unsqueeze", ["x", "axes"])], [_vi("x", dims=[3, 2])], [_vi("y")], [_init("axes", np.array([0, -1], np.int64))]
 
 
+def _cast(opset):  # float32 -> bfloat16 (onnx2torch's table lacks it; TF's tf.cast(x, tf.bfloat16)) -> float32
+    low = TP.BFLOAT16 if opset >= 13 else TP.FLOAT16  # Cast-9 has no bfloat16
+    return [_one("Cast", ["x"], ["h"], to=low), helper.make_node("Cast", ["h"], ["y"], name="back", to=TP.FLOAT)], \
+        [_vi("x", dims=[2, 5])], [_vi("y")], []
+
+
 CASES: dict[str, Case] = {
+    "Cast": Case(_cast, {"x": np.array([[1.00390625, 3.14159, 1e-3, -2.5, 65504.0]] * 2, np.float32)}),
     "BatchNormalization": Case(_bn, {"x": _x(2, 3, 4, 4)}, _has(normalization.BatchNorm2d)),
     "Conv": Case(_conv, {"x": _x(2, 2, 7, 9)}, _has(pad.SamePad)),
     "CumSum": Case(_cumsum, {"x": _x(3, 4)}),

@@ -108,3 +108,19 @@ def test_band_part_with_runtime_bounds(tf, tmp_path, lower, upper):
     want = band(x, np.int32(lower), np.int32(upper)).numpy()
     for got in _both(art, x, np.array(lower, np.int32), np.array(upper, np.int32)):
         np.testing.assert_array_equal(got, want)
+
+
+def test_bfloat16_casts_are_bfloat16_not_float16(tf, tmp_path):
+    """tf2onnx mapped TF's bfloat16 to float16: 1.00390625 stayed 1.00390625 (float16 keeps it) where
+    bfloat16 rounds it to 1.0, and values past 65504 overflowed."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+    def through_bf16(x):
+        return tf.cast(tf.cast(x, tf.bfloat16), tf.float32)
+
+    x = np.array([[1.00390625, 3.14159, 1e-3, 1.0e5]], np.float32)
+    art = mmbridge.export(through_bf16, sample_inputs={"x": x}, cache_dir=tmp_path)
+    want = through_bf16(x).numpy()
+    assert want[0, 0] == 1.0 and want[0, 3] == 99840.0
+    for got in _both(art, x):
+        np.testing.assert_array_equal(got, want)

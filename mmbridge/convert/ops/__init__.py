@@ -12,6 +12,7 @@ opsets per registered version (``tests/convert/test_ops.py``, parametrised from 
 * :mod:`.conv`, :mod:`.pooling` -- ``Conv`` / ``MaxPool`` with ``auto_pad=SAME_*``, ``GlobalMaxPool``;
 * :mod:`.resize` -- ``Resize`` 10-19: torch kernels where they compute what ORT does, per-axis gathers for every other nearest / linear coordinate and rounding mode;
 * :mod:`.gelu`, :mod:`.split`, :mod:`.onehot`, :mod:`.reduce`, :mod:`.scatter` -- ops or versions onnx2torch lacks (``ScatterND`` with every reduction);
+* :mod:`.cast` -- ``Cast`` to every torch dtype, ``bfloat16`` included (onnx2torch has no bfloat16);
 * :mod:`.cumsum` -- ``CumSum`` with ONNX's defaults (onnx2torch reverses by default);
 * :mod:`.logic` -- ``GreaterOrEqual`` / ``LessOrEqual`` 16, ``BitShift``, ``Trilu``;
 * :mod:`.indexing` -- ``NonZero`` ([rank, n]), ``GatherND`` with ``batch_dims``, ``ReverseSequence``;
@@ -25,6 +26,7 @@ from mmbridge._torch_stack import guard_torch_stack
 guard_torch_stack("mmbridge.op_converters")  # onnx2torch imports torchvision: segfault after TF
 
 from mmbridge.convert.ops import (  # noqa: E402, F401  (registration happens on import)
+    cast,
     conv,
     cumsum,
     dropout,
