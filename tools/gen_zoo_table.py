@@ -6,7 +6,7 @@ Usage (from the repository root)::
     PYTHONPATH=. python tools/gen_zoo_table.py --fast     # only the cases in CI's default run
     PYTHONPATH=. python tools/gen_zoo_table.py --only Bert --only GPT2 --out /tmp/zoo.md
     # or from a test run (the rows the tests measured, no second export):
-    MMBRIDGE_ZOO_ROWS=/tmp/rows.jsonl PYTHONPATH=. python -m pytest tests/export/test_families.py
+    MMBRIDGE_ZOO=1 MMBRIDGE_ZOO_ROWS=/tmp/rows.jsonl PYTHONPATH=. python -m pytest tests/export/test_families.py
     PYTHONPATH=. python tools/gen_zoo_table.py --rows /tmp/rows.jsonl
 
 Every case is exported with ``trainable=True`` and no ``sample_inputs`` into a fresh cache; a
@@ -27,7 +27,7 @@ import mmbridge
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = "PYTHONPATH=. python tools/gen_zoo_table.py"
-ROWS_COMMAND = ("MMBRIDGE_ZOO_ROWS=/tmp/rows.jsonl PYTHONPATH=. python -m pytest tests/export/test_families.py && "
+ROWS_COMMAND = ("MMBRIDGE_ZOO=1 MMBRIDGE_ZOO_ROWS=/tmp/rows.jsonl PYTHONPATH=. python -m pytest tests/export/test_families.py && "
                 "PYTHONPATH=. python tools/gen_zoo_table.py --rows /tmp/rows.jsonl   # from the tests' own rows")
 
 

@@ -162,7 +162,8 @@ class TrainParityReport:
 def _layout(keras_value: np.ndarray, torch_value: np.ndarray) -> Callable[[np.ndarray], np.ndarray] | None:
     """A map from the Keras layout to the torch tensor's, found on the (equal) initial values.
 
-    Tried in order: the same layout; an axis permutation (conv kernels HWIO -> OIHW); a reshape;
+    Tried in order: the same layout; an axis permutation (conv kernels HWIO -> OIHW); a reshape; a
+    permutation and a reshape (Conv1D kernels as Conv2D weights);
     a split of the Keras axes into two groups, transposed (``MultiHeadAttention``'s
     ``[in, heads, dim]`` query kernel as a ``[heads * dim, in]`` ``nn.Linear`` weight).
     """
@@ -170,6 +171,8 @@ def _layout(keras_value: np.ndarray, torch_value: np.ndarray) -> Callable[[np.nd
     candidates: list[Callable[[np.ndarray], np.ndarray]] = [lambda a: a]
     candidates += [lambda a, p=perm: np.transpose(a, p) for perm in itertools.permutations(range(k.ndim))][1:]
     candidates.append(lambda a: a.reshape(t.shape))
+    # a permutation then a reshape: Conv1D's [k, in, out] kernel as a Conv2D's [out, in, 1, k] weight
+    candidates += [lambda a, p=perm: np.transpose(a, p).reshape(t.shape) for perm in itertools.permutations(range(k.ndim))]
     for cut in range(1, k.ndim):
         rows = int(np.prod(k.shape[:cut]))
         candidates.append(lambda a, r=rows: a.reshape(r, -1).T.reshape(t.shape))
@@ -256,14 +259,17 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
     try:
         for ly in dropouts:
             ly.rate = 0.0
+        from mmbridge.export.sources import _caller, call_structure
+
+        keras_call = _caller(model, call_structure(model), list(input_names), tf, training=True)
         opt_k = keras.optimizers.SGD(learning_rate=lr)
         opt32 = torch.optim.SGD([p for p in m32.parameters() if p.requires_grad], lr=lr)
         opt64 = torch.optim.SGD([p for p in m64.parameters() if p.requires_grad], lr=lr)
         for batch in batches:
             xs = [batch[n] for n in input_names]
-            keras_x = xs[0] if len(xs) == 1 else xs
+            # called in the structure the model takes (a dict for keras-hub backbones), as export traced it
             with tf.GradientTape() as tape:
-                out_k = model(keras_x, training=True)
+                out_k = keras_call(tuple(tf.constant(x) for x in xs))
                 flat_k = tf.nest.flatten(out_k)
                 targets = [rng.normal(size=tuple(o.shape)).astype(np.float32) for o in flat_k]
                 loss_k = tf.add_n([tf.reduce_mean(tf.square(o - t)) for o, t in zip(flat_k, targets)

@@ -633,8 +633,10 @@ def _named_inputs(obj: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def _caller(obj: Any, structure: Any, names: list[str], tf: Any) -> Callable[[tuple], Any]:
-    """``args -> obj(<args in the structure the model takes>, training=False)``.
+def _caller(obj: Any, structure: Any, names: list[str], tf: Any, *, training: bool = False
+            ) -> Callable[[tuple], Any]:
+    """``args -> obj(<args in the structure the model takes>, training=training)`` (False for export,
+    True for the training contract's train parity).
 
     * a recorded dict structure: a dict by key (``names`` are the specs' names; when they are
       not the dict's keys, the specs are taken in ``tf.nest`` order);
@@ -644,23 +646,23 @@ def _caller(obj: Any, structure: Any, names: list[str], tf: Any) -> Callable[[tu
     """
     n = len(names)
     if isinstance(structure, dict) and set(structure) == set(names):
-        return lambda args: obj(dict(zip(names, args)), training=False)
+        return lambda args: obj(dict(zip(names, args)), training=training)
     if structure is not None and not _is_leaf(structure):
-        return lambda args: obj(tf.nest.pack_sequence_as(structure, list(args)), training=False)
+        return lambda args: obj(tf.nest.pack_sequence_as(structure, list(args)), training=training)
     if n == 1:
-        return lambda args: obj(args[0], training=False)
+        return lambda args: obj(args[0], training=training)
     if structure is not None:  # a single recorded input but several specs: what export() always did
-        return lambda args: obj(list(args), training=False)
+        return lambda args: obj(list(args), training=training)
     params = _call_params(obj)
     if params is not None and set(names) <= set(params):
-        return lambda args: obj(**dict(zip(names, args)), training=False)
+        return lambda args: obj(**dict(zip(names, args)), training=training)
 
     def list_then_dict(args: tuple) -> Any:
         try:
-            return obj(list(args), training=False)
+            return obj(list(args), training=training)
         except (ValueError, TypeError, KeyError) as exc:
             try:
-                return obj(dict(zip(names, args)), training=False)
+                return obj(dict(zip(names, args)), training=training)
             except Exception:  # noqa: BLE001 - report the first (list) failure, it is the default call
                 raise exc from None
 
