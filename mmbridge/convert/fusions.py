@@ -397,7 +397,7 @@ def lower_views(gm: fx.GraphModule) -> int:
     Only forms whose result does not depend on the input's rank are lowered: a constant
     ``Reshape`` target without ``0`` dims (or ``allowzero``), a ``Transpose`` with its ``perm``,
     ``Squeeze`` / ``Unsqueeze`` with non-negative ``axes``. The calls are the ones the modules
-    make (``reshape``, ``permute``, ``squeeze(dims)``, ``unsqueeze`` in ascending axis order).
+    make (``reshape``, ``permute``, ``squeeze`` one axis at a time from the highest, ``unsqueeze`` in ascending axis order).
     Returns the number of nodes lowered.
     """
     from mmbridge.convert.ops.shape import Reshape, Squeeze, Unsqueeze
@@ -419,7 +419,8 @@ def lower_views(gm: fx.GraphModule) -> int:
         elif isinstance(mod, OnnxTranspose) and mod.perm is not None:
             calls = [("permute", (tuple(int(p) for p in mod.perm),))]
         elif isinstance(mod, Squeeze) and mod.axes and all(a >= 0 for a in mod.axes):
-            calls = [("squeeze", (tuple(sorted(set(mod.axes))),))]
+            # one axis per call, highest first: torch.onnx.export (TorchScript) squeezes one dim at a time
+            calls = [("squeeze", (a,)) for a in sorted(set(mod.axes), reverse=True)]
         elif isinstance(mod, Unsqueeze) and all(a >= 0 for a in mod.axes):
             calls = [("unsqueeze", (a,)) for a in sorted(mod.axes)]
         if not calls:

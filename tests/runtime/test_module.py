@@ -579,7 +579,7 @@ def test_fast_path_reuses_a_dropped_output_and_rebinds_new_inputs():
     for _ in range(4):
         ptrs.append(mod(x).data_ptr())  # dropped at once
     runner = mod._fast[0]
-    assert len(runner.out_pool[0]) >= 1 and ptrs[-1] == ptrs[-2]  # the dropped output was reused
+    assert len(runner.out_pool[0]) >= 1 and len(set(ptrs)) < len(ptrs)  # a dropped output was reused
     for k in range(3):  # a new tensor (new pointer) each call, same shape: rebound, right values
         xk = torch.full((2, 3), float(k))
         assert torch.equal(mod(xk), xk * 2)

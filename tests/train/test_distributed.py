@@ -363,6 +363,6 @@ def test_ddp_with_a_trainable_hf_encoder_whose_pooler_gets_no_gradient(tmp_path)
         print("UNUSED", t.find_unused_parameters, sorted(t.unused_parameters))
         print("STEPS", t.global_step)
         t.close()
-    """ % str(REPO / "tests"))
+    """ % str(REPO / "tests" / "train"))
     assert r0.returncode == 0 and r1.returncode == 0, r0.stdout[-4000:] + r1.stdout[-4000:]
     assert "UNUSED True" in r0.stdout and "pooler.dense.weight" in r0.stdout and "STEPS 4" in r0.stdout
