@@ -462,3 +462,26 @@ def test_a_full_cache_disk_names_the_path_and_the_fix_and_leaves_nothing(tmp_pat
         _artifact(tmp_path / "cache" / "bridge")
     assert str(tmp_path / "cache" / "bridge") in str(info.value) and info.value.errno == errno.ENOSPC
     assert list((tmp_path / "cache").iterdir()) == []  # no .tmp-* left
+
+
+@pytest.mark.tf
+def test_an_export_killed_with_sigkill_leaves_no_partial_entry_and_the_next_export_works(tmp_path):
+    """kill -9 of a process in the middle of an export (TF tracing / writing): the cache holds no
+    half-written artifact under a final name, and the same export then succeeds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache = tmp_path / "cache"
+    code = ("import mmbridge; mmbridge.export('mmbridge.baselines.tf_models:image_encoder_32', isolate=False, "
+            f"cache_dir={str(cache)!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(8)  # torch + TF loaded, tracing or converting
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    for entry in cache.glob("*") if cache.exists() else []:
+        if entry.is_dir() and not entry.name.startswith(".") and entry.name not in ("locks", "refs"):
+            BridgeArtifact.load(entry)  # anything under a final name is complete (raises otherwise)
+    art = mmbridge.export("mmbridge.baselines.tf_models:image_encoder_32", cache_dir=cache)
+    assert BridgeArtifact.load(art.path).meta["onnx_sha256"]
