@@ -7,7 +7,8 @@ Example::
         input_specs=[mmbridge.TensorSpec("image", ("batch", 224, 224, 3), "uint8", "NHWC", (0, 255))],
     )
     def imagenet_preprocess():
-        import tensorflow as tf  # imported by the export process only
+        from mmbridge.export._tf import import_tensorflow
+        tf = import_tensorflow()  # in the export process only (after torch's stack)
         @tf.function
         def f(image): ...
         return f
