@@ -71,24 +71,16 @@ def prepare(bundle: Path, sides: tuple[int, ...] = (16, 96)) -> dict[str, Any]:
     from mmbridge.export._tf import import_tensorflow
 
     tf = import_tensorflow()
-    import keras
 
     bundle.mkdir(parents=True, exist_ok=True)
     arts = bundle / "artifacts"
     manifest: dict[str, Any] = {"artifacts": {}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    from mmbridge.baselines.bench_models import keras_model
+
     for side in sides:
-        keras.utils.set_random_seed(0)
-        inp = keras.Input((side, side, 3), name="image")
-        x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False)(inp)
-        x = keras.layers.BatchNormalization()(x)
-        x = keras.layers.ReLU()(x)
-        x = keras.layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization()(x)
-        x = keras.layers.ReLU()(x)
-        x = keras.layers.GlobalAveragePooling2D()(x)
-        out = keras.layers.Dense(32)(x)
-        model = keras.Model(inp, out, name=f"cnn_{side}")
-        art = mmbridge.export(model, trainable=True, inputs_as_nchw=["image"], out=arts / f"cnn_{side}")
+        model = keras_model("small_cnn", side, seed=0)  # the benchmarks' small CNN (BatchNorm, Dense 32)
+        art = mmbridge.export(model, name=f"cnn_{side}", trainable=True, inputs_as_nchw=["image"],
+                              out=arts / f"cnn_{side}")
         manifest["artifacts"][f"cnn_{side}"] = {"params": int(sum(w.numpy().size for w in model.trainable_weights)),
                                                 "path": str(art.path.relative_to(bundle))}
 
