@@ -84,6 +84,9 @@ SIZES: dict[str, dict[str, Any]] = {
         "ddp": {"batch": 4, "steps": 1},
         "e2e": {"batch": 4},
         "feature_cache": {"batch": 4, "batches": 4, "tokens": 16, "width": 32, "layers": 1},
+        "pipeline": {"images": 8, "side": 32, "out": 24, "batch": 4},
+        "keras_torch": [("small_cnn", 2, 16, "train")],     # (model, batch, side, mode): Keras 3 on torch
+        "startup": "import",                                 # "import" or "build" (+ the demo model, warm cache)
     },
     "quick": {
         "pre_image": [(1, 128, 96), (16, 128, 96)],
@@ -97,6 +100,10 @@ SIZES: dict[str, dict[str, Any]] = {
         "ddp": {"batch": 16, "steps": 2},
         "e2e": {"batch": 16},
         "feature_cache": {"batch": 16, "batches": 8, "tokens": 64, "width": 128, "layers": 2},
+        "pipeline": {"images": 128, "side": 160, "out": 128, "batch": 16},
+        "keras_torch": [("small_cnn", 16, 32, "forward"), ("small_cnn", 16, 32, "train"),
+                        ("mobilenet_v2", 8, 96, "forward"), ("mobilenet_v2", 8, 96, "train")],
+        "startup": "build",
     },
     "full": {
         "pre_image": [(1, 256, 224), (64, 256, 224)],
@@ -110,6 +117,10 @@ SIZES: dict[str, dict[str, Any]] = {
         "ddp": {"batch": 32, "steps": 4},
         "e2e": {"batch": 32},
         "feature_cache": {"batch": 32, "batches": 16, "tokens": 128, "width": 384, "layers": 6},
+        "pipeline": {"images": 512, "side": 256, "out": 224, "batch": 64},
+        "keras_torch": [("mobilenet_v2", 32, 224, "forward"), ("mobilenet_v2", 16, 224, "train"),
+                        ("resnet50", 16, 224, "forward"), ("resnet50", 8, 224, "train")],
+        "startup": "build",
     },
 }
 
@@ -368,6 +379,111 @@ def suite_preprocess(ctx: SuiteContext) -> list[Result]:
         rows += r
     for batch, feats in ctx.p.get("pre_numeric_us", []):
         rows += _numeric_us_cases(ctx, tf, tf_note, batch, feats)
+    if ctx.p.get("pipeline"):
+        rows += _pipeline_case(ctx, tf, tf_note, **ctx.p["pipeline"])
+    return rows
+
+
+def _pipeline_jpegs(ctx: SuiteContext, n: int, side: int) -> list[Path]:
+    """``n`` deterministic ``side`` x ``side`` 4:2:0 JPEGs (quality 90) under the cache dir, made once."""
+    import io
+
+    from PIL import Image
+
+    folder = ctx.cache_dir / f"pipeline_jpegs_{n}_{side}"
+    paths = [folder / f"{i:05d}.jpg" for i in range(n)]
+    if all(p.is_file() for p in paths):
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    for p in paths:  # smooth colour fields plus noise: compressible like photos, not like flat colour
+        c = rng.uniform(0, 1, (3, 3))
+        img = np.stack([c[k, 0] * xx + c[k, 1] * yy + c[k, 2] for k in range(3)], -1) * 160
+        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=90, subsampling=2)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, p)
+    return paths
+
+
+def _pipeline_case(ctx: SuiteContext, tf: Any, tf_note: str | None, *, images: int, side: int, out: int,
+                   batch: int) -> list[Result]:
+    """Issue 16: one epoch of JPEG files -> decode -> batched preprocessing, mmbridge vs tf.data.
+
+    Same files, same preprocessing graph (:func:`_tf_image_fn`: bilinear resize ``side`` ->
+    ``out`` and normalisation, NHWC uint8 -> NCHW float32, applied once per batch), same
+    parallelism ``P`` (``ctx.threads``, else the CPU count):
+
+    * ``tf_data`` (**baseline**): ``from_tensor_slices(paths).map(read_file + decode_jpeg,
+      num_parallel_calls=P).batch(B).map(graph).prefetch(2)``, a private thread pool of ``P``,
+      each batch read out with ``.numpy()``;
+    * ``mmbridge_loader_ort``: :func:`mmbridge.data.images.image_loader` (``P`` decoding worker
+      processes, persistent, forkserver; libjpeg-turbo with TF's IDCT) feeding the bridged graph
+      on the ORT module (``P`` intra-op threads);
+    * ``mmbridge_loader_torch``: the same loader feeding ``to_torch()`` of the same artifact.
+
+    One call is one epoch (``images`` images); ``extra.throughput_vs_tf_data`` = tf.data's epoch
+    time / this variant's (the goal is >= 1.0). ``extra.max_abs_diff`` compares the epoch's
+    outputs with tf.data's (the decoders are bit-exact, so only the graph's rounding remains).
+    """
+    import torch
+
+    from mmbridge.specs import TensorSpec
+
+    par = ctx.threads or (os.cpu_count() or 1)
+    case = f"input pipeline {images} JPEGs {side}px -> {out}px, b{batch}, {par} workers"
+    params = {"images": images, "side": side, "out": out, "batch": batch, "parallelism": par}
+    names = ["tf_data", "mmbridge_loader_ort", "mmbridge_loader_torch"]
+    if tf is None:
+        return skipped_case("preprocess", case, names, "tf_data", tf_note or "TensorFlow unavailable", params=params)
+    paths = _pipeline_jpegs(ctx, images, side)
+    tf_pre = _tf_image_fn(tf, side, out)
+    art, note = _export(ctx, tf_pre, name=f"bench_pre_image_{side}_{out}", role="preprocess",
+                        input_specs=[TensorSpec("image", ("batch", side, side, 3), "uint8", "NHWC", (0, 255))],
+                        tolerance=_resize_tolerance())
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = par
+    options.deterministic = True
+    ds = (tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
+          .map(lambda f: tf.io.decode_jpeg(tf.io.read_file(f), channels=3), num_parallel_calls=par)
+          .batch(batch).map(tf_pre).prefetch(2).with_options(options))
+
+    def tf_epoch() -> Any:
+        return [b.numpy() for b in ds]
+
+    variants = [Variant("tf_data", tf_epoch, "tf.data: parallel decode_jpeg (default IDCT), batch, graph, prefetch")]
+    if art is None:
+        variants += [Variant(n, None, note or "") for n in names[1:]]
+    else:
+        from mmbridge.data.images import image_loader
+
+        loader = image_loader(paths, batch_size=batch, num_workers=par, multiprocessing_context="forkserver",
+                              pin_memory=ctx.device.startswith("cuda"))
+        dev = torch.device(ctx.device)
+        ort_mod, ort_note = _to_ort(art, ctx.device, ctx.threads)
+        tmod, t_note = _to_torch(art, trainable=False, device=ctx.device)
+
+        def loader_epoch(mod: Any) -> Any:
+            with torch.no_grad():
+                return [mod(b.to(dev, non_blocking=True)) for b in loader]
+
+        for name, mod, why in (("mmbridge_loader_ort", ort_mod, ort_note), ("mmbridge_loader_torch", tmod, t_note)):
+            variants.append(Variant(name, None if mod is None else (lambda m=mod: loader_epoch(m)),
+                                    why or f"image_loader ({par} worker processes) + bridged graph per batch"))
+    outputs = {}
+    for v in variants:
+        got = _once(v.fn)
+        if got is not None:
+            outputs[v.name] = np.concatenate([_np(b) for b in got])
+    rows = measure_case("preprocess", case, variants, baseline="tf_data", items_per_call=images, config=ctx.config,
+                        params=params, log=ctx.log)
+    _diff_notes(rows, outputs, "tf_data")
+    for r in rows:
+        if r.ratio:
+            r.extra["throughput_vs_tf_data"] = round(1.0 / r.ratio, 3)
     return rows
 
 
@@ -593,7 +709,27 @@ def suite_encoders(ctx: SuiteContext) -> list[Result]:
         rows += _train_case(ctx, tf, tf_note, kind, batch, side)
     for batch in ctx.p.get("transformer", []):
         rows += _transformer_case(ctx, tf, tf_note, batch)
+    for kind, batch, side, mode in ctx.p.get("keras_torch", []):
+        rows += _keras_torch_case(ctx, tf, tf_note, kind, batch, side, mode)
     return rows
+
+
+def _keras_torch_case(ctx: SuiteContext, tf: Any, tf_note: str | None, kind: str, batch: int, side: int,
+                      mode: str) -> list[Result]:
+    """Keras 3 on its torch backend vs the converted bridge vs the native twin, one child process
+    loading the same ``.keras`` file (:mod:`mmbridge.bench.keras_torch`)."""
+    from mmbridge.bench.keras_torch import VARIANTS, keras_torch_rows
+
+    case = f"{kind} {'train step' if mode == 'train' else 'forward'} b{batch} {side}px: Keras on torch"
+    if tf is None:
+        return skipped_case("encoders", case, VARIANTS, "torch_native", tf_note or "TensorFlow unavailable")
+    if ctx.device != "cpu":
+        return skipped_case("encoders", case, VARIANTS, "torch_native", "the Keras torch-backend child runs on CPU only")
+    model, art, _note = _encoder_artifacts(ctx, tf, kind, side, trainable=mode == "train")
+    ctx.log(f"  {case}: child process (KERAS_BACKEND=torch)")
+    return keras_torch_rows(keras_model=model, keras_path=ctx.cache_dir / "keras_torch" / f"{kind}_{side}.keras",
+                            artifact=art, kind=kind, batch=batch, side=side, mode=mode, config=ctx.config,
+                            threads=ctx.threads)
 
 
 _TX = {"vocab": 1000, "seq": 32, "dim": 64, "heads": 4, "ffn": 128}  # as benchmarks/bench_torch.py
@@ -845,6 +981,65 @@ def suite_cache(ctx: SuiteContext) -> list[Result]:
             if row.variant != "export_cold" and row.ratio:
                 row.extra["speedup"] = round(1.0 / row.ratio, 1)
         rows += r
+    if ctx.p.get("startup"):
+        rows += _startup_case(ctx, build=ctx.p["startup"] == "build")
+    return rows
+
+
+_STARTUP_BUILD = """
+import json, sys, time
+t0 = time.perf_counter()
+from mmbridge.demo import demo_config
+from mmbridge.train.build import build_data, build_model
+from mmbridge.train.config import validate
+cfg = validate(demo_config(None, sys.argv[1], 1, 32))
+data = build_data(cfg)
+model = build_model(cfg, data["train"])
+print(json.dumps({"seconds": time.perf_counter() - t0, "tensorflow_loaded": "tensorflow" in sys.modules,
+                  "parameters": sum(p.numel() for p in model.parameters())}))
+"""
+
+
+def _startup_case(ctx: SuiteContext, *, build: bool) -> list[Result]:
+    """Issue 16, start-up: fresh Python processes, in s of wall time per process.
+
+    * ``python_import_torch`` (**baseline**): ``python -c "import torch"``, the floor of any torch job;
+    * ``import_mmbridge``: ``python -c "import mmbridge"`` (torch's stack, never TensorFlow);
+    * ``build_demo_model_warm_cache`` (with ``build``): the demo's data and hybrid model from its
+      config (two ``module:attr`` export references, ORT + converted bridges, compose) on the warm
+      artifact cache under the bench cache dir; its first (warm-up) call fills the cache.
+      ``extra.tensorflow_loaded`` says whether that process imported TensorFlow (it must not: a
+      cache hit is found from the reference cache, :mod:`mmbridge.export.refcache`).
+    """
+    case = "start-up: fresh process" + (" + demo model on a warm cache" if build else "")
+    env = dict(os.environ, MMBRIDGE_CACHE=str(ctx.cache_dir / "startup_cache"), TF_CPP_MIN_LOG_LEVEL="3")
+    seen: dict[str, Any] = {}
+
+    def proc(code: str, *args: str, key: str | None = None) -> Callable[[], Any]:
+        def run() -> Any:
+            out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                                 timeout=900)
+            if out.returncode != 0:
+                raise RuntimeError(f"exit {out.returncode}: {(out.stderr or out.stdout).strip()[-300:]}")
+            if key:
+                seen[key] = json.loads(out.stdout.strip().splitlines()[-1])
+            return None
+        return run
+
+    variants = [Variant("python_import_torch", proc("import torch"), "python -c 'import torch'"),
+                Variant("import_mmbridge", proc("import mmbridge"), "python -c 'import mmbridge'")]
+    if build:
+        run_dir = tempfile.mkdtemp(prefix="startup-run-", dir=ctx.cache_dir)
+        variants.append(Variant("build_demo_model_warm_cache", proc(_STARTUP_BUILD, run_dir, key="build"),
+                                "demo config -> data + HybridModel (2 bridges) on a warm cache"))
+    cfg = dataclasses.replace(ctx.config, warmup=1, repeats=min(ctx.config.repeats, 3), min_repeats=2, min_rep_s=0.0,
+                              max_case_s=max(ctx.config.max_case_s, 120.0), memory=False)
+    rows = measure_case("cache", case, variants, baseline="python_import_torch", items_per_call=0, config=cfg,
+                        params={"build": build}, log=ctx.log)
+    for r in rows:
+        if r.variant == "build_demo_model_warm_cache" and "build" in seen:
+            r.extra.update(tensorflow_loaded=seen["build"]["tensorflow_loaded"],
+                           parameters=seen["build"]["parameters"])
     return rows
 
 

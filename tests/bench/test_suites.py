@@ -145,6 +145,22 @@ def test_cli_tiny_runs_every_suite(tmp_path):
     measured = {(r["suite"], r["variant"]) for r in doc["results"] if r["status"] == "ok"}
     assert {("preprocess", "tf"), ("preprocess", "ort_session"), ("encoders", "tf"), ("cache", "export_cache_hit"),
             ("amp", "bf16"), ("ddp", "2_ranks")} <= measured, measured
+    # issue 16's input-pipeline case: the same JPEGs through tf.data and through mmbridge's loader + the bridge;
+    # the decoders are bit-exact (tests/data/test_images.py), so the outputs differ only by the graph's rounding
+    pipeline = {r["variant"]: r for r in doc["results"] if r["case"].startswith("input pipeline")}
+    assert {"tf_data", "mmbridge_loader_ort", "mmbridge_loader_torch"} <= {v for v, r in pipeline.items()
+                                                                          if r["status"] == "ok"}, pipeline
+    for v in ("mmbridge_loader_ort", "mmbridge_loader_torch"):
+        assert pipeline[v]["extra"]["max_abs_diff"] < 1e-4, pipeline[v]
+        assert pipeline[v]["extra"]["throughput_vs_tf_data"] > 0
+    # the Keras-3-on-torch variant: a child loading the same .keras file, without TensorFlow, same parameters
+    keras_torch = {r["variant"]: r for r in doc["results"] if r["case"].endswith("Keras on torch")}
+    assert {v for v, r in keras_torch.items() if r["status"] == "ok"} == {
+        "keras_torch_backend", "torch_converted", "torch_native"}, keras_torch
+    assert not any(r["extra"]["tensorflow_loaded"] for r in keras_torch.values())
+    assert keras_torch["keras_torch_backend"]["params"]["keras_backend"] == "torch"
+    counts = {v: r["note"].split(",")[1] for v, r in keras_torch.items()}  # "train step, N trainable params"
+    assert len(set(counts.values())) == 1, counts
     md = (out / "bench.md").read_text()
     for suite in SUITES:
         assert f"## {suite}" in md
