@@ -258,6 +258,7 @@ def _prepare(model: Any) -> Any:
     init_names = {t.name for t in g.initializer}
     for inp in [i for i in g.input if i.name in init_names]:
         g.input.remove(inp)
+    _outputs_from_nodes(g)
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - onnx2torch runs its own (safe) inference too
@@ -265,6 +266,30 @@ def _prepare(model: Any) -> Any:
     _constant_reshape_targets(model)
     _specialise_reshape_targets(model)
     return model
+
+
+def _outputs_from_nodes(g: Any) -> None:
+    """Give every graph output that is an initializer (a constant output, e.g. ``tf.shape`` of a
+    static input, which tf2onnx and onnxoptimizer fold) an ``Identity`` node that produces it.
+
+    onnx2torch looks every output up among node outputs (``KeyError: 'output'``). The initializer
+    is renamed (``<name>__mmb_const``, and every node input that read it) so the output keeps its name.
+    """
+    from onnx import helper
+
+    produced = {o for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    for vi in g.output:
+        if vi.name in produced or vi.name not in inits:
+            continue
+        new = f"{vi.name}__mmb_const"
+        inits[vi.name].name = new
+        for n in g.node:
+            for i, x in enumerate(n.input):
+                if x == vi.name:
+                    n.input[i] = new
+        g.node.append(helper.make_node("Identity", [new], [vi.name], name=f"{vi.name}__mmb_identity"))
+        produced.add(vi.name)
 
 
 def _undot_domains(model: Any) -> dict[str, str]:

@@ -451,7 +451,26 @@ def _quiet_tf2onnx() -> Iterator[None]:
 
 
 def _rename_io(model: Any, input_map: Mapping[str, str], output_map: Mapping[str, str]) -> None:
-    """Rename graph inputs/outputs in place (``"image:0"`` -> ``"image"``)."""
+    """Rename graph inputs/outputs in place (``"image:0"`` -> ``"image"``).
+
+    An output that no node produces (tf2onnx folds a constant output, e.g. ``tf.shape`` of a
+    static input, into an initializer; or a graph input returned as is) gets an ``Identity`` node
+    that writes the renamed output: renaming the output alone left ``"Graph output 'output' is
+    not an output of any node"`` for ``onnx.checker``.
+    """
+    from onnx import helper
+
+    output_map = dict(output_map)
+    produced = {o for n in model.graph.node for o in n.output}
+    for vi in model.graph.output:
+        src = vi.name
+        if src in produced or src not in output_map:
+            continue
+        final = output_map.pop(src)
+        out = final if final != src and final not in input_map.values() else f"{src}__mmb_out"
+        model.graph.node.append(helper.make_node("Identity", [src], [out], name=f"{out}__mmb_identity"))
+        vi.name = out
+        produced.add(out)
     mapping = {**input_map, **output_map}
     mapping = {k: v for k, v in mapping.items() if k != v}
     if not mapping:

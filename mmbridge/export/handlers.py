@@ -42,6 +42,10 @@ TF op                        ONNX form (exact: integer/string outputs identical 
 ``MatrixBandPart``           ``Where`` over an ``i - j`` / ``j - i`` band mask, any rank, runtime bounds
 ``FloorDiv``                 integers: ``Div(x - Mod(x, y, fmod=0), y)`` (tf2onnx truncates toward 0);
                              floats: ``Floor(Div)`` (tf2onnx skips the Floor for bfloat16)
+``AdjustSaturation``         tf2onnx's sorted-channel form, channels put back with the inverse
+                             permutation (tf2onnx re-applied the sort permutation), ``s * scale`` clamped at 0
+``CropAndResize``            tf2onnx's ``Loop`` of ``Resize(tf_crop_and_resize)``; ``nearest``:
+                             ``nearest_mode="round_prefer_ceil"`` (TF's ``roundf``: .5 ties up)
 ``StringToHashBucketStrong`` refused (keyed SipHash; ``Hashing(salt=...)``)
 ``ScaleAndTranslate``        refused (``antialias=True``, lanczos3/5, gaussian, mitchellcubic)
 ``ResizeBicubic``            refused (TF's 1024-entry kernel table: 0.15 off on 0-255 pixels)
@@ -132,6 +136,8 @@ def tf2onnx_handlers(tables: Tables | None = None) -> tuple[dict[str, Any], list
         "ScaleAndTranslate": _scale_and_translate,
         "ResizeArea": _resize_area,
         "ResizeBicubic": _resize_bicubic,
+        "AdjustSaturation": _adjust_saturation,
+        "CropAndResize": _crop_and_resize,
     }
     # tf2onnx's compat API: args[0] would be taken as an ONNX op name, so lead with None
     return {op: (_guarded(fn), [None, *args]) for op, fn in handlers.items()}, []
@@ -930,6 +936,80 @@ def _resize_bicubic(ctx: Any, node: Any, name: str, args: list[Any]) -> None:
             "use method='bilinear' or 'nearest', or resize outside the graph")
 
 
+def _tf2onnx_version(cls: Any, opset: int) -> Any:
+    """tf2onnx's ``version_N`` classmethod of a handler class for the graph's opset (the highest N <= opset)."""
+    versions = sorted(int(m[len("version_"):]) for m in dir(cls) if m.startswith("version_"))
+    return getattr(cls, f"version_{max(v for v in versions if v <= opset)}")
+
+
+def _adjust_saturation(ctx: Any, node: Any, name: str, args: list[Any]) -> None:
+    """TF ``AdjustSaturation`` (``tf.image.adjust_saturation``, ``images [..., 3]`` RGB, float).
+
+    TF (``adjust_saturation_op.cc``) converts each pixel to HSV, sets
+    ``s' = clamp(s * scale, 0, 1)`` and converts back; hue and value stay. Without the HSV round
+    trip: with the channels sorted ``max >= mid >= min`` (``TopK``), ``v = max`` is kept,
+    ``delta' = s' * v = clamp(delta * scale, 0, max(v, 0))`` (``s = 0`` when ``v <= 0``, as in TF),
+    ``min' = v - delta'`` and ``mid' = min' + (mid - min) * delta' / delta`` (keeps the hue).
+
+    tf2onnx builds the same sorted form but puts the channels back with
+    ``GatherElements(new, topk_indices)``, which applies the sorting permutation a second time
+    instead of inverting it (0.13 off on [0, 1] pixels); here it gathers with the inverse
+    permutation (``TopK(indices, largest=0)``'s indices: an argsort), which runs on torch too. Its ``delta * scale`` was also unclamped
+    below 0 (negative ``scale``). Matches TF to float32 rounding (the HSV round trip is not bit
+    exact in TF either).
+    """
+    images, factor = node.input[0], node.input[1]
+    dtype = ctx.get_dtype(images)
+    from onnx import helper
+
+    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+    ins, outs, dtypes, shapes = _take_over(ctx, node)
+    e = _Emit(ctx, name)
+    ordered, indices = e.node("TopK", [images, e.const(np.array([3], np.int64), "three")], attr={"axis": -1},
+                              output_count=2).output
+    split_attr = {"axis": -1, "num_outputs": 3} if ctx.opset >= 18 else {"axis": -1}  # Split-18 wants num_outputs
+    max_c, mid_c, min_c = e.node("Split", [ordered], attr=split_attr, output_count=3).output
+    zero = e.const(np.array(0, np_dtype), "zero")
+    delta = e.out("Sub", [max_c, min_c])
+    scaled = e.out("Max", [e.out("Mul", [delta, factor]), zero])
+    new_delta = e.out("Min", [scaled, e.out("Max", [max_c, zero])])
+    new_min = e.out("Sub", [max_c, new_delta])
+    delta_nz = e.out("Add", [delta, e.out("Cast", [e.out("Equal", [delta, zero])], attr={"to": dtype})])
+    new_mid = e.out("Add", [new_min, e.out("Mul", [e.out("Sub", [mid_c, min_c]),
+                                                    e.out("Div", [new_delta, delta_nz])])])
+    new_ordered = e.out("Concat", [max_c, new_mid, new_min], attr={"axis": -1})
+    # the inverse permutation: argsort of the sort indices (ascending TopK; the indices are distinct)
+    inverse = e.node("TopK", [indices, e.const(np.array([3], np.int64), "three")],
+                     attr={"axis": -1, "largest": 0, "sorted": 1}, output_count=2).output[1]
+    e.node("GatherElements", [new_ordered, inverse], attr={"axis": -1}, outputs=outs, dtype=dtypes[0], shape=shapes[0])
+
+
+def _crop_and_resize(ctx: Any, node: Any, name: str, args: list[Any]) -> None:
+    """TF ``CropAndResize``: tf2onnx's form (a ``Loop`` of ``Resize(tf_crop_and_resize)`` per box),
+    with ``nearest_mode="round_prefer_ceil"`` for ``method="nearest"``.
+
+    TF's kernel (``crop_and_resize_op.cc``) picks ``roundf(in_x)``: half away from zero, and only
+    sources in ``[0, size - 1]`` are sampled (others get ``extrapolation_value``), so a .5 tie
+    rounds up. ONNX ``Resize``'s default ``round_prefer_floor`` rounded it down (a box of
+    ``[0, 0, .5, .5]`` on a 4x4 image, crop 3x3, took pixel 1 instead of 2).
+    """
+    from tf2onnx.onnx_opset import nn as tf2onnx_nn
+
+    nearest = node.get_attr_value("method", b"bilinear") in (b"nearest", "nearest")
+    _tf2onnx_version(tf2onnx_nn.CropAndResize, ctx.opset)(ctx, node)
+    if not nearest:
+        return
+    loop = ctx.get_node_by_name(name)
+    patched = 0
+    for body in (loop.get_body_graphs() or {}).values() if loop is not None else ():
+        for n in body.get_nodes():
+            if n.type == "Resize" and n.get_attr_value("mode") in (b"nearest", "nearest"):
+                n.set_attr("nearest_mode", "round_prefer_ceil")
+                patched += 1
+    if patched != 1:
+        raise RuntimeError(f"expected one nearest Resize in tf2onnx's CropAndResize loop, found {patched}")
+
+
 # ---------------------------------------------------------------------------------------------
 # strings (onnxruntime-extensions)
 # ---------------------------------------------------------------------------------------------
@@ -1107,7 +1187,7 @@ _HANDLED_OPS = ("Bucketize", "LookupTableFindV2", "LookupTableSizeV2", "StringTo
                 "StringToHashBucketStrong", "StringToHashBucket", "StaticRegexReplace", "RegexReplace",
                 "StringLower", "StringUpper", "StringSplitV2", "StringJoin", "ReduceJoin", "AsString",
                 "ScaleAndTranslate", "ResizeArea", "ResizeBicubic", "RaggedBincount", "SelectV2", "FloorMod",
-                "FloorDiv", "OneHot", "ScatterNd", "Slice", "MatrixBandPart")
+                "FloorDiv", "OneHot", "ScatterNd", "Slice", "MatrixBandPart", "AdjustSaturation", "CropAndResize")
 
 
 def _register_refusals() -> None:

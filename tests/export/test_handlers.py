@@ -124,3 +124,65 @@ def test_bfloat16_casts_are_bfloat16_not_float16(tf, tmp_path):
     assert want[0, 0] == 1.0 and want[0, 3] == 99840.0
     for got in _both(art, x):
         np.testing.assert_array_equal(got, want)
+
+
+def test_adjust_saturation_puts_the_channels_back_in_place(tf, tmp_path):
+    """tf2onnx sorted the channels and then applied the sort permutation again instead of its
+    inverse (0.13 off at factor 0.5 on [0, 1] pixels); a negative factor was not clamped at s = 0."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="x"),
+                                  tf.TensorSpec([], tf.float32, name="f")])
+    def saturate(x, f):
+        return tf.image.adjust_saturation(x, f)
+
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 3, 4, 3), dtype=np.float32)
+    x[0, 0, 0] = [0.25, 0.25, 0.25]  # gray: delta 0
+    x[0, 0, 1] = [0.9, 0.1, 0.5]  # every channel order occurs among the random pixels too
+    art = mmbridge.export(saturate, sample_inputs={"x": x[:1, :2, :2], "f": np.array(0.7, np.float32)},
+                          cache_dir=tmp_path)
+    for factor in (0.5, 2.0, -1.0):
+        f = np.array(factor, np.float32)
+        want = saturate(x, f).numpy()
+        for got in _both(art, x, f):
+            assert got.shape == want.shape == (2, 3, 4, 3)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=f"factor {factor}")
+
+
+def test_crop_and_resize_nearest_rounds_ties_up(tf, tmp_path):
+    """TF picks ``roundf(source)``: a .5 tie rounds up; ONNX Resize's default ``round_prefer_floor``
+    took the lower pixel (box [0, 0, .5, .5] on 4x4, crop 3x3: sources 0, .75, 1.5)."""
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 4, 4, 1], tf.float32, name="x"),
+                                  tf.TensorSpec([None, 4], tf.float32, name="boxes")])
+    def crop(x, boxes):
+        ids = tf.zeros(tf.shape(boxes)[:1], tf.int32)
+        return tf.image.crop_and_resize(x, boxes, ids, [3, 3], method="nearest")
+
+    x = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    boxes = np.array([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5], [0.5, 0.25, 1.0, 0.75]], np.float32)
+    art = mmbridge.export(crop, sample_inputs={"x": x, "boxes": boxes[:1]}, cache_dir=tmp_path)
+    want = crop(x, boxes).numpy()
+    np.testing.assert_array_equal(want[1, ..., 0], [[0, 1, 2], [4, 5, 6], [8, 9, 10]])
+    for got in _both(art, x, boxes):
+        assert got.shape == want.shape == (3, 3, 3, 1)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_constant_outputs_export_and_run_on_both_backends(tf, tmp_path):
+    """A constant output (``tf.shape`` of a static input, a ``tf.constant``) became an initializer
+    under a name no node wrote: ``onnx.checker`` refused it, and onnx2torch raised ``KeyError``."""
+
+    @tf.function(input_signature=[tf.TensorSpec([2, 3], tf.float32, name="x")])
+    def consts(x):
+        return x * 2.0, tf.shape(x), tf.constant([1.5, -2.0])
+
+    art = mmbridge.export(consts, cache_dir=tmp_path)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    want = [t.numpy() for t in consts(x)]
+    ins = torch.from_numpy(x)
+    for outs in (mmbridge.to_ort(art)(ins), mmbridge.to_torch(art, trainable=False)(ins)):
+        assert len(outs) == 3
+        for got, w in zip(outs, want):
+            assert got.numpy().dtype == w.dtype and got.shape == w.shape
+            np.testing.assert_array_equal(got.numpy(), w)
