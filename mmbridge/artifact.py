@@ -101,14 +101,17 @@ class BridgeArtifact:
         return f"BridgeArtifact({self.name!r}, role={self.role}, opset={self.opset}, inputs=[{ins}], path={str(self.path)!r})"
 
     # -- backends ---------------------------------------------------------------------------
-    def to_torch(self, *, trainable: bool | None = None) -> torch.nn.Module:
+    def to_torch(self, *, trainable: bool | None = None, allow_unverified: bool = False) -> torch.nn.Module:
         """Materialise as a ``torch.nn.Module`` (onnx2torch + mmbridge converters).
 
         ``trainable`` defaults to what the artifact is for: an inference export of a Keras model
         (BatchNorm folded, Dropout gone) converts frozen, and ``trainable=True`` on one raises
         :class:`~mmbridge.errors.ConversionError` (re-export with ``trainable=True``, or pass
         ``trainable=False``); every other artifact converts trainable. A trainable Keras export
-        is checked against its Keras inventory (the weight audit) on conversion.
+        is checked against its Keras inventory (the weight audit) on conversion. An artifact whose
+        export found the torch backend wrong (``meta["backends"]["torch"]``: does not convert, or
+        does not match TensorFlow at some checked shape) raises ``ConversionError`` with the
+        recorded reason and the fix (``to_ort()``), unless ``allow_unverified=True``.
         See :func:`mmbridge.convert.core.to_torch` for arguments, shapes and errors.
         """
         from mmbridge._torch_stack import guard_torch_stack
@@ -116,7 +119,7 @@ class BridgeArtifact:
         guard_torch_stack("BridgeArtifact.to_torch()")  # onnx2torch imports torchvision
         from mmbridge.convert.core import to_torch
 
-        return to_torch(self, trainable=trainable)
+        return to_torch(self, trainable=trainable, allow_unverified=allow_unverified)
 
     def to_ort(self, *, device: Any = None, **session_options: Any) -> torch.nn.Module:
         """Materialise as a frozen onnxruntime session wrapped in an ``nn.Module`` (IO binding).

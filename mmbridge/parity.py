@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmbridge.errors import CacheError, ParityError
+from mmbridge.errors import CacheError, MMBridgeError, ParityError
 from mmbridge.specs import Tolerance
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -173,12 +173,19 @@ def compare(
 
     Args:
         got: backend outputs by name (numpy arrays or anything ``np.asarray`` takes).
-        ref: reference outputs by name; every reference name must be in ``got``.
+        ref: reference outputs by name. A reference name missing from ``got`` and a ``got`` name
+            missing from the reference each give a failing row (nothing is truncated away).
         backend: label for the rows.
         stage: tolerance-table stage (``"onnx"``, ``"torch"``, ``"autocast"``).
         tolerance: override for floating outputs (integers stay exact).
     """
     rows = []
+    for name in got:  # nothing is truncated away: an output the reference lacks is a failure too
+        if name not in ref:
+            g = np.asarray(got[name])
+            rows.append(OutputParity(backend, name, g.shape, _dtype(g), np.inf, np.inf, np.inf, Tolerance(0.0, 0.0),
+                                     False, f"the backend returns output {name!r} that the reference lacks "
+                                     f"(reference outputs {sorted(ref)})"))
     for name, r in ref.items():
         r = np.asarray(r)
         dtype = _dtype(r)
@@ -312,11 +319,18 @@ def verify(
 
             module = artifact.to_ort()
             outs = module(*[torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in artifact.input_specs])
-            outs = (outs,) if isinstance(outs, torch.Tensor) else outs
-            got = {n: o.numpy() for n, o in zip(artifact.output_names, outs)}
+            try:
+                got = module_outputs(outs, artifact.output_names, what="the to_ort() module")
+            except OutputStructureError as exc:
+                rows += structure_rows(ref, str(exc), backend="ort_module", stage="onnx", tolerance=tolerance)
+                continue
             rows += compare(got, ref, backend="ort_module", stage="onnx", tolerance=tolerance)
         elif backend == "torch":
-            got = run_torch(artifact, inputs)
+            try:
+                got = run_torch(artifact, inputs)
+            except OutputStructureError as exc:
+                rows += structure_rows(ref, str(exc), backend="torch", stage="torch", tolerance=tolerance)
+                continue
             rows += compare(got, ref, backend="torch", stage="torch", tolerance=tolerance)
         else:
             raise ValueError(f"verify(): unknown backend {backend!r}; use 'ort', 'ort_module' and/or 'torch'")
@@ -386,19 +400,94 @@ def _recorded_tolerance_note(artifact: BridgeArtifact, tolerance: Tolerance | No
             f"the bridge's documented numerics.")
 
 
+class OutputStructureError(MMBridgeError, ValueError):
+    """A backend module returned another structure than the graph's outputs: more or fewer
+    tensors, a tuple where one tensor is expected, or something that is not a tensor."""
+
+
+def module_outputs(out: Any, names: Sequence[str], *, what: str = "the torch module") -> dict[str, np.ndarray]:
+    """Map what a backend module returned onto the graph's output names, strictly.
+
+    Args:
+        out: the module's return value: one tensor for a one-output graph; a tuple / list of
+            exactly ``len(names)`` tensors in graph order, or a mapping with exactly ``names`` as
+            keys, for several outputs (torch tensors or numpy arrays).
+        names: the graph's output names, in order (``artifact.output_names``).
+        what: the module, for the message.
+
+    Returns:
+        ``{name: numpy array}`` (detached, on CPU), one per name.
+
+    Raises:
+        OutputStructureError: more or fewer outputs than ``names``, a tuple where one tensor is
+            expected (onnx2torch returns every output of a multi-output node such as TopK or
+            Split when the graph uses only the first), or an element that is not a tensor. The
+            message says what came back; nothing is truncated.
+    """
+    names = list(names)
+
+    def arr(name: str, v: Any) -> np.ndarray:
+        if isinstance(v, np.ndarray):
+            return v
+        if hasattr(v, "detach") and hasattr(v, "cpu"):
+            return v.detach().cpu().numpy()
+        raise OutputStructureError(f"{what} returned a {type(v).__name__} for output {name!r} where a tensor is "
+                                   f"expected (graph outputs {names})")
+
+    def describe(v: Any) -> str:
+        if isinstance(v, (tuple, list)):
+            return f"a {type(v).__name__} of {len(v)} ({', '.join(describe(x) for x in v)})"
+        shape = getattr(v, "shape", None)
+        return f"tensor {list(shape)}" if shape is not None else type(v).__name__
+
+    if isinstance(out, Mapping):
+        if set(out) != set(names):
+            raise OutputStructureError(f"{what} returned outputs {sorted(out)} but the graph's outputs are {names}")
+        return {n: arr(n, out[n]) for n in names}
+    if len(names) == 1:
+        if isinstance(out, (tuple, list)):
+            raise OutputStructureError(f"{what} returned {describe(out)} where the graph has one output {names[0]!r} "
+                                       f"(one tensor expected); a node with several outputs of which the graph uses "
+                                       f"one was converted to return them all")
+        return {names[0]: arr(names[0], out)}
+    if not isinstance(out, (tuple, list)) or len(out) != len(names):
+        raise OutputStructureError(f"{what} returned {describe(out)} but the graph has {len(names)} outputs {names}")
+    return {n: arr(n, o) for n, o in zip(names, out)}
+
+
+def structure_rows(ref: Mapping[str, np.ndarray], problem: str, *, backend: str, stage: str,
+                   tolerance: Tolerance | None = None) -> list[OutputParity]:
+    """One failing :class:`OutputParity` per reference output, for a backend whose outputs could
+    not be matched to the graph's at all (``problem``: why, e.g. an :class:`OutputStructureError`)."""
+    rows = []
+    for name, r in ref.items():
+        r = np.asarray(r)
+        dtype = _dtype(r)
+        tol = tolerance if (tolerance is not None and dtype.startswith("float")) else tolerance_for(stage, dtype)
+        rows.append(OutputParity(backend, name, r.shape, dtype, np.inf, np.inf, np.inf, tol, False, problem))
+    return rows
+
+
 def run_torch(artifact: BridgeArtifact, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run the artifact's onnx2torch module (eval mode, CPU, no grad) on numpy inputs."""
+    """Run the artifact's onnx2torch module (eval mode, CPU, no grad) on numpy inputs.
+
+    The module is converted with ``allow_unverified=True``: this is the check itself, so it also
+    runs on an artifact whose export found the torch backend wrong (``meta["backends"]``).
+
+    Returns:
+        ``{output name: array}``, one per graph output (:func:`module_outputs`).
+
+    Raises:
+        OutputStructureError: the module returns more or fewer outputs than the graph, or a tuple
+            where one tensor is expected.
+    """
     import torch
 
-    module = artifact.to_torch(trainable=False).eval()  # forward only: frozen works for every artifact
+    module = artifact.to_torch(trainable=False, allow_unverified=True).eval()  # forward only: frozen works for every artifact
     args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in artifact.input_specs]
     with torch.no_grad():
         out = module(*args)
-    if isinstance(out, Mapping):
-        out = [out[n] for n in artifact.output_names]
-    elif not isinstance(out, (tuple, list)):
-        out = [out]
-    return {n: o.detach().cpu().numpy() for n, o in zip(artifact.output_names, out)}
+    return module_outputs(out, artifact.output_names, what=f"to_torch() of bridge {artifact.name!r}")
 
 
 def load_golden(artifact: BridgeArtifact) -> dict[str, dict[str, np.ndarray]]:

@@ -213,6 +213,40 @@ def resolve_trainable(source: Any, trainable: bool | None) -> bool:
     return bool(trainable)
 
 
+def check_torch_verified(source: Any, allow_unverified: bool = False) -> None:
+    """Refuse to convert an artifact whose export found the torch backend unverified.
+
+    Since export checks both backends (``meta["backends"]["torch"]``, written by
+    :mod:`mmbridge.export.backends`: ``{"converts", "matches", "reason", "max_abs", ...}``), an
+    artifact records whether ``to_torch`` converted and matched TensorFlow at every shape checked.
+    Artifacts written before that record (no ``"backends"`` key), exports with ``verify=False``
+    (``converts`` / ``matches`` None: not checked), ONNX files and ``ModelProto`` sources convert
+    as before.
+
+    Args:
+        source: what :func:`mmbridge.to_torch` was given.
+        allow_unverified: the caller's explicit override (``to_torch(allow_unverified=True)``):
+            convert anyway (e.g. to debug the converter); the module may compute something else
+            than TensorFlow.
+
+    Raises:
+        ConversionError: the record says the torch backend does not convert or does not match;
+            the message carries the recorded reason and the fix (``to_ort()``, or the override).
+    """
+    meta = artifact_meta(source)
+    record = ((meta or {}).get("backends") or {}).get("torch")
+    if allow_unverified or not isinstance(record, dict):
+        return
+    if record.get("converts") is not False and record.get("matches") is not False:  # verified, or not checked (None)
+        return
+    what = "does not convert to torch" if not record.get("converts") else "converts to torch but does not match TensorFlow"
+    raise ConversionError(
+        f"bridge {meta.get('name', '?')!r} {what} (checked at export): {record.get('reason') or 'no reason recorded'}.\n"
+        f"What to do: use the onnxruntime backend, which export verified (artifact.to_ort(), or backend='ort' in "
+        f"compose()); or register a correct op converter and re-export (force=True); or, knowingly, "
+        f"to_torch(allow_unverified=True) to get the module anyway.")
+
+
 def audit_converted(module: nn.Module, source: Any, trainable: bool) -> None:
     """Run :func:`audit` on a ``to_torch(trainable=True)`` result when its artifact records a Keras
     inventory from a trainable export (a no-op otherwise).

@@ -94,7 +94,7 @@ class Linear(nn.Linear):
 # ---------------------------------------------------------------------------------------------
 # public entry point
 # ---------------------------------------------------------------------------------------------
-def to_torch(source: Any, *, trainable: bool | None = None) -> fx.GraphModule:
+def to_torch(source: Any, *, trainable: bool | None = None, allow_unverified: bool = False) -> fx.GraphModule:
     """Convert an ONNX bridge into a ``torch.nn.Module`` (an ``fx.GraphModule``), in eval mode.
 
     Args:
@@ -108,6 +108,9 @@ def to_torch(source: Any, *, trainable: bool | None = None) -> fx.GraphModule:
             ``requires_grad=False`` (:func:`frozen_parameters` lists them; unfreeze with
             ``requires_grad_(True)``). A frozen module has nothing for DDP to synchronise:
             keep it outside ``DistributedDataParallel``.
+        allow_unverified: convert even when the artifact's export found the torch backend wrong
+            (``meta["backends"]["torch"]``: it did not convert, or did not match TensorFlow at
+            some shape). Default False: such an artifact raises with the recorded reason.
 
     Returns:
         The module, in ``eval()`` mode. Call it with positional tensors in the order of the
@@ -118,7 +121,9 @@ def to_torch(source: Any, *, trainable: bool | None = None) -> fx.GraphModule:
         came from (for trainable exports that name contains the Keras variable path).
 
     Raises:
-        ConversionError: ``trainable=True`` for an inference export of a Keras model (re-export
+        ConversionError: the artifact records that export found the torch backend wrong
+            (:func:`mmbridge.convert.contract.check_torch_verified`: the reason and the fix,
+            ``to_ort()``), unless ``allow_unverified``. Also: ``trainable=True`` for an inference export of a Keras model (re-export
             with ``trainable=True``, or ``trainable=False``), or the weight audit of a trainable
             Keras export fails. Also: the graph has operators no converter handles; the message lists every
             one (op type, opset, node names) and how to register a converter. Also raised when a
@@ -131,9 +136,10 @@ def to_torch(source: Any, *, trainable: bool | None = None) -> fx.GraphModule:
     guard_torch_stack("mmbridge.to_torch()")  # onnx2torch imports torchvision: segfault after TF
     import onnx2torch
 
-    from mmbridge.convert.contract import audit_converted, resolve_trainable
+    from mmbridge.convert.contract import audit_converted, check_torch_verified, resolve_trainable
     from mmbridge.convert.registry import consult_op_converters
 
+    check_torch_verified(source, allow_unverified)  # export checked torch and recorded a failure
     trainable = resolve_trainable(source, trainable)  # raises for trainable=True on a Keras inference export
     model = _prepare(_load(source))
     check_supported(model)

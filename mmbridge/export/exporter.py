@@ -31,7 +31,11 @@ Pipeline (in order; the source kinds are adapters in :mod:`mmbridge.export.sourc
 8. :func:`check_model`: ``onnx.checker`` (full check, with shape inference; a failure is an
    ``ExportError`` naming the node) and an onnxruntime load;
 9. **optimise** with onnxoptimizer, one pass at a time, keeping a pass only if parity holds;
-10. **verify** parity against TF on the sample inputs (``ParityError`` on failure);
+10. **verify** parity against TF on the sample inputs (``ParityError`` on failure), then on both
+    backends (onnxruntime and ``to_torch``) at extra shapes of every symbolic dim
+    (:mod:`mmbridge.export.backends`, :mod:`mmbridge.export.shapes`): an onnxruntime mismatch at any
+    shape refuses the export, a torch one is recorded (``meta["backends"]``) and makes ``to_torch``
+    refuse the artifact;
 11. **write** the artifact atomically into the cache (with ``golden.npz`` for later checks).
 """
 
@@ -674,6 +678,7 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     model = check_model(model, name)
 
     # parity data: TF on NHWC inputs; the ONNX graph gets NCHW for inputs_as_nchw
+    given_samples = samples is not None
     samples = dict(samples) if samples is not None else samples_from_specs(specs, batch=2, seed=0)
     missing = [s.name for s in specs if s.name not in samples]
     if missing:
@@ -708,6 +713,52 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     report = ParityReport(compare(run_ort(model, onnx_inputs), ref, backend="ort", stage="onnx", tolerance=tol))
     if options.verify:
         report.raise_if_failed(f"exported bridge {name!r}")
+
+    # ---- both backends at several shapes (mmbridge.export.backends / mmbridge.export.shapes) ----------------
+    # The final graph is converted to torch once (trainable for a trainable export: the training
+    # contract below reuses that module); ORT and torch then run at the samples and at the extra
+    # shapes of every symbolic dim. An ORT mismatch at any shape raises ParityError (nothing is
+    # cached); a torch one is recorded and makes to_torch() refuse the artifact.
+    from mmbridge.export import backends as _backends
+
+    t_backends = time.perf_counter()
+    requirements = backend_requirements(model)
+    torch_module, torch_error = _backends.convert_torch(model, trainable=options.trainable, requirements=requirements)
+    graph_in = [i.name for i in model.graph.input]
+    graph_out = [o.name for o in model.graph.output]
+    torch_run = _backends.module_runner(torch_module, graph_in, graph_out) if torch_module is not None else None
+
+    def ort_runner(feeds: Samples) -> dict[str, np.ndarray]:
+        """The final graph on onnxruntime (CPU, plain session.run); feeds in the graph's layout."""
+        return run_ort(model, feeds)
+
+    def torch_runner(feeds: Samples) -> dict[str, np.ndarray]:
+        """The converted torch module (eval, no grad); feeds in the graph's layout; raises
+        ConversionError when the graph did not convert (``torch_error`` says why)."""
+        if torch_run is None:
+            from mmbridge.errors import ConversionError
+
+            raise ConversionError(torch_error)
+        return torch_run(feeds)
+
+    def tf_runner(feeds: Samples) -> dict[str, np.ndarray]:
+        """TF on TF-layout feeds (NHWC), outputs by name."""
+        out = src.fn(*[tf.constant(feeds[s.name]) for s in specs])
+        return dict(zip(out_keys, [np.asarray(t) for t in tf.nest.flatten(out)]))
+
+    def to_graph_layout(feeds: Samples) -> dict[str, np.ndarray]:
+        return {k: (np.ascontiguousarray(np.transpose(v, (0, 3, 1, 2))) if k in nchw else v) for k, v in feeds.items()}
+
+    checked = _backends.check_backends(
+        name, model, specs, samples, given=given_samples, sample_fn=sample_fn, tf_run=tf_runner,
+        tf_errors=(tf.errors.OpError, ValueError, TypeError), to_onnx=to_graph_layout, ref=ref,
+        runners={"ort": ort_runner, "torch": torch_runner if torch_run is not None else None},
+        conversion_errors={"torch": torch_error}, tolerance=tol, verify=options.verify)
+    requirements["torch_backend"] = checked["torch_verified"]  # "verified": converts AND matches at every shape
+    if not checked["torch_verified"] and not requirements["note"]:
+        requirements["note"] = f"torch backend not verified at export: {checked['backends']['torch']['reason']}"
+    backend_seconds = round(time.perf_counter() - t_backends, 3)
+    # ---- end of the backend / shape checks ----------------------------------------------------------------
     import tf2onnx
 
     model.producer_name = "mmbridge"
@@ -742,13 +793,17 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
         "rewrites": notes,
         "tolerance": tol.to_dict() if tol else None,  # what export checked with; verify() reuses it
         "trainable": options.trainable,
-        "backend": backend_requirements(model),
+        "backend": requirements,
+        "backends": checked["backends"],
+        "parity_shapes": checked["parity_shapes"],
+        "backend_check_seconds": backend_seconds,  # torch conversion + both backends at every shape
         "optimizer": {"applied": applied, "rejected": rejected},
         "export_seconds": round(time.perf_counter() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if keras_obj is not None:
-        meta.update(_training_contract(keras_obj, name, options, model, specs, samples, sample_fn, nchw))
+        meta.update(_training_contract(keras_obj, name, options, model, specs, samples, sample_fn, nchw,
+                                       module=torch_module))
         meta["export_seconds"] = round(time.perf_counter() - t0, 3)
     golden = {"inputs": onnx_inputs, "outputs": ref}
     return model, meta, golden
@@ -758,7 +813,7 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
 KERAS_KINDS = ("keras_model", "keras_layer")
 def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, specs: Sequence[TensorSpec],
                        samples: Samples | None, sample_fn: Callable[[int, int], Samples] | None,
-                       nchw: Sequence[str]) -> dict[str, Any]:
+                       nchw: Sequence[str], module: Any = None) -> dict[str, Any]:
     """The training contract of a Keras export, as meta entries.
 
     ``keras_inventory`` always (it makes :func:`mmbridge.to_torch` follow the artifact: an inference
@@ -767,6 +822,8 @@ def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, 
     (``train_parity``: 3 SGD steps at batch 8, or 4 for models over
     :data:`~mmbridge.export.contract.TRAIN_PARITY_LARGE` trainable values,
     :func:`mmbridge.export.contract.train_parity`); ``contract_seconds`` is what both cost.
+    ``module``: the ``to_torch(model, trainable=True)`` the backend check already converted
+    (:mod:`mmbridge.export.backends`), reused instead of converting again; None converts here.
 
     Raises:
         ConversionError: the module does not convert, or the audit fails (names the Keras layer /
@@ -787,7 +844,7 @@ def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, 
     seconds: dict[str, float] = {}
     what = f"trainable export of {name!r}"
     try:
-        module = to_torch(model, trainable=True)
+        module = module if module is not None else to_torch(model, trainable=True)
     except ConversionError as exc:
         raise ConversionError(f"{what}: the graph does not convert to a trainable torch module, so the training "
                               f"contract cannot hold: {exc}\nWhat to do: export with trainable=False and keep the "
