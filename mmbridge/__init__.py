@@ -63,6 +63,7 @@ from mmbridge.errors import (  # noqa: E402, F401  (errors are tiny and always n
     ImportOrderError,
     MMBridgeError,
     ParityError,
+    ProbeError,
     RegistryError,
     RuntimeBackendError,
     SpecError,
@@ -72,7 +73,7 @@ from mmbridge.errors import (  # noqa: E402, F401  (errors are tiny and always n
 
 __all__ = sorted(
     [*_LAZY, "__version__", "CacheError", "ConfigError", "ConversionError", "DataError", "ExportError",
-     "ImportOrderError", "MMBridgeError", "ParityError", "RegistryError", "RuntimeBackendError", "SpecError",
+     "ImportOrderError", "MMBridgeError", "ParityError", "ProbeError", "RegistryError", "RuntimeBackendError", "SpecError",
      "UnsupportedOpsError", "WeightMappingError"]
 )
 

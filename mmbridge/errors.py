@@ -59,6 +59,22 @@ class ParityError(MMBridgeError, AssertionError):
         self.report = report
 
 
+class ProbeError(ParityError):
+    """A backend computes something else than TensorFlow on a probe input: an edge value for an op
+    in the graph (:mod:`mmbridge.export.probes`), while the sample inputs passed.
+
+    A :class:`ParityError`, so everything that catches a parity failure catches this one.
+
+    Attributes:
+        report: the :class:`~mmbridge.parity.ParityReport` of the failing rows (or ``None``).
+        probes: the probe record (what :func:`mmbridge.export.probes.run_probes` returns), or ``None``.
+    """
+
+    def __init__(self, message: str, report=None, probes=None):
+        super().__init__(message, report)
+        self.probes = probes
+
+
 class CacheError(MMBridgeError, OSError):
     """An artifact in the cache is missing, partial or corrupt and could not be rebuilt."""
 

@@ -118,6 +118,7 @@ def export(
     trainable: bool = False,
     optimize: bool = True,
     verify: bool = True,
+    probes: bool = True,
     cache_dir: str | os.PathLike | None = None,
     force: bool = False,
     isolate: bool | None = None,
@@ -149,6 +150,11 @@ def export(
             stay real ONNX ops (see :mod:`mmbridge.export.trainable`) instead of being folded away.
         optimize: run onnxoptimizer's parity-preserving passes.
         verify: check parity against TF (always done unless False; ``ParityError`` on failure).
+        probes: with ``verify``, also check the probe inputs (:mod:`mmbridge.export.probes`: edge
+            values for the ops in the graph, e.g. negative integers into ``FloorDiv``, ids outside
+            ``[0, depth)`` into ``OneHot``, ``.5`` ties into ``Round``, at a second shape where dims
+            are dynamic) on TF and onnxruntime; ``ProbeError`` on a mismatch. ``False`` accepts such
+            a graph knowingly (``meta.json`` records it; part of the cache key).
         cache_dir: cache root (default ``$MMBRIDGE_CACHE`` or the user cache dir).
         force: re-export even if the cache holds a valid artifact.
         isolate: export in a spawned child process. Default: yes for paths, references and
@@ -163,6 +169,8 @@ def export(
         ExportError: tf2onnx failed, or the result fails ``onnx.checker`` (the message names
             the node) / onnxruntime loading or running.
         ParityError: ORT's outputs differ from TF's beyond the tolerance.
+        ProbeError: (a ``ParityError``) ORT differs from TF on a probe input; names the op, the input,
+            the values and ``probes=False``.
         ImportOrderError: in-process export with TF imported before torch's compiler stack.
         SpecError: an invalid option (every one listed), a source export() does not accept, or
             input specs that are missing or disagree with the TF object.
@@ -173,7 +181,8 @@ def export(
     bridge = located.bridge
     options = ExportOptions.from_arguments(
         input_specs=input_specs, opset=opset, name=name, role=role, tolerance=tolerance,
-        inputs_as_nchw=inputs_as_nchw, trainable=trainable, optimize=optimize, verify=verify, bridge=bridge,
+        inputs_as_nchw=inputs_as_nchw, trainable=trainable, optimize=optimize, verify=verify, probes=probes,
+        bridge=bridge,
     )
     if bridge is not None and not sample_inputs:
         sample_inputs = bridge.sample_inputs
@@ -759,6 +768,9 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
         requirements["note"] = f"torch backend not verified at export: {checked['backends']['torch']['reason']}"
     backend_seconds = round(time.perf_counter() - t_backends, 3)
     # ---- end of the backend / shape checks ----------------------------------------------------------------
+    # ---- probe inputs (mmbridge.export.probes): edge values per op, TF vs every backend runner ----
+    probes_record = _probe_check(model, src, specs, samples, out_keys, in_names, graph_def, nchw, options, name, tf)
+    # ---- end probe inputs ----
     import tf2onnx
 
     model.producer_name = "mmbridge"
@@ -798,6 +810,7 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
         "parity_shapes": checked["parity_shapes"],
         "backend_check_seconds": backend_seconds,  # torch conversion + both backends at every shape
         "optimizer": {"applied": applied, "rejected": rejected},
+        "probes": probes_record,
         "export_seconds": round(time.perf_counter() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -807,6 +820,38 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
         meta["export_seconds"] = round(time.perf_counter() - t0, 3)
     golden = {"inputs": onnx_inputs, "outputs": ref}
     return model, meta, golden
+
+
+def _probe_check(model: Any, src: Traceable, specs: Sequence[TensorSpec], samples: Samples, out_keys: Sequence[str],
+                 in_names: Sequence[str], graph_def: Any, nchw: Sequence[str], options: ExportOptions, name: str,
+                 tf: Any) -> dict[str, Any]:
+    """The probe check of :mod:`mmbridge.export.probes` on onnxruntime; its record for ``meta.json``.
+
+    Runs only with ``options.verify`` and ``options.probes`` (else records why not). Backends plug
+    in as ``runners`` (name -> ``feeds -> outputs``); the torch runner joins here.
+
+    Raises:
+        ProbeError: onnxruntime differs from TF on a probe input.
+    """
+    if not (options.verify and options.probes):
+        return {"passed": None, "skipped": "probes=False" if options.verify else "verify=False"}
+    from mmbridge.export.probes import run_probes
+    from mmbridge.runtime.session import make_session
+
+    sess = make_session(model, providers=["CPUExecutionProvider"])
+    out_names = [o.name for o in sess.get_outputs()]
+    in_onnx = [i.name for i in sess.get_inputs()]
+
+    def ort(feeds: Samples) -> dict[str, np.ndarray]:
+        return dict(zip(out_names, sess.run(out_names, {k: feeds[k] for k in in_onnx})))
+
+    def reference(feeds: Samples) -> dict[str, np.ndarray]:
+        out = src.fn(*[tf.constant(feeds[s.name]) for s in specs])
+        return dict(zip(out_keys, [np.asarray(t) for t in tf.nest.flatten(out)]))
+
+    return run_probes(model, specs, reference, runners={"ort": ort}, samples=samples, name=name,
+                      graph_def=graph_def, input_tensors=dict(zip(in_names, [s.name for s in specs])), nchw=nchw,
+                      tolerance=options.tolerance)
 
 
 #: Source kinds whose object is a Keras model or layer (Keras 3 or tf-keras).

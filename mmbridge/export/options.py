@@ -46,6 +46,9 @@ class ExportOptions:
         trainable: keep BatchNormalization, Dropout and LayerNormalization as real ONNX ops.
         optimize: run onnxoptimizer's parity-preserving passes.
         verify: fail the export (``ParityError``) when ORT's outputs differ from TF's.
+        probes: also feed the probe inputs of :mod:`mmbridge.export.probes` (edge values for the ops
+            in the graph) to TF and the backends, and refuse (``ProbeError``) on a mismatch; only
+            with ``verify``. ``False`` accepts such a graph knowingly (recorded in ``meta.json``).
 
     Raises:
         SpecError: one message listing every invalid field (``field=value: what is wrong``).
@@ -64,6 +67,7 @@ class ExportOptions:
     trainable: bool = False
     optimize: bool = True
     verify: bool = True
+    probes: bool = True
 
     def __post_init__(self) -> None:
         for field in ("input_specs", "inputs_as_nchw"):
@@ -88,6 +92,7 @@ class ExportOptions:
         trainable: bool = False,
         optimize: bool = True,
         verify: bool = True,
+        probes: bool = True,
         bridge: BridgeSpec | None = None,
     ) -> ExportOptions:
         """The options of an :func:`mmbridge.export` call, with a registered bridge's defaults.
@@ -118,6 +123,7 @@ class ExportOptions:
             trainable = trainable or bool(ek.get("trainable", False))
             optimize = optimize and bool(ek.get("optimize", True))
             verify = verify and bool(ek.get("verify", True))
+            probes = probes and bool(ek.get("probes", True))
         return cls(
             input_specs=tuple(input_specs) if input_specs else None,
             opset=DEFAULT_OPSET if opset is None else opset,
@@ -129,6 +135,7 @@ class ExportOptions:
             trainable=bool(trainable),
             optimize=bool(optimize),
             verify=bool(verify),
+            probes=bool(probes),
         )
 
     def replace(self, **changes: Any) -> ExportOptions:
@@ -148,6 +155,7 @@ class ExportOptions:
             "trainable": self.trainable,
             "optimize": self.optimize,
             "verify": self.verify,
+            "probes": self.probes,
         }
 
     @classmethod
@@ -217,6 +225,7 @@ class _Fields:
     trainable: Any = False
     optimize: Any = True
     verify: Any = True
+    probes: Any = True
 
 
 def _problems(o: Any) -> list[str]:
@@ -246,7 +255,7 @@ def _problems(o: Any) -> list[str]:
     nchw = o.inputs_as_nchw
     if nchw is not None and (not isinstance(nchw, tuple) or not all(isinstance(n, str) and n for n in nchw)):
         out.append(f"inputs_as_nchw={nchw!r}: give a list of input names (e.g. ['image']), or None")
-    for flag in ("trainable", "optimize", "verify"):
+    for flag in ("trainable", "optimize", "verify", "probes"):
         if not isinstance(getattr(o, flag), bool):
             out.append(f"{flag}={getattr(o, flag)!r}: must be True or False")
     return out
