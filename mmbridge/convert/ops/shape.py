@@ -29,28 +29,32 @@ from onnx2torch.utils.common import OnnxToTorchModule
 from torch import nn
 
 from mmbridge.convert.ops._common import const, const_ints, delegate, input_at, register, result, static_dims
+from mmbridge.convert.ops._symbolic import Expr, ShapeExpr, evaluate, shape_expr
 
 
 class Reshape(nn.Module, OnnxToTorchModule):
     """ONNX ``Reshape``: ``0`` copies the input dim (``allowzero=0``; with ``allowzero=1`` it is a
     zero-size dim), ``-1`` is inferred.
 
-    With a constant target (``shape`` given at construction) the dims are Python ints, so
+    With a constant target (``shape`` of ints given at construction) the dims are Python ints, so
     ``torch.compile`` traces it without a graph break (onnx2torch's ``OnnxReshape`` builds a
-    ``torch.Size`` from a tensor, which dynamo rejects). Otherwise the target tensor (int64
-    ``[rank]``) is read at run time.
+    ``torch.Size`` from a tensor, which dynamo rejects). A target computed from ``Shape``
+    (``shape`` of :data:`~._symbolic.Expr`, see :mod:`._symbolic`) is evaluated from
+    ``sources[k].shape[i]``, the tensors passed after ``x``: symbolic ints under dynamo, no
+    break. Otherwise (``shape=None``) the target tensor (int64 ``[rank]``) is read at run time.
+    A ``0`` that comes from a dim at run time (an empty tensor) is taken literally.
     """
 
-    def __init__(self, shape: tuple[int, ...] | list[int] | None = None, allowzero: bool = False):
+    def __init__(self, shape: tuple[Expr, ...] | list[Expr] | None = None, allowzero: bool = False):
         super().__init__()
-        self.shape = tuple(int(d) for d in shape) if shape is not None else None
+        self.shape = tuple(d if isinstance(d, tuple) else int(d) for d in shape) if shape is not None else None
         self.allowzero = allowzero
 
-    def forward(self, x: torch.Tensor, shape: torch.Tensor | None = None) -> torch.Tensor:
-        dims = self.shape if self.shape is not None else [int(d) for d in shape.tolist()]
+    def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        dims = evaluate(self.shape, args) if self.shape is not None else [int(d) for d in args[0].tolist()]
         if self.allowzero:
             return x.reshape(dims)
-        return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(dims)])
+        return x.reshape([x.shape[i] if isinstance(d, int) and d == 0 else d for i, d in enumerate(dims)])
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}" if self.shape is not None else "shape=<runtime>"
@@ -92,42 +96,57 @@ class Unsqueeze(nn.Module, OnnxToTorchModule):
 
 
 class Expand(nn.Module, OnnxToTorchModule):
-    """ONNX ``Expand`` with a constant ``shape``: bidirectional broadcast of ``x`` with ``shape``.
+    """ONNX ``Expand``: bidirectional broadcast of ``x`` with ``shape``.
 
-    Returns a broadcast view (``Tensor.expand``), no copy.
+    ``shape`` is fixed at construction: Python ints, or expressions over the dims of the tensors
+    passed after ``x`` (:mod:`._symbolic`: a shape tf2onnx computes from ``Shape``, such as TF's
+    ``zeros([batch, units])``), which dynamo traces as symbolic ints. Returns a broadcast view
+    (``Tensor.expand``), no copy.
     """
 
-    def __init__(self, shape: list[int]):
+    def __init__(self, shape: list[Expr] | tuple[Expr, ...]):
         super().__init__()
-        self.shape = tuple(int(d) for d in shape)
+        self.shape = tuple(d if isinstance(d, tuple) else int(d) for d in shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.expand(torch.broadcast_shapes(tuple(x.shape), self.shape))
+    def forward(self, x: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
+        dims = tuple(evaluate(self.shape, sources))
+        return x.expand(torch.broadcast_shapes(tuple(x.shape), dims))
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}"
 
 
 class Tile(nn.Module, OnnxToTorchModule):
-    """ONNX ``Tile`` with constant ``repeats`` (one per input dim)."""
+    """ONNX ``Tile`` with ``repeats`` (one per input dim) fixed at construction: ints, or expressions over the
+    dims of the tensors passed after ``x`` (:mod:`._symbolic`)."""
 
-    def __init__(self, repeats: list[int]):
+    def __init__(self, repeats: list[Expr] | tuple[Expr, ...]):
         super().__init__()
-        self.repeats = tuple(int(r) for r in repeats)
+        self.repeats = tuple(r if isinstance(r, tuple) else int(r) for r in repeats)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.repeat(self.repeats)
+    def forward(self, x: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
+        return x.repeat(evaluate(self.repeats, sources))
 
     def extra_repr(self) -> str:
         return f"repeats={self.repeats}"
 
 
+def shape_arg(graph: OnnxGraph, name: str) -> ShapeExpr | None:
+    """The int argument ``name`` as a :class:`~._symbolic.ShapeExpr` (constant, or shape arithmetic), or None."""
+    if not name:
+        return None
+    value = const_ints(graph, name)
+    if value is not None:
+        return ShapeExpr(value, False, [])
+    return shape_expr(graph, name)
+
+
 @register("Reshape", 5, 13, 14, 19, 21, 23, 24, 25)
 def reshape(node: OnnxNode, graph: OnnxGraph):
     allowzero = bool(node.attributes.get("allowzero", 0))
-    target = const_ints(graph, input_at(node, 1))
-    if target is not None:
-        return result(Reshape(target, allowzero), node, (node.input_values[0],))
+    target = shape_arg(graph, input_at(node, 1))
+    if target is not None and not target.scalar:
+        return result(Reshape(target.elems, allowzero), node, (node.input_values[0], *target.sources))
     return result(Reshape(allowzero=allowzero), node, node.input_values[:2])
 
 
@@ -160,36 +179,37 @@ def unsqueeze(node: OnnxNode, graph: OnnxGraph):
 
 @register("Expand", 8, 13)
 def expand(node: OnnxNode, graph: OnnxGraph):
-    shape = const_ints(graph, input_at(node, 1))
-    if shape is None:
+    shape = shape_arg(graph, input_at(node, 1))
+    if shape is None or shape.scalar:
         return delegate(node, graph, 13)  # computed shape: onnx2torch's OnnxExpand
-    return result(Expand(shape), node, (node.input_values[0],))
+    return result(Expand(shape.elems), node, (node.input_values[0], *shape.sources))
 
 
 @register("Tile", 6, 13)
 def tile(node: OnnxNode, graph: OnnxGraph):
-    repeats = const_ints(graph, input_at(node, 1))
-    if repeats is None:
+    repeats = shape_arg(graph, input_at(node, 1))
+    if repeats is None or repeats.scalar:
         return delegate(node, graph, 13)  # computed repeats: onnx2torch's OnnxTile
-    return result(Tile(repeats), node, (node.input_values[0],))
+    return result(Tile(repeats.elems), node, (node.input_values[0], *repeats.sources))
 
 
 class ConstantOfShape(nn.Module, OnnxToTorchModule):
     """ONNX ``ConstantOfShape``: a tensor of ``shape`` filled with ``value`` (default float32 0).
 
-    With a constant ``shape`` (given at construction) the dims are Python ints; otherwise the
-    int64 ``shape`` tensor is read at run time.
+    With ``shape`` given at construction the dims are Python ints or expressions over the dims
+    of the call inputs (:mod:`._symbolic`); otherwise (None) the int64 ``shape`` tensor is read
+    at run time.
     """
 
-    def __init__(self, value: torch.Tensor, shape: list[int] | None = None):
+    def __init__(self, value: torch.Tensor, shape: list[Expr] | None = None):
         super().__init__()
         self.fill = value.reshape(-1)[0].item()
         self.dtype = value.dtype
-        self.shape = tuple(int(d) for d in shape) if shape is not None else None
+        self.shape = tuple(d if isinstance(d, tuple) else int(d) for d in shape) if shape is not None else None
         self.register_buffer("_device", torch.empty(0), persistent=False)
 
-    def forward(self, shape: torch.Tensor | None = None) -> torch.Tensor:
-        dims = self.shape if self.shape is not None else [int(d) for d in shape.tolist()]
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        dims = evaluate(self.shape, args) if self.shape is not None else [int(d) for d in args[0].tolist()]
         return torch.full(dims, self.fill, dtype=self.dtype, device=self._device.device)
 
     def extra_repr(self) -> str:
@@ -224,6 +244,9 @@ def constant_of_shape(node: OnnxNode, graph: OnnxGraph):
     shape = static_shape_value(graph, input_at(node, 0))
     if shape is not None:
         return result(ConstantOfShape(value, shape), node, ())
+    sym = shape_expr(graph, input_at(node, 0))
+    if sym is not None and not sym.scalar:
+        return result(ConstantOfShape(value, list(sym.elems)), node, tuple(sym.sources))
     return result(ConstantOfShape(value), node, node.input_values[:1])
 
 
@@ -265,12 +288,40 @@ class Range(nn.Module, OnnxToTorchModule):
         return torch.from_numpy(values).to(start.device)
 
 
+class SymRange(nn.Module, OnnxToTorchModule):
+    """ONNX ``Range`` of integer scalars computed from ``Shape`` (:mod:`._symbolic`): ``torch.arange`` over
+    symbolic ints (the same ``max(ceil((limit - start) / delta), 0)`` values ORT gives for integers), in
+    ``dtype``; the call inputs are the tensors whose dims the expressions read."""
+
+    def __init__(self, start: Expr, limit: Expr, delta: Expr, dtype: torch.dtype):
+        super().__init__()
+        self.args, self.dtype = (start, limit, delta), dtype
+        self.register_buffer("_device", torch.empty(0), persistent=False)
+
+    def forward(self, *sources: torch.Tensor) -> torch.Tensor:
+        start, limit, delta = evaluate(self.args, sources)
+        return torch.arange(start, limit, delta, dtype=self.dtype, device=self._device.device)
+
+    def extra_repr(self) -> str:
+        return f"start={self.args[0]}, limit={self.args[1]}, delta={self.args[2]}, dtype={self.dtype}"
+
+
+_INT_DTYPES = {6: torch.int32, 7: torch.int64, 5: torch.int16, 3: torch.int8}  # onnx.TensorProto elem types
+
+
 @register("Range", 11)
 def range_(node: OnnxNode, graph: OnnxGraph):
 
     values = [const(graph, name) for name in node.input_values[:3]]
     if all(v is not None for v in values):
         return result(ConstRange(range_values(*(v.numpy() for v in values))), node, ())
+    vi = graph.value_info.get(node.output_values[0])
+    dtype = _INT_DTYPES.get(vi.type.tensor_type.elem_type) if vi is not None else None
+    if dtype is not None:
+        sources: list[str] = []
+        args = [shape_expr(graph, name, sources) for name in node.input_values[:3]]
+        if all(a is not None and len(a.elems) == 1 for a in args):
+            return result(SymRange(*(a.elems[0] for a in args), dtype), node, tuple(sources))
     return Range()
 
 

@@ -17,6 +17,7 @@ from onnx2torch.utils.common import OnnxToTorchModule
 from torch import nn
 
 from mmbridge.convert.ops._common import const_ints, input_at, register, result
+from mmbridge.convert.ops._symbolic import Expr, evaluate, shape_expr
 
 
 def _ints(t: torch.Tensor | None) -> list[int] | None:
@@ -25,9 +26,14 @@ def _ints(t: torch.Tensor | None) -> list[int] | None:
 
 class Slice(nn.Module, OnnxToTorchModule):
     """ONNX ``Slice`` of ``x`` (any dtype, any rank); arguments given at construction are fixed, the others
-    are read from the call inputs ``(starts, ends, axes, steps)`` at run time."""
+    are read from the call inputs ``(starts, ends, axes, steps)`` at run time.
 
-    def __init__(self, starts: list[int] | None, ends: list[int] | None, axes: list[int] | None,
+    ``starts`` / ``ends`` given at construction may hold expressions over the dims of the tensors
+    passed after the runtime arguments (:mod:`._symbolic`: ``ends = Shape(x)[1]``, the sequence
+    length), which dynamo traces as symbolic ints instead of reading a tensor with ``.tolist()``.
+    """
+
+    def __init__(self, starts: list[Expr] | None, ends: list[Expr] | None, axes: list[int] | None,
                  steps: list[int] | None, runtime: tuple[str, ...] = ()):
         super().__init__()
         self.starts, self.ends, self.axes, self.steps = starts, ends, axes, steps
@@ -35,8 +41,9 @@ class Slice(nn.Module, OnnxToTorchModule):
 
     def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         given = dict(zip(self.runtime, args))
-        starts = _ints(given["starts"]) if "starts" in given else self.starts
-        ends = _ints(given["ends"]) if "ends" in given else self.ends
+        sources = args[len(self.runtime):]
+        starts = _ints(given["starts"]) if "starts" in given else _eval(self.starts, sources)
+        ends = _ints(given["ends"]) if "ends" in given else _eval(self.ends, sources)
         axes = _ints(given["axes"]) if "axes" in given else self.axes
         steps = _ints(given["steps"]) if "steps" in given else self.steps
         if axes is None:
@@ -63,6 +70,10 @@ class Slice(nn.Module, OnnxToTorchModule):
         return f"starts={self.starts}, ends={self.ends}, axes={self.axes}, steps={self.steps}, runtime={self.runtime}"
 
 
+def _eval(values: list[Expr] | None, sources: tuple[torch.Tensor, ...]) -> list | None:
+    return values if values is None or not sources else evaluate(values, sources)
+
+
 @register("Slice", 1)
 def slice_attributes(node: OnnxNode, graph: OnnxGraph):
     a = node.attributes
@@ -73,12 +84,17 @@ def slice_attributes(node: OnnxNode, graph: OnnxGraph):
 @register("Slice", 10, 11, 13)
 def slice_(node: OnnxNode, graph: OnnxGraph):
     names = dict(zip(("starts", "ends", "axes", "steps"), (input_at(node, k) for k in range(1, 5))))
-    fixed: dict[str, list[int] | None] = {}
-    runtime, inputs = [], [node.input_values[0]]
+    fixed: dict[str, list[Expr] | None] = {}
+    runtime, inputs, sources = [], [node.input_values[0]], []
     for key, name in names.items():
         value = const_ints(graph, name) if name else None
+        if name and value is None and key in ("starts", "ends"):  # computed from Shape: symbolic ints
+            sym = shape_expr(graph, name, sources)
+            if sym is not None:
+                value = list(sym.elems)
         if name and value is None:
             runtime.append(key)
             inputs.append(name)
         fixed[key] = value
-    return result(Slice(fixed["starts"], fixed["ends"], fixed["axes"], fixed["steps"], tuple(runtime)), node, tuple(inputs))
+    return result(Slice(fixed["starts"], fixed["ends"], fixed["axes"], fixed["steps"], tuple(runtime)), node,
+                  (*inputs, *sources))
