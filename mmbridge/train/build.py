@@ -117,4 +117,5 @@ def trainer_kwargs(cfg: RunConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments of :class:`~mmbridge.Trainer` from ``cfg.training`` / ``cfg.output`` / ``cfg.model.task``."""
     cfg = as_run_config(cfg)
     return {**cfg.training.trainer_kwargs(), "out_dir": cfg.output.dir, "tensorboard": cfg.output.tensorboard,
+            "loggers": list(cfg.output.active_loggers), "logger_options": dict(cfg.output.logger_options),
             "task": cfg.model.task}
