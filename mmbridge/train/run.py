@@ -18,7 +18,7 @@ from mmbridge.train.config import RunConfig, as_run_config
 
 
 def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None,
-              allow_config_change: bool = False) -> dict[str, Any]:
+              allow_config_change: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Train and evaluate a validated config (see :func:`mmbridge.train.config.load_config`).
 
     Writes into ``output.dir``: ``config.yaml``, ``last.pt``, ``best.pt``, ``tensorboard/``,
@@ -28,6 +28,9 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None,
     (:func:`check_output_dir`): a different config is refused with the differences unless
     ``allow_config_change`` (``mmbridge train --resume``) or ``training.resume`` names a
     checkpoint path; a ``last.pt`` that will be resumed must fit the model (keys and shapes).
+
+    Unless ``quiet``, rank 0 prints one line per step of reading the data and building the model
+    to stderr (:func:`mmbridge.train.build.progress_line`: what, export cache hit / miss, seconds).
 
     ``framework: keras`` configs are the Keras baseline's (:mod:`mmbridge.baselines.keras_run`;
     :func:`mmbridge.cli.train.run_train` dispatches); this recipe refuses them.
@@ -47,7 +50,7 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None,
         raise ConfigError("mmbridge.train.run.run_train trains torch models; a framework: keras config is the "
                           "Keras baseline: run it with mmbridge.cli.train.run_train (or `mmbridge train`)")
     from mmbridge.train import distributed
-    from mmbridge.train.build import build_data, build_model, data_root
+    from mmbridge.train.build import build_data, build_model, data_root, progress_line
     from mmbridge.train.config import dump
     from mmbridge.train.metrics import write_report
     from mmbridge.train.trainer import Trainer
@@ -59,8 +62,10 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None,
     splits = build_data(cfg.data)
     t_data = time.perf_counter() - t_data
     train = splits["train"]
+    progress_line(f"read data {root} ({', '.join(f'{len(v)} {k}' for k, v in splits.items())}): {t_data:.1f} s",
+                  enabled=not quiet)
     t_model = time.perf_counter()
-    model = build_model(cfg, train)
+    model = build_model(cfg, train, progress=not quiet)
     t_model = time.perf_counter() - t_model
     out_dir = Path(cfg.output.dir)
     name = name or cfg.output.name or out_dir.name

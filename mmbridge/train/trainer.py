@@ -391,6 +391,8 @@ class Trainer:
                         exc, distributed.DistributedTimeoutError):
                     raise distributed.timeout_error(exc, f"a training step of epoch {self.epoch + 1}") from exc
                 raise
+            if self.env.distributed:  # every rank evaluates (and ends with) rank 0's BatchNorm statistics
+                distributed.broadcast_buffers(self.model)
             if self.val_data is not None:
                 record.update(self.evaluate(self.val_data, prefix="val"))
                 stopped_early = self._early_stopping(record)
