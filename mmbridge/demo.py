@@ -49,7 +49,7 @@ def demo_config(data: str | None, out: str, epochs: int, image_size: int, *,
 
 
 def run_demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "runs/demo",
-             epochs: int | None = None) -> dict[str, Any]:
+             epochs: int | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run the demo (see the module doc) and return :func:`mmbridge.train.run.run_train`'s result.
 
     Args:
@@ -57,6 +57,7 @@ def run_demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "ru
             built-in sample (:func:`mmbridge.data.sample_dir`).
         out: output directory (checkpoints, TensorBoard logs, ``report.{json,md}``).
         epochs: default 8 on the sample, 15 on ``data``.
+        quiet: no progress lines on stderr while the model is built (exports, cache hits, seconds).
 
     Raises:
         ConfigError: ``data`` is not a directory, or ``epochs < 1``.
@@ -86,7 +87,7 @@ def run_demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "ru
     t0 = time.perf_counter()
     print("step 1-2: exporting the TF preprocessing and Keras encoder (child process), bridging them "
           f"(preprocess: {backend}, encoder: torch)", flush=True)
-    result = run_train(cfg, name="demo hybrid (bridged TF image + torch text/numeric)")
+    result = run_train(cfg, name="demo hybrid (bridged TF image + torch text/numeric)", quiet=quiet)
     if result["report"]:
         print("\n" + Path(result["report"]).read_text(), flush=True)
     print(f"mmbridge demo: done in {time.perf_counter() - t0:.0f} s; report in {result['report']} "

@@ -28,6 +28,7 @@ from mmbridge.errors import MMBridgeError
 # (module, function) pairs that add subcommands owned by other subpackages
 _EXTERNAL_PARSERS = (
     ("mmbridge.cli.train", "add_train_parser"),
+    ("mmbridge.cli.train", "add_prepare_parser"),
     ("mmbridge.cli.train", "add_evaluate_parser"),
     ("mmbridge.cli.train", "add_demo_parser"),
     ("mmbridge.cli.train", "add_predict_parser"),

@@ -1,8 +1,9 @@
-"""``mmbridge train | evaluate | demo`` (wired into :mod:`mmbridge.cli` by ``add_*_parser``).
+"""``mmbridge train | prepare | evaluate | demo`` (wired into :mod:`mmbridge.cli` by ``add_*_parser``).
 
-    mmbridge train CONFIG.yaml [--resume [CKPT]] [key=value ...]   # also under torchrun --nproc-per-node N
+    mmbridge train CONFIG.yaml [--resume [CKPT]] [--quiet] [key=value ...]   # also under torchrun --nproc-per-node N
+    mmbridge prepare CONFIG.yaml --out DIR [key=value ...]         # TF exports once -> DIR/train.yaml
     mmbridge evaluate CONFIG.yaml --checkpoint PATH [key=value ...]  # overrides before or after the options
-    mmbridge demo [--data DIR] [--out DIR] [--epochs N]            # N >= 1
+    mmbridge demo [--data DIR] [--out DIR] [--epochs N] [--quiet]  # N >= 1
     mmbridge predict RUN_DIR --data DIR [--out predictions.csv]
     mmbridge export-model RUN_DIR --out DIR [--data DIR] [--atol A]
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 
 def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None,
-              allow_config_change: bool = False) -> dict[str, Any]:
+              allow_config_change: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Train and evaluate a validated config, in the framework it names.
 
     ``framework: torch`` (the default): :func:`mmbridge.train.run.run_train` (the PyTorch recipe).
@@ -45,7 +46,7 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None,
         return run_keras(cfg, name=name)
     from mmbridge.train.run import run_train as run_torch
 
-    return run_torch(cfg, name=name, allow_config_change=allow_config_change)
+    return run_torch(cfg, name=name, allow_config_change=allow_config_change, quiet=quiet)
 
 
 def run_evaluate(cfg: RunConfig | Mapping[str, Any], checkpoint: str, *, out: str | None = None,
@@ -64,7 +65,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"training.resume={args.resume}")
     explicit = args.resume is not None or any(o.split("=", 1)[0].strip() == "training.resume" for o in overrides)
     cfg = load_config(args.config, overrides)
-    run_train(cfg, allow_config_change=explicit)
+    run_train(cfg, allow_config_change=explicit, quiet=args.quiet)
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from mmbridge.train.build import prepare_artifacts
+    from mmbridge.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    res = prepare_artifacts(cfg, args.out, progress=not args.quiet)
+    print(f"prepared {len(res['artifacts'])} artifact(s) in {args.out}; train with: mmbridge train {res['config']}")
     return 0
 
 
@@ -79,7 +90,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mmbridge.demo import run_demo
 
-    run_demo(data=args.data, out=args.out, epochs=args.epochs)
+    run_demo(data=args.data, out=args.out, epochs=args.epochs, quiet=args.quiet)
     return 0
 
 
@@ -107,6 +118,10 @@ def _cmd_export_model(args: argparse.Namespace) -> int:
     return 0
 
 
+_QUIET_HELP = ("no progress lines on stderr while the data is read and the model built (by default rank 0 prints one "
+               "line per step: export cache hit / miss and seconds; also when stderr is not a terminal)")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -127,7 +142,24 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="resume the run in output.dir (from last.pt, or from CKPT) even if its config.yaml differs "
                         "from this config; without it a different config there is refused with the differences")
+    p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     p.set_defaults(func=_cmd_train)
+    return p
+
+
+def add_prepare_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``mmbridge prepare CONFIG.yaml --out DIR [key=value ...]`` on ``subparsers``."""
+    p = subparsers.add_parser(
+        "prepare", help="export a config's TF parts once into DIR and write DIR/train.yaml (for jobs without TF)",
+        description="Exports every `type: export` component (TensorFlow runs here, in a child process) into "
+                    "DIR/<branch>.<part>/ and writes DIR/train.yaml, the same config with those components "
+                    "as {type: artifact, path: ...}: training processes run `mmbridge train DIR/train.yaml` "
+                    "and never import TensorFlow (examples/slurm, examples/kubeflow).")
+    p.add_argument("config", help="YAML config (see examples/pokedex/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, value parsed as YAML")
+    p.add_argument("--out", required=True, help="directory on storage every training node reads")
+    p.add_argument("--quiet", action="store_true", help="no progress line per export on stderr")
+    p.set_defaults(func=_cmd_prepare)
     return p
 
 
@@ -156,6 +188,7 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="epochs, >= 1 (default: 8 on the sample, 15 on --data); 0 is refused")
+    p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     p.set_defaults(func=_cmd_demo)
     return p
 

@@ -35,9 +35,11 @@ def main(req_path: str, res_path: str) -> int:
                 samples = {k: z[k] for k in z.files}
         located = SOURCES.locate(req["ref"], isolate=False)
         art = export_located(located, options, samples, Path(req["cache_dir"]), req["force"], req.get("fingerprint"))
+        from mmbridge.export.exporter import last_export
         from mmbridge.export.refcache import loaded_source_files
 
-        result = {"path": str(art.path), "files": loaded_source_files()}
+        result = {"path": str(art.path), "files": loaded_source_files(),
+                  "outcome": last_export().get("outcome", "exported")}
     except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
         err = {"type": type(exc).__name__, "message": str(exc)}
         if hasattr(exc, "ops"):

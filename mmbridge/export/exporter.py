@@ -176,6 +176,8 @@ def export(
             input specs that are missing or disagree with the TF object.
         RegistryError: an unknown bridge name (with close matches).
     """
+    t0 = time.perf_counter()
+    _LAST.clear()
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     located = SOURCES.locate(obj, isolate=isolate)
     bridge = located.bridge
@@ -187,7 +189,8 @@ def export(
     if bridge is not None and not sample_inputs:
         sample_inputs = bridge.sample_inputs
     if located.ref is None:  # a live object (or a builder called here): fingerprinted once traced
-        return _copy_out(export_located(located, options, sample_inputs, root, force), out)
+        art = export_located(located, options, sample_inputs, root, force)
+        return _noted(_copy_out(art, out), _LAST.get("outcome", "exported"), t0)
 
     if callable(sample_inputs):  # numpy-only callables: evaluate here, pass arrays on
         sample_inputs = dict(sample_inputs(2, 0))
@@ -199,7 +202,8 @@ def export(
         fingerprint = path_fingerprint(located.path, options, sample_inputs)
         if not force:
             with contextlib.suppress(CacheError):
-                return _copy_out(BridgeArtifact.load(entry_dir(options.name, fingerprint, root), check="size"), out)
+                art = BridgeArtifact.load(entry_dir(options.name, fingerprint, root), check="size")
+                return _noted(_copy_out(art, out), "cache hit (file fingerprint, no TensorFlow)", t0)
     if located.isolate:
         record = None
         if located.path is None:  # a "module:attribute" reference: a hit without TF (mmbridge.export.refcache)
@@ -214,13 +218,36 @@ def export(
                     art = BridgeArtifact.load(hit, check="size")
                     logger.info("export %s: cache hit of reference %r without TensorFlow (%s)", art.name,
                                 located.ref, art.path)
-                    return _copy_out(art, out)
+                    return _noted(_copy_out(art, out), "cache hit (reference, no TensorFlow)", t0)
         art, files = _export_in_child(located.ref, options, sample_inputs, root, force, fingerprint)
         if record is not None and files:
             with contextlib.suppress(CacheError):
                 refcache.save(record, art.path, files)
-        return _copy_out(art, out)
-    return _copy_out(export_located(located, options, sample_inputs, root, force, fingerprint), out)
+        return _noted(_copy_out(art, out), f"{_LAST.get('outcome', 'exported')} in a child process", t0)
+    art = export_located(located, options, sample_inputs, root, force, fingerprint)
+    return _noted(_copy_out(art, out), _LAST.get("outcome", "exported"), t0)
+
+
+#: how this process's latest export() call ended (see last_export)
+_LAST: dict[str, Any] = {}
+
+
+def _noted(art: BridgeArtifact, outcome: str, t0: float) -> BridgeArtifact:
+    _LAST.update(outcome=outcome, seconds=time.perf_counter() - t0, name=art.name, path=str(art.path))
+    return art
+
+
+def last_export() -> dict[str, Any]:
+    """How this process's latest :func:`export` call ended, for progress output.
+
+    Returns:
+        ``{"outcome", "seconds", "name", "path"}``: ``outcome`` is ``"exported"``, ``"cache hit"``
+        (found by the traced graph's fingerprint: TF was loaded), ``"cache hit (reference, no
+        TensorFlow)"`` / ``"cache hit (file fingerprint, no TensorFlow)"`` (found without starting
+        TF), or one of the first two followed by ``" in a child process"``; ``seconds`` is the wall
+        time of the call. ``{}`` before the first call or when the latest one raised.
+    """
+    return dict(_LAST)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +317,7 @@ def _export_in_child(ref: str, options: ExportOptions, sample_inputs: Samples | 
 
             raise errors.ParityError(err["message"], _PR.from_dict(err["report"]) if err.get("report") else None)
         raise ExportError(f"export of {ref!r} failed in the child process: {err['type']}: {err['message']}")
+    _LAST["outcome"] = result.get("outcome", "exported")
     return BridgeArtifact.load(result["path"]), dict(result.get("files") or {})
 
 
@@ -341,6 +369,7 @@ def export_located(located: Located, options: ExportOptions, sample_inputs: Samp
                       sample_fn=sample_inputs if callable(sample_inputs) else None)
 
     art, hit = cached_or_build(name, fingerprint, build, root=root, force=force)
+    _LAST["outcome"] = "cache hit" if hit else "exported"
     logger.info("export %s: %s in %.2f s (%s)", name, "cache hit" if hit else "exported", time.perf_counter() - t0, art.path)
     return art
 

@@ -278,6 +278,18 @@ class ExportConfig(_BridgedConfig):
               f"{where}.trainable_export: must be true, false or null (follow the branch), got {self.trainable_export!r}")
 
 
+def export_kwargs(cfg: ExportConfig, *, trainable: bool, role: str) -> dict[str, Any]:
+    """The keyword arguments of :func:`mmbridge.export` for an ``export`` component (besides ``ref``).
+
+    ``trainable`` is the branch's; ``trainable_export`` null follows it for a torch-backed encoder.
+    The same arguments are the same cache entry: ``mmbridge prepare`` exports with them ahead of a
+    job, so the job's own exports (if any) are cache hits.
+    """
+    flag = (cfg.trainable_export if cfg.trainable_export is not None
+            else trainable and cfg.backend == "torch" and role == "encoder")
+    return {"name": cfg.name, "role": role, "trainable": bool(flag)}
+
+
 @register_component(ExportConfig, roles=("encoder", "preprocess"))
 def build_export(cfg: ExportConfig, ctx: BuildContext) -> nn.Module:
     from mmbridge.artifact import BridgeArtifact
@@ -288,9 +300,7 @@ def build_export(cfg: ExportConfig, ctx: BuildContext) -> nn.Module:
     path, error = None, None
     if distributed.read_env()["rank"] == 0:
         try:
-            trainable = (cfg.trainable_export if cfg.trainable_export is not None
-                         else ctx.trainable and cfg.backend == "torch" and ctx.role == "encoder")
-            path = str(export(cfg.ref, name=cfg.name, role=ctx.role, trainable=bool(trainable)).path)
+            path = str(export(cfg.ref, **export_kwargs(cfg, trainable=ctx.trainable, role=ctx.role)).path)
         except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
             error = f"{type(exc).__name__}: {exc}"
     path, error = distributed.broadcast_object((path, error))

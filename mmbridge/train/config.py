@@ -46,7 +46,8 @@ Schema (defaults: the dataclasses; in YAML form in :data:`DEFAULTS` and :data:`T
                grad_clip, scheduler (cosine|none), seed, num_workers, monitor, mode, patience,
                checkpoint_every_steps, keep_checkpoints, deterministic, max_steps_per_epoch, stop_after_epochs,
                device, resume, restore_best, log_every, progress}
-    output: {dir: runs/NAME, tensorboard: true, name: null}   # name: row name in reports (default: dir name)
+    output: {dir: runs/NAME, tensorboard: true, name: null,   # name: row name in reports (default: dir name)
+             loggers: [tensorboard], logger_options: {}}    # + wandb, mlflow (mmbridge.train.loggers)
 
 Encoder / preprocess ``type``\\ s and their keys: the entries of the registry
 :data:`mmbridge.composition.config.components` (built-in ones in :mod:`mmbridge.train.components`;
@@ -354,15 +355,34 @@ class OutputConfig(_Section):
     Attributes:
         dir: run folder (checkpoints, ``config.yaml``, reports, ``tensorboard/``); also the
             default ``out_dir`` of :class:`~mmbridge.Trainer`.
-        tensorboard: write TensorBoard logs.
+        tensorboard: write TensorBoard logs (false drops ``tensorboard`` from ``loggers``).
         name: row name in reports; None: the folder name of ``dir``.
+        loggers: experiment loggers, any of ``tensorboard``, ``wandb``, ``mlflow``
+            (:mod:`mmbridge.train.loggers`; rank 0 only). An unknown name, or one whose package is
+            not installed, is reported here with the choices / the ``pip install`` command.
+        logger_options: ``{logger name: options}``, e.g. ``{wandb: {project: P, mode: offline},
+            mlflow: {tracking_uri: "file:runs/mlruns", experiment: E}}``.
     """
 
     dir: str = "runs/mmbridge"
     tensorboard: bool = True
     name: str | None = None
+    loggers: tuple[str, ...] = ("tensorboard",)
+    logger_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loggers, list):
+            object.__setattr__(self, "loggers", tuple(self.loggers))
+
+    @property
+    def active_loggers(self) -> tuple[str, ...]:
+        """:attr:`loggers`, without ``tensorboard`` when :attr:`tensorboard` is false."""
+        return tuple(n for n in self.loggers if self.tensorboard or n != "tensorboard")
 
     def _validate(self, where: str, problems: list[str]) -> None:
+        from mmbridge.train.loggers import check_loggers
+
+        check_loggers(self.loggers, self.logger_options, where, problems)
         check(isinstance(self.dir, str) and self.dir != "", problems,
               f"{where}.dir: must be a non-empty path, got {self.dir!r}")
         check(self.name is None or isinstance(self.name, str), problems,
@@ -602,6 +622,10 @@ def keras_counterpart(kind: str | None) -> str | None:
 def _check_keras(cfg: RunConfig, problems: list[str]) -> None:
     """What ``framework: keras`` (:mod:`mmbridge.baselines.keras_run`) can build and train."""
     m, t = cfg.model, cfg.training
+    extra = [n for n in cfg.output.loggers if n != "tensorboard"]
+    if extra:
+        problems.append(f"output.loggers: {extra} not supported under framework: keras (its run logs to TensorBoard "
+                        f"only); use [tensorboard], or framework: torch")
     keras_types = [n for n in components.names() if components.get(n).keras]
     known = ", ".join(f"{k} ({components.get(k).keras})" for k in keras_types)
     for name, b in m.branches.items():

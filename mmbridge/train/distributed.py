@@ -265,6 +265,20 @@ def broadcast_object(obj):
     return obj
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's floating-point buffers (BatchNorm running mean / var) to every rank, in place.
+
+    DDP broadcasts buffers from rank 0 only at the start of each training forward, so after the
+    last step of an epoch every rank holds running statistics updated with its own last batch.
+    Evaluation runs the plain module on each rank's shard, and the checkpoint is rank 0's: without
+    this, the ranks evaluated slightly different models. No-op in a single process.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for b in module.buffers():
+            if b.is_floating_point():
+                _collective("a broadcast", lambda b=b: dist.broadcast(b, src=0))
+
+
 def cleanup() -> None:
     """Destroy the process group if one is initialised."""
     if dist.is_available() and dist.is_initialized():

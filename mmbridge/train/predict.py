@@ -166,7 +166,7 @@ class Run:
 
         with tempfile.TemporaryDirectory(prefix="mmbridge-eval-") as tmp:
             trainer = Trainer.from_config(self.model, first, None, self.config.training, self.config.output,
-                                          task=self.task, tensorboard=False, out_dir=tmp,
+                                          task=self.task, tensorboard=False, loggers=[], out_dir=tmp,
                                           num_classes=len(self.label_names) or None)
             try:
                 res = {name: trainer.evaluate(ds, name) for name, ds in todo.items()}

@@ -18,7 +18,7 @@ from mmbridge.train.config import RunConfig, as_run_config
 
 
 def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None,
-              allow_config_change: bool = False) -> dict[str, Any]:
+              allow_config_change: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Train and evaluate a validated config (see :func:`mmbridge.train.config.load_config`).
 
     Writes into ``output.dir``: ``config.yaml``, ``last.pt``, ``best.pt``, ``tensorboard/``,
@@ -28,6 +28,9 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None,
     (:func:`check_output_dir`): a different config is refused with the differences unless
     ``allow_config_change`` (``mmbridge train --resume``) or ``training.resume`` names a
     checkpoint path; a ``last.pt`` that will be resumed must fit the model (keys and shapes).
+
+    Unless ``quiet``, rank 0 prints one line per step of reading the data and building the model
+    to stderr (:func:`mmbridge.train.build.progress_line`: what, export cache hit / miss, seconds).
 
     ``framework: keras`` configs are the Keras baseline's (:mod:`mmbridge.baselines.keras_run`;
     :func:`mmbridge.cli.train.run_train` dispatches); this recipe refuses them.
@@ -47,7 +50,7 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None,
         raise ConfigError("mmbridge.train.run.run_train trains torch models; a framework: keras config is the "
                           "Keras baseline: run it with mmbridge.cli.train.run_train (or `mmbridge train`)")
     from mmbridge.train import distributed
-    from mmbridge.train.build import build_data, build_model, data_root
+    from mmbridge.train.build import build_data, build_model, data_root, progress_line
     from mmbridge.train.config import dump
     from mmbridge.train.metrics import write_report
     from mmbridge.train.trainer import Trainer
@@ -59,15 +62,17 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None,
     splits = build_data(cfg.data)
     t_data = time.perf_counter() - t_data
     train = splits["train"]
+    progress_line(f"read data {root} ({', '.join(f'{len(v)} {k}' for k, v in splits.items())}): {t_data:.1f} s",
+                  enabled=not quiet)
     t_model = time.perf_counter()
-    model = build_model(cfg, train)
+    model = build_model(cfg, train, progress=not quiet)
     t_model = time.perf_counter() - t_model
     out_dir = Path(cfg.output.dir)
     name = name or cfg.output.name or out_dir.name
     resume_from = check_output_dir(cfg, model, allow_config_change=allow_config_change)
     meta = train.metadata() if hasattr(train, "metadata") else {}
     trainer = Trainer.from_config(model, train, splits["val"], cfg.training, cfg.output, task=cfg.model.task,
-                                  extra_state={"config": cfg.to_dict(), "data": meta})
+                                  extra_state={"config": cfg.to_dict(), "data": meta}, logger_config=cfg.to_dict())
     if resume_from is not None:
         # loaded here, not in fit(), so that a checkpoint the trainer refuses (e.g. mid-epoch under another
         # epoch layout) is refused before config.yaml is written
@@ -116,8 +121,10 @@ def run_train(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None,
 def _run_outputs(cfg: Any, trainer: Any, model: Any, test_ds: Any, fit: Mapping[str, Any], metrics: Mapping[str, float],
                  out_dir: Path, device: Any) -> None:
     """What people look at after a run: the learning-curve and confusion-matrix PNGs
-    (:mod:`mmbridge.train.plots`), and the final test / val metrics with the run's hyper-parameters in
-    TensorBoard (``add_hparams``, so runs compare side by side in its HPARAMS tab)."""
+    (:mod:`mmbridge.train.plots`), and, through the trainer's loggers (:mod:`mmbridge.train.loggers`),
+    the test metrics (step = the last optimiser step), the run's hyper-parameters with the final test /
+    val metrics (TensorBoard's HPARAMS tab, W&B config + summary, MLflow params) and the report and
+    PNG files as artifacts."""
     import torch
 
     from mmbridge.train.plots import predictions, write_run_plots
@@ -135,26 +142,23 @@ def _run_outputs(cfg: Any, trainer: Any, model: Any, test_ds: Any, fit: Mapping[
         print(f"plots: {written['skipped']}", flush=True)
     else:
         print("plots: " + ", ".join(written.values()), flush=True)
-    if cfg.output.tensorboard:
-        from mmbridge.train.trainer import summary_writer
-
-        writer = summary_writer(out_dir / "tensorboard")
-        try:
-            step = int(getattr(trainer, "global_step", 0))
-            for k, v in metrics.items():
-                if k.startswith("test/"):
-                    writer.add_scalar(k, v, step)
-            hparams = {"lr": t.lr, "batch_size": t.batch_size, "epochs": t.epochs, "precision": t.precision,
-                       "weight_decay": t.weight_decay, "seed": t.seed, "fusion": cfg.model.fusion,
-                       "fusion_dim": cfg.model.fusion_dim, "branches": ",".join(cfg.model.branches)}
-            writer.add_hparams(hparams, {k: float(v) for k, v in metrics.items()}, run_name="hparams")
-        finally:
-            writer.close()
+    step = int(getattr(trainer, "global_step", 0))
+    hparams = {"lr": t.lr, "batch_size": t.batch_size, "epochs": t.epochs, "precision": t.precision,
+               "weight_decay": t.weight_decay, "seed": t.seed, "fusion": cfg.model.fusion,
+               "fusion_dim": cfg.model.fusion_dim, "branches": ",".join(cfg.model.branches)}
+    files = [out_dir / "report.md", out_dir / "report.json", *(Path(p) for k, p in written.items() if k != "skipped")]
+    for lg in getattr(trainer, "loggers", []):
+        lg.log_scalars(step, {k: v for k, v in metrics.items() if k.startswith("test/")})
+        lg.log_hparams(hparams, {k: float(v) for k, v in metrics.items()})
+        for f in files:
+            if f.is_file():
+                lg.log_artifact(f)
 
 
 #: config keys that may differ between runs into one folder: they change how a run is driven,
 #: not what its checkpoints hold
-VOLATILE_KEYS = ("output.dir", "training.resume", "training.stop_after_epochs", "training.progress", "training.log_every")
+VOLATILE_KEYS = ("output.dir", "training.resume", "training.stop_after_epochs", "training.progress", "training.log_every",
+                 "output.tensorboard", "output.loggers", "output.logger_options")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -172,12 +176,14 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
                 ignore: tuple[str, ...] = VOLATILE_KEYS) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (old value, new value)}`` where two configs (YAML form) differ.
 
-    Keys absent on one side show ``"<unset>"``; ``ignore`` (default :data:`VOLATILE_KEYS`) are skipped.
+    Keys absent on one side show ``"<unset>"``; ``ignore`` (default :data:`VOLATILE_KEYS`) are skipped,
+    with every key under them (``output.logger_options.wandb.project``).
     """
     a, b = _flatten(old), _flatten(new)
     missing = "<unset>"
     return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(a.keys() | b.keys())
-            if k not in ignore and a.get(k, missing) != b.get(k, missing)}
+            if k not in ignore and not any(k.startswith(i + ".") for i in ignore)
+            and a.get(k, missing) != b.get(k, missing)}
 
 
 def check_output_dir(cfg: RunConfig, model: Any, *, allow_config_change: bool = False) -> str | None:
@@ -282,7 +288,7 @@ def run_evaluate(cfg: RunConfig | Mapping[str, Any], checkpoint: str, *, out: st
         raise ConfigError(f"checkpoint {checkpoint} does not fit the model of this config ({detail}); use the "
                           f"config the checkpoint was trained with (saved as config.yaml beside it)") from None
     trainer = Trainer.from_config(model, splits["train"], None, cfg.training, cfg.output, task=cfg.model.task,
-                                  tensorboard=False, out_dir=out or cfg.output.dir)
+                                  tensorboard=False, loggers=[], out_dir=out or cfg.output.dir)
     try:
         res = {s: trainer.evaluate(splits[s], s) for s in splits_to_eval}
     finally:

@@ -35,7 +35,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from mmbridge.errors import ConfigError, MMBridgeError
 from mmbridge.train import checkpoint as ckpt_io
 from mmbridge.train import distributed
 from mmbridge.train.config import SCHEDULERS, OutputConfig, TrainConfig
+from mmbridge.train.loggers import Logger, make_loggers, summary_writer  # noqa: F401 - summary_writer: re-export
 
 logger = logging.getLogger("mmbridge.train")
 
@@ -116,7 +117,14 @@ class Trainer:
             them, else a one-batch dry run listing the trainable parameters that get no
             gradient, e.g. a Hugging Face encoder's pooler; on with modality dropout); the list
             is logged and kept as ``self.unused_parameters``.
-        progress: tqdm bar on rank 0. tensorboard: SummaryWriter on rank 0.
+        progress: tqdm bar on rank 0. tensorboard: SummaryWriter on rank 0 (``out_dir/tensorboard``).
+        loggers: experiment loggers on rank 0 (:mod:`mmbridge.train.loggers`): names
+            (``"tensorboard"``, ``"wandb"``, ``"mlflow"``) or :class:`~mmbridge.train.loggers.Logger`
+            instances; None (default): ``["tensorboard"]`` if ``tensorboard`` else none. They get
+            every epoch record (step = epoch) and ``train/loss_step`` (step = optimiser step).
+            ``self.loggers`` is the built list (empty on other ranks).
+        logger_options: ``{name: options}`` for the named loggers (``output.logger_options``).
+        logger_config: the run's config (YAML form) for loggers that store it (W&B).
         device: ``"cpu"``, ``"cuda"`` or None (CUDA if available).
         extra_state: plain values saved in every checkpoint under ``"extra"`` (e.g. the config
             and the label mapping).
@@ -150,7 +158,9 @@ class Trainer:
                  max_steps_per_epoch: int | None = _T.max_steps_per_epoch, log_every: int = _T.log_every,
                  progress: bool = _T.progress, tensorboard: bool = _O.tensorboard, device: str | None = _T.device,
                  ddp_timeout_min: float = _T.ddp_timeout_min, find_unused_parameters: bool | None = None,
-                 extra_state: Mapping[str, Any] | None = None, feature_cache: bool = _T.feature_cache):
+                 extra_state: Mapping[str, Any] | None = None, feature_cache: bool = _T.feature_cache,
+                 loggers: Sequence[str | Logger] | None = None, logger_options: Mapping[str, Any] | None = None,
+                 logger_config: Mapping[str, Any] | None = None):
         problems = _numeric_problems(
             positive={"lr": lr, "ddp_timeout_min": ddp_timeout_min},
             non_negative={"weight_decay": weight_decay},
@@ -238,11 +248,11 @@ class Trainer:
         self._loss_count = torch.zeros((), dtype=torch.float64, device=self.device)
         # first optimiser step (1-based) whose loss was not finite on this rank; _NO_STEP: none
         self._bad_step = torch.full((), _NO_STEP, dtype=torch.int64, device=self.device)
-        self.writer = None
+        self.loggers: list[Logger] = []
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                self.writer = summary_writer(self.out_dir / "tensorboard")
+            names = loggers if loggers is not None else (["tensorboard"] if tensorboard else [])
+            self.loggers = make_loggers(names, self.out_dir, logger_options, logger_config)
 
     @classmethod
     def from_config(cls, model: nn.Module, train_data: Dataset, val_data: Dataset | None = None,
@@ -253,7 +263,8 @@ class Trainer:
         ``kwargs`` (``num_classes``, ``extra_state``, or any field to override) win over them.
         """
         training, output = training or TrainConfig(), output or OutputConfig()
-        kw = {**training.trainer_kwargs(), "out_dir": output.dir, "tensorboard": output.tensorboard, **kwargs}
+        kw = {**training.trainer_kwargs(), "out_dir": output.dir, "tensorboard": output.tensorboard,
+              "loggers": list(output.active_loggers), "logger_options": dict(output.logger_options), **kwargs}
         return cls(model, train_data, val_data, task=task, **kw)
 
     # ------------------------------------------------------------------------------------------
@@ -380,6 +391,8 @@ class Trainer:
                         exc, distributed.DistributedTimeoutError):
                     raise distributed.timeout_error(exc, f"a training step of epoch {self.epoch + 1}") from exc
                 raise
+            if self.env.distributed:  # every rank evaluates (and ends with) rank 0's BatchNorm statistics
+                distributed.broadcast_buffers(self.model)
             if self.val_data is not None:
                 record.update(self.evaluate(self.val_data, prefix="val"))
                 stopped_early = self._early_stopping(record)
@@ -397,8 +410,9 @@ class Trainer:
         if restore_best and self.val_data is not None and (self.out_dir / "best.pt").is_file():
             distributed.barrier()
             self.model.load_state_dict(ckpt_io.load(self.out_dir / "best.pt")["model"])
-        if self.writer is not None:
-            self.writer.flush()
+        for lg in self.loggers:
+            if hasattr(lg, "flush"):
+                lg.flush()
         return {"history": self.history, "best": self.best, "best_epoch": self.best_epoch,
                 "monitor": self.monitor, "stopped_early": stopped_early, "epochs_run": run,
                 "train_time_s": elapsed}
@@ -447,8 +461,8 @@ class Trainer:
                 if self.global_step % self.log_every == 0 or checkpoint_now:
                     self._check_finite()
                     value = detached.item()
-                    if self.writer is not None:
-                        self.writer.add_scalar("train/loss_step", value, self.global_step)
+                    for lg in self.loggers:
+                        lg.log_scalars(self.global_step, {"train/loss_step": value})
                     bar.set_postfix(loss=f"{value:.4f}")
                 if checkpoint_now:
                     self.save_checkpoint(self.out_dir / "last.pt")
@@ -501,10 +515,10 @@ class Trainer:
             return
         msg = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
         print(msg, flush=True)
-        if self.writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
-                    self.writer.add_scalar(k if "/" in k else f"train/{k}", v, record["epoch"])
+        scalars = {k if "/" in k else f"train/{k}": v for k, v in record.items()
+                   if isinstance(v, (int, float)) and k not in ("epoch", "step")}
+        for lg in self.loggers:
+            lg.log_scalars(record["epoch"], scalars)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -634,10 +648,10 @@ class Trainer:
                 self._loss_count.fill_(sum(float(s[1]) for s in mine))
 
     def close(self) -> None:
-        """Flush and close TensorBoard; destroy the process group if this trainer started one."""
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        """Close the loggers (TensorBoard, W&B, MLflow); destroy the process group if this trainer started one."""
+        loggers, self.loggers = self.loggers, []
+        for lg in loggers:
+            lg.close()
         distributed.cleanup()
 
 
@@ -700,24 +714,6 @@ def _numeric_problems(*, positive: Mapping[str, Any], non_negative: Mapping[str,
         if v is not None and not (_is_int(v) and v >= 1):
             problems.append(f"{key}={v!r} must be an int >= 1 or None")
     return problems
-
-
-def summary_writer(log_dir: str | os.PathLike):
-    """A TensorBoard ``SummaryWriter`` that does not import TensorFlow.
-
-    TensorBoard imports TensorFlow when it is installed (``tensorboard.compat.tf``) unless the
-    marker module ``tensorboard.compat.notf`` exists, in which case it uses its own stub (its
-    "no_tensorflow" build). The training process should not load TF (DESIGN.md, "TF
-    isolation"), so unless TF is already loaded the marker is installed first.
-    """
-    import sys
-    import types
-
-    if "tensorflow" not in sys.modules:
-        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(log_dir))
 
 
 def _task_head(model: nn.Module, task: str | None, problems: list[str]) -> tuple[Any, str]:

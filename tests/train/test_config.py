@@ -174,16 +174,29 @@ def test_train_then_evaluate_cli_on_builtin_sample(tmp_path, capsys):
 
 
 def test_launcher_examples_reference_real_configs():
-    job = yaml.safe_load((REPO / "examples" / "kubeflow" / "pytorchjob.yaml").read_text())
+    """The cluster examples export once (TF), then train from the prepared config (no TF), resumably."""
+    prep, job = yaml.safe_load_all((REPO / "examples" / "kubeflow" / "pytorchjob.yaml").read_text())
+    assert prep["kind"] == "Job" and job["kind"] == "PyTorchJob"
+    (pc,) = prep["spec"]["template"]["spec"]["containers"]
+    script = pc["command"][-1]
+    out = script.split("--out ")[1].split()[0]
+    for name in ("tf-only.yaml", "hybrid.yaml"):
+        assert f"/config/{name}" in script and (REPO / "examples" / "pokedex" / name).is_file()
+    assert "mmbridge.cli prepare /config/hybrid.yaml" in script and out.startswith("/runs/")
     specs = job["spec"]["pytorchReplicaSpecs"]
     for role in ("Master", "Worker"):
-        (container,) = specs[role]["template"]["spec"]["containers"]
+        spec = specs[role]["template"]["spec"]
+        (container,) = spec["containers"]
         assert container["name"] == "pytorch"  # the training operator requires it
         cmd = container["command"]
-        assert cmd[:4] == ["python", "-m", "mmbridge.cli", "train"]
-        assert (REPO / "examples" / "pokedex" / Path(cmd[4]).name).is_file()
+        assert cmd[:5] == ["python", "-m", "mmbridge.cli", "train", f"{out}/train.yaml"]
+        assert "output.dir=/runs/" in cmd[5] and container["image"] != pc["image"]  # the image without TF
+        (wait,) = spec["initContainers"]
+        assert f"{out}/train.yaml" in wait["command"][-1]
     sbatch = (REPO / "examples" / "slurm" / "train.sbatch").read_text()
-    assert "torch.distributed.run" in sbatch and "-m mmbridge.cli train" in sbatch
+    assert "torch.distributed.run" in sbatch and '-m mmbridge.cli train "$ART/train.yaml"' in sbatch
+    assert sbatch.index("mmbridge.cli prepare") < sbatch.index("torch.distributed.run")
+    assert "SLURM_JOB_ID-" not in sbatch and "--requeue" in sbatch  # the same output.dir on resubmission
     assert subprocess.run(["bash", "-n", str(REPO / "examples" / "slurm" / "train.sbatch")]).returncode == 0
 
 
