@@ -18,7 +18,7 @@ the step of :func:`mmbridge.bench.suites._torch_train_step`. Rows are written as
 (:meth:`Result.to_dict`) to ``--out``. The child never imports TensorFlow (checked and recorded
 in each row's ``extra.tensorflow_loaded``).
 
-This module is the one place outside the export stage and the baselines that imports Keras
+The parent side is :func:`mmbridge.bench.suites.keras_torch_rows`. This module is the one place outside the export stage and the baselines that imports Keras
 (``tests/test_layout.py``): always on the torch backend, in its own process.
 """
 
@@ -27,17 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmbridge.bench.harness import HarnessConfig, Result, Variant, measure_case, skipped_case
-
-VARIANTS = ("keras_torch_backend", "torch_converted", "torch_native")
+from mmbridge.bench.harness import HarnessConfig, Result, Variant, measure_case
 
 
 def _rows(args: argparse.Namespace) -> list[Result]:
@@ -120,51 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps([r.to_dict() for r in rows]))
     os.replace(tmp, out)
     return 0
-
-
-def keras_torch_rows(*, keras_model: Any, keras_path: Path, artifact: Any, kind: str, batch: int, side: int,
-                     mode: str, config: HarnessConfig, threads: int | None, timeout_s: float = 600.0) -> list[Result]:
-    """Save ``keras_model`` to ``keras_path`` (once) and time it on Keras's torch backend in a child.
-
-    Args:
-        keras_model: the Keras 3 model the artifact was exported from (saved with ``model.save``;
-            a file already at ``keras_path`` is reused).
-        keras_path: where the ``.keras`` file lives (under the bench cache dir).
-        artifact: the ``BridgeArtifact`` exported from the model, or ``None``.
-        kind, batch, side, mode: the case (``mode`` is ``"forward"`` or ``"train"``).
-        config: the parent's harness settings (the child uses the same).
-        threads: torch intra-op threads in the child (``None``: torch's default).
-        timeout_s: the child's time limit, in s.
-
-    Returns:
-        The child's rows (see the module doc), or ``status="skipped"`` rows saying why it could not run.
-    """
-    case = f"{kind} {'train step' if mode == 'train' else 'forward'} b{batch} {side}px: Keras on torch"
-    try:
-        if not keras_path.is_file():
-            keras_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = keras_path.with_name(keras_path.stem + ".tmp.keras")
-            keras_model.save(tmp)
-            os.replace(tmp, keras_path)
-    except Exception as exc:  # noqa: BLE001 - a model Keras cannot save: the variant is skipped, with the reason
-        return skipped_case("encoders", case, VARIANTS, "torch_native", f"model.save failed: {type(exc).__name__}: {exc}")
-    with tempfile.TemporaryDirectory() as tmpdir:
-        out = Path(tmpdir) / "rows.json"
-        cmd = [sys.executable, "-m", "mmbridge.bench.keras_torch", "--keras", str(keras_path), "--kind", kind,
-               "--batch", str(batch), "--side", str(side), "--mode", mode, "--out", str(out),
-               "--harness", json.dumps(config.to_dict()), "--threads", str(threads or 0)]
-        if artifact is not None:
-            cmd += ["--artifact", str(artifact.path)]
-        env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3")
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return skipped_case("encoders", case, VARIANTS, "torch_native", f"child killed after {timeout_s:.0f} s")
-        if proc.returncode != 0 or not out.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            return skipped_case("encoders", case, VARIANTS, "torch_native",
-                                f"Keras torch-backend child failed (exit {proc.returncode}): {tail[0][:300]}")
-        return [Result.from_dict(d) for d in json.loads(out.read_text())]
 
 
 if __name__ == "__main__":

@@ -714,17 +714,64 @@ def suite_encoders(ctx: SuiteContext) -> list[Result]:
     return rows
 
 
+KERAS_TORCH_VARIANTS = ("keras_torch_backend", "torch_converted", "torch_native")
+"""The rows of :mod:`mmbridge.bench.keras_torch`'s child (baseline ``torch_native``)."""
+
+
+def keras_torch_rows(*, keras_model: Any, keras_path: Path, artifact: Any, kind: str, batch: int, side: int,
+                     mode: str, config: HarnessConfig, threads: int | None, timeout_s: float = 600.0) -> list[Result]:
+    """Save ``keras_model`` to ``keras_path`` (once) and time it on Keras's torch backend in a child
+    process (``python -m mmbridge.bench.keras_torch``, ``KERAS_BACKEND=torch``; see that module).
+
+    Args:
+        keras_model: the Keras 3 model the artifact was exported from (saved with ``model.save``
+            to ``keras_path``, replacing what is there).
+        keras_path: where the ``.keras`` file lives (under the bench cache dir).
+        artifact: the ``BridgeArtifact`` exported from the model, or ``None``.
+        kind, batch, side, mode: the case (``mode`` is ``"forward"`` or ``"train"``).
+        config: the parent's harness settings (the child uses the same).
+        threads: torch intra-op threads in the child (``None``: torch's default).
+        timeout_s: the child's time limit, in s.
+
+    Returns:
+        The child's rows (see the module doc), or ``status="skipped"`` rows saying why it could not run.
+    """
+    case = f"{kind} {'train step' if mode == 'train' else 'forward'} b{batch} {side}px: Keras on torch"
+    try:  # saved on every call: the file must hold this run's weights, the ones the artifact was exported from
+        keras_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = keras_path.with_name(keras_path.stem + ".tmp.keras")
+        keras_model.save(tmp)
+        os.replace(tmp, keras_path)
+    except Exception as exc:  # noqa: BLE001 - a model Keras cannot save: the variant is skipped, with the reason
+        return skipped_case("encoders", case, KERAS_TORCH_VARIANTS, "torch_native", f"model.save failed: {type(exc).__name__}: {exc}")
+    with tempfile.TemporaryDirectory() as tmpdir:
+        out = Path(tmpdir) / "rows.json"
+        cmd = [sys.executable, "-m", "mmbridge.bench.keras_torch", "--keras", str(keras_path), "--kind", kind,
+               "--batch", str(batch), "--side", str(side), "--mode", mode, "--out", str(out),
+               "--harness", json.dumps(config.to_dict()), "--threads", str(threads or 0)]
+        if artifact is not None:
+            cmd += ["--artifact", str(artifact.path)]
+        env = dict(os.environ, KERAS_BACKEND="torch", TF_CPP_MIN_LOG_LEVEL="3")
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return skipped_case("encoders", case, KERAS_TORCH_VARIANTS, "torch_native", f"child killed after {timeout_s:.0f} s")
+        if proc.returncode != 0 or not out.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            return skipped_case("encoders", case, KERAS_TORCH_VARIANTS, "torch_native",
+                                f"Keras torch-backend child failed (exit {proc.returncode}): {tail[0][:300]}")
+        return [Result.from_dict(d) for d in json.loads(out.read_text())]
+
+
 def _keras_torch_case(ctx: SuiteContext, tf: Any, tf_note: str | None, kind: str, batch: int, side: int,
                       mode: str) -> list[Result]:
     """Keras 3 on its torch backend vs the converted bridge vs the native twin, one child process
     loading the same ``.keras`` file (:mod:`mmbridge.bench.keras_torch`)."""
-    from mmbridge.bench.keras_torch import VARIANTS, keras_torch_rows
-
     case = f"{kind} {'train step' if mode == 'train' else 'forward'} b{batch} {side}px: Keras on torch"
     if tf is None:
-        return skipped_case("encoders", case, VARIANTS, "torch_native", tf_note or "TensorFlow unavailable")
+        return skipped_case("encoders", case, KERAS_TORCH_VARIANTS, "torch_native", tf_note or "TensorFlow unavailable")
     if ctx.device != "cpu":
-        return skipped_case("encoders", case, VARIANTS, "torch_native", "the Keras torch-backend child runs on CPU only")
+        return skipped_case("encoders", case, KERAS_TORCH_VARIANTS, "torch_native", "the Keras torch-backend child runs on CPU only")
     model, art, _note = _encoder_artifacts(ctx, tf, kind, side, trainable=mode == "train")
     ctx.log(f"  {case}: child process (KERAS_BACKEND=torch)")
     return keras_torch_rows(keras_model=model, keras_path=ctx.cache_dir / "keras_torch" / f"{kind}_{side}.keras",
