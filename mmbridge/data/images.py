@@ -24,7 +24,6 @@ Nothing here imports TensorFlow.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
