@@ -371,6 +371,13 @@ def _train_record(artifact: BridgeArtifact, steps: int, source: Any) -> dict[str
     """What ``verify(train_steps=steps, source=...)`` reports under ``ParityReport.train``."""
     if source is not None:
         if not TRAIN_PARITY_RUNNER:
+            # The runner lives in the export stage (TensorFlow), a layer above this one, and registers
+            # itself when mmbridge.export.contract loads. A caller holding a Keras model has TF loaded
+            # already, so loading the export stage by name here is safe (and is not a static import).
+            import importlib
+
+            importlib.import_module("mmbridge.export.contract")
+        if not TRAIN_PARITY_RUNNER:
             raise ValueError("verify(source=...): re-running train parity needs mmbridge.export (TensorFlow); "
                              "import mmbridge.export.contract first, or omit source= to report what export recorded")
         return dict(TRAIN_PARITY_RUNNER[0](artifact, source, steps), source="rerun with the Keras model")

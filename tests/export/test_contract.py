@@ -274,3 +274,18 @@ def test_cli_verify_train_prints_the_recorded_train_parity(exported, capsys):
     assert main(["verify", str(art.path), "--train"]) == 0
     out = capsys.readouterr().out
     assert "train parity (recorded at export, not re-run" in out and "PASSED after 3 SGD steps" in out
+
+
+def test_verify_with_source_loads_the_export_stage_itself(monkeypatch):
+    """``verify(art, train_steps=k, source=model)`` used to need ``import mmbridge.export.contract``
+    first; the runner now registers itself when ``verify`` asks for it."""
+    import sys
+
+    import mmbridge.parity as parity
+
+    monkeypatch.setattr(parity, "TRAIN_PARITY_RUNNER", [])
+    monkeypatch.delitem(sys.modules, "mmbridge.export.contract", raising=False)
+    with pytest.raises(Exception):  # noqa: B017 - a stand-in artifact: the real runner fails on it, after loading
+        parity._train_record(object(), 1, source=object())
+    seen = [f.__name__ for f in parity.TRAIN_PARITY_RUNNER]
+    assert seen == ["rerun_train_parity"]
