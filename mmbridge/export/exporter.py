@@ -705,7 +705,7 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     t_backends = time.perf_counter()
     requirements = backend_requirements(model)
     torch_module, torch_error = _backends.convert_torch(model, trainable=options.trainable, requirements=requirements)
-    graph_in = [i.name for i in model.graph.input]
+    graph_in = [s.name for s in specs]  # graph.input also lists a trainable export's weight placeholders
     graph_out = [o.name for o in model.graph.output]
     torch_run = _backends.module_runner(torch_module, graph_in, graph_out) if torch_module is not None else None
 
