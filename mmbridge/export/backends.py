@@ -158,7 +158,8 @@ def check_backends(name: str, model: Any, specs: Sequence[TensorSpec], samples: 
                    tf_run: Callable[[Feeds], dict[str, np.ndarray]], tf_errors: tuple[type[BaseException], ...],
                    to_onnx: Callable[[Feeds], dict[str, np.ndarray]], ref: Mapping[str, np.ndarray],
                    runners: Mapping[str, Runner | None], conversion_errors: Mapping[str, str],
-                   tolerance: Tolerance | None, verify: bool) -> dict[str, Any]:
+                   tolerance: Tolerance | None, verify: bool,
+                   base_outputs: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """Run every backend at the base samples and the extra shapes, compare with TF, record it all.
 
     Args:
@@ -174,6 +175,8 @@ def check_backends(name: str, model: Any, specs: Sequence[TensorSpec], samples: 
         conversion_errors: ``{backend: reason}`` for a runner that is None.
         tolerance: the export's tolerance for floating outputs (None: the table).
         verify: False skips the extra shapes and records the torch backend as unchecked.
+        base_outputs: ``{backend: outputs}`` already computed on ``samples`` (export's own ORT
+            parity run), compared instead of running that backend again.
 
     Returns:
         ``{"parity_shapes": {...}, "backends": {backend: record}, "torch_verified": bool,
@@ -216,7 +219,9 @@ def check_backends(name: str, model: Any, specs: Sequence[TensorSpec], samples: 
         checks[backend] = check
         if runner is None or (backend != "ort" and not verify):
             continue
-        _run(check, runner, to_onnx(samples), ref, _label(None, groups, base_shapes), tolerance)
+        known = (base_outputs or {}).get(backend)
+        _run(check, (lambda _f, out=known: dict(out)) if known is not None else runner, to_onnx(samples), ref,
+             _label(None, groups, base_shapes), tolerance)
         for run in runs:
             seen = ort_seen.get(id(run.inputs)) if backend == "ort" else None
             _run(check, (lambda _f, out=seen: out) if seen is not None else runner, to_onnx(run.inputs), run.reference,
