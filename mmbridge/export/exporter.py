@@ -691,7 +691,20 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     if options.optimize:
         model, applied, rejected = optimize_model(model, passes_parity)
         model = check_model(model, name)
-    ort_base = run_ort(model, onnx_inputs)  # the final graph at the samples (reused by the backend check below)
+    ort_session: list[Any] = []
+
+    def ort_runner(feeds: Samples) -> dict[str, np.ndarray]:
+        """The final graph on onnxruntime (CPU, plain session.run, one session for every shape checked);
+        feeds in the graph's layout."""
+        if not ort_session:
+            from mmbridge.runtime.session import make_session
+
+            ort_session.append(make_session(model, providers=["CPUExecutionProvider"]))
+        sess = ort_session[0]
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, {i.name: feeds[i.name] for i in sess.get_inputs()})))
+
+    ort_base = ort_runner(onnx_inputs)  # the final graph at the samples (reused by the backend check below)
     report = ParityReport(compare(ort_base, ref, backend="ort", stage="onnx", tolerance=tol))
     if options.verify:
         report.raise_if_failed(f"exported bridge {name!r}")
@@ -710,18 +723,6 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     graph_in = [s.name for s in specs]  # graph.input also lists a trainable export's weight placeholders
     graph_out = [o.name for o in model.graph.output]
     torch_run = _backends.module_runner(torch_module, graph_in, graph_out) if torch_module is not None else None
-
-    ort_session: list[Any] = []
-
-    def ort_runner(feeds: Samples) -> dict[str, np.ndarray]:
-        """The final graph on onnxruntime (CPU, plain session.run, one session); feeds in the graph's layout."""
-        if not ort_session:
-            from mmbridge.runtime.session import make_session
-
-            ort_session.append(make_session(model, providers=["CPUExecutionProvider"]))
-        sess = ort_session[0]
-        names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, {i.name: feeds[i.name] for i in sess.get_inputs()})))
 
     def torch_runner(feeds: Samples) -> dict[str, np.ndarray]:
         """The converted torch module (eval, no grad); feeds in the graph's layout; raises
