@@ -11,7 +11,10 @@ types alone; 33 artifacts claimed it that ``to_torch`` refused, and 20 that were
    (:func:`mmbridge.parity.compare`: every output, nothing truncated; stages ``"onnx"`` and ``"torch"``
    of the tolerance table, or the export's tolerance for floating outputs);
 3. refuses the export (:class:`~mmbridge.errors.ParityError`, nothing cached) on an onnxruntime
-   mismatch or crash at any shape, naming the input, the dim, the size, the output and the error;
+   mismatch at any shape (or a crash at the sample shape), naming the input, the dim, the size,
+   the output and the error. An extra size that TF runs and onnxruntime refuses with an error
+   (loud, not silently wrong: TF's own CPU kernels return a 5x5 valid convolution of a 4x5
+   image without complaint) is skipped and recorded with the reason, like a size TF refuses;
 4. records per backend ``{"converts", "matches", "reason", "max_abs", "shapes"}``. A torch mismatch
    does not refuse the export (onnxruntime is the reference backend): ``meta["backend"]["torch_backend"]``
    is then false and :func:`mmbridge.to_torch` on the artifact raises with the recorded reason
@@ -21,6 +24,7 @@ types alone; 33 artifacts claimed it that ``to_torch`` refused, and 20 that were
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -46,6 +50,8 @@ from mmbridge.parity import (
     structure_rows,
 )
 from mmbridge.specs import TensorSpec, Tolerance
+
+logger = logging.getLogger("mmbridge.export")
 
 Feeds = Mapping[str, np.ndarray]
 Runner = Callable[[Feeds], dict[str, np.ndarray]]
@@ -152,7 +158,8 @@ def check_backends(name: str, model: Any, specs: Sequence[TensorSpec], samples: 
                    tf_run: Callable[[Feeds], dict[str, np.ndarray]], tf_errors: tuple[type[BaseException], ...],
                    to_onnx: Callable[[Feeds], dict[str, np.ndarray]], ref: Mapping[str, np.ndarray],
                    runners: Mapping[str, Runner | None], conversion_errors: Mapping[str, str],
-                   tolerance: Tolerance | None, verify: bool) -> dict[str, Any]:
+                   tolerance: Tolerance | None, verify: bool,
+                   base_outputs: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """Run every backend at the base samples and the extra shapes, compare with TF, record it all.
 
     Args:
@@ -168,6 +175,8 @@ def check_backends(name: str, model: Any, specs: Sequence[TensorSpec], samples: 
         conversion_errors: ``{backend: reason}`` for a runner that is None.
         tolerance: the export's tolerance for floating outputs (None: the table).
         verify: False skips the extra shapes and records the torch backend as unchecked.
+        base_outputs: ``{backend: outputs}`` already computed on ``samples`` (export's own ORT
+            parity run), compared instead of running that backend again.
 
     Returns:
         ``{"parity_shapes": {...}, "backends": {backend: record}, "torch_verified": bool,
@@ -183,9 +192,24 @@ def check_backends(name: str, model: Any, specs: Sequence[TensorSpec], samples: 
     base_shapes = {s.name: list(np.shape(samples[s.name])) for s in specs}
     groups = dynamic_groups(specs, samples)
     targets = size_targets(model)
+    ort_runner = runners.get("ort")
+    ort_seen: dict[int, dict[str, np.ndarray]] = {}
+
+    def ort_runs_at(feeds: Feeds) -> str:
+        """A size onnxruntime refuses with an error (loud, never silently wrong) is skipped, with the reason."""
+        if ort_runner is None:
+            return ""
+        try:
+            ort_seen[id(feeds)] = ort_runner(to_onnx(feeds))  # compared below: onnxruntime runs once per size
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types
+            why = f"onnxruntime cannot run this size (TensorFlow ran it): {type(exc).__name__}: {str(exc)[-300:]}"
+            logger.warning("export %s: %s; inputs %s", name, why, {k: list(np.shape(v)) for k, v in feeds.items()})
+            return why
+        return ""
+
     if verify:
         runs, skipped = run_shapes(plan_shapes(groups, targets), groups, specs, samples, tf_run, tf_errors,
-                                   given=given, sample_fn=sample_fn)
+                                   given=given, sample_fn=sample_fn, runs_at=ort_runs_at)
     else:
         runs, skipped = [], []
     checks: dict[str, BackendCheck] = {}
@@ -195,9 +219,13 @@ def check_backends(name: str, model: Any, specs: Sequence[TensorSpec], samples: 
         checks[backend] = check
         if runner is None or (backend != "ort" and not verify):
             continue
-        _run(check, runner, to_onnx(samples), ref, _label(None, groups, base_shapes), tolerance)
+        known = (base_outputs or {}).get(backend)
+        _run(check, (lambda _f, out=known: dict(out)) if known is not None else runner, to_onnx(samples), ref,
+             _label(None, groups, base_shapes), tolerance)
         for run in runs:
-            _run(check, runner, to_onnx(run.inputs), run.reference, _label(run, groups, base_shapes), tolerance)
+            seen = ort_seen.get(id(run.inputs)) if backend == "ort" else None
+            _run(check, (lambda _f, out=seen: out) if seen is not None else runner, to_onnx(run.inputs), run.reference,
+                 _label(run, groups, base_shapes), tolerance)
     ort = checks.get("ort")
     if verify and ort is not None and ort.matches is False:
         raise ParityError(

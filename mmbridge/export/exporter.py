@@ -748,7 +748,21 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     if options.optimize:
         model, applied, rejected = optimize_model(model, passes_parity)
         model = check_model(model, name)
-    report = ParityReport(compare(run_ort(model, onnx_inputs), ref, backend="ort", stage="onnx", tolerance=tol))
+    ort_session: list[Any] = []
+
+    def ort_runner(feeds: Samples) -> dict[str, np.ndarray]:
+        """The final graph on onnxruntime (CPU, plain session.run, one session for every shape checked);
+        feeds in the graph's layout."""
+        if not ort_session:
+            from mmbridge.runtime.session import make_session
+
+            ort_session.append(make_session(model, providers=["CPUExecutionProvider"]))
+        sess = ort_session[0]
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, {i.name: feeds[i.name] for i in sess.get_inputs()})))
+
+    ort_base = ort_runner(onnx_inputs)  # the final graph at the samples (reused by the backend check below)
+    report = ParityReport(compare(ort_base, ref, backend="ort", stage="onnx", tolerance=tol))
     if options.verify:
         report.raise_if_failed(f"exported bridge {name!r}")
 
@@ -762,13 +776,10 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     t_backends = time.perf_counter()
     requirements = backend_requirements(model)
     torch_module, torch_error = _backends.convert_torch(model, trainable=options.trainable, requirements=requirements)
-    graph_in = [i.name for i in model.graph.input]
+    convert_seconds = round(time.perf_counter() - t_backends, 3)
+    graph_in = [s.name for s in specs]  # graph.input also lists a trainable export's weight placeholders
     graph_out = [o.name for o in model.graph.output]
     torch_run = _backends.module_runner(torch_module, graph_in, graph_out) if torch_module is not None else None
-
-    def ort_runner(feeds: Samples) -> dict[str, np.ndarray]:
-        """The final graph on onnxruntime (CPU, plain session.run); feeds in the graph's layout."""
-        return run_ort(model, feeds)
 
     def torch_runner(feeds: Samples) -> dict[str, np.ndarray]:
         """The converted torch module (eval, no grad); feeds in the graph's layout; raises
@@ -791,7 +802,7 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
         name, model, specs, samples, given=given_samples, sample_fn=sample_fn, tf_run=tf_runner,
         tf_errors=(tf.errors.OpError, ValueError, TypeError), to_onnx=to_graph_layout, ref=ref,
         runners={"ort": ort_runner, "torch": torch_runner if torch_run is not None else None},
-        conversion_errors={"torch": torch_error}, tolerance=tol, verify=options.verify)
+        conversion_errors={"torch": torch_error}, tolerance=tol, verify=options.verify, base_outputs={"ort": ort_base})
     requirements["torch_backend"] = checked["torch_verified"]  # "verified": converts AND matches at every shape
     if not checked["torch_verified"] and not requirements["note"]:
         requirements["note"] = f"torch backend not verified at export: {checked['backends']['torch']['reason']}"
@@ -838,6 +849,7 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
         "backends": checked["backends"],
         "parity_shapes": checked["parity_shapes"],
         "backend_check_seconds": backend_seconds,  # torch conversion + both backends at every shape
+        "backend_check_breakdown": {"to_torch": convert_seconds, "runs": checked["seconds"]},
         "optimizer": {"applied": applied, "rejected": rejected},
         "probes": probes_record,
         "export_seconds": round(time.perf_counter() - t0, 3),

@@ -17,7 +17,8 @@ A dim group is what must take one size together: a symbolic dim name shared by i
 a new shape respect what the base samples were: drawn from the specs (dtype, ``value_range``, the
 bounded integer ranges :func:`mmbridge.export.sources.with_model_ranges` gave, 0/1 padding masks)
 when export drew them, else from the user's values (floats uniform between their min and max,
-integers / strings / bools from the values seen, so ids stay valid ids), or from the user's
+a constant input stays that constant; integers / strings / bools from the values seen, so ids
+stay valid ids), or from the user's
 ``sample_fn(batch, seed)`` when its arrays have the needed shape.
 
 TF failing at a size (a CNN that needs 32 px) skips that size and records why; :func:`run_shapes`
@@ -236,7 +237,7 @@ def samples_at(specs: Sequence[TensorSpec], base: Mapping[str, np.ndarray], shap
                                              seed=seed + i)[s.name].astype(b.dtype)
         elif b.dtype.kind == "f" and b.size:
             lo, hi = float(b.min()), float(b.max())
-            out[s.name] = rng.uniform(lo, hi if hi > lo else lo + 1.0, shape).astype(b.dtype)
+            out[s.name] = (rng.uniform(lo, hi, shape) if hi > lo else np.full(shape, lo)).astype(b.dtype)
         elif b.size:
             out[s.name] = rng.choice(b.reshape(-1), size=shape).astype(b.dtype)
         else:
@@ -258,6 +259,7 @@ def run_shapes(cases: Sequence[ShapeCase], groups: Sequence[DimGroup], specs: Se
                base: Mapping[str, np.ndarray], tf_run: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]],
                tf_errors: tuple[type[BaseException], ...], *, given: bool,
                sample_fn: Callable[[int, int], Mapping[str, np.ndarray]] | None = None,
+               runs_at: Callable[[Mapping[str, np.ndarray]], str] | None = None,
                ) -> tuple[list[ShapeRun], list[dict[str, Any]]]:
     """Draw the samples of each case and run TF on them; a size TF refuses is skipped and recorded.
 
@@ -269,6 +271,8 @@ def run_shapes(cases: Sequence[ShapeCase], groups: Sequence[DimGroup], specs: Se
         tf_run: ``{input: array (TF layout)} -> {output: array}``: the exported TF function.
         tf_errors: the exceptions that mean "TF does not accept this size" (``tf.errors.OpError``,
             ``ValueError``, ``TypeError``).
+        runs_at: ``feeds -> ""`` or why the graph cannot run at this size (the reference backend
+            raised); such a size is skipped and recorded like one TF refuses.
 
     Returns:
         ``(runs, skipped)``: the cases TF ran, and ``{"label", "shapes", "reason"}`` per case it refused.
@@ -287,6 +291,10 @@ def run_shapes(cases: Sequence[ShapeCase], groups: Sequence[DimGroup], specs: Se
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             skipped.append({"label": case.label, "shapes": {k: list(v) for k, v in shapes.items()},
                             "reason": f"TensorFlow refuses this size: {type(exc).__name__}: {first[:300]}"})
+            continue
+        why = runs_at(feeds) if runs_at is not None else ""
+        if why:
+            skipped.append({"label": case.label, "shapes": {k: list(v) for k, v in shapes.items()}, "reason": why})
             continue
         runs.append(ShapeRun(case, shapes, feeds, ref))
     return runs, skipped
