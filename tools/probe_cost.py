@@ -54,12 +54,12 @@ def main() -> None:
     print(f"{'model':18} {'runs':>4} {'skip':>4} {'raised':>6} {'probe s':>8} {'export s (on)':>13} "
           f"{'export s (off)':>14}  targets")
     for name, obj, spec, sample in _models(keras):
-        times = {}
-        for probes in (True, False):
+        times: dict[bool, float] = {}
+        for probes in (True, False, True, False):  # twice each, the faster kept: the first export warms TF up
             with tempfile.TemporaryDirectory() as cache:
                 art = mmbridge.export(obj, input_specs=spec, sample_inputs=sample, cache_dir=cache, probes=probes,
                                       force=True)
-                times[probes] = art.meta["export_seconds"]
+                times[probes] = min(times.get(probes, float("inf")), art.meta["export_seconds"])
                 if probes:
                     rec = art.meta["probes"]
         print(f"{name:18} {rec['runs']:>4} {rec['skipped']:>4} {rec['backend_raised']:>6} {rec['seconds']:>8.3f} "
