@@ -357,3 +357,29 @@ def test_probes_option_is_part_of_the_fingerprint():
     assert ExportOptions.from_dict(off.to_dict()) == off
     with pytest.raises(mmbridge.SpecError, match="probes='no': must be True or False"):
         ExportOptions(probes="no")
+
+
+@pytest.mark.tf
+def test_a_torch_runner_plugs_in_beside_ort(tf, tmp_path):
+    """run_probes takes any backend mapping: the converted torch module of a FloorDiv artifact
+    passes the probes of its ONNX graph (Mod / Sub / Div: the Div row targets it), TF as reference."""
+    import onnx
+    import torch
+
+    fn, samples, _ = _cases(tf)["FloorDiv"]
+    art = mmbridge.export(fn, sample_inputs=samples, cache_dir=tmp_path)
+    module = mmbridge.to_torch(art, trainable=False)
+
+    def run_torch(feeds):
+        with torch.no_grad():
+            out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in art.input_specs])
+        return {art.output_names[0]: out.numpy()}
+
+    from mmbridge.export.exporter import ort_runner
+
+    model = onnx.load(art.onnx_path)
+    specs = [TensorSpec.from_dict(d) for d in art.meta["tf_inputs"]]
+    rec = P.run_probes(model, specs, fn, runners={"ort": ort_runner(model), "torch": run_torch},
+                       out_keys=art.output_names, samples=samples)
+    assert rec["passed"] is True and rec["failed"] == 0 and rec["runs"] - rec["skipped"] >= 2
+    assert any(t.startswith("Div (input 'b')") for t in rec["targets"]), rec["targets"]
