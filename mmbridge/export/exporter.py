@@ -35,7 +35,9 @@ Pipeline (in order; the source kinds are adapters in :mod:`mmbridge.export.sourc
     backends (onnxruntime and ``to_torch``) at extra shapes of every symbolic dim
     (:mod:`mmbridge.export.backends`, :mod:`mmbridge.export.shapes`): an onnxruntime mismatch at any
     shape refuses the export, a torch one is recorded (``meta["backends"]``) and makes ``to_torch``
-    refuse the artifact;
+    refuse the artifact; then the **probe inputs** of :mod:`mmbridge.export.probes` (edge values for
+    the ops in the graph, at most 8 runs; ``ProbeError`` on a mismatch, ``probes=False`` to accept
+    knowingly);
 11. **write** the artifact atomically into the cache (with ``golden.npz`` for later checks).
 """
 
@@ -809,7 +811,23 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     backend_seconds = round(time.perf_counter() - t_backends, 3)
     # ---- end of the backend / shape checks ----------------------------------------------------------------
     # ---- probe inputs (mmbridge.export.probes): edge values per op, TF vs every backend runner ----
-    probes_record = _probe_check(model, src, specs, samples, out_keys, in_names, graph_def, nchw, options, name, tf)
+    # onnxruntime refuses on a probe mismatch; torch (when it was verified above) is probed too, and a
+    # mismatch there is recorded like a torch parity failure: to_torch() then refuses the artifact.
+    probes_record = _probe_check(model, src, specs, samples, out_keys, in_names, graph_def, nchw, options, name,
+                                 runners={"ort": ort_runner})
+    if checked["torch_verified"] and probes_record.get("passed") is not None:
+        from mmbridge.errors import ProbeError
+
+        try:
+            torch_probes = _probe_check(model, src, specs, samples, out_keys, in_names, graph_def, nchw, options,
+                                        name, runners={"torch": torch_runner})
+        except ProbeError as exc:
+            torch_probes = {"passed": False, "error": str(exc)}
+            reason = f"probe input differs from TF on torch: {str(exc).splitlines()[0][:400]}"
+            checked["backends"]["torch"].update(matches=False, reason=reason)
+            requirements["torch_backend"] = False
+            requirements["note"] = f"torch backend not verified at export: {reason}"
+        probes_record = dict(probes_record, torch=torch_probes)
     # ---- end probe inputs ----
     import tf2onnx
 
@@ -865,18 +883,29 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
 
 def _probe_check(model: Any, src: Traceable, specs: Sequence[TensorSpec], samples: Samples, out_keys: Sequence[str],
                  in_names: Sequence[str], graph_def: Any, nchw: Sequence[str], options: ExportOptions, name: str,
-                 tf: Any) -> dict[str, Any]:
-    """The probe check of :mod:`mmbridge.export.probes` on onnxruntime; its record for ``meta.json``.
+                 runners: Mapping[str, Callable[[Samples], Mapping[str, np.ndarray]]] | None = None) -> dict[str, Any]:
+    """The probe check of :mod:`mmbridge.export.probes`; its record for ``meta.json``.
 
     Runs only with ``options.verify`` and ``options.probes`` (else records why not). Backends plug
-    in as ``runners`` (name -> ``feeds -> outputs``); the torch runner joins here.
+    in as ``runners`` (name -> ``{input: array (ONNX layout)} -> {output: array}``); default
+    onnxruntime CPU only (``"ort"``); a torch runner joins as ``runners={"ort": ..., "torch": ...}``.
 
     Raises:
-        ProbeError: onnxruntime differs from TF on a probe input.
+        ProbeError: a backend differs from TF on a probe input.
     """
     if not (options.verify and options.probes):
         return {"passed": None, "skipped": "probes=False" if options.verify else "verify=False"}
     from mmbridge.export.probes import run_probes
+
+    if runners is None:
+        runners = {"ort": ort_runner(model)}
+    return run_probes(model, specs, src.fn, runners=runners, out_keys=out_keys, samples=samples, name=name,
+                      graph_def=graph_def, input_tensors=dict(zip(in_names, [s.name for s in specs])), nchw=nchw,
+                      tolerance=options.tolerance)
+
+
+def ort_runner(model: Any) -> Callable[[Samples], dict[str, np.ndarray]]:
+    """``{input: array} -> {output: array}`` on one onnxruntime CPU session of ``model`` (made once)."""
     from mmbridge.runtime.session import make_session
 
     sess = make_session(model, providers=["CPUExecutionProvider"])
@@ -886,13 +915,7 @@ def _probe_check(model: Any, src: Traceable, specs: Sequence[TensorSpec], sample
     def ort(feeds: Samples) -> dict[str, np.ndarray]:
         return dict(zip(out_names, sess.run(out_names, {k: feeds[k] for k in in_onnx})))
 
-    def reference(feeds: Samples) -> dict[str, np.ndarray]:
-        out = src.fn(*[tf.constant(feeds[s.name]) for s in specs])
-        return dict(zip(out_keys, [np.asarray(t) for t in tf.nest.flatten(out)]))
-
-    return run_probes(model, specs, reference, runners={"ort": ort}, samples=samples, name=name,
-                      graph_def=graph_def, input_tensors=dict(zip(in_names, [s.name for s in specs])), nchw=nchw,
-                      tolerance=options.tolerance)
+    return ort
 
 
 #: Source kinds whose object is a Keras model or layer (Keras 3 or tf-keras).

@@ -651,10 +651,22 @@ def plan_probes(specs: Sequence[TensorSpec], samples: Feeds, *, graph_def: Any =
 # ---------------------------------------------------------------------------------------------
 # the check
 # ---------------------------------------------------------------------------------------------
+def _items(flat: np.ndarray) -> list[Any]:
+    """Plain Python values for messages: floats to 7 significant digits, bytes decoded."""
+    out = []
+    for x in flat.tolist():
+        if isinstance(x, bytes):
+            x = x.decode(errors="replace")
+        elif isinstance(x, float) and np.isfinite(x):
+            x = float(f"{x:.7g}")
+        out.append(x)
+    return out
+
+
 def _short(a: Any, n: int = 8) -> str:
     """``[v0, v1, ...] (+k more; shape [..] dtype)``: a short form of an array for messages."""
     a = np.asarray(a)
-    items = [x.decode(errors="replace") if isinstance(x, bytes) else x for x in a.reshape(-1)[:n].tolist()]
+    items = _items(a.reshape(-1)[:n])
     more = f" +{a.size - n} more" if a.size > n else ""
     return f"{items}{more} (shape {list(a.shape)}, {a.dtype.name})"
 
@@ -678,7 +690,7 @@ def _diff_at(got: Any, ref: Any, n: int = 6) -> str:
         return f"TF gives {_short(r)}, the backend {_short(g)}"
 
     def pick(a: np.ndarray) -> list[Any]:
-        return [x.decode(errors="replace") if isinstance(x, bytes) else x for x in a.reshape(-1)[idx].tolist()]
+        return _items(a.reshape(-1)[idx])
 
     return f"at flat positions {idx.tolist()}: TF gives {pick(r)}, the backend {pick(g)} (shape {list(r.shape)})"
 
@@ -701,14 +713,17 @@ def run_probes(model: Any, specs: Sequence[TensorSpec], reference: Runner, runne
                samples: Feeds, name: str = "bridge", graph_def: Any = None,
                input_tensors: Mapping[str, str] | None = None, nchw: Sequence[str] = (),
                tolerance: Tolerance | None = None, max_probes: int = MAX_PROBES,
-               raise_on_failure: bool = True, refuse_backend_errors: bool = False) -> dict[str, Any]:
+               raise_on_failure: bool = True, refuse_backend_errors: bool = False,
+               out_keys: Sequence[str] | None = None) -> dict[str, Any]:
     """Feed the probe inputs (:func:`plan_probes`) to TF and to every backend; refuse on a mismatch.
 
     Args:
         model: the exported ``onnx.ModelProto`` (inspected when no ``graph_def`` is given).
         specs: the graph inputs in TF layout (NHWC).
-        reference: TensorFlow: ``{input: array (TF layout)} -> {output: array}`` (the exporter wraps
-            its traced ``src.fn``). An exception means TF defines no value there: the probe is skipped.
+        reference: TensorFlow: ``{input: array (TF layout)} -> {output: array}``, or, with
+            ``out_keys``, the exporter's traced function (``src.fn``: one positional tensor per
+            spec; its flattened outputs are named ``out_keys``). An exception means TF defines no
+            value there: the probe is skipped.
         runners: backend name -> ``{input: array (ONNX layout)} -> {output: array}``; ``"ort..."``
             names are compared at the table's ``"onnx"`` stage, others at ``"torch"``.
         samples: the export's sample inputs (base shapes and dtypes of the probes).
@@ -718,6 +733,7 @@ def run_probes(model: Any, specs: Sequence[TensorSpec], reference: Runner, runne
         tolerance: the export's tolerance for floating outputs (``None``: the table), given at
             least the table's relative term.
         max_probes: at most this many probe runs.
+        out_keys: the output names of a TF ``reference`` called positionally (see ``reference``).
         raise_on_failure: raise :class:`ProbeError` on a mismatch (else only record it).
         refuse_backend_errors: a backend that raises where TF gives a value is a failure too;
             by default it is recorded (``"status": "backend_raised"``) and logged as a warning: it
@@ -735,6 +751,8 @@ def run_probes(model: Any, specs: Sequence[TensorSpec], reference: Runner, runne
             output, and what to do.
     """
     t0 = time.perf_counter()
+    if out_keys is not None:
+        reference = _positional_tf(reference, specs, out_keys)
     plan = plan_probes(specs, samples, graph_def=graph_def, input_tensors=input_tensors, model=model,
                        max_probes=max_probes)
     records, failures, reports = [], [], []
@@ -790,6 +808,20 @@ def run_probes(model: Any, specs: Sequence[TensorSpec], reference: Runner, runne
     if failures and raise_on_failure:
         raise ProbeError(_message(name, failures, len(records)), ParityReport(reports), record)
     return record
+
+
+def _positional_tf(fn: Any, specs: Sequence[TensorSpec], out_keys: Sequence[str]) -> Runner:
+    """``feeds -> outputs`` around a TF function of one positional tensor per spec."""
+    from mmbridge.export._tf import import_tensorflow
+
+    tf = import_tensorflow()
+    keys = list(out_keys)
+
+    def run(feeds: Feeds) -> dict[str, np.ndarray]:
+        out = fn(*[tf.constant(feeds[s.name]) for s in specs])
+        return dict(zip(keys, [np.asarray(t) for t in tf.nest.flatten(out)]))
+
+    return run
 
 
 def _first_line(exc: BaseException) -> str:

@@ -100,6 +100,30 @@ def test_floordiv_refusal_shows_the_values(tf, tmp_path, monkeypatch):
 
 
 @pytest.mark.tf
+def test_bfloat16_cast_exported_as_float16_is_refused(tf, tmp_path, monkeypatch):
+    """tf2onnx maps TF bfloat16 to float16; the exporter's dtype patch fixes it. Without the patch
+    the samples (exact in both formats) pass and the bf16 Cast probe values refuse it."""
+    import contextlib
+
+    import mmbridge.export.exporter as exporter
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+    def bf16_round_trip(x):
+        return tf.cast(tf.cast(x, tf.bfloat16), tf.float32) * 2.0
+
+    samples = {"x": np.array([[0.5, 1.0, 2.0], [0.25, -1.0, 4.0]], np.float32)}
+    art = mmbridge.export(bf16_round_trip, sample_inputs=samples, cache_dir=tmp_path / "fixed")
+    assert art.meta["probes"]["passed"] is True and "Cast (input 'x')" in art.meta["probes"]["targets"]
+    monkeypatch.setattr(exporter, "_bfloat16_is_bfloat16", contextlib.nullcontext)
+    with pytest.raises(ProbeError) as info:
+        mmbridge.export(bf16_round_trip, sample_inputs=samples, cache_dir=tmp_path / "broken")
+    msg = str(info.value)
+    # 1 + 2^-8 is a bfloat16 tie (-> 1.0, times 2: 2.0); float16 keeps it (2.0078125)
+    assert "Cast 'Cast' via input 'x'" in msg and "x = [1.003906, 1.000977, 70000.0" in msg
+    assert "TF gives [2.0, 2.0, 140288.0" in msg, msg
+
+
+@pytest.mark.tf
 def test_probe_is_skipped_and_recorded_where_tensorflow_raises(tf, tmp_path):
     table = tf.constant(np.arange(10, dtype=np.float32).reshape(5, 2))
 
@@ -333,3 +357,29 @@ def test_probes_option_is_part_of_the_fingerprint():
     assert ExportOptions.from_dict(off.to_dict()) == off
     with pytest.raises(mmbridge.SpecError, match="probes='no': must be True or False"):
         ExportOptions(probes="no")
+
+
+@pytest.mark.tf
+def test_a_torch_runner_plugs_in_beside_ort(tf, tmp_path):
+    """run_probes takes any backend mapping: the converted torch module of a FloorDiv artifact
+    passes the probes of its ONNX graph (Mod / Sub / Div: the Div row targets it), TF as reference."""
+    import onnx
+    import torch
+
+    fn, samples, _ = _cases(tf)["FloorDiv"]
+    art = mmbridge.export(fn, sample_inputs=samples, cache_dir=tmp_path)
+    module = mmbridge.to_torch(art, trainable=False)
+
+    def run_torch(feeds):
+        with torch.no_grad():
+            out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in art.input_specs])
+        return {art.output_names[0]: out.numpy()}
+
+    from mmbridge.export.exporter import ort_runner
+
+    model = onnx.load(art.onnx_path)
+    specs = [TensorSpec.from_dict(d) for d in art.meta["tf_inputs"]]
+    rec = P.run_probes(model, specs, fn, runners={"ort": ort_runner(model), "torch": run_torch},
+                       out_keys=art.output_names, samples=samples)
+    assert rec["passed"] is True and rec["failed"] == 0 and rec["runs"] - rec["skipped"] >= 2
+    assert any(t.startswith("Div (input 'b')") for t in rec["targets"]), rec["targets"]
