@@ -83,3 +83,51 @@ def test_cumsum_defaults_to_forward_like_onnx(attrs, axis_dtype, axis):
     m = _model([helper.make_node("CumSum", ["x", "axis"], ["y"], name="cs", **attrs)], [_vi("x", TP.INT32, [3, 4])],
                [_vi("y", TP.INT32)], [numpy_helper.from_array(np.array(axis, axis_dtype), "axis")], opset=14)
     _check(m, {"x": np.arange(12, dtype=np.int32).reshape(3, 4) % 5})
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18, 19, 21])
+@pytest.mark.parametrize("mode", ["reflect", "edge"])
+@pytest.mark.parametrize("value_kind", ["constant", "input"])
+@pytest.mark.parametrize("pads_kind", ["constant", "input"])
+def test_pad_reflect_edge_ignores_a_value_input(opset, mode, value_kind, pads_kind):
+    """ONNX ignores the value of reflect / edge Pad; F.pad raised 'doesn't take in value argument'
+    when the value came at run time (onnx2torch's dynamic Pad passed it on)."""
+    x = np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4)
+    pads = np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)
+    inits, ins, feeds = [], [_vi("x", dims=[1, 2, 3, 4])], {"x": x}
+    if pads_kind == "constant":
+        inits.append(numpy_helper.from_array(pads, "p"))
+    else:
+        ins.append(_vi("p", TP.INT64, [8]))
+        feeds["p"] = pads
+    if value_kind == "constant":
+        inits.append(numpy_helper.from_array(np.array(5.0, np.float32), "v"))
+    else:
+        ins.append(_vi("v", dims=[]))
+        feeds["v"] = np.array(5.0, np.float32)
+    m = _model([helper.make_node("Pad", ["x", "p", "v"], ["y"], name="pad", mode=mode)], ins, [_vi("y")], inits,
+               opset=opset)
+    _check(m, feeds, atol=0)
+
+
+@pytest.mark.parametrize("opset", [18, 19, 21])
+@pytest.mark.parametrize(("kind", "values", "axes"), [
+    ("scales", [2.0, 1.5], [2, 3]), ("scales", [1.5, 0.6], [-1, -2]), ("scales", [1.7], [3]),
+    ("sizes", [6, 5], [2, 3]), ("sizes", [7], [-1]), ("sizes", [4, 2], [3, 2]),
+])
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize18_axes_with_constant_scales_or_sizes(opset, kind, values, axes, mode):
+    """Resize-18 ``axes`` was refused (by the torch converter); constant scales / sizes for the listed
+    axes now widen to the full-rank form, matching onnxruntime."""
+    arr = np.array(values, np.float32 if kind == "scales" else np.int64)
+    inputs = ["x", "", "s"] if kind == "scales" else ["x", "", "", "s"]
+    m = _model([helper.make_node("Resize", inputs, ["y"], name="rs", mode=mode, axes=axes)],
+               [_vi("x", dims=[1, 2, 3, 4])], [_vi("y")], [numpy_helper.from_array(arr, "s")], opset=opset)
+    _check(m, {"x": np.random.RandomState(0).rand(1, 2, 3, 4).astype(np.float32)})
+
+
+def test_resize18_axes_with_computed_sizes_is_refused_at_conversion():
+    m = _model([helper.make_node("Resize", ["x", "", "", "s"], ["y"], name="rs", axes=[2, 3])],
+               [_vi("x", dims=[1, 2, 3, 4]), _vi("s", TP.INT64, [2])], [_vi("y")])
+    with pytest.raises(mmbridge.errors.ConversionError, match=r"Resize node 'rs': the 'axes' attribute .* computed at run time"):
+        mmbridge.to_torch(m)
