@@ -131,3 +131,20 @@ def test_resize18_axes_with_computed_sizes_is_refused_at_conversion():
                [_vi("x", dims=[1, 2, 3, 4]), _vi("s", TP.INT64, [2])], [_vi("y")])
     with pytest.raises(mmbridge.errors.ConversionError, match=r"Resize node 'rs': the 'axes' attribute .* computed at run time"):
         mmbridge.to_torch(m)
+
+
+def test_reshape_target_read_from_input_values_is_not_frozen_from_a_probe():
+    """``Reshape(x, [-1, k[0] + 2])`` with ``k`` a graph input: the ORT probe (integers 0 / 1) saw
+    the same ``k[0]`` in every run and froze the target; ``k[0] = 4`` then reshaped to the wrong shape."""
+    i64 = TP.INT64
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array([2], np.int64), "two"),
+             numpy_helper.from_array(np.array([-1], np.int64), "m1"), numpy_helper.from_array(np.array([0], np.int64), "ax")]
+    nodes = [helper.make_node("Gather", ["k", "zero"], ["k0"], name="g"),
+             helper.make_node("Unsqueeze", ["k0", "ax"], ["k0v"], name="u"),
+             helper.make_node("Add", ["k0v", "two"], ["w"], name="add"),
+             helper.make_node("Concat", ["m1", "w"], ["target"], name="cat", axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["y"], name="rs")]
+    m = _model(nodes, [_vi("x", dims=["N", 12]), _vi("k", i64, ["N"])], [_vi("y")], inits, opset=17)
+    x = np.arange(24, dtype=np.float32).reshape(2, 12)
+    for k in ([0, 1], [1, 0], [4, 0], [10, 3]):
+        _check(m, {"x": x, "k": np.array(k, np.int64)}, atol=0)
