@@ -371,6 +371,72 @@ def _constant_reshape_targets(model: Any) -> int:
     return rewritten
 
 
+# ops whose output shape is a function of their input shapes alone (values never matter)
+_SHAPE_FROM_SHAPES = frozenset((
+    "Abs", "Acos", "Add", "And", "Asin", "Atan", "AveragePool", "BatchNormalization", "BitShift", "Cast", "CastLike",
+    "Ceil", "Celu", "Clip", "Concat", "Conv", "ConvTranspose", "Cos", "Cosh", "DepthToSpace", "Div", "Dropout", "Einsum",
+    "Elu", "Equal", "Erf", "Exp", "Flatten", "Floor", "Gather", "GatherElements", "GatherND", "Gelu", "Gemm",
+    "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "HardSigmoid", "HardSwish", "Identity",
+    "InstanceNormalization", "IsInf", "IsNaN", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log",
+    "LogSoftmax", "LpNormalization", "MatMul", "Max", "MaxPool", "Mean", "Min", "Mish", "Mod", "Mul", "Neg", "Not",
+    "Or", "PRelu", "Pow", "Reciprocal", "Relu", "Round", "Selu", "Shape", "Sigmoid", "Sign", "Sin", "Sinh", "Size",
+    "Softmax", "Softplus", "Softsign", "SpaceToDepth", "Sqrt", "Sub", "Sum", "Tan", "Tanh", "Transpose", "Where", "Xor",
+    "ArgMax", "ArgMin", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+    "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare", "Squeeze", "Unsqueeze", "Reshape", "Slice", "Expand",
+    "Tile", "Pad", "Resize", "Split", "ConstantOfShape", "Range", "OneHot", "TopK", "CumSum", "Trilu",
+))
+# of those, the ones whose output shape also depends on the VALUES of inputs 1.. (axes, target, sizes...)
+_SHAPE_FROM_VALUES = frozenset((
+    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd",
+    "ReduceSum", "ReduceSumSquare", "Squeeze", "Unsqueeze", "Reshape", "Slice", "Expand", "Tile", "Pad", "Resize",
+    "Split", "OneHot", "TopK",
+))
+
+
+def _target_is_shape_only(g: Any, target: str, graph_inputs: set[str], inits: set[str]) -> bool:
+    """Whether the value ``target`` depends on the graph inputs only through their shapes.
+
+    Walks back from ``target`` needing its *value*: a graph input reached while a value is needed
+    makes it value-dependent (False); ``Shape`` / ``Size`` switch to needing only the *shape* of
+    their input, which for ops in :data:`_SHAPE_FROM_SHAPES` is a function of the input shapes
+    (and, for :data:`_SHAPE_FROM_VALUES` and ``ConstantOfShape`` / ``Range``, of the values of the
+    parameter inputs). Any other op on a shape path (``NonZero``, ``Loop``, a custom op...) or in a
+    subgraph-bearing node gives False: only provably shape-only targets are probed.
+    """
+    producer = {o: n for n in g.node for o in n.output}
+    seen: set[tuple[str, bool]] = set()
+    todo = [(target, True)]  # (value name, its value is needed)
+    while todo:
+        name, need_value = todo.pop()
+        if (name, need_value) in seen or not name or name in inits:
+            continue
+        seen.add((name, need_value))
+        node = producer.get(name)
+        if node is None:
+            if name in graph_inputs:
+                if need_value:
+                    return False
+                continue
+            return False  # an outer-scope value: not analysed
+        if any(a.type in (5, 10) for a in node.attribute):  # GRAPH / GRAPHS: Loop, If, Scan
+            return False
+        if need_value:
+            if node.op_type in ("Shape", "Size"):
+                todo.append((node.input[0], False))
+            else:
+                todo.extend((i, True) for i in node.input)
+            continue
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _SHAPE_FROM_SHAPES:
+            return False
+        if node.op_type in ("ConstantOfShape", "Range"):
+            todo.extend((i, True) for i in node.input)
+            continue
+        todo.extend((i, False) for i in node.input)
+        if node.op_type in _SHAPE_FROM_VALUES:
+            todo.extend((i, True) for i in node.input[1:])
+    return True
+
+
 def _unique_name_of(name: str, domain: str) -> str:
     return (f"{domain}/" + name.replace(".", "/")).lstrip("/")
 
@@ -384,6 +450,10 @@ def _specialise_reshape_targets(model: Any) -> int:
     one that scales with the batch, written ``-1``) gets that shape as a constant target (for
     einsum attention: ``[N * heads, -1, d]`` becomes ``[-1, 12, 8]``). Shapes that change with the
     input values are left alone. Returns the number of rewritten nodes.
+
+    Only targets computed from shapes are probed (:func:`_target_is_shape_only`): a target that
+    reads the *values* of a graph input (``tf.reshape(x, [n, -1])`` with ``n`` an input) is
+    never made constant, whatever the probe (which feeds integers 0 / 1) measured.
     """
     import onnx
     from onnx import numpy_helper
@@ -400,6 +470,7 @@ def _specialise_reshape_targets(model: Any) -> int:
         return 0
     infos = {vi.name: vi for vi in list(g.value_info) + list(g.output)}
     todo = [n for n in todo if n.output[0] in infos and infos[n.output[0]].type.tensor_type.elem_type]
+    todo = [n for n in todo if _target_is_shape_only(g, n.input[1], {i.name for i in inputs}, inits)]
     if not todo:
         return 0
     probe = onnx.ModelProto()

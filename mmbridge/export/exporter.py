@@ -454,7 +454,7 @@ def _convert(graph_def: Any, inputs: list[str], outputs: list[str], opset: int, 
     from mmbridge.export.handlers import tf2onnx_handlers
 
     handlers, extra_opset = tf2onnx_handlers(tables)
-    with _quiet_tf2onnx(), _bfloat16_is_bfloat16():
+    with _quiet_tf2onnx(), _bfloat16_is_bfloat16(), deterministic_tf2onnx(graph_def):
         try:
             model, _ = tf2onnx.convert.from_graph_def(
                 graph_def, name=name, input_names=inputs, output_names=outputs, opset=opset,
@@ -465,6 +465,66 @@ def _convert(graph_def: Any, inputs: list[str], outputs: list[str], opset: int, 
         except Exception as exc:  # tf2onnx raises bare Exceptions / ValueErrors on internal failures
             raise ExportError(f"tf2onnx could not convert {name!r} at opset {opset}: {type(exc).__name__}: {exc}") from exc
     return model
+
+
+@contextlib.contextmanager
+def deterministic_tf2onnx(graph_def: Any) -> Iterator[None]:
+    """While converting, make tf2onnx's result a function of the TF graph alone (same bytes every run).
+
+    tf2onnx 1.17 converted the same graph differently from run to run, and some orders were
+    wrong: a ``Conv2D(1, ...)`` on a ``(None, None, None, 1)`` input dropped the final
+    ``Squeeze`` in about 1 of 5 conversions (a rank-5 output, refused by parity). Causes, each
+    fixed here for the duration of the conversion (undone afterwards):
+
+    * ``Graph.extract_sub_graph_nodes`` returns ``list(set_of_nodes)``; a ``Node`` hashes by
+      ``id()``, so ``delete_unused_nodes`` re-ordered the graph by memory address. Here it keeps
+      the graph's node order.
+    * ``TransposeOptimizer.post_optimize_action`` replaces single-channel ``Transpose`` nodes by
+      ``Reshape`` while iterating over the live node list, so it skips the node after each
+      replacement; which ``Transpose`` survived depended on the order above, and the later
+      optimizers then lost the ``Squeeze``. Here ``nodes`` is a copy.
+    * ``Graph.find_output_consumers`` iterates a ``set`` of names (order depends on
+      ``PYTHONHASHSEED``). Here the consumers come sorted by node name.
+    * ``utils.make_name`` numbers new nodes with a process-wide counter, so a second export in
+      the same process got other names (and the first one more, as a lazily imported tf2onnx
+      module takes a name). Here the counter restarts above every ``__N`` suffix in
+      ``graph_def`` (tf2onnx's own rule for avoiding clashes).
+    """
+    import tf2onnx.rewriter.loop_rewriter_base  # noqa: F401 - takes a name from the counter when first imported
+    from tf2onnx import graph as tf2onnx_graph
+    from tf2onnx import utils
+    from tf2onnx.optimizer.transpose_optimizer import TransposeOptimizer
+
+    Graph = tf2onnx_graph.Graph
+    old_extract, old_consumers = Graph.extract_sub_graph_nodes, Graph.find_output_consumers
+    old_nodes, old_counter = TransposeOptimizer.__dict__["nodes"], utils.INTERNAL_NAME
+
+    def extract_sub_graph_nodes(self: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        found = old_extract(self, *args, **kwargs)
+        keep = {id(n) for n in found}
+        ordered = [n for n in self.get_nodes() if id(n) in keep]
+        seen = {id(n) for n in ordered}
+        return ordered + sorted((n for n in found if id(n) not in seen), key=lambda n: n.name)
+
+    def find_output_consumers(self: Any, output_name: str) -> list[Any]:
+        return sorted(old_consumers(self, output_name), key=lambda n: n.name)
+
+    suffix = re.compile(r"__(\d+)(:\d+)?$")
+    start = 1
+    for node in getattr(graph_def, "node", ()):
+        m = suffix.search(node.name)
+        if m:
+            start = max(start, int(m.group(1)) + 1)
+    Graph.extract_sub_graph_nodes = extract_sub_graph_nodes
+    Graph.find_output_consumers = find_output_consumers
+    TransposeOptimizer.nodes = property(lambda self: list(self._g.get_nodes()))
+    utils.INTERNAL_NAME = start
+    try:
+        yield
+    finally:
+        Graph.extract_sub_graph_nodes, Graph.find_output_consumers = old_extract, old_consumers
+        TransposeOptimizer.nodes = old_nodes
+        utils.INTERNAL_NAME = max(utils.INTERNAL_NAME, old_counter)
 
 
 @contextlib.contextmanager

@@ -83,3 +83,68 @@ def test_cumsum_defaults_to_forward_like_onnx(attrs, axis_dtype, axis):
     m = _model([helper.make_node("CumSum", ["x", "axis"], ["y"], name="cs", **attrs)], [_vi("x", TP.INT32, [3, 4])],
                [_vi("y", TP.INT32)], [numpy_helper.from_array(np.array(axis, axis_dtype), "axis")], opset=14)
     _check(m, {"x": np.arange(12, dtype=np.int32).reshape(3, 4) % 5})
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18, 19, 21])
+@pytest.mark.parametrize("mode", ["reflect", "edge"])
+@pytest.mark.parametrize("value_kind", ["constant", "input"])
+@pytest.mark.parametrize("pads_kind", ["constant", "input"])
+def test_pad_reflect_edge_ignores_a_value_input(opset, mode, value_kind, pads_kind):
+    """ONNX ignores the value of reflect / edge Pad; F.pad raised 'doesn't take in value argument'
+    when the value came at run time (onnx2torch's dynamic Pad passed it on)."""
+    x = np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4)
+    pads = np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)
+    inits, ins, feeds = [], [_vi("x", dims=[1, 2, 3, 4])], {"x": x}
+    if pads_kind == "constant":
+        inits.append(numpy_helper.from_array(pads, "p"))
+    else:
+        ins.append(_vi("p", TP.INT64, [8]))
+        feeds["p"] = pads
+    if value_kind == "constant":
+        inits.append(numpy_helper.from_array(np.array(5.0, np.float32), "v"))
+    else:
+        ins.append(_vi("v", dims=[]))
+        feeds["v"] = np.array(5.0, np.float32)
+    m = _model([helper.make_node("Pad", ["x", "p", "v"], ["y"], name="pad", mode=mode)], ins, [_vi("y")], inits,
+               opset=opset)
+    _check(m, feeds, atol=0)
+
+
+@pytest.mark.parametrize("opset", [18, 19, 21])
+@pytest.mark.parametrize(("kind", "values", "axes"), [
+    ("scales", [2.0, 1.5], [2, 3]), ("scales", [1.5, 0.6], [-1, -2]), ("scales", [1.7], [3]),
+    ("sizes", [6, 5], [2, 3]), ("sizes", [7], [-1]), ("sizes", [4, 2], [3, 2]),
+])
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize18_axes_with_constant_scales_or_sizes(opset, kind, values, axes, mode):
+    """Resize-18 ``axes`` was refused (by the torch converter); constant scales / sizes for the listed
+    axes now widen to the full-rank form, matching onnxruntime."""
+    arr = np.array(values, np.float32 if kind == "scales" else np.int64)
+    inputs = ["x", "", "s"] if kind == "scales" else ["x", "", "", "s"]
+    m = _model([helper.make_node("Resize", inputs, ["y"], name="rs", mode=mode, axes=axes)],
+               [_vi("x", dims=[1, 2, 3, 4])], [_vi("y")], [numpy_helper.from_array(arr, "s")], opset=opset)
+    _check(m, {"x": np.random.RandomState(0).rand(1, 2, 3, 4).astype(np.float32)})
+
+
+def test_resize18_axes_with_computed_sizes_is_refused_at_conversion():
+    m = _model([helper.make_node("Resize", ["x", "", "", "s"], ["y"], name="rs", axes=[2, 3])],
+               [_vi("x", dims=[1, 2, 3, 4]), _vi("s", TP.INT64, [2])], [_vi("y")])
+    with pytest.raises(mmbridge.errors.ConversionError, match=r"Resize node 'rs': the 'axes' attribute .* computed at run time"):
+        mmbridge.to_torch(m)
+
+
+def test_reshape_target_read_from_input_values_is_not_frozen_from_a_probe():
+    """``Reshape(x, [-1, k[0] + 2])`` with ``k`` a graph input: the ORT probe (integers 0 / 1) saw
+    the same ``k[0]`` in every run and froze the target; ``k[0] = 4`` then reshaped to the wrong shape."""
+    i64 = TP.INT64
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array([2], np.int64), "two"),
+             numpy_helper.from_array(np.array([-1], np.int64), "m1"), numpy_helper.from_array(np.array([0], np.int64), "ax")]
+    nodes = [helper.make_node("Gather", ["k", "zero"], ["k0"], name="g"),
+             helper.make_node("Unsqueeze", ["k0", "ax"], ["k0v"], name="u"),
+             helper.make_node("Add", ["k0v", "two"], ["w"], name="add"),
+             helper.make_node("Concat", ["m1", "w"], ["target"], name="cat", axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["y"], name="rs")]
+    m = _model(nodes, [_vi("x", dims=["N", 12]), _vi("k", i64, ["N"])], [_vi("y")], inits, opset=17)
+    x = np.arange(24, dtype=np.float32).reshape(2, 12)
+    for k in ([0, 1], [1, 0], [4, 0], [10, 3]):
+        _check(m, {"x": x, "k": np.array(k, np.int64)}, atol=0)

@@ -186,3 +186,26 @@ def test_constant_outputs_export_and_run_on_both_backends(tf, tmp_path):
         for got, w in zip(outs, want):
             assert got.numpy().dtype == w.dtype and got.shape == w.shape
             np.testing.assert_array_equal(got.numpy(), w)
+
+
+def test_single_channel_conv_with_dynamic_spatial_dims_converts_to_the_same_bytes_every_time(keras, tmp_path):
+    """tf2onnx ordered nodes by memory address (a set of nodes), skipped nodes while rewriting a
+    list it iterated, and numbered names with a process-wide counter: the same Conv2D(1, 3) on a
+    (None, None, None, 1) input gave other bytes on every export, and some orders dropped the
+    final Squeeze (a rank-5 output that failed parity)."""
+    import hashlib
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, None, 1))
+    model = keras.Model(inp, keras.layers.Conv2D(1, 3, padding="same")(inp))
+    x = np.random.default_rng(0).random((2, 5, 7, 1), dtype=np.float32)
+    hashes = set()
+    for i in range(6):
+        art = mmbridge.export(model, sample_inputs={"input": x[:1, :4, :4]}, cache_dir=tmp_path / str(i), optimize=False)
+        hashes.add(hashlib.sha256(art.model.SerializeToString(deterministic=True)).hexdigest())
+    assert len(hashes) == 1
+    assert [n.op_type for n in art.model.graph.node][-1] == "Squeeze"
+    want = np.asarray(model(x))
+    for got in _both(art, x):
+        assert got.shape == want.shape == (2, 5, 7, 1)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

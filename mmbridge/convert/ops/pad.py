@@ -3,7 +3,8 @@
 ONNX pads are ``[x1_begin, x2_begin, ..., x1_end, x2_end, ...]`` (``axes``, opset 18+, says
 which dims they are for); ``F.pad`` wants ``[last_begin, last_end, ..., first_begin, first_end]``.
 Modes: ``constant``, ``reflect``, ``edge`` (torch ``replicate``), ``wrap`` (opset 19+, torch
-``circular``); negative pads crop. Pads computed at run time keep onnx2torch's ``OnnxPadDynamic``.
+``circular``); negative pads crop. A value input is ignored for the modes other than
+``constant``, as ONNX says (``F.pad`` raised on it). Pads computed at run time keep onnx2torch's ``OnnxPadDynamic``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,22 @@ class Pad(nn.Module, OnnxToTorchModule):
 
     def extra_repr(self) -> str:
         return f"pads={self.pads}, mode={self.mode!r}" + (f", value={self.value}" if self.mode == "constant" else "")
+
+
+class PadComputed(nn.Module, OnnxToTorchModule):
+    """``Pad`` of ``x`` (any rank) with ``pads`` computed at run time (int64 ``[2 * rank]``, ONNX order), for
+    ``reflect`` / ``edge`` with a (meaningless) value input, which onnx2torch's module passes on to ``F.pad``
+    (``RuntimeError: Padding mode "reflect" doesn't take in value argument``)."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor, pads: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(x, torch_pads([int(p) for p in pads.tolist()], x.dim()), mode=self.mode)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
 
 
 class SamePad(nn.Module):
@@ -109,6 +126,8 @@ def pad(node: OnnxNode, graph: OnnxGraph):
         raise NotImplementedError(f"Pad node {node.name!r}: mode {mode_name!r} is not supported; {TO_ORT}")
     pads = const_ints(graph, input_at(node, 1))
     value_name, axes_name = input_at(node, 2), input_at(node, 3)
+    if mode_name != "constant":  # ONNX ignores the value for reflect / edge / wrap; F.pad refuses one
+        value_name = ""
     value = const(graph, value_name)
     axes = const_ints(graph, axes_name)
     if pads is None or (value_name and value is None) or (axes_name and axes is None):
@@ -117,6 +136,8 @@ def pad(node: OnnxNode, graph: OnnxGraph):
                                       f"supported; {TO_ORT}")
         if mode_name == "wrap":
             raise NotImplementedError(f"Pad node {node.name!r}: mode 'wrap' with computed pads is not supported; {TO_ORT}")
+        if mode_name != "constant" and input_at(node, 2):  # onnx2torch would pass the value on to F.pad
+            return result(PadComputed(_MODES[mode_name]), node, (node.input_values[0], input_at(node, 1)))
         return delegate(node, graph, 13)  # computed pads: onnx2torch's OnnxPadDynamic
     module = Pad(torch_pads(pads, rank_of(graph, node.input_values[0]), axes), _MODES[mode_name],
                  float(value.reshape(-1)[0]) if value is not None and value.numel() else 0.0)

@@ -21,8 +21,10 @@
   weight for ``linear``), and gathered with ``index_select``. Nothing is approximated: a form
   neither covers (``cubic`` with another coordinate mode or coefficient) raises naming it.
   Opset 18 / 19 attributes are supported at their defaults only (``antialias=0``,
-  ``keep_aspect_ratio_policy=stretch``, no ``axes``); otherwise the converter raises naming the
-  attribute.
+  ``keep_aspect_ratio_policy=stretch``); otherwise the converter raises naming the attribute.
+  ``axes`` with constant scales / sizes is widened to the full-rank form at conversion (scale 1 /
+  the static input size on the other dims); with computed ones, or ``tf_crop_and_resize``, it is
+  refused at conversion naming the node.
 
 Shape notation: ``N`` batch, ``C`` channels, ``*spatial`` 1-3 spatial axes.
 """
@@ -41,6 +43,7 @@ from mmbridge.convert.ops._common import (
     check_defaults,
     const,
     input_at,
+    rank_of,
     register,
     result,
     since_version_of,
@@ -251,12 +254,49 @@ def _torch_kernel_exact(mode: str, ctm: str, nearest_mode: str, size: tuple[int,
     return ctm in ("half_pixel", "align_corners")
 
 
+def _full_rank(node: OnnxNode, graph: OnnxGraph, axes: list[int], scales: torch.Tensor | None,
+               sizes: torch.Tensor | None, dims: tuple | None, ctm: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Resize-18 ``axes``: the constant ``scales`` / ``sizes`` given for ``axes`` as ONNX's full-rank form
+    (scale 1 / the input's own size on the other dims).
+
+    Raises:
+        NotImplementedError: the scales / sizes are computed at run time, the input rank (or, for
+            ``sizes``, an unlisted spatial dim) is unknown at conversion, or the mode is
+            ``tf_crop_and_resize`` (its ``roi`` is then per axis too).
+    """
+    rank = len(dims) if dims is not None else rank_of(graph, node.input_values[0])
+    given = sizes if sizes is not None and sizes.numel() else scales if scales is not None and scales.numel() else None
+    why = None
+    if ctm == "tf_crop_and_resize":
+        why = "with coordinate_transformation_mode 'tf_crop_and_resize'"
+    elif given is None:
+        why = "with scales / sizes computed at run time"
+    elif rank is None:
+        why = "on an input of unknown rank"
+    if why is None:
+        ax = [int(a) % rank for a in axes]
+        if given is sizes:
+            full = [dims[i] if dims is not None else None for i in range(rank)]
+            for a, v in zip(ax, sizes.tolist()):
+                full[a] = int(v)
+            if any(d is None for d in full[2:]):
+                why = "with sizes for some spatial dims only, on an input whose other spatial dims are not static"
+            else:
+                return scales, torch.tensor([d if d is not None else -1 for d in full], dtype=torch.int64)
+        else:
+            full_s = [1.0] * rank
+            for a, v in zip(ax, scales.tolist()):
+                full_s[a] = float(v)
+            return torch.tensor(full_s, dtype=torch.float32), sizes
+    raise NotImplementedError(f"Resize node {node.name!r}: the 'axes' attribute (opset 18+) {why} is not supported; "
+                              f"give scales / sizes for every dim, or {TO_ORT}")
+
+
 @register("Resize", 11, 13, 18, 19)
 def resize(node: OnnxNode, graph: OnnxGraph):
+    axes = node.attributes.get("axes") if since_version_of(node) >= 18 else None
     if since_version_of(node) >= 18:
         check_defaults(node, {"antialias": 0, "keep_aspect_ratio_policy": "stretch"})
-        if node.attributes.get("axes") is not None:
-            raise NotImplementedError(f"Resize node {node.name!r}: the 'axes' attribute is not supported; {TO_ORT}")
     mode = _attr(node, "mode", "nearest")
     ctm = _attr(node, "coordinate_transformation_mode", "half_pixel")
     nearest_mode = _attr(node, "nearest_mode", "round_prefer_floor")
@@ -264,6 +304,8 @@ def resize(node: OnnxNode, graph: OnnxGraph):
     roi_name, scales_name, sizes_name = input_at(node, 1), input_at(node, 2), input_at(node, 3)
     scales, sizes = const(graph, scales_name), const(graph, sizes_name)
     dims = static_dims(graph, x)
+    if axes is not None:
+        scales, sizes = _full_rank(node, graph, list(axes), scales, sizes, dims, ctm)
     if mode == "cubic":
         if float(node.attributes.get("cubic_coeff_a", -0.75)) != -0.75 or int(node.attributes.get("exclude_outside", 0)):
             raise NotImplementedError(f"Resize node {node.name!r}: cubic with cubic_coeff_a / exclude_outside other "
