@@ -8,7 +8,9 @@ A ``Conv`` whose weight is computed at run time (not an initializer) -> :class:`
 ``torch.nn.functional.conv{1,2,3}d`` on the weight the graph computes: tf2onnx writes
 ``tf.image.extract_patches`` as a Conv with an ``EyeLike`` kernel, and a TF conv whose filter is
 an input stays one; onnx2torch reads the weight from the initializers and failed with a raw
-``KeyError``. Every other Conv is onnx2torch's (``Conv-22`` too: it only added types).
+``KeyError``. A ``ConvTranspose`` with such a weight (``tf.nn.conv2d_transpose`` with a filter
+fed as input) is refused naming the node; with a constant weight it is onnx2torch's. Every other
+Conv is onnx2torch's (``Conv-22`` too: it only added types).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from torch import nn
 
-from mmbridge.convert.ops._common import const, delegate, register, result
+from mmbridge.convert.ops._common import TO_ORT, const, delegate, register, result
 from mmbridge.convert.ops.pad import SamePad
 
 
@@ -90,3 +92,13 @@ def conv(node: OnnxNode, graph: OnnxGraph):
     if kernel is None and w in graph.initializers:
         kernel = list(graph.initializers[w].proto.dims[2:])
     return with_same_pad(node, graph, list(kernel) if kernel is not None else None, 0.0, 11)
+
+
+@register("ConvTranspose", 1, 11, 22)
+def conv_transpose(node: OnnxNode, graph: OnnxGraph):
+    w = node.input_values[1] if len(node.input_values) > 1 else ""
+    if w and const(graph, w) is None:
+        raise NotImplementedError(f"ConvTranspose node {node.name!r}: its weight {w!r} is computed at run time (a TF "
+                                  f"conv-transpose filter fed as an input), and onnx2torch's ConvTranspose needs a "
+                                  f"constant weight; make the filter a constant, or {TO_ORT}")
+    return delegate(node, graph, 11)
