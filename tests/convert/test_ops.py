@@ -76,6 +76,11 @@ def _conv(opset):
         [_vi("y")], [_init("W", RNG.randn(3, 2, 3, 3).astype(np.float32))]
 
 
+def _conv_transpose(opset):  # a constant weight: onnx2torch's own converter (a runtime one is refused)
+    return [_one("ConvTranspose", ["x", "W"], strides=[2, 2], pads=[1, 1, 1, 1])], [_vi("x", dims=["N", 2, 4, 5])], \
+        [_vi("y")], [_init("W", RNG.randn(2, 3, 3, 3).astype(np.float32))]
+
+
 def _cumsum(opset):  # default attributes: ONNX sums forward (onnx2torch defaulted to reverse)
     return [_one("CumSum", ["x", "axis"])], [_vi("x", dims=[3, 4])], [_vi("y")], [_init("axis", np.array(-1, np.int32))]
 
@@ -271,6 +276,7 @@ CASES: dict[str, Case] = {
     "Cast": Case(_cast, {"x": np.array([[1.00390625, 3.14159, 1e-3, -2.5, 65504.0]] * 2, np.float32)}),
     "BatchNormalization": Case(_bn, {"x": _x(2, 3, 4, 4)}, _has(normalization.BatchNorm2d)),
     "Conv": Case(_conv, {"x": _x(2, 2, 7, 9)}, _has(pad.SamePad)),
+    "ConvTranspose": Case(_conv_transpose, {"x": _x(2, 2, 4, 5)}),
     "CumSum": Case(_cumsum, {"x": _x(3, 4)}),
     "Dropout": Case(_dropout, {"x": _x(4, 6)}, _has(torch.nn.Dropout, lambda m: m.p == pytest.approx(0.3))),
     "Expand": Case(_expand, {"x": _x(3, 1)}, _has(shape.Expand)),

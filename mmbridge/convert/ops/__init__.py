@@ -9,7 +9,7 @@ opsets per registered version (``tests/convert/test_ops.py``, parametrised from 
 * :mod:`.dropout` -- ``Dropout`` -> ``nn.Dropout(p)``;
 * :mod:`.shape` -- ``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Expand``, ``Tile``, ``ConstantOfShape``, ``Range``, ``Shape``, ``Size`` with constant arguments as Python ints;
 * :mod:`.pad` -- ``Pad`` with constant pads; ``SamePad`` for ``auto_pad=SAME_*``;
-* :mod:`.conv`, :mod:`.pooling` -- ``Conv`` / ``MaxPool`` with ``auto_pad=SAME_*``, ``GlobalMaxPool``;
+* :mod:`.conv`, :mod:`.pooling` -- ``Conv`` / ``MaxPool`` with ``auto_pad=SAME_*``, ``GlobalMaxPool``, ``Conv`` with a weight computed at run time (``F.convNd``);
 * :mod:`.resize` -- ``Resize`` 10-19: torch kernels where they compute what ORT does, per-axis gathers for every other nearest / linear coordinate and rounding mode;
 * :mod:`.gelu`, :mod:`.split`, :mod:`.onehot`, :mod:`.reduce`, :mod:`.scatter` -- ops or versions onnx2torch lacks (``ScatterND`` with every reduction);
 * :mod:`.cast` -- ``Cast`` to every torch dtype, ``bfloat16`` included (onnx2torch has no bfloat16);

@@ -23,6 +23,10 @@ graph, so initializers among them (the Keras weights) stay single ``nn.Parameter
 module (:func:`mmbridge.convert.core.to_torch` decides parameter / buffer by name or by
 :func:`loop_weight_initializers`) and are never copied into the body.
 
+When exactly one of the Loop's outputs is read (tf2onnx's ``Cumprod`` carries three values and
+returns one), the module returns only that one (:func:`~mmbridge.convert.ops.multi_output.keep_only_used_output`);
+before, a graph output fed by such a Loop came back as the whole tuple.
+
 Not supported (the converter raises ``NotImplementedError`` naming the node, which
 :func:`~mmbridge.convert.core.to_torch` reports as :class:`~mmbridge.errors.ConversionError`
 telling the user to keep the graph in onnxruntime with ``artifact.to_ort()``): a ``Loop`` whose
@@ -48,6 +52,7 @@ from torch import fx, nn
 
 from mmbridge.convert.ops._common import TO_ORT as _TO_ORT
 from mmbridge.convert.ops._common import register
+from mmbridge.convert.ops.multi_output import keep_only_used_output
 from mmbridge.convert.registry import current_opsets
 from mmbridge.graph.walk import all_nodes, free_values
 
@@ -276,7 +281,10 @@ def loop(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     scan_specs = [_static_shape(o) for o in body.output[1 + n_carried:]]
     module = OnnxLoop(gm, node.name, bool(trip_name), bool(cond_name), n_carried, n_scan, sources, consts, scan_specs)
     inputs = tuple(x for x in (trip_name, cond_name) if x) + tuple(carried) + tuple(outer)
-    return OperationConverterResult(torch_module=module, onnx_mapping=OnnxMapping(inputs=inputs, outputs=node.output_values))
+    converted = OperationConverterResult(torch_module=module, onnx_mapping=OnnxMapping(inputs=inputs, outputs=node.output_values))
+    # tf2onnx's Cumprod (and other while-loops) carry several values of which the graph reads one:
+    # onnx2torch would return the Loop's whole tuple as that graph output (3 outputs for 1).
+    return keep_only_used_output(node, graph, converted)
 
 
 # ---------------------------------------------------------------------------------------------

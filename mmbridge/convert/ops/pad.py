@@ -43,7 +43,15 @@ class Pad(nn.Module, OnnxToTorchModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "constant":
             return nn.functional.pad(x, self.pads, mode="constant", value=self.value)
-        return nn.functional.pad(x, self.pads, mode=self.mode)
+        # torch's reflect / replicate / circular pad the last k <= 3 dims of a (k+1)- or (k+2)-D
+        # tensor; ONNX pads any dims: fold the unpadded leading dims into one (or add one) first
+        # (a 2-D reflect pad of both dims crashed with "Padding size 4 is not supported for 2D input").
+        k = len(self.pads) // 2
+        if x.dim() == k + 1:
+            return nn.functional.pad(x, self.pads, mode=self.mode)
+        lead = x.shape[: x.dim() - k]
+        y = nn.functional.pad(x.reshape((-1,) + tuple(x.shape[x.dim() - k:])), self.pads, mode=self.mode)
+        return y.reshape(tuple(lead) + tuple(y.shape[1:]))
 
     def extra_repr(self) -> str:
         return f"pads={self.pads}, mode={self.mode!r}" + (f", value={self.value}" if self.mode == "constant" else "")
@@ -139,6 +147,10 @@ def pad(node: OnnxNode, graph: OnnxGraph):
         if mode_name != "constant" and input_at(node, 2):  # onnx2torch would pass the value on to F.pad
             return result(PadComputed(_MODES[mode_name]), node, (node.input_values[0], input_at(node, 1)))
         return delegate(node, graph, 13)  # computed pads: onnx2torch's OnnxPadDynamic
-    module = Pad(torch_pads(pads, rank_of(graph, node.input_values[0]), axes), _MODES[mode_name],
+    tpads = torch_pads(pads, rank_of(graph, node.input_values[0]), axes)
+    if mode_name != "constant" and len(tpads) > 6:
+        raise NotImplementedError(f"Pad node {node.name!r}: mode {mode_name!r} over {len(tpads) // 2} dims; torch pads "
+                                  f"at most the last 3 dims in this mode; {TO_ORT}")
+    module = Pad(tpads, _MODES[mode_name],
                  float(value.reshape(-1)[0]) if value is not None and value.numel() else 0.0)
     return result(module, node, (node.input_values[0],))
