@@ -290,9 +290,9 @@ def _list_functional(env):
 TFK_BN = ("trainable export: trainable_patches marks Keras 3 variables only, so for tf_keras models grappler folds "
           "all-zero biases away and tf2onnx folds BatchNormalization gamma/beta into the convs (fewer torch "
           "parameters than Keras trainable weights); owner: contract (mmbridge/export/trainable.py)")
-DYNAMIC_SHAPE = ("torch.compile: not checked since the shape-arithmetic folding (mmbridge/convert/ops/_symbolic.py) that "
-                 "made BERT / DistilBERT / RoBERTa / GPT-2 / ViT trace with 0 breaks: the trainable export of this "
-                 "row failed its training contract when tried (2026-12-01), so no module was compiled; owner: ops")
+DYNAMIC_SHAPE = ("torch.compile of the trainable module not checked: the trainable export fails its training contract "
+                 "(token_embedding/reverse_embeddings, see LLAMA_UNTIED, is folded away), so there is no row to compile; "
+                 "the inference export's module traces with 0 graph breaks (dynamo.explain, 2026-12-01)")
 
 LLAMA_UNTIED = ("not a bridge gap: LlamaBackbone's untied ReversibleEmbedding holds reverse_embeddings (hidden x vocab "
                 "= 1,600 here), a Keras trainable weight the backbone's forward never reads, so the graph has none")
