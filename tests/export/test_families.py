@@ -302,7 +302,9 @@ CASES: list[Case] = [
     Case("keras-hub", "DistilBertBackbone", _hub("DistilBertBackbone", **TEXT)),
     Case("keras-hub", "RobertaBackbone", _hub("RobertaBackbone", **TEXT)),
     Case("keras-hub", "GPT2Backbone", _gpt2),
-    Case("keras-hub", "LlamaBackbone", _llama, gaps={"dynamo": DYNAMIC_SHAPE, "params": LLAMA_UNTIED}),
+    Case("keras-hub", "LlamaBackbone", _llama, gaps={"dynamo": DYNAMIC_SHAPE, "params": LLAMA_UNTIED},
+         xfail=("trainable export refused by the training contract: token_embedding/reverse_embeddings (untied, never "
+                "read by the forward: LLAMA_UNTIED) has no torch tensor (seen 2026-12-01, MMBRIDGE_ZOO=1); owner: contract")),
     Case("keras-hub", "ViTBackbone", _vit),
     Case("keras-hub", "ResNetBackbone", _hub_resnet),
     Case("keras.applications", "MobileNetV2", _app("MobileNetV2", 32, alpha=0.35)),
