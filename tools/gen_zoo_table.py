@@ -76,16 +76,20 @@ def render(rows: list[dict], atol: float, seconds: float, source: str | None = N
         "* **params torch / Keras**: `requires_grad` scalars of `art.to_torch()` vs Keras `trainable_weights`;",
         "* **bf16**: a forward under `torch.autocast('cpu', bfloat16)` is finite and within 10 % of the output scale"
         " (relative error shown);",
-        "* **graph breaks**: `torch._dynamo.explain(module)(*inputs).graph_break_count`.",
+        "* **graph breaks**: `torch._dynamo.explain(module)(*inputs).graph_break_count` (recurrent models: at the",
+        "  ONNX `Loop`, which runs in Python);",
+        "* **compile**: `torch.compile(module, backend=...)` vs the eager module, largest |difference| over batch 2 / 3",
+        "  and, where the input has a dynamic sequence length, length 8 / 11 (`compile_row`; the tests require",
+        "  ≤ 1e-05; backend `inductor` with `MMBRIDGE_ZOO=1`, `aot_eager` in the default run, or `MMBRIDGE_COMPILE_BACKEND`).",
         "",
-        "| family | model | export | ORT max abs | torch max abs | params torch / Keras | bf16 | graph breaks |",
-        "|---|---|---|---|---|---|---|---|",
+        "| family | model | export | ORT max abs | torch max abs | params torch / Keras | bf16 | graph breaks | compile |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines = []
     notes = []
     for r in rows:
         if not r.get("export"):
-            lines.append(f"| {r['family']} | {r['model']} | **no** (note {len(notes) + 1}) | – | – | – | – | – |")
+            lines.append(f"| {r['family']} | {r['model']} | **no** (note {len(notes) + 1}) | – | – | – | – | – | – |")
             notes.append(f"{r['family']} {r['model']}: {r.get('error', '')}")
             continue
         kp = r.get("keras_params")
@@ -95,15 +99,24 @@ def render(rows: list[dict], atol: float, seconds: float, source: str | None = N
             note = len(notes) + 1
             notes.append(f"{r['family']} {r['model']}: to_torch: {_one_line(r['torch_error'])}"
                          + _gap(gaps, r, "torch"))
-            lines.append(f"{head_cells} **no** (note {note}) | – / {'–' if kp is None else f'{kp:,}'} | – | – |")
+            lines.append(f"{head_cells} **no** (note {note}) | – / {'–' if kp is None else f'{kp:,}'} | – | – | – |")
             continue
         same = "" if kp is None else (" ✓" if kp == r["torch_params"] else " ✗")
         params = f"{r['torch_params']:,} / {'–' if kp is None else f'{kp:,}'}{same}"
         bf = ("ok" if r.get("bf16_ok") else "**no**") + (f" ({r['bf16_rel_err']:.0e})" if "bf16_rel_err" in r else "")
         gb = str(r["graph_breaks"]) if r.get("graph_breaks") is not None else f"**fails** (note {len(notes) + 1})"
-        lines.append(f"{head_cells} {_fmt_err(r.get('torch_max_abs'), r.get('ref_scale'))} | {params} | {bf} | {gb} |")
+        if "compile_max_abs" not in r:
+            comp = "not run"
+        elif r["compile_max_abs"] is None:
+            comp = f"**fails** (note {len(notes) + 1 + bool(r.get('dynamo_error'))})"
+        else:
+            comp = f"ok ({r.get('compile_backend')}, {r['compile_max_abs']:.0e})"
+        lines.append(f"{head_cells} {_fmt_err(r.get('torch_max_abs'), r.get('ref_scale'))} | {params} | {bf} | {gb} | {comp} |")
         if r.get("dynamo_error"):
             notes.append(f"{r['family']} {r['model']}: dynamo.explain failed: {_one_line(r['dynamo_error'], 120)}"
+                         + _gap(gaps, r, "dynamo"))
+        if r.get("compile_error"):
+            notes.append(f"{r['family']} {r['model']}: torch.compile failed: {_one_line(r['compile_error'], 120)}"
                          + _gap(gaps, r, "dynamo"))
         if r.get("keras_params") is not None and r.get("torch_params") != r["keras_params"]:
             notes.append(f"{r['family']} {r['model']}: parameter count differs" + _gap(gaps, r, "params"))

@@ -290,21 +290,22 @@ def _list_functional(env):
 TFK_BN = ("trainable export: trainable_patches marks Keras 3 variables only, so for tf_keras models grappler folds "
           "all-zero biases away and tf2onnx folds BatchNormalization gamma/beta into the convs (fewer torch "
           "parameters than Keras trainable weights); owner: contract (mmbridge/export/trainable.py)")
-DYNAMIC_SHAPE = ("torch.compile: dynamo.explain raises InternalTorchDynamoError 'torch.Size() takes an iterable of "
-                 "int (item 0 is FakeTensor)'; traced on Conv1D+GRU to onnx2torch's Expand converter "
-                 "(torch.ones(torch.Size(shape)) with a shape computed from ONNX Shape: TF's zeros([batch, units])), "
-                 "the transformers raise the same error (node not traced); owner: ops (Expand / static Shape)")
+DYNAMIC_SHAPE = ("torch.compile of the trainable module not checked: the trainable export fails its training contract "
+                 "(token_embedding/reverse_embeddings, see LLAMA_UNTIED, is folded away), so there is no row to compile; "
+                 "the inference export's module traces with 0 graph breaks (dynamo.explain, 2026-12-01)")
 
 LLAMA_UNTIED = ("not a bridge gap: LlamaBackbone's untied ReversibleEmbedding holds reverse_embeddings (hidden x vocab "
                 "= 1,600 here), a Keras trainable weight the backbone's forward never reads, so the graph has none")
 
 CASES: list[Case] = [
     Case("keras-hub", "BertBackbone", _hub("BertBackbone", **TEXT), slow=False),
-    Case("keras-hub", "DistilBertBackbone", _hub("DistilBertBackbone", **TEXT), gaps={"dynamo": DYNAMIC_SHAPE}),
-    Case("keras-hub", "RobertaBackbone", _hub("RobertaBackbone", **TEXT), gaps={"dynamo": DYNAMIC_SHAPE}),
-    Case("keras-hub", "GPT2Backbone", _gpt2, gaps={"dynamo": DYNAMIC_SHAPE}),
-    Case("keras-hub", "LlamaBackbone", _llama, gaps={"dynamo": DYNAMIC_SHAPE, "params": LLAMA_UNTIED}),
-    Case("keras-hub", "ViTBackbone", _vit, gaps={"dynamo": DYNAMIC_SHAPE}),
+    Case("keras-hub", "DistilBertBackbone", _hub("DistilBertBackbone", **TEXT)),
+    Case("keras-hub", "RobertaBackbone", _hub("RobertaBackbone", **TEXT)),
+    Case("keras-hub", "GPT2Backbone", _gpt2),
+    Case("keras-hub", "LlamaBackbone", _llama, gaps={"dynamo": DYNAMIC_SHAPE, "params": LLAMA_UNTIED},
+         xfail=("trainable export refused by the training contract: token_embedding/reverse_embeddings (untied, never "
+                "read by the forward: LLAMA_UNTIED) has no torch tensor (seen 2026-12-01, MMBRIDGE_ZOO=1); owner: contract")),
+    Case("keras-hub", "ViTBackbone", _vit),
     Case("keras-hub", "ResNetBackbone", _hub_resnet),
     Case("keras.applications", "MobileNetV2", _app("MobileNetV2", 32, alpha=0.35)),
     Case("keras.applications", "EfficientNetB0", _app("EfficientNetB0", 32)),

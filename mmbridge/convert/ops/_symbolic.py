@@ -30,7 +30,7 @@ operand is negative and not known at conversion is not folded.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from onnx2torch.onnx_graph import OnnxGraph
@@ -43,7 +43,7 @@ MAX_ELEMENTS = 64
 MAX_DEPTH = 64
 """How many producers back :func:`shape_expr` follows a chain before giving up."""
 
-Expr = Union[int, tuple]
+Expr = int | tuple
 """An int; ``("dim", k, axis)``: ``sources[k].shape[axis]``; ``(op, a, b)`` with op in :data:`_BINARY`."""
 
 _BINARY = ("add", "sub", "mul", "div", "max", "min")

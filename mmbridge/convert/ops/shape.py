@@ -322,7 +322,33 @@ def range_(node: OnnxNode, graph: OnnxGraph):
         args = [shape_expr(graph, name, sources) for name in node.input_values[:3]]
         if all(a is not None and len(a.elems) == 1 for a in args):
             return result(SymRange(*(a.elems[0] for a in args), dtype), node, tuple(sources))
+    elif vi is not None and vi.type.tensor_type.elem_type == 1:  # float32: GPT-2's tf.range(0.0, float(T), 1.0)
+        sym = _float_range_of_dims(graph, node)
+        if sym is not None:
+            return sym
     return Range()
+
+
+def _float_range_of_dims(graph: OnnxGraph, node: OnnxNode):
+    """A float32 ``Range`` whose start / delta are integer-valued constants and whose limit is ``Cast(to=FLOAT)``
+    of shape arithmetic: ``torch.arange`` over ints, in float32. Exact (every value is an integer below 2**24, which
+    float32 holds exactly, so ORT's accumulation and torch's ``start + i * delta`` agree); None otherwise."""
+    start, delta = const(graph, node.input_values[0]), const(graph, node.input_values[2])
+    if start is None or delta is None or start.numel() != 1 or delta.numel() != 1:
+        return None
+    s, d = float(start.reshape(-1)[0]), float(delta.reshape(-1)[0])
+    if not (s.is_integer() and d.is_integer() and d != 0 and abs(s) < 2**24 and abs(d) < 2**24):
+        return None
+    try:
+        cast, _ = graph.value_as_node_output(node.input_values[1])
+    except KeyError:
+        return None
+    if cast.operation_type != "Cast" or int(cast.attributes.get("to", 0)) != 1:
+        return None
+    limit = shape_expr(graph, cast.input_values[0])
+    if limit is None or len(limit.elems) != 1:
+        return None
+    return result(SymRange(int(s), limit.elems[0], int(d), torch.float32), node, tuple(limit.sources))
 
 
 class Shape(nn.Module, OnnxToTorchModule):
