@@ -56,11 +56,14 @@ ops of each such scope by one ONNX ``LayerNormalization`` (``nn.LayerNorm`` in t
 Not kept (listed in the notes :func:`postprocess` returns): BatchNorm with ``axis`` other than the
 last or with ``renorm``; Dropout with another ``noise_shape`` (``SpatialDropout*``); the
 exporter's training contract (weight audit, :mod:`mmbridge.convert.contract`) then refuses the
-export. :func:`check_trainable_source` refuses tf-keras models and mixed-precision policies
-before tracing. Other LayerNormalizations stay decomposed, their ``gamma`` / ``beta`` still
-trainable initializers. Only Keras objects traced in
-this process are patched: a SavedModel export has no markers, and ``to_torch`` then falls back
-to recognising weights by the ops that consume them.
+export. :func:`check_trainable_source` refuses mixed-precision policies before tracing. Other
+LayerNormalizations stay decomposed, their ``gamma`` / ``beta`` still trainable initializers.
+
+tf-keras (Keras 2) models get the same patches for tf-keras' classes (:func:`_tf_keras_patches`;
+their ``tf.Variable`` s are named by :func:`variable_paths`). Only Keras objects traced in this
+process are patched: a SavedModel written by tf-keras is reloaded as a tf-keras model first
+(:class:`mmbridge.export.sources.SavedModelSource`); a ``tf.Module`` SavedModel export has no
+markers, and ``to_torch`` then falls back to recognising weights by the ops that consume them.
 """
 
 from __future__ import annotations
@@ -99,8 +102,15 @@ def _safe_path(path: str) -> str:
 
 
 def is_tf_keras(obj: Any) -> bool:
-    """True for a tf-keras (Keras 2, ``import tf_keras``) layer or model."""
-    return type(obj).__module__.split(".")[0] == "tf_keras"
+    """True for a tf-keras (Keras 2, ``import tf_keras``) layer or model, subclassed ones included
+    (their class lives in the user's module: the test is ``isinstance``, not the class's module)."""
+    import sys
+
+    tfk = sys.modules.get("tf_keras")
+    try:
+        return tfk is not None and isinstance(obj, tfk.layers.Layer)
+    except AttributeError:  # a partly imported tf_keras
+        return False
 
 
 def variable_paths(model: Any) -> list[tuple[Any, str]]:
