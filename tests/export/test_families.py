@@ -370,6 +370,9 @@ def measure(case: Case, cache_dir: str, tmp: str) -> dict[str, Any]:
         return row
     row["export"] = True
     row["export_s"] = round(time.perf_counter() - t0, 1)
+    tp, audit = art.meta.get("train_parity") or {}, art.meta.get("audit") or {}
+    row["train_parity_worst_ratio"] = tp.get("worst_ratio")  # recorded by the trainable export (< 1 passes)
+    row["batch_norms"] = (audit.get("counts") or {}).get("batch_norms")
     golden = load_golden(art)
     inputs, ref = golden["inputs"], golden["outputs"]
     names = [s.name for s in art.input_specs]

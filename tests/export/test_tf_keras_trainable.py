@@ -184,3 +184,27 @@ def test_keras3_export_dir_trainable_is_refused_with_the_fix(keras, tmp_path):
     assert len(inf.meta["keras_inventory"]["variables"]) == 8
     with pytest.raises(mmbridge.ConversionError, match=r"Keras 3 \(model\.export\).*\.keras file with trainable=True"):
         inf.to_torch(trainable=True)
+
+
+def test_tf_keras_mixed_float16_is_refused_with_the_fix(tf_keras, tmp_path):
+    inp = tf_keras.Input((6,))
+    h = tf_keras.layers.Dense(4, dtype="mixed_float16", name="half")(inp)
+    model = tf_keras.Model(inp, tf_keras.layers.Dense(2, dtype="float32")(h))
+    with pytest.raises(mmbridge.ExportError, match=r"layer 'half'.*'mixed_float16'.*torch.autocast"):
+        mmbridge.export(model, trainable=True, cache_dir=tmp_path)
+    assert not list(tmp_path.rglob("meta.json"))
+
+
+@pytest.mark.slow  # tf2onnx's Loop + recurrent train parity: about a minute on 2 loaded cores
+def test_tf_keras_bidirectional_lstm_reads_its_kernels_outside_the_loop(tf_keras, tmp_path):
+    """LSTM kernels are read inside tf.while_loop bodies: the markers go to the enclosing graph."""
+    tf_keras.utils.set_random_seed(4)
+    inp = tf_keras.Input((10,), dtype="int32", name="tokens")
+    x = tf_keras.layers.Bidirectional(tf_keras.layers.LSTM(6))(tf_keras.layers.Embedding(30, 8)(inp))
+    model = tf_keras.Model(inp, tf_keras.layers.Dense(2)(x))
+    art = mmbridge.export(model, trainable=True, cache_dir=tmp_path,
+                          input_specs=[mmbridge.TensorSpec("tokens", ("batch", 10), "int32", value_range=(0, 29))])
+    audit, tp = art.meta["audit"], art.meta["train_parity"]
+    assert audit["passed"], audit["problems"]
+    assert audit["keras_trainable_values"] == audit["torch_trainable_values"] == _n_trainable(model) == 986
+    assert tp["passed"] and tp["worst_ratio"] < 1.0, tp["first_failure"]
