@@ -192,8 +192,9 @@ def resolve_trainable(source: Any, trainable: bool | None) -> bool:
     """The one rule of ``to_torch(trainable=...)``: the default follows the artifact.
 
     * an **inference** export of a Keras model (``meta["keras_inventory"]`` recorded,
-      ``meta["trainable"]`` false: BatchNorm folded into constants, Dropout gone) converts to a
-      frozen module by default, and asking for ``trainable=True`` raises;
+      ``meta["trainable"]`` false: BatchNorm folded into constants, Dropout gone; also a SavedModel
+      written by tf-keras or Keras 3's ``model.export``) converts to a frozen module by default, and
+      asking for ``trainable=True`` raises (with ``meta["trainable_refusal"]``'s fix when recorded);
     * everything else (a ``trainable=True`` export, a tf.function / SavedModel export, an ONNX
       file, an artifact written before inventories existed) is trainable by default, as before.
 
@@ -204,6 +205,9 @@ def resolve_trainable(source: Any, trainable: bool | None) -> bool:
     inference_keras = bool(meta) and meta.get("keras_inventory") is not None and not meta.get("trainable")
     if trainable is None:
         return not inference_keras
+    if trainable and inference_keras and meta.get("trainable_refusal"):  # a Keras-written SavedModel: its own fix
+        raise ConversionError(f"bridge {meta.get('name', '?')!r}: to_torch(trainable=True) refused: "
+                              f"{meta['trainable_refusal']}")
     if trainable and inference_keras:
         raise ConversionError(
             f"bridge {meta.get('name', '?')!r} is an inference export of a Keras model: its BatchNormalization layers "

@@ -26,7 +26,7 @@ import numpy as np
 
 from mmbridge.convert.contract import BATCH_NORM, DROPOUT, audit
 from mmbridge.errors import ParityError
-from mmbridge.export.trainable import STATE_MARK, VAR_MARK, _safe_path
+from mmbridge.export.trainable import STATE_MARK, VAR_MARK, _safe_path, is_tf_keras, variable_paths
 
 #: float32 machine epsilon; the floor of a variable is never below ``8 * steps * EPS32 * max|value|``.
 EPS32 = float(np.finfo(np.float32).eps)
@@ -61,7 +61,8 @@ def keras_inventory(model: Any) -> dict[str, Any]:
     """The Keras side of the training contract (see the module doc and :mod:`mmbridge.convert.contract`).
 
     Args:
-        model: a Keras 3 model or layer (variables read through ``.weights`` and ``.path``).
+        model: a Keras 3 or tf-keras model or layer (variables read through ``.weights``, named by
+            :func:`~mmbridge.export.trainable.variable_paths`).
 
     Returns:
         ``{"variables": [{"path", "marker", "shape", "trainable", "layer"}], "layers": [{"name",
@@ -72,13 +73,12 @@ def keras_inventory(model: Any) -> dict[str, Any]:
 
     import keras
 
-    if type(model).__module__.split(".")[0] == "tf_keras":  # tf-keras (Keras 2) classes
+    if is_tf_keras(model):  # tf-keras (Keras 2) classes
         keras = sys.modules["tf_keras"]
     variables = []
-    for v in model.weights:
+    for v, path in variable_paths(model):
         if not _is_float(v):  # int counters / seed state (Normalization's count): not weights, never marked
             continue
-        path = getattr(v, "path", None) or v.name.split(":")[0]
         trainable = bool(v.trainable)
         variables.append({"path": path, "marker": (VAR_MARK if trainable else STATE_MARK) + _safe_path(path),
                           "shape": [int(d) for d in v.shape], "trainable": trainable,
@@ -192,7 +192,7 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
     """Train both sides ``len(batches)`` SGD steps and compare every variable (see the module doc).
 
     Args:
-        model: the Keras model that was exported (left unchanged).
+        model: the Keras 3 or tf-keras model that was exported (left unchanged).
         module: the converted torch module (``to_torch(trainable=True)``; left unchanged: a copy trains).
         batches: one ``{input name: array}`` per step, in the Keras layout (images NHWC).
         input_names: the inputs in call order.
@@ -204,6 +204,8 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
     Returns:
         A :class:`TrainParityReport`.
     """
+    import sys
+
     import keras
     import torch
 
@@ -215,10 +217,12 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
     problems = [p for p in report.problems if "has no torch tensor" in p or "became" in p]
     rng = np.random.default_rng(seed)
     weights = _float_weights(model)
-    if [v["path"] for v in inventory["variables"]] != [getattr(w, "path", None) or w.name.split(":")[0] for w in weights]:
+    if [v["path"] for v in inventory["variables"]] != [p for w, p in variable_paths(model) if _is_float(w)]:
         inventory = keras_inventory(model)  # an inventory of another model version: list this one's
     initial = [np.array(v.numpy(), copy=True) for v in weights]
-    dropouts = [ly for ly in _iter_layers(model) if isinstance(ly, keras.layers.Dropout)]
+    tf_keras = is_tf_keras(model)
+    layers_mod = (sys.modules["tf_keras"] if tf_keras else keras).layers
+    dropouts = [ly for ly in _iter_layers(model) if isinstance(ly, layers_mod.Dropout)]
     rates = [ly.rate for ly in dropouts]
 
     def torch_copy(dtype: torch.dtype) -> Any:
@@ -262,7 +266,9 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
         from mmbridge.export.sources import _caller, call_structure
 
         keras_call = _caller(model, call_structure(model), list(input_names), tf, training=True)
-        opt_k = keras.optimizers.SGD(learning_rate=lr)
+        # Keras 3's SGD for Keras 3 models; plain ``w -= lr * g`` (what SGD without momentum does) for
+        # tf-keras ones, whose tf.Variables a Keras 3 optimizer does not take
+        opt_k = None if tf_keras else keras.optimizers.SGD(learning_rate=lr)
         opt32 = torch.optim.SGD([p for p in m32.parameters() if p.requires_grad], lr=lr)
         opt64 = torch.optim.SGD([p for p in m64.parameters() if p.requires_grad], lr=lr)
         for batch in batches:
@@ -275,7 +281,12 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
                 loss_k = tf.add_n([tf.reduce_mean(tf.square(o - t)) for o, t in zip(flat_k, targets)
                                    if o.dtype.is_floating])
             grads = tape.gradient(loss_k, model.trainable_weights)
-            opt_k.apply_gradients([(g, w) for g, w in zip(grads, model.trainable_weights) if g is not None])
+            pairs = [(g, w) for g, w in zip(grads, model.trainable_weights) if g is not None]
+            if opt_k is not None:
+                opt_k.apply_gradients(pairs)
+            else:
+                for g, w in pairs:
+                    w.assign_sub(lr * tf.convert_to_tensor(g))
             for m, opt, dtype in ((m32, opt32, torch.float32), (m64, opt64, torch.float64)):
                 opt.zero_grad(set_to_none=True)
                 loss = loss_of(m(*torch_inputs(batch, dtype)), [torch.from_numpy(t).to(dtype) for t in targets])

@@ -357,7 +357,8 @@ def export_located(located: Located, options: ExportOptions, sample_inputs: Samp
 
     def freeze() -> tuple:  # traced once, for the fingerprint and the build
         if not frozen:
-            frozen.append(_freeze(src.fn, src.specs, tf, options.trainable))
+            frozen.append(_freeze(src.fn, src.specs, tf, options.trainable,
+                                  src.obj if src.kind in KERAS_KINDS else None))
         return frozen[0]
 
     if fingerprint is None:
@@ -411,8 +412,12 @@ def export_patches() -> Iterator[None]:
             setattr(mod, attr, orig)
 
 
-def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = False) -> tuple[Any, list[str], list[str], list[str], dict]:
+def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = False,
+            keras_obj: Any = None) -> tuple[Any, list[str], list[str], list[str], dict]:
     """Trace ``fn`` and freeze variables and captured tensors into constants.
+
+    ``keras_obj``: the Keras model or layer ``fn`` calls, for :func:`~mmbridge.export.trainable.trainable_patches`
+    (a tf-keras model's variables are marked by its own paths).
 
     Returns:
         ``(graph_def, input tensor names, output tensor names, output keys, tables)``; only the
@@ -423,7 +428,7 @@ def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = Fal
 
     from mmbridge.export.trainable import trainable_patches
 
-    with export_patches(), (trainable_patches() if trainable else contextlib.nullcontext()):
+    with export_patches(), (trainable_patches(keras_obj) if trainable else contextlib.nullcontext()):
         cf = fn.get_concrete_function()
     from mmbridge.export.handlers import table_contents
 
@@ -914,7 +919,8 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     meta = {
         "role": options.role,
         "opset": opset,
-        "source": {"kind": src.kind, "type": f"{type(obj).__module__}.{type(obj).__qualname__}"},
+        "source": {"kind": src.kind, "type": f"{type(obj).__module__}.{type(obj).__qualname__}",
+                   **({"origin": src.origin} if src.origin else {})},
         "inputs": onnx_specs,
         "tf_inputs": [s.to_dict() for s in specs],
         "outputs": out_specs,
@@ -937,6 +943,11 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
         meta.update(_training_contract(keras_obj, name, options, model, specs, samples, sample_fn, nchw,
                                        module=torch_module))
         meta["export_seconds"] = round(time.perf_counter() - t0, 3)
+    elif getattr(obj, "keras_variables", None) is not None and not options.trainable:
+        # an inference export of a Keras-written SavedModel: its Keras variables, so that to_torch() follows
+        # the artifact (frozen by default; trainable=True refused with trainable_refusal's fix)
+        meta["keras_inventory"] = {"variables": obj.keras_variables, "layers": []}
+        meta["trainable_refusal"] = obj.trainable_refusal
     golden = {"inputs": onnx_inputs, "outputs": ref}
     return model, meta, golden
 

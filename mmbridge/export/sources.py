@@ -100,6 +100,9 @@ class Traceable:
     kind: str
     obj: Any
     payload: Callable[[], bytes | None] = lambda: None
+    origin: str | None = None
+    """Where ``obj`` came from when it is not what the user passed (``"saved_model:<dir>"`` for a
+    tf-keras model reloaded from its SavedModel directory); recorded in ``meta["source"]``."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,11 +340,57 @@ class KerasFileSource(SourceAdapter):
 
 
 class LoadedSavedModel:
-    """A loaded SavedModel and its directory (recorded as the source type in ``meta.json``)."""
+    """A loaded SavedModel and its directory (recorded as the source type in ``meta.json``).
 
-    def __init__(self, path: str, loaded: Any):
+    ``writer`` is who wrote it (:func:`saved_model_writer`); for a Keras-written one,
+    ``keras_variables`` lists its variables as the training-contract inventory does
+    (``{"path", "marker", "shape", "trainable", "layer"}``) and ``trainable_refusal`` says why an
+    inference export of it cannot become trainable in torch (what ``to_torch(trainable=True)`` raises).
+    """
+
+    def __init__(self, path: str, loaded: Any, writer: str | None = None):
         self.path = path
         self.loaded = loaded
+        self.writer = writer
+        self.keras_variables: list[dict[str, Any]] | None = None
+        self.trainable_refusal: str | None = None
+        if writer in ("tf_keras", "keras3_export"):
+            from mmbridge.export.trainable import STATE_MARK, VAR_MARK, _safe_path
+
+            out = []
+            for v in getattr(loaded, "variables", ()):
+                if not v.dtype.is_floating:
+                    continue
+                vpath = v.name.split(":")[0]
+                out.append({"path": vpath, "marker": (VAR_MARK if v.trainable else STATE_MARK) + _safe_path(vpath),
+                            "shape": [int(d) for d in v.shape], "trainable": bool(v.trainable),
+                            "layer": vpath.rsplit("/", 1)[0] if "/" in vpath else vpath})
+            self.keras_variables = out
+            self.trainable_refusal = (
+                f"SavedModel {path} was written by {'tf-keras (model.save)' if writer == 'tf_keras' else 'Keras 3 (model.export)'} "
+                f"and exported as an inference graph: its BatchNormalization layers are folded into constants and its "
+                f"Dropout layers are gone. What to do: " + (
+                    "re-export it with trainable=True (mmbridge reloads the tf-keras model from the directory)"
+                    if writer == "tf_keras" else
+                    "export the Keras model object or its .keras file with trainable=True (a model.export() "
+                    "directory holds only the inference signature)") + ", or use to_torch(trainable=False) / to_ort()")
+
+
+#: Files / attributes that tell who wrote a SavedModel directory.
+TF_KERAS_METADATA = "keras_metadata.pb"
+
+
+def saved_model_writer(path: str, loaded: Any = None) -> str | None:
+    """Who wrote the SavedModel at ``path``: ``"tf_keras"`` (tf-keras' ``model.save(dir)``: a
+    ``keras_metadata.pb`` beside ``saved_model.pb``, from which ``tf_keras.models.load_model`` rebuilds the
+    model), ``"keras3_export"`` (Keras 3's ``model.export(dir)`` / ``ExportArchive``: the loaded object
+    tracks ``trainable_variables`` and ``non_trainable_variables`` but holds only inference endpoints), or
+    ``None`` (anything else, e.g. ``tf.saved_model.save`` of a ``tf.Module``)."""
+    if os.path.isfile(os.path.join(path, TF_KERAS_METADATA)):
+        return "tf_keras"
+    if loaded is not None and hasattr(loaded, "non_trainable_variables") and hasattr(loaded, "trainable_variables"):
+        return "keras3_export"
+    return None
 
 
 @SOURCES.register
@@ -366,6 +415,8 @@ class SavedModelSource(SourceAdapter):
                        name=Path(p).resolve().name or "saved_model")
 
     def prepare(self, obj: Any, options: ExportOptions, tf: Any) -> Traceable:
+        if options.trainable:
+            return self._prepare_trainable(obj, options, tf)
         loaded = tf.saved_model.load(obj)
         sig = loaded.signatures.get("serving_default")
         if sig is None:
@@ -383,7 +434,51 @@ class SavedModelSource(SourceAdapter):
             return sig(**dict(zip(names, args)))
 
         return Traceable(saved_model_fn, specs, Path(obj).name or "saved_model", "saved_model",
-                         LoadedSavedModel(obj, loaded))
+                         LoadedSavedModel(obj, loaded, saved_model_writer(obj, loaded)))
+
+    def _prepare_trainable(self, obj: str, options: ExportOptions, tf: Any) -> Traceable:
+        """``trainable=True``: the training graph of the model, not the serving signature.
+
+        * tf-keras' ``model.save(dir)``: ``tf_keras.models.load_model(dir, compile=False)`` rebuilds the
+          model (its config is in ``keras_metadata.pb``), exported as a tf-keras model (BatchNorm,
+          Dropout, every weight kept; the training contract runs);
+        * Keras 3's ``model.export(dir)``: refused (only the inference endpoint was saved, with
+          BatchNorm folded and Dropout gone);
+        * any other SavedModel (a ``tf.Module``): its ``serving_default`` signature, like a
+          ``tf.function`` (no Keras layers to keep; the converter recognises weights by their ops).
+
+        Raises:
+            ExportError: a Keras 3 export directory, or a tf-keras one that does not reload.
+        """
+        from mmbridge.errors import ExportError
+
+        writer = saved_model_writer(obj)
+        loaded = None
+        if writer is None:
+            loaded = tf.saved_model.load(obj)
+            writer = saved_model_writer(obj, loaded)
+        if writer == "keras3_export":
+            raise ExportError(
+                f"trainable export of SavedModel {obj}: it was written by Keras 3's model.export(), which saves only "
+                f"the inference endpoint (BatchNormalization folded into constants, Dropout removed), so no training "
+                f"graph can be recovered from it and a trainable torch module would silently train something else. "
+                f"What to do: export the Keras model object or its .keras file (model.save('m.keras')) with "
+                f"trainable=True, or export this directory with trainable=False (a frozen bridge)")
+        if writer != "tf_keras":
+            return self.prepare(obj, dataclasses.replace(options, trainable=False), tf)  # the signature path
+        try:
+            import tf_keras
+
+            model = tf_keras.models.load_model(obj, compile=False)
+        except Exception as exc:  # noqa: BLE001 - custom layers / objects the directory does not rebuild
+            raise ExportError(
+                f"trainable export of SavedModel {obj}: it was written by tf-keras (model.save), but "
+                f"tf_keras.models.load_model could not rebuild the model ({type(exc).__name__}: {str(exc)[:300]}), and "
+                f"its serving signature alone has BatchNormalization folded and Dropout removed. What to do: make the "
+                f"custom objects importable (tf_keras.utils.custom_object_scope / register_keras_serializable) in a "
+                f"module and export the loaded model object, or export with trainable=False (frozen)") from exc
+        src = SOURCES.match(model).prepare(model, options, tf)
+        return dataclasses.replace(src, name=Path(obj).resolve().name or src.name, origin=f"saved_model:{obj}")
 
 
 @SOURCES.register

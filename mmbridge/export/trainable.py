@@ -56,21 +56,25 @@ ops of each such scope by one ONNX ``LayerNormalization`` (``nn.LayerNorm`` in t
 Not kept (listed in the notes :func:`postprocess` returns): BatchNorm with ``axis`` other than the
 last or with ``renorm``; Dropout with another ``noise_shape`` (``SpatialDropout*``); the
 exporter's training contract (weight audit, :mod:`mmbridge.convert.contract`) then refuses the
-export. :func:`check_trainable_source` refuses tf-keras models and mixed-precision policies
-before tracing. Other LayerNormalizations stay decomposed, their ``gamma`` / ``beta`` still
-trainable initializers. Only Keras objects traced in
-this process are patched: a SavedModel export has no markers, and ``to_torch`` then falls back
-to recognising weights by the ops that consume them.
+export. :func:`check_trainable_source` refuses mixed-precision policies before tracing. Other
+LayerNormalizations stay decomposed, their ``gamma`` / ``beta`` still trainable initializers.
+
+tf-keras (Keras 2) models get the same patches for tf-keras' classes (:func:`_tf_keras_patches`;
+their ``tf.Variable`` s are named by :func:`variable_paths`). Only Keras objects traced in this
+process are patched: a SavedModel written by tf-keras is reloaded as a tf-keras model first
+(:class:`mmbridge.export.sources.SavedModelSource`); a ``tf.Module`` SavedModel export has no
+markers, and ``to_torch`` then falls back to recognising weights by the ops that consume them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from mmbridge.graph.markers import (  # noqa: F401  (re-exported: the names this module writes)
+    BN_BESSEL,
     BN_MARK,
     DROPOUT_MARK,
     LN_MARK,
@@ -83,7 +87,7 @@ from mmbridge.graph.markers import (  # noqa: F401  (re-exported: the names this
 
 #: Version of what :func:`trainable_patches` / :func:`postprocess` produce; part of what determines
 #: a trainable export's graph (the exporter should hash it into the fingerprint).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
@@ -97,15 +101,54 @@ def _safe_path(path: str) -> str:
     return _SAFE.sub("_", path.replace("/", "__"))
 
 
+def is_tf_keras(obj: Any) -> bool:
+    """True for a tf-keras (Keras 2, ``import tf_keras``) layer or model, subclassed ones included
+    (their class lives in the user's module: the test is ``isinstance``, not the class's module)."""
+    import sys
+
+    tfk = sys.modules.get("tf_keras")
+    try:
+        return tfk is not None and isinstance(obj, tfk.layers.Layer)
+    except AttributeError:  # a partly imported tf_keras
+        return False
+
+
+def variable_paths(model: Any) -> list[tuple[Any, str]]:
+    """``(variable, path)`` for every variable of ``model.weights``, in order: the path the markers
+    (``mmb_var__<path>``) and the training-contract inventory name a variable by.
+
+    Keras 3: ``variable.path`` (``"dense/kernel"``). tf-keras: the ``tf.Variable``'s name without
+    ``":0"`` (``"dense/kernel"``; tf-keras variables have no ``path``), made unique within the model by
+    a ``_<k>`` suffix where two variables share a name.
+    """
+    out: list[tuple[Any, str]] = []
+    seen: dict[str, int] = {}
+    for v in model.weights:
+        path = getattr(v, "path", None) or v.name.split(":")[0]
+        if path in seen:
+            seen[path] += 1
+            path = f"{path}_{seen[path]}"
+        else:
+            seen[path] = 0
+        out.append((v, path))
+    return out
+
+
 @contextlib.contextmanager
-def trainable_patches() -> Iterator[None]:
+def trainable_patches(model: Any = None) -> Iterator[None]:
     """Patches active while tracing a ``trainable=True`` export; undone on exit.
 
     Patched (Keras 3, TensorFlow backend): the variable read of ``keras.Variable``,
-    ``keras.layers.BatchNormalization.call``, ``keras.layers.Dropout.call`` and
-    ``keras.layers.LayerNormalization.call``. See the module doc
-    for what each emits. Outside a ``tf.function`` trace the patched code behaves exactly like
-    Keras (eager calls are not touched).
+    ``keras.layers.BatchNormalization.call``, ``keras.layers.Dropout.call``,
+    ``keras.layers.LayerNormalization.call`` and ``keras.layers.PReLU.call``. When ``model`` is a
+    tf-keras (Keras 2) model, the same for its classes (:func:`_tf_keras_patches`): the reads of its
+    ``tf.Variable`` s and tf-keras' ``BatchNormalization`` / ``Dropout`` / ``LayerNormalization`` /
+    ``PReLU``. See the module doc for what each emits. Outside a ``tf.function`` trace the patched
+    code behaves exactly like Keras (eager calls are not touched).
+
+    Args:
+        model: the Keras model or layer being exported (its variables' paths name the markers of a
+            tf-keras model; a Keras 3 variable knows its own path).
 
     Yields:
         None. :func:`postprocess` must run on the tf2onnx output of the graph traced here.
@@ -115,6 +158,10 @@ def trainable_patches() -> Iterator[None]:
     tf = import_tensorflow()
     patched: list[tuple[Any, str, Any]] = []
     _SKIPPED.clear()
+    if model is not None and is_tf_keras(model):
+        with _tf_keras_patches(model, tf):
+            yield
+        return
     try:
         from keras.src.backend.tensorflow import core as kcore
         from keras.src.layers.normalization.batch_normalization import BatchNormalization
@@ -225,6 +272,178 @@ def trainable_patches() -> Iterator[None]:
             setattr(obj, attr, orig)
 
 
+def _marked_read(tf: Any, read: Callable[[], Any], mark: str, cache: dict[tuple[int, str], Any]) -> Any:
+    """``read()`` through a ``PlaceholderWithDefault`` named ``mark``, placed in the enclosing function
+    graph when called inside a ``tf.while_loop`` / ``tf.cond`` body (see the Keras 3 read in
+    :func:`trainable_patches`); one placeholder per variable and graph (``cache``), so a variable read
+    twice (a shared layer) stays one marked initializer, not ``<mark>_1``."""
+    graph = outer = tf.compat.v1.get_default_graph()
+    while any(c.__name__ == "ControlFlowFuncGraph" for c in type(outer).__mro__):
+        outer = outer.outer_graph
+    key = (id(outer), mark)
+    hit = cache.get(key)
+    if hit is not None and hit.graph is outer:
+        return hit
+    with (outer.as_default() if outer is not graph else contextlib.nullcontext()):
+        t = read()
+        p = tf.raw_ops.PlaceholderWithDefault(input=t, shape=t.shape, name=mark)
+    cache[key] = p
+    return p
+
+
+@contextlib.contextmanager
+def _tf_keras_patches(model: Any, tf: Any) -> Iterator[None]:
+    """The tf-keras (Keras 2) counterparts of :func:`trainable_patches`' Keras 3 patches.
+
+    * the read of each of ``model``'s floating ``tf.Variable`` s (``BaseResourceVariable._read_variable_op``,
+      and ``sparse_read`` / ``gather_nd``, which tf-keras' ``Embedding`` uses) goes through a
+      ``PlaceholderWithDefault`` named ``mmb_var__<path>`` / ``mmb_state__<path>``
+      (:func:`variable_paths`); other variables (none in the model) are read as before;
+    * ``BatchNormalizationBase.call`` (``axis=-1``, rank 2-4, float32, no renorm / virtual batch /
+      adjustment / synchronized) emits one ``FusedBatchNormV3(is_training=False)`` under
+      ``mmb_bn__m<momentum>``, plus :data:`~mmbridge.graph.markers.BN_BESSEL` when the layer is
+      ``fused``: tf-keras' fused kernel moves the moving variance towards the *unbiased* batch variance
+      (``_bessels_correction_test_only`` is True in tf-keras 2.21, so the correction is not removed),
+      its non-fused path (2-D inputs) towards the population variance, as Keras 3 does;
+    * ``Dropout.call`` (plain, or a per-sample ``noise_shape``) emits the Dropout marker; a
+      ``SpatialDropout*`` (its own ``_get_noise_shape``) or another ``noise_shape`` is left to tf-keras
+      and listed (the audit then refuses the export, naming the layer);
+    * ``LayerNormalization.call`` (last axis, ``center`` and ``scale``, float32) runs its non-fused
+      formula (``tf.nn.moments`` + ``tf.nn.batch_normalization``, same value up to float32 rounding)
+      under ``mmb_ln__e<epsilon>``, so :func:`postprocess` makes it one ONNX ``LayerNormalization``;
+    * ``PReLU.call`` computes ``relu(x) - alpha * relu(-x)`` (bit-identical to tf-keras'
+      ``relu(x) + (-alpha) * relu(-x)``; keeps ``alpha`` marked, as for Keras 3).
+    """
+    from tensorflow.python.ops import resource_variable_ops as rvo
+
+    try:
+        from tf_keras.src.layers.activation.prelu import PReLU
+        from tf_keras.src.layers.normalization.batch_normalization import BatchNormalizationBase
+        from tf_keras.src.layers.normalization.layer_normalization import LayerNormalization
+        from tf_keras.src.layers.regularization.dropout import Dropout
+    except ImportError as exc:  # another tf-keras layout: refuse rather than fold silently
+        from mmbridge.errors import ExportError
+
+        raise ExportError(f"trainable export of the tf-keras model {getattr(model, 'name', '?')!r}: this tf-keras "
+                          f"version has another module layout ({exc}); mmbridge knows tf-keras 2.21's. What to do: "
+                          f"export with trainable=False (frozen), or install tf-keras 2.21") from exc
+
+    marks = {id(v): (VAR_MARK if v.trainable else STATE_MARK) + _safe_path(path)
+             for v, path in variable_paths(model) if tf.as_dtype(v.dtype).is_floating}
+    cache: dict[tuple[int, str], Any] = {}
+    base = rvo.BaseResourceVariable
+    orig_read, orig_sparse, orig_gnd = base._read_variable_op, base.sparse_read, base.gather_nd
+
+    def read(self: Any, no_copy: bool = False) -> Any:
+        mark = marks.get(id(self))
+        if mark is None or not tf.inside_function():
+            return orig_read(self, no_copy=no_copy)
+        return _marked_read(tf, lambda: orig_read(self, no_copy=no_copy), mark, cache)
+
+    def sparse_read(self: Any, indices: Any, name: Any = None) -> Any:
+        if id(self) not in marks or not tf.inside_function():
+            return orig_sparse(self, indices, name=name)
+        return tf.gather(read(self), indices, name=name)
+
+    def gather_nd(self: Any, indices: Any, name: Any = None) -> Any:
+        if id(self) not in marks or not tf.inside_function():
+            return orig_gnd(self, indices, name=name)
+        return tf.gather_nd(read(self), indices, name=name)
+
+    def _static_training(layer: Any, training: Any) -> Any:
+        if training is None and hasattr(layer, "_get_training_value"):
+            training = layer._get_training_value(training)
+        return tf.get_static_value(training) if tf.is_tensor(training) else training
+
+    orig_bn = BatchNormalizationBase.call
+
+    def bn_call(self: Any, inputs: Any, training: Any = None, mask: Any = None) -> Any:
+        if not tf.inside_function():
+            return orig_bn(self, inputs, training=training, mask=mask)
+        rank = len(inputs.shape)
+        axis = list(self.axis) if isinstance(self.axis, (list, tuple)) else [self.axis]
+        keepable = (
+            not _static_training(self, training) and mask is None and not self.renorm
+            and axis in ([-1], [rank - 1]) and 2 <= rank <= 4 and inputs.dtype == tf.float32
+            and self.compute_dtype == "float32" and not getattr(self, "synchronized", False)
+            and self.virtual_batch_size is None and self.adjustment is None
+            and isinstance(self.momentum, (int, float))
+        )
+        if not keepable:
+            _SKIPPED.append(f"BatchNormalization {self.name!r} folded (axis={self.axis}, renorm={self.renorm}, "
+                            f"virtual_batch_size={self.virtual_batch_size}, dtype={inputs.dtype.name}): only axis=-1, "
+                            f"float32, no renorm / virtual batch / adjustment is kept")
+            return orig_bn(self, inputs, training=training, mask=mask)
+        c = int(inputs.shape[-1])
+        gamma = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([c], tf.float32)
+        beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([c], tf.float32)
+        mean = tf.convert_to_tensor(self.moving_mean)
+        var = tf.convert_to_tensor(self.moving_variance)
+        scope = f"{BN_MARK}{encode_float(float(self.momentum))}" + (BN_BESSEL if self.fused else "")
+        with tf.name_scope(scope):
+            x = inputs
+            if rank != 4:
+                shape = tf.shape(inputs)
+                x = tf.reshape(inputs, [-1, 1, 1, c]) if rank == 2 else tf.expand_dims(inputs, 2)
+            y = tf.raw_ops.FusedBatchNormV3(x=x, scale=gamma, offset=beta, mean=mean, variance=var,
+                                            epsilon=float(self.epsilon), data_format="NHWC", is_training=False)[0]
+            if rank != 4:
+                y = tf.reshape(y, shape)
+        return y
+
+    orig_do = Dropout.call
+
+    def do_call(self: Any, inputs: Any, training: Any = None) -> Any:
+        if not tf.inside_function() or _static_training(self, training) or not isinstance(self.rate, (int, float)) \
+                or self.rate == 0:
+            return orig_do(self, inputs, training=training)
+        spatial = type(self)._get_noise_shape is not Dropout._get_noise_shape
+        noise = None if spatial else _per_sample_noise(self.noise_shape, len(inputs.shape))
+        if noise is None or not inputs.dtype.is_floating:
+            _SKIPPED.append(f"{type(self).__name__} {self.name!r} removed (noise_shape={self.noise_shape}"
+                            f"{', one mask value per channel' if spatial else ''}): only plain Dropout and a "
+                            f"per-sample noise_shape (None, 1, ..., 1) are kept")
+            return orig_do(self, inputs, training=training)
+        mark = f"{DROPOUT_MARK}{encode_float(self.rate)}" + (NOISE_MARK if noise else "")
+        one = tf.raw_ops.PlaceholderWithDefault(input=tf.ones([], inputs.dtype), shape=[], name=mark)
+        return inputs * one
+
+    orig_ln = LayerNormalization.call
+
+    def ln_call(self: Any, inputs: Any) -> Any:
+        rank = len(inputs.shape)
+        if (not tf.inside_function() or list(self.axis) not in ([-1], [rank - 1]) or not (self.center and self.scale)
+                or inputs.dtype != tf.float32):
+            return orig_ln(self, inputs)
+        fused = self._fused
+        self._fused = False  # the formula _keep_layer_norms recognises (the fused one reshapes to NCHW)
+        try:
+            with tf.name_scope(f"{LN_MARK}{encode_float(self.epsilon)}"):
+                return orig_ln(self, inputs)
+        finally:
+            self._fused = fused
+
+    orig_prelu = PReLU.call
+
+    def prelu_call(self: Any, inputs: Any) -> Any:
+        if not tf.inside_function():
+            return orig_prelu(self, inputs)
+        return tf.nn.relu(inputs) - tf.convert_to_tensor(self.alpha) * tf.nn.relu(-inputs)
+
+    patched = []
+    for obj, attr, new in ((base, "_read_variable_op", read), (base, "sparse_read", sparse_read),
+                           (base, "gather_nd", gather_nd), (BatchNormalizationBase, "call", bn_call),
+                           (Dropout, "call", do_call), (LayerNormalization, "call", ln_call),
+                           (PReLU, "call", prelu_call)):
+        patched.append((obj, attr, obj.__dict__[attr]))
+        setattr(obj, attr, new)
+    try:
+        yield
+    finally:
+        for obj, attr, orig in reversed(patched):
+            setattr(obj, attr, orig)
+
+
 #: Suffix of a Dropout marker (and of its ONNX Dropout node's name) whose Keras layer has a per-sample
 #: ``noise_shape`` ``(None, 1, ..., 1)``: :mod:`mmbridge.convert.ops.dropout` reads the same string.
 NOISE_MARK = "__mmb_noise_per_sample"
@@ -244,27 +463,15 @@ def _per_sample_noise(noise_shape: Any, rank: int) -> bool | None:
 def check_trainable_source(obj: Any) -> None:
     """Refuse a Keras object that a ``trainable=True`` export cannot keep trainable, before tracing.
 
-    * a tf-keras (Keras 2) model: :func:`trainable_patches` know Keras 3's classes only, so its
-      zero biases / BatchNorms / Dropouts would be folded away silently;
-    * a mixed-precision policy (``mixed_float16`` / ``mixed_bfloat16``): the graph would compute in
-      float16 with the BatchNorms folded; AMP in torch comes from ``torch.autocast`` instead.
+    A mixed-precision policy (``mixed_float16`` / ``mixed_bfloat16``, Keras 3 or tf-keras): the graph
+    would compute in float16 with the BatchNorms folded; AMP in torch comes from ``torch.autocast``
+    instead. (tf-keras models are patched like Keras 3 ones: :func:`_tf_keras_patches`.)
 
     Raises:
         ExportError: naming the layer and the fix.
     """
     from mmbridge.errors import ExportError
 
-    module = type(obj).__module__.split(".")[0]
-    if module == "tf_keras":
-        layers = [ly for ly in getattr(obj, "_flatten_layers", lambda **k: [])(include_self=False, recursive=True)
-                  if ly.weights or type(ly).__name__ in ("Dropout", "BatchNormalization")]
-        named = f"layer {layers[0].name!r} ({type(layers[0]).__name__})" if layers else f"model {obj.name!r}"
-        raise ExportError(
-            f"trainable export of the tf-keras (Keras 2) model {obj.name!r}: mmbridge keeps weights, BatchNorm and "
-            f"Dropout trainable for Keras 3 models only; {named} would be folded into constants and silently not "
-            f"train. What to do: rebuild the model in Keras 3 (same architecture, then "
-            f"`model3.set_weights(model2.get_weights())`) and export that, or export with trainable=False and use "
-            f"to_torch(trainable=False) / to_ort() (frozen)")
     layers = [obj] + list(getattr(obj, "_flatten_layers", lambda **k: [])(include_self=False, recursive=True))
     for ly in layers:
         policy = getattr(ly, "dtype_policy", None)

@@ -15,6 +15,10 @@ STATE_MARK = "mmb_state__"
 DROPOUT_MARK = "mmb_dropout__r"
 BN_MARK = "mmb_bn__m"
 LN_MARK = "mmb_ln__e"
+#: Suffix of a BatchNorm scope (after ``mmb_bn__m<momentum>``) whose Keras layer moves its moving
+#: variance towards the *unbiased* (Bessel-corrected, ``n / (n - 1)``) batch variance: tf-keras'
+#: fused BatchNormalization. Without it, the population variance (Keras 3, ONNX's spec).
+BN_BESSEL = "__mmb_bessel"
 
 
 def encode_float(x: float) -> str:

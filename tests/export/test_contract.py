@@ -246,18 +246,6 @@ def test_mixed_float16_model_is_refused_with_the_fix(keras, tmp_path):
     assert not list(tmp_path.rglob("meta.json"))
 
 
-def test_tf_keras_trainable_export_is_refused_naming_the_layer(tf, tmp_path):
-    tf_keras = pytest.importorskip("tf_keras")
-    inp = tf_keras.Input((6,))
-    h = tf_keras.layers.Dense(4, name="dense_k2")(inp)
-    model = tf_keras.Model(inp, tf_keras.layers.Dropout(0.2)(h))
-    with pytest.raises(mmbridge.ExportError, match=r"tf-keras.*layer 'dense_k2'.*Keras 3"):
-        mmbridge.export(model, trainable=True, cache_dir=tmp_path)
-    art = mmbridge.export(model, cache_dir=tmp_path)  # inference export: fine, converts frozen
-    assert art.meta["keras_inventory"]["layers"][0]["kind"] == "dropout"
-    assert not any(p.requires_grad for p in art.to_torch().parameters())
-
-
 def test_verify_train_steps_reports_recorded_or_reruns_with_the_source(exported):
     model, art, _ = exported["_cnn"]
     recorded = mmbridge.verify(art, train_steps=3)

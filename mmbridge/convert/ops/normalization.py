@@ -7,8 +7,10 @@ rank; :class:`BatchNorm` when the rank is unknown), subclasses of torch's, so
 ``momentum = 1 - onnx_momentum`` (Keras 0.99 -> torch 0.01), the parameters and running
 statistics in the initializers' dtype (float64 graphs stay float64), and the running variance
 updated with the *population* variance of the batch, as Keras and the ONNX spec do (torch's own
-BatchNorm uses the unbiased one, which drifts by ``n / (n - 1)``). Other forms (computed
-statistics) go to onnx2torch's converter.
+BatchNorm uses the unbiased one, which drifts by ``n / (n - 1)``). A node whose name carries
+:data:`~mmbridge.graph.markers.BN_BESSEL` (tf-keras' fused BatchNormalization, which moves its moving
+variance towards the unbiased batch variance) keeps torch's own unbiased update
+(``population_variance = False``). Other forms (computed statistics) go to onnx2torch's converter.
 
 In a ``trainable=True`` export (marked initializers), a scale of ones / bias of zeros that is *not*
 a marked Keras variable is Keras' ``BatchNormalization(scale=False)`` / ``center=False``: it
@@ -26,7 +28,7 @@ from onnx2torch.onnx_node import OnnxNode
 from torch import nn
 
 from mmbridge.convert.ops._common import const, delegate, rank_of, register, result
-from mmbridge.graph.markers import STATE_MARK, VAR_MARK, marker_of
+from mmbridge.graph.markers import BN_BESSEL, STATE_MARK, VAR_MARK, marker_of
 
 
 class _PopulationVarianceBN:
@@ -38,11 +40,16 @@ class _PopulationVarianceBN:
     one (``n / (n - 1)`` larger). After torch's update, ``running_var`` is corrected in O(C):
     ``new = (1 - m) * old + (torch_new - (1 - m) * old) * (n - 1) / n``, which equals
     ``(1 - m) * old + m * var_pop`` (``n`` = elements per channel in the batch).
+
+    ``population_variance = False`` (tf-keras' fused BatchNormalization) keeps torch's update with the
+    unbiased variance, which is what that layer does: ``(1 - m) * old + m * var_pop * n / (n - 1)``.
     """
+
+    population_variance: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         self._check_input_dim(x)
-        if not (self.training and self.track_running_stats):
+        if not (self.training and self.track_running_stats and self.population_variance):
             return super().forward(x)  # type: ignore[misc]
         m = self.momentum if self.momentum is not None else 0.1
         n = x.numel() // x.shape[1]
@@ -90,6 +97,7 @@ def batch_normalization(node: OnnxNode, graph: OnnxGraph):
     cls = _BY_RANK.get(rank_of(graph, ins[0]), BatchNorm)
     bn = cls(scale.shape[0], eps=float(attrs.get("epsilon", 1e-5)), momentum=1.0 - float(attrs.get("momentum", 0.9)),
              dtype=scale.dtype)
+    bn.population_variance = BN_BESSEL not in node.name
     with torch.no_grad():
         bn.weight.copy_(scale)
         bn.bias.copy_(bias.to(scale.dtype))
