@@ -498,7 +498,7 @@ def run_keras(cfg: RunConfig | Mapping[str, Any], *, name: str | None = None) ->
     monitor = t.monitor or ClassificationHead.monitor
     mode = t.mode or ClassificationHead.metric_mode(monitor)
     writer = None
-    if cfg.output.tensorboard:
+    if "tensorboard" in cfg.output.active_loggers:
         from mmbridge.train.trainer import summary_writer
 
         writer = summary_writer(out_dir / "tensorboard")

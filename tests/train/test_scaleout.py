@@ -33,8 +33,9 @@ CFG = {
     "data": {"root": None, "image_size": 16, "max_length": 16, "modalities": ["image", "numeric"]},
     "model": {
         "branches": {
+            # the export README.md's example makes too (same options: one cache entry per test session)
             "image": {"preprocess": {"type": "export", "ref": "mmbridge.baselines.tf_models:image_preprocess",
-                                     "backend": "ort", "name": "scaleout_preprocess"},
+                                     "backend": "ort"},
                       "encoder": {"type": "conv", "width": 4, "depth": 2}},
             "numeric": {"encoder": {"type": "mlp", "hidden": 8}},
         },
