@@ -118,6 +118,7 @@ def export(
     force: bool = False,
     isolate: bool | None = None,
     out: str | os.PathLike | None = None,
+    training: bool = False,
 ) -> BridgeArtifact:
     """Export a TensorFlow object to a checked, cached ONNX :class:`~mmbridge.BridgeArtifact`.
 
@@ -144,6 +145,14 @@ def export(
         trainable: export for fine-tuning: BatchNormalization, Dropout and LayerNormalization
             stay real ONNX ops (see :mod:`mmbridge.export.trainable`) instead of being folded away.
         optimize: run onnxoptimizer's parity-preserving passes.
+        training: trace a Keras model or layer with ``training=True``, so its augmentation layers
+            (``RandomFlip``, ``RandomBrightness``, ``Equalization`` ...) are active as in
+            ``ds.map(layer)``: their random draws become ONNX ``RandomUniformLike`` /
+            ``RandomNormalLike`` (fresh on every call) and parity becomes a distribution check (TF
+            vs onnxruntime vs torch, :func:`mmbridge.export.augment.distribution_check`; a failure
+            raises ``ParityError``). Layers without an ONNX form in training mode are refused naming
+            the layer and the torch augmentation to use (:data:`mmbridge.export.augment.LAYERS`).
+            Default ``False``: the layers are inactive and the artifact records (and warns) so.
         verify: check parity against TF (always done unless False; ``ParityError`` on failure).
         cache_dir: cache root (default ``$MMBRIDGE_CACHE`` or the user cache dir).
         force: re-export even if the cache holds a valid artifact.
@@ -170,6 +179,7 @@ def export(
     options = ExportOptions.from_arguments(
         input_specs=input_specs, opset=opset, name=name, role=role, tolerance=tolerance,
         inputs_as_nchw=inputs_as_nchw, trainable=trainable, optimize=optimize, verify=verify, bridge=bridge,
+        training=training,
     )
     if bridge is not None and not sample_inputs:
         sample_inputs = bridge.sample_inputs
@@ -310,11 +320,15 @@ def export_located(located: Located, options: ExportOptions, sample_inputs: Samp
     samples = dict(sample_inputs(2, 0)) if callable(sample_inputs) else sample_inputs
     src = located.adapter.prepare(located.obj, options, tf)
     name = options.name or src.name
+    if options.training:
+        from mmbridge.export.augment import check_training_source
+
+        check_training_source(src.kind, name)
     frozen: list[tuple] = []
 
     def freeze() -> tuple:  # traced once, for the fingerprint and the build
         if not frozen:
-            frozen.append(_freeze(src.fn, src.specs, tf, options.trainable))
+            frozen.append(_freeze(src.fn, src.specs, tf, options.trainable, options.training))
         return frozen[0]
 
     if fingerprint is None:
@@ -328,6 +342,12 @@ def export_located(located: Located, options: ExportOptions, sample_inputs: Samp
                       sample_fn=sample_inputs if callable(sample_inputs) else None)
 
     art, hit = cached_or_build(name, fingerprint, build, root=root, force=force)
+    note = (art.meta.get("augmentation") or {}).get("note") if hit else None
+    if note:  # a default export of augmentation layers: say so on a cache hit too
+        import warnings
+
+        logger.warning("export %s: %s", name, note)
+        warnings.warn(f"export {name!r}: {note}", UserWarning, stacklevel=3)
     logger.info("export %s: %s in %.2f s (%s)", name, "cache hit" if hit else "exported", time.perf_counter() - t0, art.path)
     return art
 
@@ -367,7 +387,8 @@ def export_patches() -> Iterator[None]:
             setattr(mod, attr, orig)
 
 
-def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = False) -> tuple[Any, list[str], list[str], list[str], dict]:
+def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = False,
+            training: bool = False) -> tuple[Any, list[str], list[str], list[str], dict]:
     """Trace ``fn`` and freeze variables and captured tensors into constants.
 
     Returns:
@@ -379,7 +400,10 @@ def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = Fal
 
     from mmbridge.export.trainable import trainable_patches
 
-    with export_patches(), (trainable_patches() if trainable else contextlib.nullcontext()):
+    if training:
+        from mmbridge.export.augment import training_patches
+    with export_patches(), (trainable_patches() if trainable else contextlib.nullcontext()), \
+            (training_patches() if training else contextlib.nullcontext()):
         cf = fn.get_concrete_function()
     from mmbridge.export.handlers import table_contents
 
@@ -403,13 +427,17 @@ def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = Fal
 
 
 def _convert(graph_def: Any, inputs: list[str], outputs: list[str], opset: int, inputs_as_nchw: list[str] | None,
-             name: str, tables: dict | None = None) -> Any:
+             name: str, tables: dict | None = None, training: bool = False) -> Any:
     import tf2onnx
 
     from mmbridge.errors import MMBridgeError
     from mmbridge.export.handlers import tf2onnx_handlers
 
     handlers, extra_opset = tf2onnx_handlers(tables)
+    if training:  # TF's stateless random ops -> ONNX random ops (mmbridge.export.augment)
+        from mmbridge.export.augment import random_handlers
+
+        handlers = {**handlers, **random_handlers()}
     with _quiet_tf2onnx(), _bfloat16_is_bfloat16():
         try:
             model, _ = tf2onnx.convert.from_graph_def(
@@ -640,18 +668,31 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     if unknown_nchw:
         raise SpecError(f"inputs_as_nchw names {sorted(unknown_nchw)} that are not inputs {[s.name for s in specs]}")
     graph_def, in_names, out_names, out_keys, tables = freeze()
-    model = _convert(graph_def, in_names, out_names, opset, [n for n in in_names if n.split(":")[0] in nchw], name,
-                     tables)
-    _rename_io(model, {t: s.name for t, s in zip(in_names, specs)}, dict(zip(out_names, out_keys)))
-    notes = []
-    if options.trainable:
-        from mmbridge.export.trainable import postprocess
+    try:
+        model = _convert(graph_def, in_names, out_names, opset, [n for n in in_names if n.split(":")[0] in nchw],
+                         name, tables, training=options.training)
+        _rename_io(model, {t: s.name for t, s in zip(in_names, specs)}, dict(zip(out_names, out_keys)))
+        notes = []
+        if options.trainable:
+            from mmbridge.export.trainable import postprocess
 
-        notes += postprocess(model)
-    n_resize = resize_scales_to_sizes(model)
-    if n_resize:
-        notes.append(f"Resize scales -> exact sizes (TF's target size): {n_resize} node(s)")
-    notes += repair_and_check_ops(model, name)
+            notes += postprocess(model)
+        n_resize = resize_scales_to_sizes(model)
+        if n_resize:
+            notes.append(f"Resize scales -> exact sizes (TF's target size): {n_resize} node(s)")
+        notes += repair_and_check_ops(model, name)
+        if options.training:
+            from mmbridge.export.augment import strip_seeds
+
+            n_seeds = strip_seeds(model)
+            if n_seeds:
+                notes.append(f"training=True: seed attribute removed from {n_seeds} random node(s) (fresh draws)")
+    except UnsupportedOpsError as exc:
+        if not options.training:
+            raise
+        from mmbridge.export.augment import explain_refusal
+
+        raise explain_refusal(exc, src.obj, name) from exc
     model = check_model(model, name)
 
     # parity data: TF on NHWC inputs; the ONNX graph gets NCHW for inputs_as_nchw
@@ -668,8 +709,27 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     ref = dict(zip(out_keys, [np.asarray(t) for t in tf.nest.flatten(tf_out)]))
     onnx_inputs = {k: (np.ascontiguousarray(np.transpose(v, (0, 3, 1, 2))) if k in nchw else v) for k, v in samples.items()}
     tol = options.tolerance
+    ref_draws = None
+    if options.training:  # random outputs: a distribution check replaces elementwise parity
+        from mmbridge.export import augment
+        from mmbridge.export.sources import _caller, call_structure
+        from mmbridge.runtime.session import make_session
+
+        tf_one = tuple(tf.constant(samples[s.name][:1]) for s in specs)
+        onnx_one = {k: v[:1] for k, v in onnx_inputs.items()}
+        keras_call = _caller(src.obj, call_structure(src.obj), [s.name for s in specs], tf, training=True)
+
+        def tf_call(_: Any) -> dict[str, np.ndarray]:  # the Keras object itself, eagerly (unpatched draws)
+            return dict(zip(out_keys, [np.asarray(t) for t in tf.nest.flatten(keras_call(tf_one))]))
+
+        ref_draws = augment.draw(tf_call, onnx_one)
 
     def passes_parity(m: Any) -> bool:
+        if ref_draws is not None:
+            sess = make_session(augment.seeded_copy(m))
+            names = [o.name for o in sess.get_outputs()]
+            got = augment.draw(lambda x: dict(zip(names, sess.run(None, dict(x)))), onnx_one)
+            return augment.compare_draws(got, ref_draws, backend="ort")["passed"]
         got = run_ort(m, onnx_inputs)
         return all(r.passed for r in compare(got, ref, backend="ort", stage="onnx", tolerance=tol))
 
@@ -686,7 +746,14 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     if options.optimize:
         model, applied, rejected = optimize_model(model, passes_parity)
         model = check_model(model, name)
-    report = ParityReport(compare(run_ort(model, onnx_inputs), ref, backend="ort", stage="onnx", tolerance=tol))
+    distribution = None
+    if ref_draws is not None:
+        report = ParityReport([], reference="tensorflow (training=True: see meta['distribution'])")
+        distribution = _distribution(model, ref_draws, onnx_one, name)
+        if options.verify:
+            augment.raise_if_failed(distribution, name)
+    else:
+        report = ParityReport(compare(run_ort(model, onnx_inputs), ref, backend="ort", stage="onnx", tolerance=tol))
     if options.verify:
         report.raise_if_failed(f"exported bridge {name!r}")
     import tf2onnx
@@ -723,11 +790,23 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
         "rewrites": notes,
         "tolerance": tol.to_dict() if tol else None,  # what export checked with; verify() reuses it
         "trainable": options.trainable,
+        "training": options.training,
         "backend": backend_requirements(model),
         "optimizer": {"applied": applied, "rejected": rejected},
         "export_seconds": round(time.perf_counter() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if distribution is not None:
+        from mmbridge.export.augment import training_record
+
+        meta["augmentation"] = training_record(src.obj)
+        meta["distribution"] = distribution
+    elif keras_obj is not None:
+        from mmbridge.export.augment import inference_record
+
+        rec = inference_record(keras_obj, name)
+        if rec is not None:
+            meta["augmentation"] = rec
     if keras_obj is not None:
         meta.update(_training_contract(keras_obj, name, options, model, specs, samples, sample_fn, nchw))
         meta["export_seconds"] = round(time.perf_counter() - t0, 3)
@@ -737,6 +816,26 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
 
 #: Source kinds whose object is a Keras model or layer (Keras 3 or tf-keras).
 KERAS_KINDS = ("keras_model", "keras_layer")
+
+
+def _distribution(model: Any, ref_draws: Mapping[str, np.ndarray], onnx_one: Mapping[str, np.ndarray],
+                  name: str) -> dict[str, Any]:
+    """The distribution check of a ``training=True`` export (:func:`mmbridge.export.augment.distribution_check`):
+    onnxruntime always; torch when the graph converts (else ``torch_skipped`` says why)."""
+    from mmbridge.convert.core import to_torch
+    from mmbridge.errors import ConversionError
+    from mmbridge.export.augment import distribution_check
+
+    module, skipped = None, None
+    try:
+        module = to_torch(model)
+    except ConversionError as exc:
+        skipped = f"does not convert to torch: {str(exc).splitlines()[0][:300]}"
+    record = distribution_check(lambda _: dict(ref_draws), model, onnx_one, name=name, torch_module=module,
+                                ref=ref_draws)
+    if skipped:
+        record["torch_skipped"] = skipped
+    return record
 def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, specs: Sequence[TensorSpec],
                        samples: Samples | None, sample_fn: Callable[[int, int], Samples] | None,
                        nchw: Sequence[str]) -> dict[str, Any]:

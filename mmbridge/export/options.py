@@ -44,6 +44,9 @@ class ExportOptions:
             :mod:`mmbridge.parity`; ``atol`` and ``rtol`` are >= 0.
         inputs_as_nchw: names of 4-D NHWC inputs that the ONNX graph takes as NCHW, or ``None``.
         trainable: keep BatchNormalization, Dropout and LayerNormalization as real ONNX ops.
+        training: trace a Keras model / layer with ``training=True`` (augmentation layers active;
+            their random draws become ONNX random ops and parity is a distribution check, see
+            :mod:`mmbridge.export.augment`). Keras sources only; not with ``trainable=True``.
         optimize: run onnxoptimizer's parity-preserving passes.
         verify: fail the export (``ParityError``) when ORT's outputs differ from TF's.
 
@@ -64,6 +67,7 @@ class ExportOptions:
     trainable: bool = False
     optimize: bool = True
     verify: bool = True
+    training: bool = False
 
     def __post_init__(self) -> None:
         for field in ("input_specs", "inputs_as_nchw"):
@@ -89,6 +93,7 @@ class ExportOptions:
         optimize: bool = True,
         verify: bool = True,
         bridge: BridgeSpec | None = None,
+        training: bool = False,
     ) -> ExportOptions:
         """The options of an :func:`mmbridge.export` call, with a registered bridge's defaults.
 
@@ -116,6 +121,7 @@ class ExportOptions:
             tolerance = tolerance or bridge.tolerance
             inputs_as_nchw = inputs_as_nchw if inputs_as_nchw is not None else ek.get("inputs_as_nchw")
             trainable = trainable or bool(ek.get("trainable", False))
+            training = training or bool(ek.get("training", False))
             optimize = optimize and bool(ek.get("optimize", True))
             verify = verify and bool(ek.get("verify", True))
         return cls(
@@ -129,6 +135,7 @@ class ExportOptions:
             trainable=bool(trainable),
             optimize=bool(optimize),
             verify=bool(verify),
+            training=training if not isinstance(training, (bool, int)) else bool(training),
         )
 
     def replace(self, **changes: Any) -> ExportOptions:
@@ -148,6 +155,7 @@ class ExportOptions:
             "trainable": self.trainable,
             "optimize": self.optimize,
             "verify": self.verify,
+            "training": self.training,
         }
 
     @classmethod
@@ -217,6 +225,7 @@ class _Fields:
     trainable: Any = False
     optimize: Any = True
     verify: Any = True
+    training: Any = False
 
 
 def _problems(o: Any) -> list[str]:
@@ -246,9 +255,13 @@ def _problems(o: Any) -> list[str]:
     nchw = o.inputs_as_nchw
     if nchw is not None and (not isinstance(nchw, tuple) or not all(isinstance(n, str) and n for n in nchw)):
         out.append(f"inputs_as_nchw={nchw!r}: give a list of input names (e.g. ['image']), or None")
-    for flag in ("trainable", "optimize", "verify"):
+    for flag in ("trainable", "optimize", "verify", "training"):
         if not isinstance(getattr(o, flag), bool):
             out.append(f"{flag}={getattr(o, flag)!r}: must be True or False")
+    if o.training is True and o.trainable is True:
+        out.append("training=True with trainable=True: train parity compares deterministic SGD steps and random "
+                   "augmentation cannot pass it; export the augmentation layers as their own bridge with "
+                   "training=True and the model with trainable=True")
     return out
 
 
