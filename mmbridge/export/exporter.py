@@ -196,7 +196,8 @@ def export(
         fingerprint = path_fingerprint(located.path, options, sample_inputs)
         if not force:
             with contextlib.suppress(CacheError):
-                return _copy_out(BridgeArtifact.load(entry_dir(options.name, fingerprint, root), check="size"), out)
+                return _copy_out(_say_inactive(BridgeArtifact.load(entry_dir(options.name, fingerprint, root),
+                                                                   check="size")), out)
     if located.isolate:
         record = None
         if located.path is None:  # a "module:attribute" reference: a hit without TF (mmbridge.export.refcache)
@@ -211,8 +212,9 @@ def export(
                     art = BridgeArtifact.load(hit, check="size")
                     logger.info("export %s: cache hit of reference %r without TensorFlow (%s)", art.name,
                                 located.ref, art.path)
-                    return _copy_out(art, out)
+                    return _copy_out(_say_inactive(art), out)
         art, files = _export_in_child(located.ref, options, sample_inputs, root, force, fingerprint)
+        _say_inactive(art)  # the child's warning stays in the child
         if record is not None and files:
             with contextlib.suppress(CacheError):
                 refcache.save(record, art.path, files)
@@ -342,13 +344,21 @@ def export_located(located: Located, options: ExportOptions, sample_inputs: Samp
                       sample_fn=sample_inputs if callable(sample_inputs) else None)
 
     art, hit = cached_or_build(name, fingerprint, build, root=root, force=force)
-    note = (art.meta.get("augmentation") or {}).get("note") if hit else None
-    if note:  # a default export of augmentation layers: say so on a cache hit too
+    if hit:  # a default export of augmentation layers: say so on a cache hit too
+        _say_inactive(art)
+    logger.info("export %s: %s in %.2f s (%s)", name, "cache hit" if hit else "exported", time.perf_counter() - t0, art.path)
+    return art
+
+
+def _say_inactive(art: BridgeArtifact) -> BridgeArtifact:
+    """Warn (and log) when ``art`` is a default export whose augmentation layers are inactive
+    (``meta["augmentation"]``, :func:`mmbridge.export.augment.inference_record`); returns ``art``."""
+    rec = art.meta.get("augmentation") or {}
+    if rec.get("training") is False and rec.get("note"):
         import warnings
 
-        logger.warning("export %s: %s", name, note)
-        warnings.warn(f"export {name!r}: {note}", UserWarning, stacklevel=3)
-    logger.info("export %s: %s in %.2f s (%s)", name, "cache hit" if hit else "exported", time.perf_counter() - t0, art.path)
+        logger.warning("export %s: %s", art.name, rec["note"])
+        warnings.warn(f"export {art.name!r}: {rec['note']}", UserWarning, stacklevel=3)
     return art
 
 

@@ -135,7 +135,7 @@ class ExportOptions:
             trainable=bool(trainable),
             optimize=bool(optimize),
             verify=bool(verify),
-            training=training if not isinstance(training, (bool, int)) else bool(training),
+            training=bool(training),
         )
 
     def replace(self, **changes: Any) -> ExportOptions:
