@@ -292,9 +292,16 @@ def verify(
     Raises:
         ParityError: a row failed and ``raise_on_failure``.
         ValueError: ``inputs`` given without ``reference``, or an unknown backend.
+        ValueError: also for an artifact exported with ``training=True`` (random outputs: use
+            :func:`mmbridge.export.augment.verify_training`).
         MissingGoldenError: neither ``inputs`` given nor a readable ``golden.npz`` (a
             :class:`~mmbridge.errors.CacheError`; the message says how to re-export).
     """
+    if (getattr(artifact, "meta", None) or {}).get("training"):
+        raise ValueError(
+            f"verify(): bridge {artifact.name!r} was exported with training=True: its outputs are random, so an "
+            f"elementwise comparison cannot hold. The distribution check ran at export (meta['distribution']); "
+            f"re-run it with mmbridge.export.augment.verify_training(artifact, source=<the Keras layer or model>)")
     if inputs is None:
         golden = load_golden(artifact)
         inputs, ref = golden["inputs"], golden["outputs"]

@@ -27,7 +27,7 @@ from mmbridge.specs import BridgeSpec, Role, SampleFn, TensorSpec, Tolerance
 bridges: Registry[BridgeSpec] = Registry("bridge", "mmbridge.bridges.names()")
 
 # mmbridge.export() options a registration may fix (the call's own non-default values win)
-BRIDGE_EXPORT_KEYS = ("inputs_as_nchw", "trainable", "optimize", "verify", "probes")
+BRIDGE_EXPORT_KEYS = ("inputs_as_nchw", "trainable", "optimize", "verify", "probes", "training")
 
 
 def register_bridge(

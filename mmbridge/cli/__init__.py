@@ -46,7 +46,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         specs = [TensorSpec.from_dict(json.loads(s)) for s in args.input_spec]
     art = export(args.source, out=args.out, opset=args.opset, name=args.name, role=args.role,
                  input_specs=specs, force=args.force, trainable=args.trainable,
-                 inputs_as_nchw=args.inputs_as_nchw or None)
+                 inputs_as_nchw=args.inputs_as_nchw or None, training=args.training)
     print(f"exported {art.name!r} -> {art.path}")
     print(f"  fingerprint {art.fingerprint[:16]}  opset {art.opset}  inputs "
           + ", ".join(f"{s.name}{list(s.shape)}:{s.dtype}" for s in art.input_specs))
@@ -54,6 +54,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if art.parity:
         print(ParityReport.from_dict(art.parity))
+    dist = art.meta.get("distribution")
+    if dist:
+        print(f"training=True: random outputs; distribution check {'PASSED' if dist['passed'] else 'FAILED'} "
+              f"(onnxruntime min p {dist['ort']['min_p']:.2g}"
+              + (f", torch min p {dist['torch']['min_p']:.2g}" if dist.get("torch") else ", torch not checked")
+              + f"; {dist['draws']} draws)")
     return 0
 
 
@@ -164,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='input spec as JSON, repeatable: \'{"name": "image", "shape": ["batch", 224, 224, 3], "dtype": "uint8", "layout": "NHWC"}\'')
     p.add_argument("--inputs-as-nchw", action="append", metavar="NAME", help="input to take as NCHW in the ONNX graph")
     p.add_argument("--trainable", action="store_true", help="keep BatchNorm/Dropout/LayerNorm for fine-tuning")
+    p.add_argument("--training", action="store_true",
+                   help="trace Keras models/layers with training=True: augmentation layers active, random outputs, "
+                        "distribution-checked (see docs/user-guide.md, 'Training-mode preprocessing')")
     p.add_argument("--force", action="store_true", help="re-export even on a cache hit")
     p.set_defaults(func=_cmd_export)
 

@@ -125,6 +125,7 @@ def export(
     force: bool = False,
     isolate: bool | None = None,
     out: str | os.PathLike | None = None,
+    training: bool = False,
 ) -> BridgeArtifact:
     """Export a TensorFlow object to a checked, cached ONNX :class:`~mmbridge.BridgeArtifact`.
 
@@ -151,6 +152,14 @@ def export(
         trainable: export for fine-tuning: BatchNormalization, Dropout and LayerNormalization
             stay real ONNX ops (see :mod:`mmbridge.export.trainable`) instead of being folded away.
         optimize: run onnxoptimizer's parity-preserving passes.
+        training: trace a Keras model or layer with ``training=True``, so its augmentation layers
+            (``RandomFlip``, ``RandomBrightness``, ``Equalization`` ...) are active as in
+            ``ds.map(layer)``: their random draws become ONNX ``RandomUniformLike`` /
+            ``RandomNormalLike`` (fresh on every call) and parity becomes a distribution check (TF
+            vs onnxruntime vs torch, :func:`mmbridge.export.augment.distribution_check`; a failure
+            raises ``ParityError``). Layers without an ONNX form in training mode are refused naming
+            the layer and the torch augmentation to use (:data:`mmbridge.export.augment.LAYERS`).
+            Default ``False``: the layers are inactive and the artifact records (and warns) so.
         verify: check parity against TF (always done unless False; ``ParityError`` on failure).
         probes: with ``verify``, also check the probe inputs (:mod:`mmbridge.export.probes`: edge
             values for the ops in the graph, e.g. negative integers into ``FloorDiv``, ids outside
@@ -186,7 +195,7 @@ def export(
     options = ExportOptions.from_arguments(
         input_specs=input_specs, opset=opset, name=name, role=role, tolerance=tolerance,
         inputs_as_nchw=inputs_as_nchw, trainable=trainable, optimize=optimize, verify=verify, probes=probes,
-        bridge=bridge,
+        bridge=bridge, training=training,
     )
     if bridge is not None and not sample_inputs:
         sample_inputs = bridge.sample_inputs
@@ -204,7 +213,7 @@ def export(
         fingerprint = path_fingerprint(located.path, options, sample_inputs)
         if not force:
             with contextlib.suppress(CacheError):
-                art = BridgeArtifact.load(entry_dir(options.name, fingerprint, root), check="size")
+                art = _say_inactive(BridgeArtifact.load(entry_dir(options.name, fingerprint, root), check="size"))
                 return _noted(_copy_out(art, out), "cache hit (file fingerprint, no TensorFlow)", t0)
     if located.isolate:
         record = None
@@ -220,8 +229,9 @@ def export(
                     art = BridgeArtifact.load(hit, check="size")
                     logger.info("export %s: cache hit of reference %r without TensorFlow (%s)", art.name,
                                 located.ref, art.path)
-                    return _noted(_copy_out(art, out), "cache hit (reference, no TensorFlow)", t0)
+                    return _noted(_copy_out(_say_inactive(art), out), "cache hit (reference, no TensorFlow)", t0)
         art, files = _export_in_child(located.ref, options, sample_inputs, root, force, fingerprint)
+        _say_inactive(art)  # the child's warning stays in the child
         if record is not None and files:
             with contextlib.suppress(CacheError):
                 refcache.save(record, art.path, files)
@@ -353,12 +363,16 @@ def export_located(located: Located, options: ExportOptions, sample_inputs: Samp
     samples = dict(sample_inputs(2, 0)) if callable(sample_inputs) else sample_inputs
     src = located.adapter.prepare(located.obj, options, tf)
     name = options.name or src.name
+    if options.training:
+        from mmbridge.export.augment import check_training_source
+
+        check_training_source(src.kind, name)
     frozen: list[tuple] = []
 
     def freeze() -> tuple:  # traced once, for the fingerprint and the build
         if not frozen:
             frozen.append(_freeze(src.fn, src.specs, tf, options.trainable,
-                                  src.obj if src.kind in KERAS_KINDS else None))
+                                  src.obj if src.kind in KERAS_KINDS else None, options.training))
         return frozen[0]
 
     if fingerprint is None:
@@ -373,7 +387,21 @@ def export_located(located: Located, options: ExportOptions, sample_inputs: Samp
 
     art, hit = cached_or_build(name, fingerprint, build, root=root, force=force)
     _LAST["outcome"] = "cache hit" if hit else "exported"
+    if hit:  # a default export of augmentation layers: say so on a cache hit too
+        _say_inactive(art)
     logger.info("export %s: %s in %.2f s (%s)", name, "cache hit" if hit else "exported", time.perf_counter() - t0, art.path)
+    return art
+
+
+def _say_inactive(art: BridgeArtifact) -> BridgeArtifact:
+    """Warn (and log) when ``art`` is a default export whose augmentation layers are inactive
+    (``meta["augmentation"]``, :func:`mmbridge.export.augment.inference_record`); returns ``art``."""
+    rec = art.meta.get("augmentation") or {}
+    if rec.get("training") is False and rec.get("note"):
+        import warnings
+
+        logger.warning("export %s: %s", art.name, rec["note"])
+        warnings.warn(f"export {art.name!r}: {rec['note']}", UserWarning, stacklevel=3)
     return art
 
 
@@ -413,7 +441,7 @@ def export_patches() -> Iterator[None]:
 
 
 def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = False,
-            keras_obj: Any = None) -> tuple[Any, list[str], list[str], list[str], dict]:
+            keras_obj: Any = None, training: bool = False) -> tuple[Any, list[str], list[str], list[str], dict]:
     """Trace ``fn`` and freeze variables and captured tensors into constants.
 
     ``keras_obj``: the Keras model or layer ``fn`` calls, for :func:`~mmbridge.export.trainable.trainable_patches`
@@ -428,7 +456,10 @@ def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = Fal
 
     from mmbridge.export.trainable import trainable_patches
 
-    with export_patches(), (trainable_patches(keras_obj) if trainable else contextlib.nullcontext()):
+    if training:
+        from mmbridge.export.augment import training_patches
+    with export_patches(), (trainable_patches(keras_obj) if trainable else contextlib.nullcontext()), \
+            (training_patches() if training else contextlib.nullcontext()):
         cf = fn.get_concrete_function()
     from mmbridge.export.handlers import table_contents
 
@@ -452,13 +483,17 @@ def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = Fal
 
 
 def _convert(graph_def: Any, inputs: list[str], outputs: list[str], opset: int, inputs_as_nchw: list[str] | None,
-             name: str, tables: dict | None = None) -> Any:
+             name: str, tables: dict | None = None, training: bool = False) -> Any:
     import tf2onnx
 
     from mmbridge.errors import MMBridgeError
     from mmbridge.export.handlers import tf2onnx_handlers
 
     handlers, extra_opset = tf2onnx_handlers(tables)
+    if training:  # TF's stateless random ops -> ONNX random ops (mmbridge.export.augment)
+        from mmbridge.export.augment import random_handlers
+
+        handlers = {**handlers, **random_handlers()}
     with _quiet_tf2onnx(), _bfloat16_is_bfloat16(), deterministic_tf2onnx(graph_def):
         try:
             model, _ = tf2onnx.convert.from_graph_def(
@@ -768,18 +803,31 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     if unknown_nchw:
         raise SpecError(f"inputs_as_nchw names {sorted(unknown_nchw)} that are not inputs {[s.name for s in specs]}")
     graph_def, in_names, out_names, out_keys, tables = freeze()
-    model = _convert(graph_def, in_names, out_names, opset, [n for n in in_names if n.split(":")[0] in nchw], name,
-                     tables)
-    _rename_io(model, {t: s.name for t, s in zip(in_names, specs)}, dict(zip(out_names, out_keys)))
-    notes = []
-    if options.trainable:
-        from mmbridge.export.trainable import postprocess
+    try:
+        model = _convert(graph_def, in_names, out_names, opset, [n for n in in_names if n.split(":")[0] in nchw],
+                         name, tables, training=options.training)
+        _rename_io(model, {t: s.name for t, s in zip(in_names, specs)}, dict(zip(out_names, out_keys)))
+        notes = []
+        if options.trainable:
+            from mmbridge.export.trainable import postprocess
 
-        notes += postprocess(model)
-    n_resize = resize_scales_to_sizes(model)
-    if n_resize:
-        notes.append(f"Resize scales -> exact sizes (TF's target size): {n_resize} node(s)")
-    notes += repair_and_check_ops(model, name)
+            notes += postprocess(model)
+        n_resize = resize_scales_to_sizes(model)
+        if n_resize:
+            notes.append(f"Resize scales -> exact sizes (TF's target size): {n_resize} node(s)")
+        notes += repair_and_check_ops(model, name)
+        if options.training:
+            from mmbridge.export.augment import strip_seeds
+
+            n_seeds = strip_seeds(model)
+            if n_seeds:
+                notes.append(f"training=True: seed attribute removed from {n_seeds} random node(s) (fresh draws)")
+    except UnsupportedOpsError as exc:
+        if not options.training:
+            raise
+        from mmbridge.export.augment import explain_refusal
+
+        raise explain_refusal(exc, src.obj, name) from exc
     model = check_model(model, name)
 
     # parity data: TF on NHWC inputs; the ONNX graph gets NCHW for inputs_as_nchw
@@ -797,8 +845,27 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     ref = dict(zip(out_keys, [np.asarray(t) for t in tf.nest.flatten(tf_out)]))
     onnx_inputs = {k: (np.ascontiguousarray(np.transpose(v, (0, 3, 1, 2))) if k in nchw else v) for k, v in samples.items()}
     tol = options.tolerance
+    ref_draws = None
+    if options.training:  # random outputs: a distribution check replaces elementwise parity
+        from mmbridge.export import augment
+        from mmbridge.export.sources import _caller, call_structure
+        from mmbridge.runtime.session import make_session
+
+        tf_one = tuple(tf.constant(samples[s.name][:1]) for s in specs)
+        onnx_one = {k: v[:1] for k, v in onnx_inputs.items()}
+        keras_call = _caller(src.obj, call_structure(src.obj), [s.name for s in specs], tf, training=True)
+
+        def tf_call(_: Any) -> dict[str, np.ndarray]:  # the Keras object itself, eagerly (unpatched draws)
+            return dict(zip(out_keys, [np.asarray(t) for t in tf.nest.flatten(keras_call(tf_one))]))
+
+        ref_draws = augment.draw(tf_call, onnx_one)
 
     def passes_parity(m: Any) -> bool:
+        if ref_draws is not None:
+            sess = make_session(augment.seeded_copy(m))
+            names = [o.name for o in sess.get_outputs()]
+            got = augment.draw(lambda x: dict(zip(names, sess.run(None, dict(x)))), onnx_one)
+            return augment.compare_draws(got, ref_draws, backend="ort")["passed"]
         got = run_ort(m, onnx_inputs)
         return all(r.passed for r in compare(got, ref, backend="ort", stage="onnx", tolerance=tol))
 
@@ -828,8 +895,15 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
         names = [o.name for o in sess.get_outputs()]
         return dict(zip(names, sess.run(names, {i.name: feeds[i.name] for i in sess.get_inputs()})))
 
-    ort_base = ort_runner(onnx_inputs)  # the final graph at the samples (reused by the backend check below)
-    report = ParityReport(compare(ort_base, ref, backend="ort", stage="onnx", tolerance=tol))
+    distribution = None
+    if ref_draws is not None:
+        report = ParityReport([], reference="tensorflow (training=True: see meta['distribution'])")
+        distribution = _distribution(model, ref_draws, onnx_one, name)
+        if options.verify:
+            augment.raise_if_failed(distribution, name)
+    else:
+        ort_base = ort_runner(onnx_inputs)  # the final graph at the samples (reused by the backend check below)
+        report = ParityReport(compare(ort_base, ref, backend="ort", stage="onnx", tolerance=tol))
     if options.verify:
         report.raise_if_failed(f"exported bridge {name!r}")
 
@@ -841,45 +915,67 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     from mmbridge.export import backends as _backends
 
     t_backends = time.perf_counter()
-    requirements = backend_requirements(model)
-    torch_module, torch_error = _backends.convert_torch(model, trainable=options.trainable, requirements=requirements)
-    convert_seconds = round(time.perf_counter() - t_backends, 3)
-    graph_in = [s.name for s in specs]  # graph.input also lists a trainable export's weight placeholders
-    graph_out = [o.name for o in model.graph.output]
-    torch_run = _backends.module_runner(torch_module, graph_in, graph_out) if torch_module is not None else None
+    if ref_draws is not None:  # random outputs: the distribution check above stands in for both backends
+        requirements = backend_requirements(model)
+        tor = (distribution or {}).get("torch")
+        torch_skipped = (distribution or {}).get("torch_skipped")
+        checked = {
+            "backends": {
+                "ort": {"converts": True, "matches": bool((distribution or {}).get("ort", {}).get("passed")),
+                        "reason": "training=True: distribution check (meta['distribution'])"},
+                "torch": {"converts": torch_skipped is None, "matches": None if tor is None else bool(tor["passed"]),
+                          "reason": torch_skipped or "training=True: distribution check (meta['distribution'])"},
+            },
+            "parity_shapes": {"skipped": "training=True: random outputs; one shape, distributions compared"},
+            "torch_verified": tor is not None and bool(tor["passed"]), "seconds": 0.0,
+        }
+        requirements["torch_backend"] = checked["torch_verified"]
+        convert_seconds = 0.0
+        torch_module, torch_run = None, None
+        backend_seconds = 0.0
+    else:
+        requirements = backend_requirements(model)
+        torch_module, torch_error = _backends.convert_torch(model, trainable=options.trainable, requirements=requirements)
+        convert_seconds = round(time.perf_counter() - t_backends, 3)
+        graph_in = [s.name for s in specs]  # graph.input also lists a trainable export's weight placeholders
+        graph_out = [o.name for o in model.graph.output]
+        torch_run = _backends.module_runner(torch_module, graph_in, graph_out) if torch_module is not None else None
 
-    def torch_runner(feeds: Samples) -> dict[str, np.ndarray]:
-        """The converted torch module (eval, no grad); feeds in the graph's layout; raises
-        ConversionError when the graph did not convert (``torch_error`` says why)."""
-        if torch_run is None:
-            from mmbridge.errors import ConversionError
+        def torch_runner(feeds: Samples) -> dict[str, np.ndarray]:
+            """The converted torch module (eval, no grad); feeds in the graph's layout; raises
+            ConversionError when the graph did not convert (``torch_error`` says why)."""
+            if torch_run is None:
+                from mmbridge.errors import ConversionError
 
-            raise ConversionError(torch_error)
-        return torch_run(feeds)
+                raise ConversionError(torch_error)
+            return torch_run(feeds)
 
-    def tf_runner(feeds: Samples) -> dict[str, np.ndarray]:
-        """TF on TF-layout feeds (NHWC), outputs by name."""
-        out = src.fn(*[tf.constant(feeds[s.name]) for s in specs])
-        return dict(zip(out_keys, [np.asarray(t) for t in tf.nest.flatten(out)]))
+        def tf_runner(feeds: Samples) -> dict[str, np.ndarray]:
+            """TF on TF-layout feeds (NHWC), outputs by name."""
+            out = src.fn(*[tf.constant(feeds[s.name]) for s in specs])
+            return dict(zip(out_keys, [np.asarray(t) for t in tf.nest.flatten(out)]))
 
-    def to_graph_layout(feeds: Samples) -> dict[str, np.ndarray]:
-        return {k: (np.ascontiguousarray(np.transpose(v, (0, 3, 1, 2))) if k in nchw else v) for k, v in feeds.items()}
+        def to_graph_layout(feeds: Samples) -> dict[str, np.ndarray]:
+            return {k: (np.ascontiguousarray(np.transpose(v, (0, 3, 1, 2))) if k in nchw else v) for k, v in feeds.items()}
 
-    checked = _backends.check_backends(
-        name, model, specs, samples, given=given_samples, sample_fn=sample_fn, tf_run=tf_runner,
-        tf_errors=(tf.errors.OpError, ValueError, TypeError), to_onnx=to_graph_layout, ref=ref,
-        runners={"ort": ort_runner, "torch": torch_runner if torch_run is not None else None},
-        conversion_errors={"torch": torch_error}, tolerance=tol, verify=options.verify, base_outputs={"ort": ort_base})
-    requirements["torch_backend"] = checked["torch_verified"]  # "verified": converts AND matches at every shape
-    if not checked["torch_verified"] and not requirements["note"]:
-        requirements["note"] = f"torch backend not verified at export: {checked['backends']['torch']['reason']}"
-    backend_seconds = round(time.perf_counter() - t_backends, 3)
+        checked = _backends.check_backends(
+            name, model, specs, samples, given=given_samples, sample_fn=sample_fn, tf_run=tf_runner,
+            tf_errors=(tf.errors.OpError, ValueError, TypeError), to_onnx=to_graph_layout, ref=ref,
+            runners={"ort": ort_runner, "torch": torch_runner if torch_run is not None else None},
+            conversion_errors={"torch": torch_error}, tolerance=tol, verify=options.verify, base_outputs={"ort": ort_base})
+        requirements["torch_backend"] = checked["torch_verified"]  # "verified": converts AND matches at every shape
+        if not checked["torch_verified"] and not requirements["note"]:
+            requirements["note"] = f"torch backend not verified at export: {checked['backends']['torch']['reason']}"
+        backend_seconds = round(time.perf_counter() - t_backends, 3)
     # ---- end of the backend / shape checks ----------------------------------------------------------------
     # ---- probe inputs (mmbridge.export.probes): edge values per op, TF vs every backend runner ----
     # onnxruntime refuses on a probe mismatch; torch (when it was verified above) is probed too, and a
     # mismatch there is recorded like a torch parity failure: to_torch() then refuses the artifact.
-    probes_record = _probe_check(model, src, specs, samples, out_keys, in_names, graph_def, nchw, options, name,
-                                 runners={"ort": ort_runner})
+    if ref_draws is not None:  # random outputs cannot be compared value by value
+        probes_record = {"passed": None, "skipped": "training=True: random outputs (see meta['distribution'])"}
+    else:
+        probes_record = _probe_check(model, src, specs, samples, out_keys, in_names, graph_def, nchw, options, name,
+                                     runners={"ort": ort_runner})
     if checked["torch_verified"] and probes_record.get("passed") is not None:
         from mmbridge.errors import ProbeError
 
@@ -929,6 +1025,7 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
         "rewrites": notes,
         "tolerance": tol.to_dict() if tol else None,  # what export checked with; verify() reuses it
         "trainable": options.trainable,
+        "training": options.training,
         "backend": requirements,
         "backends": checked["backends"],
         "parity_shapes": checked["parity_shapes"],
@@ -939,6 +1036,17 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
         "export_seconds": round(time.perf_counter() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if distribution is not None:
+        from mmbridge.export.augment import training_record
+
+        meta["augmentation"] = training_record(src.obj)
+        meta["distribution"] = distribution
+    elif keras_obj is not None:
+        from mmbridge.export.augment import inference_record
+
+        rec = inference_record(keras_obj, name)
+        if rec is not None:
+            meta["augmentation"] = rec
     if keras_obj is not None:
         meta.update(_training_contract(keras_obj, name, options, model, specs, samples, sample_fn, nchw,
                                        module=torch_module))
@@ -991,6 +1099,26 @@ def ort_runner(model: Any) -> Callable[[Samples], dict[str, np.ndarray]]:
 
 #: Source kinds whose object is a Keras model or layer (Keras 3 or tf-keras).
 KERAS_KINDS = ("keras_model", "keras_layer")
+
+
+def _distribution(model: Any, ref_draws: Mapping[str, np.ndarray], onnx_one: Mapping[str, np.ndarray],
+                  name: str) -> dict[str, Any]:
+    """The distribution check of a ``training=True`` export (:func:`mmbridge.export.augment.distribution_check`):
+    onnxruntime always; torch when the graph converts (else ``torch_skipped`` says why)."""
+    from mmbridge.convert.core import to_torch
+    from mmbridge.errors import ConversionError
+    from mmbridge.export.augment import distribution_check
+
+    module, skipped = None, None
+    try:
+        module = to_torch(model)
+    except ConversionError as exc:
+        skipped = f"does not convert to torch: {str(exc).splitlines()[0][:300]}"
+    record = distribution_check(lambda _: dict(ref_draws), model, onnx_one, name=name, torch_module=module,
+                                ref=ref_draws)
+    if skipped:
+        record["torch_skipped"] = skipped
+    return record
 def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, specs: Sequence[TensorSpec],
                        samples: Samples | None, sample_fn: Callable[[int, int], Samples] | None,
                        nchw: Sequence[str], module: Any = None) -> dict[str, Any]:

@@ -44,6 +44,9 @@ class ExportOptions:
             :mod:`mmbridge.parity`; ``atol`` and ``rtol`` are >= 0.
         inputs_as_nchw: names of 4-D NHWC inputs that the ONNX graph takes as NCHW, or ``None``.
         trainable: keep BatchNormalization, Dropout and LayerNormalization as real ONNX ops.
+        training: trace a Keras model / layer with ``training=True`` (augmentation layers active;
+            their random draws become ONNX random ops and parity is a distribution check, see
+            :mod:`mmbridge.export.augment`). Keras sources only; not with ``trainable=True``.
         optimize: run onnxoptimizer's parity-preserving passes.
         verify: fail the export (``ParityError``) when ORT's outputs differ from TF's.
         probes: also feed the probe inputs of :mod:`mmbridge.export.probes` (edge values for the ops
@@ -68,6 +71,7 @@ class ExportOptions:
     optimize: bool = True
     verify: bool = True
     probes: bool = True
+    training: bool = False
 
     def __post_init__(self) -> None:
         for field in ("input_specs", "inputs_as_nchw"):
@@ -94,6 +98,7 @@ class ExportOptions:
         verify: bool = True,
         probes: bool = True,
         bridge: BridgeSpec | None = None,
+        training: bool = False,
     ) -> ExportOptions:
         """The options of an :func:`mmbridge.export` call, with a registered bridge's defaults.
 
@@ -121,6 +126,7 @@ class ExportOptions:
             tolerance = tolerance or bridge.tolerance
             inputs_as_nchw = inputs_as_nchw if inputs_as_nchw is not None else ek.get("inputs_as_nchw")
             trainable = trainable or bool(ek.get("trainable", False))
+            training = training or bool(ek.get("training", False))
             optimize = optimize and bool(ek.get("optimize", True))
             verify = verify and bool(ek.get("verify", True))
             probes = probes and bool(ek.get("probes", True))
@@ -136,6 +142,7 @@ class ExportOptions:
             optimize=bool(optimize),
             verify=bool(verify),
             probes=bool(probes),
+            training=bool(training),
         )
 
     def replace(self, **changes: Any) -> ExportOptions:
@@ -156,6 +163,7 @@ class ExportOptions:
             "optimize": self.optimize,
             "verify": self.verify,
             "probes": self.probes,
+            "training": self.training,
         }
 
     @classmethod
@@ -226,6 +234,7 @@ class _Fields:
     optimize: Any = True
     verify: Any = True
     probes: Any = True
+    training: Any = False
 
 
 def _problems(o: Any) -> list[str]:
@@ -255,9 +264,13 @@ def _problems(o: Any) -> list[str]:
     nchw = o.inputs_as_nchw
     if nchw is not None and (not isinstance(nchw, tuple) or not all(isinstance(n, str) and n for n in nchw)):
         out.append(f"inputs_as_nchw={nchw!r}: give a list of input names (e.g. ['image']), or None")
-    for flag in ("trainable", "optimize", "verify", "probes"):
+    for flag in ("trainable", "optimize", "verify", "probes", "training"):
         if not isinstance(getattr(o, flag), bool):
             out.append(f"{flag}={getattr(o, flag)!r}: must be True or False")
+    if o.training is True and o.trainable is True:
+        out.append("training=True with trainable=True: train parity compares deterministic SGD steps and random "
+                   "augmentation cannot pass it; export the augmentation layers as their own bridge with "
+                   "training=True and the model with trainable=True")
     return out
 
 

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mmbridge.specs import TensorSpec, Tolerance
+
+if TYPE_CHECKING:
+    from mmbridge.export.augment import AugmentationLayer
 
 RESIZE_TOLERANCE = Tolerance(
     1e-3, 0.0, "TF and onnxruntime compute bilinear interpolation weights in another order; measured 2.2e-4 on 0-255")
@@ -321,4 +324,47 @@ def measure(case: PreprocessingCase, *, cache_dir: Any = None) -> dict[str, Any]
     return {"status": status, "max_abs": diff, "ops": ops, "backend": backend, "detail": ""}
 
 
-__all__ = ["CASES", "PreprocessingCase", "RESIZE_TOLERANCE", "measure"]
+def measure_training(entry: AugmentationLayer, *, cache_dir: Any = None) -> dict[str, Any]:
+    """Export the layer of an :data:`mmbridge.export.augment.LAYERS` entry (``entry.kwargs``,
+    ``seed=1``) with ``training=True`` on an 8x8x3 float32 0-255 image (batch 2, numpy seed 0) and
+    report what happened, for the docs table (``tools/gen_preprocessing_table.py``).
+
+    Returns:
+        ``{"status": "exported" | "refused" | "FAILED", "ort_min_p", "torch": str, "ops": [random op
+        types], "detail": str}``; ``status`` is measured (compare with ``entry.status``): ``"refused"``
+        only when the error names ``entry.refused_op``.
+    """
+    import keras
+
+    from mmbridge.errors import MMBridgeError
+    from mmbridge.export.augment import RANDOM_OPS
+    from mmbridge.export.exporter import export
+
+    cls = getattr(keras.layers, entry.name)
+    kw = dict(entry.kwargs)
+    import inspect
+
+    if "seed" in inspect.signature(cls.__init__).parameters:  # deterministic layers take no seed
+        kw["seed"] = 1
+    layer = cls(**kw)
+    spec = TensorSpec("image", ("batch", 8, 8, 3), "float32", "NHWC", (0, 255))
+    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+    out: dict[str, Any] = {"status": "FAILED", "ort_min_p": None, "torch": "-", "ops": [], "detail": ""}
+    try:
+        art = export(layer, input_specs=[spec], training=True, sample_inputs={"image": x}, cache_dir=cache_dir,
+                     role="preprocess", name=f"aug_{entry.name}")
+    except MMBridgeError as exc:
+        ok = bool(entry.refused_op) and entry.refused_op in str(exc)
+        out.update(status="refused" if ok else "FAILED", detail=f"{type(exc).__name__}: {str(exc)[:300]}")
+        return out
+    d = art.meta["distribution"]
+    out.update(status="exported", ort_min_p=d["ort"]["min_p"],
+               ops=sorted({n.op_type for n in art.model.graph.node if n.op_type in RANDOM_OPS}))
+    if d.get("torch") is not None:
+        out["torch"] = f"checked (min p {d['torch']['min_p']:.2g})"
+    else:
+        out["torch"] = "ORT only: " + str(d.get("torch_skipped", ""))[:120]
+    return out
+
+
+__all__ = ["CASES", "PreprocessingCase", "RESIZE_TOLERANCE", "measure", "measure_training"]

@@ -603,7 +603,8 @@ class BridgeSource(SourceAdapter):
 @SOURCES.register
 class KerasSource(SourceAdapter):
     """A Keras 3 model (functional, ``Sequential``, subclassed) or layer, called with
-    ``training=False`` in the structure it takes (:func:`_caller`): the dict / list / nested
+    ``training=False`` (``options.training``: ``True`` for a training-mode export, see
+    :mod:`mmbridge.export.augment`) in the structure it takes (:func:`_caller`): the dict / list / nested
     structure a functional model was built on (keras-hub backbones take
     ``{"token_ids", "padding_mask", ...}``), else one tensor, keyword tensors when ``call``
     names every input spec, or a list (a dict by spec name if the list is refused).
@@ -640,7 +641,7 @@ class KerasSource(SourceAdapter):
             raise _missing_specs(obj)
         specs = with_model_ranges(obj, specs)
         names = [s.name for s in specs]
-        call = _caller(obj, structure, names, tf)
+        call = _caller(obj, structure, names, tf, training=options.training)
 
         @tf.function(input_signature=tf_signature(specs, tf))
         def keras_fn(*args):

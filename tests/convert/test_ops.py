@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 import mmbridge
 from mmbridge.convert.ops import indexing, logic, multi_output, normalization, pad, pooling, resize, shape
 from mmbridge.convert.ops import slice as slice_
+from mmbridge.convert.ops.random_ops import RandomDraw
 from mmbridge.convert.registry import ConverterKey, schema_versions
 from mmbridge.runtime.session import make_session
 
@@ -272,6 +273,17 @@ def _cast(opset):  # float32 -> bfloat16 (onnx2torch's table lacks it; TF's tf.c
         [_vi("x", dims=[2, 5])], [_vi("y")], []
 
 
+def _random(op):  # a degenerate range (low == high; scale 1e-30, below one ulp of 1.5: ORT aborts on scale 0): a constant both backends give exactly
+    attrs = {"low": 2.5, "high": 2.5} if "Uniform" in op else {"mean": 1.5, "scale": 1e-30}
+
+    def build(opset):
+        if op.endswith("Like"):
+            return [_one(op, ["x"], **attrs)], [_vi("x", dims=[2, 3])], [_vi("y")], []
+        return [_one(op, [], shape=[2, 3], **attrs)], [], [_vi("y")], []
+
+    return build
+
+
 CASES: dict[str, Case] = {
     "Cast": Case(_cast, {"x": np.array([[1.00390625, 3.14159, 1e-3, -2.5, 65504.0]] * 2, np.float32)}),
     "BatchNormalization": Case(_bn, {"x": _x(2, 3, 4, 4)}, _has(normalization.BatchNorm2d)),
@@ -315,6 +327,9 @@ CASES: dict[str, Case] = {
     "Size": Case(_size, {"x": _x(2, 3, 4)}, _has(shape.Size)),
     "Shape": Case(_shape, {"x": _x(2, 3, 4, 5)}, _has(shape.Shape)),
 }
+for _op in ("RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike"):  # tests/export/test_augment.py
+    CASES[_op] = Case(_random(_op), {"x": _x(2, 3)} if _op.endswith("Like") else {},
+                      _has(RandomDraw))
 for _op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
             "ReduceSumSquare", "ReduceLogSum"):
     CASES[_op] = Case(_reduce(_op), {"x": _x(3, 4, 5, positive=True)})

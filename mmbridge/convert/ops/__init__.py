@@ -18,6 +18,7 @@ opsets per registered version (``tests/convert/test_ops.py``, parametrised from 
 * :mod:`.indexing` -- ``NonZero`` ([rank, n]), ``GatherND`` with ``batch_dims``, ``ReverseSequence``;
 * :mod:`.multi_output` -- ``TopK``, ``Split`` 2-13: a node of which one output is used returns only that one;
 * :mod:`.slice` -- ``Slice`` with constant arguments as Python ints, 0-d starts / ends accepted;
+* :mod:`.random_ops` -- ``RandomUniform(Like)`` / ``RandomNormal(Like)`` from torch's generator (``training=True`` augmentation exports);
 * :mod:`.loop`, :mod:`.recurrent` -- ``Loop`` (Keras 3 GRU / SimpleRNN / trainable LSTM) and ``LSTM`` / ``GRU`` / ``RNN``.
 """
 
@@ -39,6 +40,7 @@ from mmbridge.convert.ops import (  # noqa: E402, F401  (registration happens on
     onehot,
     pad,
     pooling,
+    random_ops,
     recurrent,
     reduce,
     resize,
