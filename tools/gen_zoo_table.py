@@ -33,7 +33,7 @@ ROWS_COMMAND = ("MMBRIDGE_ZOO=1 MMBRIDGE_ZOO_ROWS=/tmp/rows.jsonl PYTHONPATH=. p
 
 def _cases_module():
     mmbridge.preload_torch_stack()  # before TF, as tests/conftest.py does
-    spec = importlib.util.spec_from_file_location("mmbridge_test_families", REPO / "tests" / "test_families.py")
+    spec = importlib.util.spec_from_file_location("mmbridge_test_families", REPO / "tests" / "export" / "test_families.py")
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     sys.modules[spec.name] = mod  # dataclasses look their module up
