@@ -389,13 +389,14 @@ def test_numbers_must_be_finite_and_in_range_all_listed(tmp_path):
 
 
 def _authoring_guide_mean_fusion() -> str:
-    """The `fusion: mean` example module of docs/authoring-guide.md, as written (minus its compose call)."""
+    """The `fusion: mean` example module of docs/authoring-guide.md, as written (minus its compose call and
+    what follows it, which use the model)."""
     text = (REPO / "docs" / "authoring-guide.md").read_text()
     start = text.index('@mmbridge.fusion_heads.register("mean")')
     block_start = text.rindex("```python", 0, start) + len("```python")
     block = text[block_start:text.index("```", start)]
     assert "class MeanFusion" in block
-    return "\n".join(line for line in block.splitlines() if not line.startswith("model = mmbridge.compose("))
+    return block.split("\nmodel = mmbridge.compose(")[0] + "\n"
 
 
 def test_imports_register_a_fusion_head_for_yaml_and_cli(tmp_path, monkeypatch, capsys):

@@ -208,8 +208,11 @@ def test_train_cli_resume_flag_and_training_resume_override_are_explicit(monkeyp
     assert main(["train", str(cfg_path), "--resume"]) == 0
     assert main(["train", str(cfg_path), "training.resume=auto"]) == 0
     assert main(["train", str(cfg_path), "--resume", "x/last.pt", "training.lr=0.1"]) == 0
-    assert seen == [("auto", {"allow_config_change": False}), ("auto", {"allow_config_change": True}),
-                    ("auto", {"allow_config_change": True}), ("x/last.pt", {"allow_config_change": True})]
+    assert main(["train", str(cfg_path), "--quiet"]) == 0
+    q = {"quiet": False}
+    assert seen == [("auto", {"allow_config_change": False, **q}), ("auto", {"allow_config_change": True, **q}),
+                    ("auto", {"allow_config_change": True, **q}), ("x/last.pt", {"allow_config_change": True, **q}),
+                    ("auto", {"allow_config_change": False, "quiet": True})]
 
 
 # -- CLI flags do what they say -----------------------------------------------------------------
