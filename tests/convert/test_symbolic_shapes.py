@@ -60,11 +60,14 @@ def _graph() -> onnx.ModelProto:
         n("Tile", ["row", "reps"], ["tiled"]),                             # [N, 3]
         n("Squeeze", ["t1", "zero"], ["t0"]),
         n("Range", ["r0", "t0", "r1"], ["positions"]),                    # int64 [T]
+        n("Cast", ["t0"], ["t0f"], to=TP.FLOAT),                           # GPT-2: tf.range(0.0, float(T), 1.0)
+        n("Range", ["f0", "t0f", "f1"], ["positions_f"]),
     ]
+    inits += [numpy_helper.from_array(np.asarray(0.0, np.float32), "f0"), numpy_helper.from_array(np.asarray(1.0, np.float32), "f1")]
     inits.append(_i64("four_1d", [4]))
     outs = [helper.make_tensor_value_info(name, dtype, None) for name, dtype in
             (("zeros", TP.FLOAT), ("expanded", TP.FLOAT), ("reshaped", TP.FLOAT), ("pos_b", TP.FLOAT),
-             ("tiled", TP.FLOAT), ("positions", TP.INT64))]
+             ("tiled", TP.FLOAT), ("positions", TP.INT64), ("positions_f", TP.FLOAT))]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TP.FLOAT, ["N", "T", 4])], outs, inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -84,7 +87,7 @@ def test_shape_chains_fold_into_symbolic_dims_and_compile():
     assert "OnnxExpand" not in kinds and "OnnxTile" not in kinds  # onnx2torch's torch.Size(tensor) modules
     exprs = [mod for mod in tm.modules() if isinstance(mod, (shape.Expand, shape.Reshape, shape.ConstantOfShape,
                                                                 shape.Tile, shape.SymRange, slice_.Slice))]
-    assert len(exprs) == 7 and all(not isinstance(mod, shape.Reshape) or mod.shape is not None for mod in exprs)
+    assert len(exprs) == 8 and all(not isinstance(mod, shape.Reshape) or mod.shape is not None for mod in exprs)
 
     sizes = [(2, 5), (3, 7), (1, 16)]
     for b, t in sizes:  # eager: exact against onnxruntime at every size

@@ -7,7 +7,7 @@ opsets per registered version (``tests/convert/test_ops.py``, parametrised from 
 
 * :mod:`.normalization` -- ``BatchNormalization`` -> population-variance BatchNorm (Keras' running variance);
 * :mod:`.dropout` -- ``Dropout`` -> ``nn.Dropout(p)``;
-* :mod:`.shape` -- ``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Expand``, ``Tile``, ``ConstantOfShape``, ``Range``, ``Shape``, ``Size`` with constant arguments as Python ints;
+* :mod:`.shape` -- ``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Expand``, ``Tile``, ``ConstantOfShape``, ``Range``, ``Shape``, ``Size`` with constant arguments as Python ints, and shape arguments computed from ``Shape`` as expressions over the input dims (:mod:`._symbolic`: symbolic ints under ``torch.compile``);
 * :mod:`.pad` -- ``Pad`` with constant pads; ``SamePad`` for ``auto_pad=SAME_*``;
 * :mod:`.conv`, :mod:`.pooling` -- ``Conv`` / ``MaxPool`` with ``auto_pad=SAME_*``, ``GlobalMaxPool``, ``Conv`` with a weight computed at run time (``F.convNd``);
 * :mod:`.resize` -- ``Resize`` 10-19: torch kernels where they compute what ORT does, per-axis gathers for every other nearest / linear coordinate and rounding mode;

@@ -6,7 +6,11 @@ tf2onnx passes shapes and axes as tensors (initializers, or targets that
 reads them at run time (``torch.Size(tensor)``, ``.tolist()``), which ``torch.compile`` cannot
 trace without a graph break. When the argument is constant it is folded into the module here,
 so CNN and transformer bridges compile with ``fullgraph=True``; otherwise the argument stays a
-call input, read at run time.
+call input, read at run time -- unless it is shape arithmetic over ``Shape`` (a dynamic batch or
+sequence length: ``Shape -> Gather -> Concat``), which :mod:`._symbolic` folds into expressions
+over ``x.shape[i]`` of the tensors the module then takes as extra call inputs; dynamo traces
+those as symbolic ints (``Reshape``, ``Expand``, ``Tile``, ``ConstantOfShape``, integer
+``Range``, GPT-2's float ``Range(0, float(T), 1)``; ``Slice`` in :mod:`.slice`).
 
 ``ConstantOfShape`` of a ``Shape`` whose input dims shape inference knows is folded too.
 ``Shape`` (``start`` / ``end`` slices, 15+) builds its output from ``x.shape``, which dynamo
