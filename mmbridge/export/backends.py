@@ -76,7 +76,7 @@ def convert_torch(model: Any, *, trainable: bool, requirements: Mapping[str, Any
     try:
         return to_torch(model, trainable=trainable), ""
     except Exception as exc:  # noqa: BLE001 - any conversion failure is recorded, not raised (ORT is the reference)
-        return None, f"to_torch fails: {type(exc).__name__}: {str(exc)[:600]}"
+        return None, f"to_torch fails: {type(exc).__name__}: {str(exc)[:2000]}"
 
 
 def module_runner(module: Any, input_names: Sequence[str], output_names: Sequence[str]) -> Runner:
