@@ -164,7 +164,8 @@ def export(
         probes: with ``verify``, also check the probe inputs (:mod:`mmbridge.export.probes`: edge
             values for the ops in the graph, e.g. negative integers into ``FloorDiv``, ids outside
             ``[0, depth)`` into ``OneHot``, ``.5`` ties into ``Round``, at a second shape where dims
-            are dynamic) on TF and onnxruntime; ``ProbeError`` on a mismatch. ``False`` accepts such
+            are dynamic) on TF and onnxruntime (``ProbeError`` on a mismatch) and on the torch module when
+            export verified it (a mismatch there is recorded and ``to_torch`` refuses the artifact). ``False`` accepts such
             a graph knowingly (``meta.json`` records it; part of the cache key).
         cache_dir: cache root (default ``$MMBRIDGE_CACHE`` or the user cache dir).
         force: re-export even if the cache holds a valid artifact.
