@@ -388,3 +388,35 @@ def test_a_torch_runner_plugs_in_beside_ort(tf, tmp_path):
                        out_keys=art.output_names, samples=samples)
     assert rec["passed"] is True and rec["failed"] == 0 and rec["runs"] - rec["skipped"] >= 2
     assert any(t.startswith("Div (input 'b')") for t in rec["targets"]), rec["targets"]
+
+
+@pytest.mark.tf
+def test_a_torch_converter_wrong_on_probe_values_is_recorded_and_to_torch_refuses(tf, tmp_path):
+    """The probes also run on the ``to_torch`` module when export verified it on the samples and
+    shapes: a ``Mod`` converter that truncates (``torch.fmod``) is right on the positive samples and
+    wrong on the probes' negatives. onnxruntime is right, so the export succeeds; the torch record
+    says why, and ``to_torch`` refuses the artifact."""
+    import torch
+
+    from mmbridge.convert.ops import op_converters
+    from mmbridge.errors import ConversionError
+
+    class FMod(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.fmod(a, b)
+
+    fn, samples, _ = _cases(tf)["FloorDiv"]  # the handler writes Div(a - Mod(a, b), b)
+    old = op_converters.find("Mod", 13)
+    op_converters.register("Mod", lambda node, graph: FMod(), since_version=13, override=True)
+    try:
+        art = mmbridge.export(fn, sample_inputs=samples, cache_dir=tmp_path)
+    finally:
+        op_converters.unregister("Mod", 13)
+        if old is not None:
+            op_converters.register("Mod", old, since_version=13)
+    rec = art.meta["backends"]["torch"]
+    assert art.meta["probes"]["passed"] is True  # onnxruntime: exact on every probe
+    assert rec["converts"] is True and rec["matches"] is False and "probe input differs" in rec["reason"], rec
+    assert art.meta["probes"]["torch"]["passed"] is False and art.meta["backend"]["torch_backend"] is False
+    with pytest.raises(ConversionError, match="probe input differs"):
+        art.to_torch()
