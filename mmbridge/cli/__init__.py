@@ -46,7 +46,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         specs = [TensorSpec.from_dict(json.loads(s)) for s in args.input_spec]
     art = export(args.source, out=args.out, opset=args.opset, name=args.name, role=args.role,
                  input_specs=specs, force=args.force, trainable=args.trainable,
-                 inputs_as_nchw=args.inputs_as_nchw or None, training=args.training)
+                 inputs_as_nchw=args.inputs_as_nchw or None, training=args.training,
+                 probes=args.probes)
     print(f"exported {art.name!r} -> {art.path}")
     print(f"  fingerprint {art.fingerprint[:16]}  opset {art.opset}  inputs "
           + ", ".join(f"{s.name}{list(s.shape)}:{s.dtype}" for s in art.input_specs))
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--training", action="store_true",
                    help="trace Keras models/layers with training=True: augmentation layers active, random outputs, "
                         "distribution-checked (see docs/user-guide.md, 'Training-mode preprocessing')")
+    p.add_argument("--no-probes", dest="probes", action="store_false",
+                   help="skip the probe inputs (edge values per op, mmbridge.export.probes): accept, knowingly, a graph "
+                        "they refuse; recorded in meta.json")
     p.add_argument("--force", action="store_true", help="re-export even on a cache hit")
     p.set_defaults(func=_cmd_export)
 

@@ -3,7 +3,7 @@
 Reads a JSON request (``ref``: a path or ``"module:attribute"``; ``options``:
 ``ExportOptions.to_dict()``; the cache dir, ``force``, the parent's fingerprint and optionally
 a ``samples.npz``), exports in this fresh process (the only one that imports TensorFlow), and
-writes a JSON result: ``{"path": ...}`` or ``{"error": {"type", "message", "ops"?, "report"?}}``.
+writes a JSON result: ``{"path": ...}`` or ``{"error": {"type", "message", "ops"?, "report"?, "probes"?}}``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def main(req_path: str, res_path: str) -> int:
             err["ops"] = exc.ops
         if getattr(exc, "report", None) is not None:
             err["report"] = exc.report.to_dict()
+        if getattr(exc, "probes", None) is not None:  # ProbeError: the probe record crosses too
+            err["probes"] = exc.probes
         result = {"error": err}
     with open(res_path, "w") as f:
         json.dump(result, f)

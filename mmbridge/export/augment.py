@@ -556,11 +556,14 @@ def distribution_check(tf_call: Callable[[Mapping[str, np.ndarray]], Mapping[str
     if torch_module is not None:
         import torch
 
+        graph_inputs = [i.name for i in model.graph.input if i.name in inputs]  # the module's positional order
+
         def run_torch(x: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            from mmbridge.parity import module_outputs
+
             with torch.no_grad():
-                outs = torch_module(*[torch.from_numpy(np.ascontiguousarray(v)) for v in x.values()])
-            outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
-            return {k: o.numpy() for k, o in zip(names, outs)}
+                outs = torch_module(*[torch.from_numpy(np.ascontiguousarray(x[k])) for k in graph_inputs])
+            return module_outputs(outs, names)  # strict: no truncation
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

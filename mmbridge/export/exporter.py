@@ -36,8 +36,8 @@ Pipeline (in order; the source kinds are adapters in :mod:`mmbridge.export.sourc
     (:mod:`mmbridge.export.backends`, :mod:`mmbridge.export.shapes`): an onnxruntime mismatch at any
     shape refuses the export, a torch one is recorded (``meta["backends"]``) and makes ``to_torch``
     refuse the artifact; then the **probe inputs** of :mod:`mmbridge.export.probes` (edge values for
-    the ops in the graph, at most 8 runs; ``ProbeError`` on a mismatch, ``probes=False`` to accept
-    knowingly);
+    the ops in the graph, at most 8 runs per backend; on onnxruntime a mismatch is a ``ProbeError``,
+    on torch it is recorded like a torch parity failure; ``probes=False`` to accept knowingly);
 11. **write** the artifact atomically into the cache (with ``golden.npz`` for later checks).
 """
 
@@ -317,21 +317,39 @@ def _export_in_child(ref: str, options: ExportOptions, sample_inputs: Samples | 
         with open(res_path) as f:
             result = json.load(f)
     if "error" in result:
-        from mmbridge import errors
-
-        err = result["error"]
-        cls = getattr(errors, err["type"], None)
-        if cls is UnsupportedOpsError:
-            raise UnsupportedOpsError(err["message"], err.get("ops", []))
-        if cls is not None and issubclass(cls, Exception) and cls is not errors.ParityError:
-            raise cls(err["message"])
-        if cls is errors.ParityError:
-            from mmbridge.parity import ParityReport as _PR
-
-            raise errors.ParityError(err["message"], _PR.from_dict(err["report"]) if err.get("report") else None)
-        raise ExportError(f"export of {ref!r} failed in the child process: {err['type']}: {err['message']}")
+        raise child_error(result["error"], ref)
     _LAST["outcome"] = result.get("outcome", "exported")
     return BridgeArtifact.load(result["path"]), dict(result.get("files") or {})
+
+
+def child_error(err: Mapping[str, Any], ref: str) -> Exception:
+    """The exception a child export reported, rebuilt in this process.
+
+    Args:
+        err: ``{"type", "message", "ops"?, "report"?, "probes"?}`` as :mod:`mmbridge.export._child`
+            writes it.
+        ref: the exported reference, for the message of a non-mmbridge error.
+
+    Returns:
+        The same mmbridge error class with its message and its data (``UnsupportedOpsError.ops``,
+        ``ParityError.report``, ``ProbeError.report`` and ``.probes``); any other exception type as
+        an :class:`ExportError` naming it.
+    """
+    from mmbridge import errors
+
+    cls = getattr(errors, err["type"], None)
+    if cls is UnsupportedOpsError:
+        return UnsupportedOpsError(err["message"], err.get("ops", []))
+    if cls is not None and isinstance(cls, type) and issubclass(cls, errors.ParityError):
+        from mmbridge.parity import ParityReport as _PR
+
+        report = _PR.from_dict(err["report"]) if err.get("report") else None
+        if issubclass(cls, errors.ProbeError):
+            return cls(err["message"], report, err.get("probes"))
+        return cls(err["message"], report)
+    if cls is not None and isinstance(cls, type) and issubclass(cls, Exception):
+        return cls(err["message"])
+    return ExportError(f"export of {ref!r} failed in the child process: {err['type']}: {err['message']}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -796,7 +814,7 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     if keras_obj is not None and options.trainable:
         from mmbridge.export.trainable import check_trainable_source
 
-        check_trainable_source(keras_obj)  # tf-keras / mixed precision: refused before any tracing
+        check_trainable_source(keras_obj)  # mixed precision: refused before any tracing
     specs = src.specs
     opset = options.opset
     nchw = list(options.inputs_as_nchw or [])
@@ -977,7 +995,7 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     else:
         probes_record = _probe_check(model, src, specs, samples, out_keys, in_names, graph_def, nchw, options, name,
                                      runners={"ort": ort_runner})
-    if checked["torch_verified"] and probes_record.get("passed") is not None:
+    if ref_draws is None and checked["torch_verified"] and probes_record.get("passed") is not None:
         from mmbridge.errors import ProbeError
 
         try:
@@ -988,7 +1006,8 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
             reason = f"probe input differs from TF on torch: {str(exc).splitlines()[0][:400]}"
             checked["backends"]["torch"].update(matches=False, reason=reason)
             requirements["torch_backend"] = False
-            requirements["note"] = f"torch backend not verified at export: {reason}"
+            note = f"torch backend not verified at export: {reason}"
+            requirements["note"] = f"{requirements['note']}; {note}" if requirements.get("note") else note
         probes_record = dict(probes_record, torch=torch_probes)
     # ---- end probe inputs ----
     import tf2onnx

@@ -270,10 +270,12 @@ class ExportConfig(_BridgedConfig):
     backend: str = "torch"
     trainable_export: bool | None = None
     name: str | None = None
+    probes: bool = True  # false: skip export's probe inputs, knowingly (mmbridge.export.probes)
 
     def validate(self, where: str, problems: list[str]) -> None:
         super().validate(where, problems)
         _validate_export_ref(where, self.ref, problems)
+        check(isinstance(self.probes, bool), problems, f"{where}.probes: must be true or false, got {self.probes!r}")
         check(self.trainable_export is None or isinstance(self.trainable_export, bool), problems,
               f"{where}.trainable_export: must be true, false or null (follow the branch), got {self.trainable_export!r}")
 
@@ -287,7 +289,7 @@ def export_kwargs(cfg: ExportConfig, *, trainable: bool, role: str) -> dict[str,
     """
     flag = (cfg.trainable_export if cfg.trainable_export is not None
             else trainable and cfg.backend == "torch" and role == "encoder")
-    return {"name": cfg.name, "role": role, "trainable": bool(flag)}
+    return {"name": cfg.name, "role": role, "trainable": bool(flag), "probes": cfg.probes}
 
 
 @register_component(ExportConfig, roles=("encoder", "preprocess"))

@@ -420,3 +420,25 @@ def test_a_torch_converter_wrong_on_probe_values_is_recorded_and_to_torch_refuse
     assert art.meta["probes"]["torch"]["passed"] is False and art.meta["backend"]["torch_backend"] is False
     with pytest.raises(ConversionError, match="probe input differs"):
         art.to_torch()
+
+
+def test_a_probe_refusal_crosses_the_child_process_with_its_record():
+    """A path or reference export runs in a child; its ``ProbeError`` comes back as a ``ProbeError``
+    with the report and the probe record (it used to come back as a bare message)."""
+    import json
+
+    from mmbridge.export._child import main as child_main  # noqa: F401  (the writer side of the format)
+    from mmbridge.export.exporter import child_error
+    from mmbridge.parity import ParityReport, compare
+
+    rows = compare({"y": np.array([-3, -3])}, {"y": np.array([-4, -4])}, backend="ort", stage="onnx")
+    exc = ProbeError("probe failed: FloorDiv via input 'a'", ParityReport(rows), {"passed": False, "failed": 1})
+    err = {"type": type(exc).__name__, "message": str(exc), "report": exc.report.to_dict(), "probes": exc.probes}
+    back = child_error(json.loads(json.dumps(err)), "pkg.mod:fn")  # through JSON, as the child writes it
+    assert type(back) is ProbeError and str(back) == str(exc)
+    assert back.probes == {"passed": False, "failed": 1} and not back.report.passed
+    assert [r.output for r in back.report.rows] == ["y"]
+    parity = child_error({"type": "ParityError", "message": "m", "report": exc.report.to_dict()}, "r")
+    assert type(parity) is ParityError and parity.report is not None
+    other = child_error({"type": "KeyError", "message": "x"}, "pkg.mod:fn")
+    assert type(other).__name__ == "ExportError" and "pkg.mod:fn" in str(other) and "KeyError" in str(other)

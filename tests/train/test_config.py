@@ -515,3 +515,15 @@ def test_a_model_directory_named_like_a_builtin_tokenizer_is_a_directory(tmp_pat
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, data=_hf_cfg("words", "words", tmp_path / "r"))
     assert cfg.data.tokenizer == "words" and Path(d).name == "words"
+
+
+def test_export_component_probes_switch_reaches_export():
+    """``probes: false`` on an ``export`` component (the config form of ``export(probes=False)`` /
+    ``mmbridge export --no-probes``) is validated and passed to the export."""
+    from mmbridge.train.components import ExportConfig, export_kwargs
+
+    assert export_kwargs(ExportConfig(ref="m:f"), trainable=False, role="preprocess")["probes"] is True
+    assert export_kwargs(ExportConfig(ref="m:f", probes=False), trainable=False, role="preprocess")["probes"] is False
+    problems: list[str] = []
+    ExportConfig(ref="m:f", probes="no").validate("model.branches.image.preprocess", problems)
+    assert any("model.branches.image.preprocess.probes: must be true or false" in p for p in problems), problems
