@@ -434,7 +434,8 @@ def deterministic_tf2onnx(graph_def: Any) -> Iterator[None]:
 
     * ``Graph.extract_sub_graph_nodes`` returns ``list(set_of_nodes)``; a ``Node`` hashes by
       ``id()``, so ``delete_unused_nodes`` re-ordered the graph by memory address. Here it keeps
-      the graph's node order.
+      the graph's node order, each node once (the set also dropped the nodes that tf2onnx's
+      bidirectional-LSTM rewriter appends to the node list a second time).
     * ``TransposeOptimizer.post_optimize_action`` replaces single-channel ``Transpose`` nodes by
       ``Reshape`` while iterating over the live node list, so it skips the node after each
       replacement; which ``Transpose`` survived depended on the order above, and the later
@@ -458,8 +459,11 @@ def deterministic_tf2onnx(graph_def: Any) -> Iterator[None]:
     def extract_sub_graph_nodes(self: Any, *args: Any, **kwargs: Any) -> list[Any]:
         found = old_extract(self, *args, **kwargs)
         keep = {id(n) for n in found}
-        ordered = [n for n in self.get_nodes() if id(n) in keep]
-        seen = {id(n) for n in ordered}
+        ordered, seen = [], set()
+        for n in self.get_nodes():  # once each: tf2onnx's bilstm rewriter appends nodes to the list twice
+            if id(n) in keep and id(n) not in seen:
+                ordered.append(n)
+                seen.add(id(n))
         return ordered + sorted((n for n in found if id(n) not in seen), key=lambda n: n.name)
 
     def find_output_consumers(self: Any, output_name: str) -> list[Any]:
