@@ -634,7 +634,16 @@ def check_model(model: Any, name: str) -> Any:
     try:
         make_session(model)
     except Exception as exc:  # onnxruntime raises its own exception classes
-        raise ExportError(f"onnxruntime cannot load the exported graph {name!r}: {exc}") from exc
+        hint = ""
+        bf16 = onnx.TensorProto.BFLOAT16
+        if "NOT_IMPLEMENTED" in str(exc) and (
+                any(vi.type.tensor_type.elem_type == bf16 for vi in model.graph.value_info)
+                or any(t.data_type == bf16 for t in model.graph.initializer)):
+            hint = ("\nThe graph computes in bfloat16 (TF bfloat16 is exported as ONNX BFLOAT16, exactly), and "
+                    "onnxruntime's CPU provider has no bfloat16 kernel for this op. What to do: compute in float32 "
+                    "(cast to bfloat16 and back only where the rounding is wanted), or keep the arithmetic outside "
+                    "the graph")
+        raise ExportError(f"onnxruntime cannot load the exported graph {name!r}: {exc}{hint}") from exc
     return model
 
 
@@ -738,13 +747,18 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     model = check_model(model, name)
 
     # parity data: TF on NHWC inputs; the ONNX graph gets NCHW for inputs_as_nchw
+    drawn = samples is None
     samples = dict(samples) if samples is not None else samples_from_specs(specs, batch=2, seed=0)
     missing = [s.name for s in specs if s.name not in samples]
     if missing:
         raise SpecError(f"sample_inputs lack {missing}; give one array per input spec")
+    from mmbridge.errors import MMBridgeError
+
     try:
         tf_out = src.fn(*[tf.constant(samples[s.name]) for s in specs])
-    except (tf.errors.OpError, ValueError, TypeError) as exc:  # TF refuses the samples: say which input, how to fix
+    except MMBridgeError:
+        raise
+    except Exception as exc:  # TF refuses the samples (an OpError, or any error of the traced code): name the input
         from mmbridge.export.sources import tf_run_error
 
         raise tf_run_error(exc, name, specs, samples) from exc
@@ -761,7 +775,11 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail / InvalidArgument types
         raise ExportError(
             f"exported bridge {name!r}: the ONNX graph tf2onnx wrote (opset {opset}) does not run in onnxruntime: "
-            f"{type(exc).__name__}: {str(exc)[-400:]}. This is a converter bug for this graph, not your model; "
+            f"{type(exc).__name__}: {str(exc)[-400:]}. "
+            + (f"The sample inputs were drawn from the specs ({_drawn_ranges(specs, samples)}) and TF accepted "
+               f"them; if onnxruntime rejects these values (an index or size out of range), pass sample_inputs= with "
+               f"values the model is meant for. Otherwise this " if drawn else "This ")
+            + f"is a converter bug for this graph, not your model; "
             f"try another opset (e.g. opset={17 if opset != 17 else 18}), trainable={not options.trainable}, "
             f"or a dynamic batch / larger spatial size in input_specs, and report it with `mmbridge info`") from exc
     applied: list[str] = []
@@ -818,6 +836,16 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     return model, meta, golden
 
 
+def _drawn_ranges(specs: Sequence[TensorSpec], samples: Samples) -> str:
+    """``"'ids' int32 0..9; 'x' float32"``: what was drawn for each input, for messages."""
+    parts = []
+    for s in specs:
+        a = np.asarray(samples.get(s.name))
+        rng = f" {a.min()}..{a.max()}" if a.size and a.dtype.kind in "iub" else ""
+        parts.append(f"{s.name!r} {s.dtype}{rng}")
+    return "; ".join(parts)
+
+
 #: Source kinds whose object is a Keras model or layer (Keras 3 or tf-keras).
 KERAS_KINDS = ("keras_model", "keras_layer")
 def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, specs: Sequence[TensorSpec],
@@ -871,8 +899,14 @@ def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, 
         batch = TRAIN_PARITY_BATCH if n_values <= TRAIN_PARITY_LARGE else TRAIN_PARITY_MIN_BATCH
         batches = train_batches(specs, samples, sample_fn, batch=batch)
         t1 = time.perf_counter()
-        tp = train_parity(obj, module, batches, input_names=[s.name for s in specs], nchw=list(nchw),
-                          inventory=inventory)
+        tf = _tf.import_tensorflow()
+        try:
+            tp = train_parity(obj, module, batches, input_names=[s.name for s in specs], nchw=list(nchw),
+                              inventory=inventory)
+        except tf.errors.OpError as exc:  # Keras refuses a drawn training batch: name the input, how to fix
+            from mmbridge.export.sources import tf_run_error
+
+            raise tf_run_error(exc, name, specs, batches[0]) from exc
         seconds["train_parity"] = round(time.perf_counter() - t1, 3)
         out["train_parity"] = dict(tp.to_dict(), batch=int(len(next(iter(batches[0].values())))))
         tp.raise_if_failed(what)
