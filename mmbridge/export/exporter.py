@@ -537,7 +537,8 @@ def deterministic_tf2onnx(graph_def: Any) -> Iterator[None]:
 
     * ``Graph.extract_sub_graph_nodes`` returns ``list(set_of_nodes)``; a ``Node`` hashes by
       ``id()``, so ``delete_unused_nodes`` re-ordered the graph by memory address. Here it keeps
-      the graph's node order.
+      the graph's node order, each node once (the set also dropped the nodes that tf2onnx's
+      bidirectional-LSTM rewriter appends to the node list a second time).
     * ``TransposeOptimizer.post_optimize_action`` replaces single-channel ``Transpose`` nodes by
       ``Reshape`` while iterating over the live node list, so it skips the node after each
       replacement; which ``Transpose`` survived depended on the order above, and the later
@@ -561,8 +562,11 @@ def deterministic_tf2onnx(graph_def: Any) -> Iterator[None]:
     def extract_sub_graph_nodes(self: Any, *args: Any, **kwargs: Any) -> list[Any]:
         found = old_extract(self, *args, **kwargs)
         keep = {id(n) for n in found}
-        ordered = [n for n in self.get_nodes() if id(n) in keep]
-        seen = {id(n) for n in ordered}
+        ordered, seen = [], set()
+        for n in self.get_nodes():  # once each: tf2onnx's bilstm rewriter appends nodes to the list twice
+            if id(n) in keep and id(n) not in seen:
+                ordered.append(n)
+                seen.add(id(n))
         return ordered + sorted((n for n in found if id(n) not in seen), key=lambda n: n.name)
 
     def find_output_consumers(self: Any, output_name: str) -> list[Any]:
@@ -733,7 +737,16 @@ def check_model(model: Any, name: str) -> Any:
     try:
         make_session(model)
     except Exception as exc:  # onnxruntime raises its own exception classes
-        raise ExportError(f"onnxruntime cannot load the exported graph {name!r}: {exc}") from exc
+        hint = ""
+        bf16 = onnx.TensorProto.BFLOAT16
+        if "NOT_IMPLEMENTED" in str(exc) and (
+                any(vi.type.tensor_type.elem_type == bf16 for vi in model.graph.value_info)
+                or any(t.data_type == bf16 for t in model.graph.initializer)):
+            hint = ("\nThe graph computes in bfloat16 (TF bfloat16 is exported as ONNX BFLOAT16, exactly), and "
+                    "onnxruntime's CPU provider has no bfloat16 kernel for this op. What to do: compute in float32 "
+                    "(cast to bfloat16 and back only where the rounding is wanted), or keep the arithmetic outside "
+                    "the graph")
+        raise ExportError(f"onnxruntime cannot load the exported graph {name!r}: {exc}{hint}") from exc
     return model
 
 
@@ -851,13 +864,18 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
 
     # parity data: TF on NHWC inputs; the ONNX graph gets NCHW for inputs_as_nchw
     given_samples = samples is not None
+    drawn = samples is None
     samples = dict(samples) if samples is not None else samples_from_specs(specs, batch=2, seed=0)
     missing = [s.name for s in specs if s.name not in samples]
     if missing:
         raise SpecError(f"sample_inputs lack {missing}; give one array per input spec")
+    from mmbridge.errors import MMBridgeError
+
     try:
         tf_out = src.fn(*[tf.constant(samples[s.name]) for s in specs])
-    except (tf.errors.OpError, ValueError, TypeError) as exc:  # TF refuses the samples: say which input, how to fix
+    except MMBridgeError:
+        raise
+    except Exception as exc:  # TF refuses the samples (an OpError, or any error of the traced code): name the input
         from mmbridge.export.sources import tf_run_error
 
         raise tf_run_error(exc, name, specs, samples) from exc
@@ -893,7 +911,11 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail / InvalidArgument types
         raise ExportError(
             f"exported bridge {name!r}: the ONNX graph tf2onnx wrote (opset {opset}) does not run in onnxruntime: "
-            f"{type(exc).__name__}: {str(exc)[-400:]}. This is a converter bug for this graph, not your model; "
+            f"{type(exc).__name__}: {str(exc)[-400:]}. "
+            + (f"The sample inputs were drawn from the specs ({_drawn_ranges(specs, samples)}) and TF accepted "
+               f"them; if onnxruntime rejects these values (an index or size out of range), pass sample_inputs= with "
+               f"values the model is meant for. Otherwise this " if drawn else "This ")
+            + f"is a converter bug for this graph, not your model; "
             f"try another opset (e.g. opset={17 if opset != 17 else 18}), trainable={not options.trainable}, "
             f"or a dynamic batch / larger spatial size in input_specs, and report it with `mmbridge info`") from exc
     applied: list[str] = []
@@ -1117,6 +1139,16 @@ def ort_runner(model: Any) -> Callable[[Samples], dict[str, np.ndarray]]:
     return ort
 
 
+def _drawn_ranges(specs: Sequence[TensorSpec], samples: Samples) -> str:
+    """``"'ids' int32 0..9; 'x' float32"``: what was drawn for each input, for messages."""
+    parts = []
+    for s in specs:
+        a = np.asarray(samples.get(s.name))
+        rng = f" {a.min()}..{a.max()}" if a.size and a.dtype.kind in "iub" else ""
+        parts.append(f"{s.name!r} {s.dtype}{rng}")
+    return "; ".join(parts)
+
+
 #: Source kinds whose object is a Keras model or layer (Keras 3 or tf-keras).
 KERAS_KINDS = ("keras_model", "keras_layer")
 
@@ -1192,8 +1224,14 @@ def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, 
         batch = TRAIN_PARITY_BATCH if n_values <= TRAIN_PARITY_LARGE else TRAIN_PARITY_MIN_BATCH
         batches = train_batches(specs, samples, sample_fn, batch=batch)
         t1 = time.perf_counter()
-        tp = train_parity(obj, module, batches, input_names=[s.name for s in specs], nchw=list(nchw),
-                          inventory=inventory)
+        tf = _tf.import_tensorflow()
+        try:
+            tp = train_parity(obj, module, batches, input_names=[s.name for s in specs], nchw=list(nchw),
+                              inventory=inventory)
+        except tf.errors.OpError as exc:  # Keras refuses a drawn training batch: name the input, how to fix
+            from mmbridge.export.sources import tf_run_error
+
+            raise tf_run_error(exc, name, specs, batches[0]) from exc
         seconds["train_parity"] = round(time.perf_counter() - t1, 3)
         out["train_parity"] = dict(tp.to_dict(), batch=int(len(next(iter(batches[0].values())))))
         tp.raise_if_failed(what)

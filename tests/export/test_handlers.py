@@ -209,3 +209,15 @@ def test_single_channel_conv_with_dynamic_spatial_dims_converts_to_the_same_byte
     for got in _both(art, x):
         assert got.shape == want.shape == (2, 5, 7, 1)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_arithmetic_is_refused_with_the_reason(tf, tmp_path):
+    """bfloat16 arithmetic exports as ONNX BFLOAT16 (not float16); onnxruntime's CPU provider has no
+    bfloat16 Mul, so the export is refused saying so, instead of a bare NOT_IMPLEMENTED."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+    def bf16_mul(x):
+        return tf.cast(tf.cast(x, tf.bfloat16) * tf.constant(3.0, tf.bfloat16), tf.float32)
+
+    with pytest.raises(mmbridge.errors.ExportError, match=r"(?s)NOT_IMPLEMENTED.*computes in bfloat16.*float32"):
+        mmbridge.export(bf16_mul, cache_dir=tmp_path)
