@@ -86,7 +86,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "feature_cache": {"batch": 4, "batches": 4, "tokens": 16, "width": 32, "layers": 1},
         "pipeline": {"images": 8, "side": 32, "out": 24, "batch": 4},
         "keras_torch": [("small_cnn", 2, 16, "train")],     # (model, batch, side, mode): Keras 3 on torch
-        "startup": "import",                                 # "import" or "build" (+ the demo model, warm cache)
+        "startup": None,                                     # quick/full: "build" (fresh processes; not in CI)
     },
     "quick": {
         "pre_image": [(1, 128, 96), (16, 128, 96)],
