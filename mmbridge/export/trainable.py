@@ -134,6 +134,29 @@ def variable_paths(model: Any) -> list[tuple[Any, str]]:
     return out
 
 
+def _marked_batch_norm(tf: Any, layer: Any, inputs: Any, rank: int, scope: str) -> Any:
+    """Inference BatchNorm of a Keras 3 or tf-keras ``layer`` as one ``FusedBatchNormV3`` under the
+    marker name scope ``scope`` (:data:`BN_MARK` + momentum [+ :data:`BN_BESSEL`]), which
+    :func:`postprocess` turns back into a trainable BatchNormalization. ``scale=False`` /
+    ``center=False`` give constant ones / zeros (no trainable gamma / beta). 2-D and 3-D inputs
+    ``[N, C]`` / ``[N, L, C]`` are reshaped to NHWC around the op; channels last."""
+    c = int(inputs.shape[-1])
+    gamma = tf.convert_to_tensor(layer.gamma) if layer.scale else tf.ones([c], tf.float32)
+    beta = tf.convert_to_tensor(layer.beta) if layer.center else tf.zeros([c], tf.float32)
+    mean = tf.convert_to_tensor(layer.moving_mean)
+    var = tf.convert_to_tensor(layer.moving_variance)
+    with tf.name_scope(scope):
+        x = inputs
+        if rank != 4:
+            shape = tf.shape(inputs)
+            x = tf.reshape(inputs, [-1, 1, 1, c]) if rank == 2 else tf.expand_dims(inputs, 2)
+        y = tf.raw_ops.FusedBatchNormV3(x=x, scale=gamma, offset=beta, mean=mean, variance=var,
+                                        epsilon=float(layer.epsilon), data_format="NHWC", is_training=False)[0]
+        if rank != 4:
+            y = tf.reshape(y, shape)
+    return y
+
+
 @contextlib.contextmanager
 def trainable_patches(model: Any = None) -> Iterator[None]:
     """Patches active while tracing a ``trainable=True`` export; undone on exit.
@@ -204,21 +227,7 @@ def trainable_patches(model: Any = None) -> Iterator[None]:
                 _SKIPPED.append(f"BatchNormalization {self.name!r} folded (axis={self.axis}, renorm={self.renorm}, "
                                 f"dtype={inputs.dtype.name}): only axis=-1, float32, no renorm is kept")
             return orig_bn(self, inputs, training=training, mask=mask)
-        c = int(inputs.shape[-1])
-        gamma = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([c], tf.float32)
-        beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([c], tf.float32)
-        mean = tf.convert_to_tensor(self.moving_mean)
-        var = tf.convert_to_tensor(self.moving_variance)
-        with tf.name_scope(f"{BN_MARK}{encode_float(self.momentum)}"):
-            x = inputs
-            if rank != 4:
-                shape = tf.shape(inputs)
-                x = tf.reshape(inputs, [-1, 1, 1, c]) if rank == 2 else tf.expand_dims(inputs, 2)
-            y = tf.raw_ops.FusedBatchNormV3(x=x, scale=gamma, offset=beta, mean=mean, variance=var,
-                                            epsilon=float(self.epsilon), data_format="NHWC", is_training=False)[0]
-            if rank != 4:
-                y = tf.reshape(y, shape)
-        return y
+        return _marked_batch_norm(tf, self, inputs, rank, f"{BN_MARK}{encode_float(self.momentum)}")
 
     orig_do = Dropout.call
 
@@ -374,22 +383,8 @@ def _tf_keras_patches(model: Any, tf: Any) -> Iterator[None]:
                             f"virtual_batch_size={self.virtual_batch_size}, dtype={inputs.dtype.name}): only axis=-1, "
                             f"float32, no renorm / virtual batch / adjustment is kept")
             return orig_bn(self, inputs, training=training, mask=mask)
-        c = int(inputs.shape[-1])
-        gamma = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([c], tf.float32)
-        beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([c], tf.float32)
-        mean = tf.convert_to_tensor(self.moving_mean)
-        var = tf.convert_to_tensor(self.moving_variance)
         scope = f"{BN_MARK}{encode_float(float(self.momentum))}" + (BN_BESSEL if self.fused else "")
-        with tf.name_scope(scope):
-            x = inputs
-            if rank != 4:
-                shape = tf.shape(inputs)
-                x = tf.reshape(inputs, [-1, 1, 1, c]) if rank == 2 else tf.expand_dims(inputs, 2)
-            y = tf.raw_ops.FusedBatchNormV3(x=x, scale=gamma, offset=beta, mean=mean, variance=var,
-                                            epsilon=float(self.epsilon), data_format="NHWC", is_training=False)[0]
-            if rank != 4:
-                y = tf.reshape(y, shape)
-        return y
+        return _marked_batch_norm(tf, self, inputs, rank, scope)
 
     orig_do = Dropout.call
 
