@@ -847,6 +847,11 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
         n_resize = resize_scales_to_sizes(model)
         if n_resize:
             notes.append(f"Resize scales -> exact sizes (TF's target size): {n_resize} node(s)")
+        from mmbridge.export.rewrites import float_resize_of_integer_images
+
+        n_float = float_resize_of_integer_images(model)
+        if n_float:
+            notes.append(f"interpolating Resize of an integer image computes in float32, as TF: {n_float} node(s)")
         notes += repair_and_check_ops(model, name)
         if options.training:
             from mmbridge.export.augment import strip_seeds

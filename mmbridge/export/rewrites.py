@@ -128,3 +128,56 @@ def repair_and_check_ops(model: Any, name: str) -> list[str]:
             bad,
         )
     return [f"{op} rewritten to exact ONNX: {n} node(s)" for op, n in sorted(notes.items())]
+
+
+_INTEGER_TYPES = (2, 3, 4, 5, 6, 7, 12, 13)  # TensorProto UINT8, INT8, UINT16, INT16, INT32, INT64, UINT32, UINT64
+
+
+def float_resize_of_integer_images(model: Any) -> int:
+    """Interpolating ``Resize`` of an integer image: cast the image to float32 first, as TF does.
+
+    ``tf.image.resize(uint8_image, size)`` (bilinear, bicubic...) computes in float32 and returns
+    float32; tf2onnx writes the ONNX ``Resize`` on the uint8 tensor, whose output is then uint8
+    (onnxruntime would round the interpolated values) while the TF graph's next op expects
+    float32, so ``onnx.checker`` refused the graph (the seed pipeline ``resize -> cast -> / 255``).
+    A ``Cast(to=FLOAT)`` in front of each such ``Resize`` (mode ``linear`` / ``cubic``; ``nearest``
+    picks pixels and keeps the dtype in TF too) gives TF's values exactly. Types come from ONNX
+    shape inference; a Resize whose input type is unknown is left alone.
+
+    Returns:
+        The number of Resize nodes rewritten (0 leaves ``model`` unchanged).
+    """
+    from onnx import TensorProto, helper, shape_inference
+
+    resizes = [n for n in model.graph.node if n.op_type == "Resize"
+               and next((a.s.decode() for a in n.attribute if a.name == "mode"), "nearest") != "nearest"]
+    if not resizes:
+        return 0
+    try:
+        inferred = shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - inference is a hint here; without it nothing is changed
+        return 0
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    for init in model.graph.initializer:
+        types[init.name] = init.data_type
+    existing = {n.name for n in model.graph.node} | {t for n in model.graph.node for t in n.output}
+    changed = 0
+    nodes = []
+    for node in model.graph.node:
+        if node in resizes and types.get(node.input[0]) in _INTEGER_TYPES:
+            cast_out = f"{node.input[0]}__mmb_float"
+            while cast_out in existing:
+                cast_out += "_"
+            existing.add(cast_out)
+            nodes.append(helper.make_node("Cast", [node.input[0]], [cast_out], name=cast_out, to=TensorProto.FLOAT))
+            node.input[0] = cast_out
+            changed += 1
+        nodes.append(node)
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        for v in list(model.graph.value_info):  # stale integer types of the resized outputs
+            if any(v.name == n.output[0] for n in resizes):
+                model.graph.value_info.remove(v)
+    return changed

@@ -221,3 +221,23 @@ def test_bfloat16_arithmetic_is_refused_with_the_reason(tf, tmp_path):
 
     with pytest.raises(mmbridge.errors.ExportError, match=r"(?s)NOT_IMPLEMENTED.*computes in bfloat16.*float32"):
         mmbridge.export(bf16_mul, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("method", ["bilinear"])  # bicubic / area are refused (TF's kernels differ): docs/preprocessing.md
+def test_interpolating_resize_of_a_uint8_image_computes_in_float_as_tf(tf, tmp_path, method):
+    """The seed pipeline: ``tf.image.resize(uint8 image)`` (float32 out in TF), then ``/ 255``.
+    tf2onnx wrote the Resize on uint8, so onnx.checker refused the graph; now the image is cast to
+    float32 first and both backends give TF's values."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 20, 24, 3], tf.uint8, name="image")])
+    def seed_pipeline(image):
+        return tf.cast(tf.image.resize(image, (16, 16), method=method), tf.float32) / 255.0
+
+    x = np.random.default_rng(0).integers(0, 256, (2, 20, 24, 3), dtype=np.uint8)
+    art = mmbridge.export(seed_pipeline, cache_dir=tmp_path)
+    assert any("integer image computes in float32" in n for n in art.meta["rewrites"]), art.meta["rewrites"]
+    want = seed_pipeline(tf.constant(x)).numpy()
+    assert want.shape == (2, 16, 16, 3) and want.dtype == np.float32
+    for got in _both(art, x):
+        assert got.shape == want.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
