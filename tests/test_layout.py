@@ -33,8 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("package", ("mmbridge", "mmbridge.__main__")),
 ]
 TF_MODULES = ("tensorflow", "keras", "tf2onnx", "tf_keras")
-# mmbridge.bench.keras_torch: Keras 3 on its *torch* backend, in a child process of its own (never TensorFlow)
-TF_ALLOWED = ("mmbridge.export.*", "mmbridge.baselines.*", "mmbridge.data.tf_adapter", "mmbridge.bench.keras_torch")
+TF_ALLOWED = ("mmbridge.export.*", "mmbridge.baselines.*", "mmbridge.data.tf_adapter")
 ORT_ALLOWED = ("mmbridge.runtime.*", "mmbridge.export.*")
 
 

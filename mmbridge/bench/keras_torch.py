@@ -18,8 +18,9 @@ the step of :func:`mmbridge.bench.suites._torch_train_step`. Rows are written as
 (:meth:`Result.to_dict`) to ``--out``. The child never imports TensorFlow (checked and recorded
 in each row's ``extra.tensorflow_loaded``).
 
-The parent side is :func:`mmbridge.bench.suites.keras_torch_rows`. This module is the one place outside the export stage and the baselines that imports Keras
-(``tests/test_layout.py``): always on the torch backend, in its own process.
+The parent side is :func:`mmbridge.bench.suites.keras_torch_rows`; Keras itself is loaded by
+:func:`mmbridge.baselines.keras_torch.load_on_torch_backend` (Keras stays in the baselines,
+``tests/test_layout.py``): always on the torch backend, in its own process.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def _rows(args: argparse.Namespace) -> list[Result]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    import keras  # after torch and mmbridge; on the torch backend Keras does not load TensorFlow
+    from mmbridge.baselines.keras_torch import load_on_torch_backend
 
-    model = keras.models.load_model(args.keras, compile=False)
+    keras_module, keras_info = load_on_torch_backend(args.keras)
     rng = np.random.default_rng(0)
     x_nhwc = rng.uniform(-1, 1, size=(args.batch, args.side, args.side, 3)).astype(np.float32)
     x_k = torch.from_numpy(x_nhwc)
@@ -59,15 +60,7 @@ def _rows(args: argparse.Namespace) -> list[Result]:
     conv = mmbridge.load_artifact(args.artifact).to_torch(trainable=train) if args.artifact else None
     twin, twin_note = _native_twin(args.kind)
 
-    class KerasCall(torch.nn.Module):  # Keras takes NHWC and a `training` flag; the step helper passes one tensor
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, x: Any) -> Any:
-            return self.model(x, training=self.training)
-
-    mods = {"keras_torch_backend": (KerasCall(), x_k), "torch_converted": (conv, x_t), "torch_native": (twin, x_t)}
+    mods = {"keras_torch_backend": (keras_module, x_k), "torch_converted": (conv, x_t), "torch_native": (twin, x_t)}
     variants = []
     for name, (mod, x) in mods.items():
         if mod is None:
@@ -88,7 +81,7 @@ def _rows(args: argparse.Namespace) -> list[Result]:
     config = HarnessConfig(**json.loads(args.harness)) if args.harness else HarnessConfig.quick()
     case = f"{args.kind} {'train step' if train else 'forward'} b{args.batch} {args.side}px: Keras on torch"
     params = {"model": args.kind, "batch": args.batch, "side": args.side, "mode": args.mode,
-              "keras_backend": keras.backend.backend(), "keras": keras.__version__}
+              **keras_info}
     rows = measure_case("encoders", case, variants, baseline="torch_native", items_per_call=args.batch,
                         config=config, params=params)
     for r in rows:
