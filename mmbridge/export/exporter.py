@@ -44,6 +44,7 @@ Pipeline (in order; the source kinds are adapters in :mod:`mmbridge.export.sourc
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -107,6 +108,22 @@ SAFE_PASSES = (
 # ---------------------------------------------------------------------------------------------
 # public entry point
 # ---------------------------------------------------------------------------------------------
+def _forget_outcome_on_error(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``last_export()`` is ``{}`` after a call that raised, wherever it raised (also while copying
+    the artifact to ``out``, after the export itself had recorded its outcome)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            _LAST.clear()
+            raise
+
+    return wrapper
+
+
+@_forget_outcome_on_error
 def export(
     obj: Any,
     *,

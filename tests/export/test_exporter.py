@@ -436,3 +436,21 @@ def test_bridge_with_a_local_builder_exports_in_process(tf, tmp_path):
         mmbridge.bridges.unregister("test_local_builder")
     assert art.name == "test_local_builder" and art.role == "preprocess"
     assert art.meta["source"]["kind"] == "python_function" and art.parity["passed"]
+
+
+def test_last_export_is_empty_after_a_failed_copy_to_out(keras, tmp_path):
+    """``last_export()`` says ``{}`` when the call raised, also when only the copy to ``out`` failed
+    (the export itself had already recorded "exported": the old behaviour reported that)."""
+    from mmbridge.export.exporter import last_export
+
+    spec = [TensorSpec("x", ("batch", 4), "float32")]
+    layer = keras.layers.Rescaling(2.0)
+    art = mmbridge.export(layer, input_specs=spec, name="scale2", cache_dir=tmp_path / "cache")
+    assert last_export()["outcome"] == "exported" and last_export()["path"] == str(art.path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError):
+        mmbridge.export(layer, input_specs=spec, name="scale2", cache_dir=tmp_path / "cache", out=blocker / "art")
+    assert last_export() == {}
+    again = mmbridge.export(layer, input_specs=spec, name="scale2", cache_dir=tmp_path / "cache", out=tmp_path / "art")
+    assert last_export()["outcome"] == "cache hit" and last_export()["path"] == str(again.path)
