@@ -120,14 +120,24 @@ CASES = [
 ]
 
 
+def _run() -> dict | None:
+    return json.loads(RUN_JSON.read_text(encoding="utf-8")) if RUN_JSON.exists() else None
+
+
 def _recorded(case_id: str) -> dict[str, str] | None:
-    if not RUN_JSON.exists():
-        return None
-    doc = json.loads(RUN_JSON.read_text(encoding="utf-8"))
-    for c in doc["cases"]:
+    """The run's status of exactly this case (static variant), or None."""
+    doc = _run()
+    for c in doc["cases"] if doc else ():
         if c["id"] == case_id and c["variant"] == "static":
             return c["status"]
     return None
+
+
+def _family(case_id: str) -> list[dict[str, str]]:
+    """Statuses of every case of the same tf2onnx test method (``test_x`` -> ``test_x``, ``test_x#0``, ...)."""
+    doc = _run()
+    method = case_id.split("#")[0]
+    return [c["status"] for c in (doc["cases"] if doc else ()) if c["id"].split("#")[0] == method]
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +186,22 @@ def test_tf2onnx_case_on_both_backends(tf, cache, case_id, make, inputs, ort_sta
             assert norm[b] != "wrong", f"docs/tf2onnx_backend.json records {case_id} as silently wrong on {b}"
             if got_status[b] == "refused" or norm[b] == "refused":
                 assert norm[b] == got_status[b], (b, recorded, got_status)
+    for status in _family(case_id):  # a re-statement of one parametrisation: no case of its method is wrong
+        assert "wrong" not in status.values(), f"docs/tf2onnx_backend.json records a case of {case_id} as silently wrong"
+
+
+def test_every_case_id_is_a_case_or_a_method_of_the_run():
+    """Each re-stated case names a case of the run (exact id), a test method whose cases the run
+    recorded (the run does not record the parameters, so ``test_maxpool`` re-states one of
+    ``test_maxpool#0..16``), or a method the run lists as not called (tf2onnx skips it at opset 17):
+    a typo in an id would otherwise silently skip the cross-check above."""
+    doc = _run()
+    if doc is None:
+        pytest.skip("docs/tf2onnx_backend.json not generated")
+    not_called = set(doc["no_calls"]) | set(doc["skipped_methods"])
+    unknown = [cid for cid, *_ in CASES
+               if _recorded(cid) is None and not _family(cid) and cid.split("#")[0] not in not_called]
+    assert not unknown, f"case ids not in docs/tf2onnx_backend.json: {unknown}"
 
 
 def test_run_json_records_no_silently_wrong_case_outside_known_owners():
