@@ -430,6 +430,20 @@ OWNED_ELSEWHERE = {
 }
 
 
+def _merged(full: dict, rerun: dict, methods: list[str], argv: list[str]) -> dict:
+    """``full`` with the cases (and no-call entries) of ``methods`` replaced by ``rerun``'s, in place of
+    the first replaced case; ``full["meta"]["reruns"]`` gains one entry (argv, methods, versions, seconds)."""
+    chosen = set(methods)
+    kept = [c for c in full["cases"] if c["test"] not in chosen]
+    at = next((i for i, c in enumerate(full["cases"]) if c["test"] in chosen), len(kept))
+    full["cases"] = kept[:at] + rerun["cases"] + kept[at:]
+    full["no_calls"] = {**{m: r for m, r in full["no_calls"].items() if m not in chosen}, **rerun["no_calls"]}
+    meta = rerun["meta"]
+    full["meta"].setdefault("reruns", []).append({"argv": argv, "methods": sorted(chosen), "seconds": meta["seconds"],
+                                                  "versions": meta["versions"]})
+    return full
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tf2onnx-src", type=Path,
@@ -441,7 +455,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "tf2onnx_backend.json")
     parser.add_argument("--md", type=Path, default=REPO / "docs" / "tf2onnx_backend.md")
     parser.add_argument("--render-only", action="store_true", help="only re-write --md from an existing --json")
+    parser.add_argument("--merge", action="store_true",
+                        help="re-run only the methods chosen with -k and replace their cases in the existing --json "
+                             "(the rest of the record, and its meta, are kept; the re-run is listed in meta.reruns)")
     args = parser.parse_args(argv)
+    if args.merge and not args.k:
+        parser.error("--merge needs -k (the methods to re-run)")
     if args.render_only:
         args.md.write_text(render_md(json.loads(args.json.read_text(encoding="utf-8"))), encoding="utf-8")
         return 0
@@ -520,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds": round(time.perf_counter() - t0, 1), "versions": versions,
                     "skip_patterns": SKIP_PATTERNS},
            "skipped_methods": skipped, "no_calls": no_calls, "cases": cases}
+    if args.merge:
+        doc = _merged(json.loads(args.json.read_text(encoding="utf-8")), doc, chosen, our_argv)
+        cases = doc["cases"]
     for c in cases:
         c["detail"] = {b: d for b, d in c.get("detail", {}).items() if d}
     head = json.dumps({k: v for k, v in doc.items() if k != "cases"}, indent=1)[:-2]

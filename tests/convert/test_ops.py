@@ -128,6 +128,11 @@ def _loop(opset):
         [_vi("v"), _vi("scans")], inits
 
 
+def _average_pool(opset):
+    return [_one("AveragePool", ["x"], auto_pad="SAME_UPPER", kernel_shape=[3, 3], strides=[2, 2])], \
+        [_vi("x", dims=["N", 2, "H", "W"])], [_vi("y")], []
+
+
 def _max_pool(opset):
     return [_one("MaxPool", ["x"], auto_pad="SAME_UPPER", kernel_shape=[3, 3], strides=[2, 2])], \
         [_vi("x", dims=["N", 2, "H", "W"])], [_vi("y")], []
@@ -286,6 +291,7 @@ def _random(op):  # a degenerate range (low == high; scale 1e-30, below one ulp 
 
 CASES: dict[str, Case] = {
     "Cast": Case(_cast, {"x": np.array([[1.00390625, 3.14159, 1e-3, -2.5, 65504.0]] * 2, np.float32)}),
+    "AveragePool": Case(_average_pool, {"x": _x(2, 2, 7, 9)}, _has(pooling.PaddedAveragePool)),
     "BatchNormalization": Case(_bn, {"x": _x(2, 3, 4, 4)}, _has(normalization.BatchNorm2d)),
     "Conv": Case(_conv, {"x": _x(2, 2, 7, 9)}, _has(pad.SamePad)),
     "ConvTranspose": Case(_conv_transpose, {"x": _x(2, 2, 4, 5)}),
