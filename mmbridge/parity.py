@@ -218,7 +218,8 @@ def compare(
         nonfinite = ~np.isfinite(rf) | ~np.isfinite(gf)
         same_nonfinite = np.array_equal(np.isnan(rf), np.isnan(gf)) and np.array_equal(
             np.where(np.isinf(rf), rf, 0), np.where(np.isinf(gf), gf, 0))
-        diff = np.where(nonfinite, 0.0, np.abs(gf - rf))
+        with np.errstate(invalid="ignore"):  # inf - inf where both are inf: masked out by nonfinite
+            diff = np.where(nonfinite, 0.0, np.abs(gf - rf))
         max_abs = float(diff.max())
         max_rel = float((diff / np.maximum(np.abs(rf), 1e-12)).max())
         required = float(np.max(np.maximum(diff - tol.rtol * np.abs(np.where(nonfinite, 0, rf)), 0.0)))

@@ -289,6 +289,67 @@ def _random(op):  # a degenerate range (low == high; scale 1e-30, below one ulp 
     return build
 
 
+def _unary(op, **attrs):  # one-input element-wise ops (mmbridge.convert.ops.elementwise)
+    def build(opset):
+        dtype = TP.INT32 if op == "BitwiseNot" else TP.FLOAT
+        return [_one(op, ["x"], **attrs)], [_vi("x", dtype, ["N", 5])], [_vi("y", dtype)], []
+    return build
+
+
+def _bitwise(op):
+    def build(opset):
+        return [_one(op, ["a", "b"])], [_vi("a", TP.INT32, [2, 5]), _vi("b", TP.INT32, [1, 5])], [_vi("y", TP.INT32)], []
+    return build
+
+
+def _ints(*shape_):
+    return RNG.randint(-100, 100, shape_).astype(np.int32)
+
+
+def _hardmax(opset):  # ties: the first maximum wins (row 0 has two 1.0s)
+    return [_one("Hardmax", ["x"], axis=1 if opset >= 13 else 1)], [_vi("x", dims=[2, 3, 4])], [_vi("y")], []
+
+
+def _depth_to_space(opset):
+    attrs = {"mode": "DCR"} if opset >= 11 else {}
+    return [_one("DepthToSpace", ["x"], blocksize=2, **attrs)], [_vi("x", dims=["N", 8, 3, 2])], [_vi("y")], []
+
+
+def _space_to_depth(opset):
+    return [_one("SpaceToDepth", ["x"], blocksize=2)], [_vi("x", dims=["N", 2, 4, 6])], [_vi("y")], []
+
+
+def _scatter_elements(opset):  # repeated index 1 in column 0: only with a reduction (16+)
+    attrs = {"reduction": "add"} if opset >= 16 else {}
+    idx = np.array([[1, 0, 2], [1, 2, -1]] if opset >= 16 else [[1, 0, 2], [0, 2, -2]], np.int64)
+    return [_one("ScatterElements", ["x", "idx", "upd"], axis=0, **attrs)], [_vi("x", dims=[3, 3])], [_vi("y")], \
+        [_init("idx", idx), _init("upd", RNG.randn(2, 3).astype(np.float32))]
+
+
+def _compress(opset):
+    return [_one("Compress", ["x", "c"], axis=1)], [_vi("x", dims=[2, 5]), _vi("c", TP.BOOL, [4])], [_vi("y")], []
+
+
+CASES_MORE = {
+    "Sinh": Case(_unary("Sinh"), {"x": _x(2, 5)}),
+    "Cosh": Case(_unary("Cosh"), {"x": _x(2, 5)}),
+    "Asinh": Case(_unary("Asinh"), {"x": _x(2, 5)}),
+    "Acosh": Case(_unary("Acosh"), {"x": _x(2, 5, positive=True) * 3 + 1}),
+    "Atanh": Case(_unary("Atanh"), {"x": _x(2, 5) / 2.5}),
+    "Mish": Case(_unary("Mish"), {"x": _x(2, 5)}),
+    "ThresholdedRelu": Case(_unary("ThresholdedRelu", alpha=0.5), {"x": _x(2, 5)}),
+    "BitwiseNot": Case(_unary("BitwiseNot"), {"x": _ints(2, 5)}),
+    "BitwiseAnd": Case(_bitwise("BitwiseAnd"), {"a": _ints(2, 5), "b": _ints(1, 5)}),
+    "BitwiseOr": Case(_bitwise("BitwiseOr"), {"a": _ints(2, 5), "b": _ints(1, 5)}),
+    "BitwiseXor": Case(_bitwise("BitwiseXor"), {"a": _ints(2, 5), "b": _ints(1, 5)}),
+    "Hardmax": Case(_hardmax, {"x": np.concatenate([np.ones((1, 3, 4), np.float32), _x(1, 3, 4)])}),
+    "DepthToSpace": Case(_depth_to_space, {"x": _x(2, 8, 3, 2)}),
+    "SpaceToDepth": Case(_space_to_depth, {"x": _x(2, 2, 4, 6)}),
+    "ScatterElements": Case(_scatter_elements, {"x": _x(3, 3)}),
+    "Compress": Case(_compress, {"x": _x(2, 5), "c": np.array([True, False, True, True])}),
+}
+
+
 CASES: dict[str, Case] = {
     "Cast": Case(_cast, {"x": np.array([[1.00390625, 3.14159, 1e-3, -2.5, 65504.0]] * 2, np.float32)}),
     "AveragePool": Case(_average_pool, {"x": _x(2, 2, 7, 9)}, _has(pooling.PaddedAveragePool)),
@@ -333,6 +394,7 @@ CASES: dict[str, Case] = {
     "Size": Case(_size, {"x": _x(2, 3, 4)}, _has(shape.Size)),
     "Shape": Case(_shape, {"x": _x(2, 3, 4, 5)}, _has(shape.Shape)),
 }
+CASES.update(CASES_MORE)
 for _op in ("RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike"):  # tests/export/test_augment.py
     CASES[_op] = Case(_random(_op), {"x": _x(2, 3)} if _op.endswith("Like") else {},
                       _has(RandomDraw))

@@ -77,9 +77,12 @@ CASES = [
     ("test_concat", lambda tf: lambda a, b: tf.concat([a, b], axis=1), [_f(2, 3), _f(2, 4)], "exact", "exact", 0),
     ("test_split", lambda tf: lambda x: tf.split(x, [1, 2, 2], axis=1)[1], [_f(2, 5)], "exact", "exact", 0),
     ("test_transpose", lambda tf: lambda x: tf.transpose(x, [2, 0, 1]), [_f(2, 3, 4)], "exact", "exact", 0),
-    # torch refuses: onnx2torch has no SpaceToDepth and only CRD DepthToSpace (TF's is DCR)
-    ("test_space_to_depth", lambda tf: lambda x: tf.nn.space_to_depth(x, 2), [_f(1, 4, 6, 3)], "exact", "refused", 0),
-    ("test_depth_to_space", lambda tf: lambda x: tf.nn.depth_to_space(x, 2), [_f(1, 2, 3, 8)], "exact", "refused", 0),
+    # torch refused these before mmbridge.convert.ops.space_depth: onnx2torch has no SpaceToDepth and only
+    # the CRD DepthToSpace (TF's is DCR: a CRD reading would silently permute the channels)
+    ("test_space_to_depth", lambda tf: lambda x: tf.nn.space_to_depth(x, 2), [_f(1, 4, 6, 3)], "exact", "exact", 0),
+    ("test_depth_to_space", lambda tf: lambda x: tf.nn.depth_to_space(x, 2), [_f(1, 2, 3, 8)], "exact", "exact", 0),
+    ("test_space_to_batchnd", lambda tf: lambda x: tf.space_to_batch_nd(x, [2, 2], [[0, 0], [0, 0]]),
+     [_f(2, 4, 6, 3)], "exact", "exact", 0),
     # reductions, scans, elementwise
     ("test_reducesum", lambda tf: lambda x: tf.reduce_sum(x, axis=[1], keepdims=True), [_f(3, 5)],
      "tolerance", "tolerance", 1e-5),
@@ -116,7 +119,9 @@ CASES = [
     # refusals the run records (clear mmbridge errors, never a wrong value)
     ("test_where_bool", lambda tf: lambda x: tf.where(x > 0.0, x > 1.0, x < -1.0), [_f(5)],
      "refused", "refused", 0),
-    ("test_atrig_ops#0", lambda tf: lambda x: tf.math.sinh(x), [_f(3, 4)], "tolerance", "refused", 1e-5),
+    ("test_atrig_ops#0", lambda tf: lambda x: tf.math.sinh(x), [_f(3, 4)], "tolerance", "tolerance", 1e-5),
+    ("test_thresholded_relu", lambda tf: lambda x: tf.keras.activations.relu(x, threshold=0.5), [_f(3, 4)],
+     "exact", "exact", 0),
 ]
 
 

@@ -85,3 +85,28 @@ class ReverseSequence(nn.Module, OnnxToTorchModule):
 @register("ReverseSequence", 10)
 def reverse_sequence(node: OnnxNode, graph: OnnxGraph):
     return ReverseSequence(node.attributes.get("batch_axis", 1), node.attributes.get("time_axis", 0))
+
+
+class Compress(nn.Module, OnnxToTorchModule):
+    """ONNX ``Compress`` (https://onnx.ai/onnx/operators/onnx__Compress.html): the slices of ``x``
+    along ``axis`` where the 1-D bool ``condition`` is true (``condition`` may be shorter than
+    the axis: the rest is dropped); ``axis`` None: the elements of ``x`` flattened. The output
+    length is data dependent (one ``nonzero``: a graph break under ``torch.compile``)."""
+
+    def __init__(self, axis: int | None):
+        super().__init__()
+        self.axis = None if axis is None else int(axis)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        keep = torch.nonzero(condition.reshape(-1)).reshape(-1)
+        if self.axis is None:
+            return x.reshape(-1).index_select(0, keep)
+        return x.index_select(self.axis % x.dim(), keep)
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}"
+
+
+@register("Compress", 9, 11)
+def compress(node: OnnxNode, graph: OnnxGraph):
+    return Compress(node.attributes.get("axis"))

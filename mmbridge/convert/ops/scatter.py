@@ -58,3 +58,43 @@ def scatter_nd(node: OnnxNode, graph: OnnxGraph):
     if reduction == "none":
         return delegate(node, graph, 16)
     return ScatterNDReduce(reduction)
+
+
+_ELEMENTS_REDUCE = {"mul": "prod", "max": "amax", "min": "amin"}
+
+
+class ScatterElements(nn.Module, OnnxToTorchModule):
+    """ONNX ``ScatterElements`` (https://onnx.ai/onnx/operators/onnx__ScatterElements.html):
+    ``data`` any shape, ``indices`` / ``updates`` the same shape as each other (int32 / int64
+    indices, negative ones count from the end of ``axis``) -> a copy of ``data`` with
+    ``out[..., indices[i], ...] = updates[i]`` along ``axis`` (``torch.scatter``), or folded in with
+    ``reduction`` add (``scatter_add``) / mul / max / min (``scatter_reduce``, the data value
+    included, as the spec's loop). With ``reduction="none"`` and repeated indices the spec leaves
+    the winner undefined (as torch does)."""
+
+    def __init__(self, axis: int, reduction: str):
+        super().__init__()
+        if reduction not in ("none", "add", *_ELEMENTS_REDUCE):
+            raise ValueError(f"ScatterElements reduction {reduction!r}")
+        self.axis, self.reduction = int(axis), reduction
+
+    def forward(self, data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+        axis = self.axis % data.dim()
+        idx = indices.to(torch.int64)
+        idx = torch.where(idx < 0, idx + data.shape[axis], idx)
+        updates = updates.to(data.dtype)
+        if self.reduction == "none":
+            return data.scatter(axis, idx, updates)
+        if self.reduction == "add":
+            return data.scatter_add(axis, idx, updates)
+        return data.scatter_reduce(axis, idx, updates, _ELEMENTS_REDUCE[self.reduction], include_self=True)
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, reduction={self.reduction!r}"
+
+
+@register("ScatterElements", 11, 13, 16, 18)
+def scatter_elements(node: OnnxNode, graph: OnnxGraph):
+    reduction = node.attributes.get("reduction", "none")
+    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+    return ScatterElements(node.attributes.get("axis", 0), reduction)
