@@ -28,6 +28,11 @@ module fixes it in two steps, both called by :func:`mmbridge.export` when ``trai
    * ``keras.layers.PReLU`` computes ``relu(x) - alpha * relu(-x)`` (bit-identical to Keras'
      ``relu(x) + (-alpha) * relu(-x)``), so tf2onnx cannot fold ``Neg(alpha)`` into an unnamed constant.
 
+   It yields a :class:`VariableReads` that records which variables the trace read; the exporter
+   lists the model's trainable variables the forward never reads (an untied ``ReversibleEmbedding``'s
+   ``reverse_embeddings``) as ``meta["keras_inventory"]["unread_variables"]``, which the training
+   contract exempts (:mod:`mmbridge.convert.contract`).
+
    TF's outputs are unchanged (the parity check against TF still runs on this graph).
 
 2. :func:`postprocess` rewrites the ONNX model right after tf2onnx:
@@ -157,8 +162,57 @@ def _marked_batch_norm(tf: Any, layer: Any, inputs: Any, rank: int, scope: str) 
     return y
 
 
+class VariableReads:
+    """Which Keras variables the traced function read: what :func:`trainable_patches` yields.
+
+    The patched reads (Keras 3 ``Variable.__tf_tensor__``; tf-keras' ``_read_variable_op`` /
+    ``sparse_read`` / ``gather_nd``) record every floating variable they mark while a
+    ``tf.function`` is traced (``read``: ids of the Keras 3 ``Variable`` / tf-keras ``tf.Variable``
+    objects). :meth:`unread` then lists the model's trainable variables that were read neither
+    through a patched read nor in any other way TensorFlow saw (``ConcreteFunction.graph.variables``,
+    the ``tf.Variable`` s the traced graph accessed, reads in nested ``tf.while_loop`` / ``tf.cond``
+    bodies included). Such a variable is not in the traced forward at all (LlamaBackbone's untied
+    ``token_embedding/reverse_embeddings``, which only a CausalLM's ``reverse=True`` call reads), so
+    Keras gives it no gradient either. A variable read in any way is never listed, so a read whose
+    marker was lost (folded by tf2onnx) is still refused by the audit.
+    """
+
+    def __init__(self) -> None:
+        self.read: set[int] = set()
+
+    def unread(self, model: Any, concrete_fn: Any) -> list[dict[str, Any]]:
+        """The trainable floating variables of ``model`` that the trace of ``concrete_fn`` never read.
+
+        Args:
+            model: the Keras 3 or tf-keras model or layer traced under :func:`trainable_patches`.
+            concrete_fn: the ``tf.function``'s ``ConcreteFunction`` traced under the patches.
+
+        Returns:
+            ``[{"path", "shape", "values"}]`` in ``model.weights`` order: the path of
+            :func:`variable_paths`, the Keras shape (list of ints) and its number of scalar values.
+        """
+        from mmbridge.export._tf import import_tensorflow
+
+        tf = import_tensorflow()
+        accessed = {id(v) for v in getattr(concrete_fn.graph, "variables", ())}
+        out = []
+        for v, path in variable_paths(model):
+            if not v.trainable or not tf.as_dtype(v.dtype).is_floating:
+                continue
+            inner = getattr(v, "_value", None)  # a Keras 3 Variable's tf.Variable (tf-keras: the variable itself)
+            ids = {id(v)} | ({id(inner)} if inner is not None else set())
+            if ids & (self.read | accessed):
+                continue
+            shape = [int(d) for d in v.shape]
+            values = 1
+            for d in shape:
+                values *= d
+            out.append({"path": path, "shape": shape, "values": values})
+        return out
+
+
 @contextlib.contextmanager
-def trainable_patches(model: Any = None) -> Iterator[None]:
+def trainable_patches(model: Any = None) -> Iterator[VariableReads]:
     """Patches active while tracing a ``trainable=True`` export; undone on exit.
 
     Patched (Keras 3, TensorFlow backend): the variable read of ``keras.Variable``,
@@ -174,28 +228,33 @@ def trainable_patches(model: Any = None) -> Iterator[None]:
             tf-keras model; a Keras 3 variable knows its own path).
 
     Yields:
-        None. :func:`postprocess` must run on the tf2onnx output of the graph traced here.
+        A :class:`VariableReads`: the variables the patched reads saw while tracing (its
+        :meth:`~VariableReads.unread` lists the trainable ones the forward never reads).
+        :func:`postprocess` must run on the tf2onnx output of the graph traced here.
     """
     from mmbridge.export._tf import import_tensorflow
 
     tf = import_tensorflow()
     patched: list[tuple[Any, str, Any]] = []
     _SKIPPED.clear()
+    reads = VariableReads()
     if model is not None and is_tf_keras(model):
-        with _tf_keras_patches(model, tf):
-            yield
+        with _tf_keras_patches(model, tf, reads):
+            yield reads
         return
     try:
         from keras.src.backend.tensorflow import core as kcore
         from keras.src.layers.normalization.batch_normalization import BatchNormalization
         from keras.src.layers.regularization.dropout import Dropout
     except ImportError:  # another Keras layout: only the ONNX-side rewrites apply
-        yield
+        yield reads  # nothing recorded: unread() then relies on the graph's accessed variables alone
         return
 
     orig_read = kcore.Variable.__tf_tensor__
 
     def read(self: Any, dtype: Any = None, name: Any = None) -> Any:
+        if tf.inside_function():
+            reads.read.add(id(self))
         if not tf.inside_function() or not tf.as_dtype(self.dtype).is_floating:
             # integer / bool variables (counters, seed state) are read where they are used: a read
             # hoisted out of a loop body would see a stale value
@@ -275,7 +334,7 @@ def trainable_patches(model: Any = None) -> Iterator[None]:
         patched.append((obj, attr, getattr(obj, attr)))
         setattr(obj, attr, new)
     try:
-        yield
+        yield reads
     finally:
         for obj, attr, orig in reversed(patched):
             setattr(obj, attr, orig)
@@ -301,8 +360,10 @@ def _marked_read(tf: Any, read: Callable[[], Any], mark: str, cache: dict[tuple[
 
 
 @contextlib.contextmanager
-def _tf_keras_patches(model: Any, tf: Any) -> Iterator[None]:
+def _tf_keras_patches(model: Any, tf: Any, reads: VariableReads | None = None) -> Iterator[None]:
     """The tf-keras (Keras 2) counterparts of :func:`trainable_patches`' Keras 3 patches.
+
+    ``reads`` (:class:`VariableReads`) records each of ``model``'s variables read while tracing.
 
     * the read of each of ``model``'s floating ``tf.Variable`` s (``BaseResourceVariable._read_variable_op``,
       and ``sparse_read`` / ``gather_nd``, which tf-keras' ``Embedding`` uses) goes through a
@@ -347,6 +408,8 @@ def _tf_keras_patches(model: Any, tf: Any) -> Iterator[None]:
         mark = marks.get(id(self))
         if mark is None or not tf.inside_function():
             return orig_read(self, no_copy=no_copy)
+        if reads is not None:
+            reads.read.add(id(self))
         return _marked_read(tf, lambda: orig_read(self, no_copy=no_copy), mark, cache)
 
     def sparse_read(self: Any, indices: Any, name: Any = None) -> Any:
