@@ -208,3 +208,30 @@ def test_tf_keras_bidirectional_lstm_reads_its_kernels_outside_the_loop(tf_keras
     assert audit["passed"], audit["problems"]
     assert audit["keras_trainable_values"] == audit["torch_trainable_values"] == _n_trainable(model) == 986
     assert tp["passed"] and tp["worst_ratio"] < 1.0, tp["first_failure"]
+
+
+def test_tf_keras_weight_the_forward_never_reads_is_recorded_and_exempt(tf_keras, tmp_path):
+    """The tf-keras read patch records reads too: a subclassed tf-keras model's unused trainable weight
+    is listed as unread and exempt (failed before: "has no torch tensor"), the read ones are kept."""
+    tf_keras.utils.set_random_seed(2)
+
+    class WithSpare(tf_keras.Model):
+        def __init__(self):
+            super().__init__(name="tfk_spare")
+            self.dense = tf_keras.layers.Dense(3, name="dense")
+            self.spare = self.add_weight(shape=(2, 6), name="spare", initializer="random_normal")
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = WithSpare()
+    model(np.zeros((1, 4), np.float32))
+    art = mmbridge.export(model, trainable=True, cache_dir=tmp_path,
+                          input_specs=[mmbridge.TensorSpec("x", ("batch", 4))])
+    (spare_path,) = [p for v, p in mmbridge.export.trainable.variable_paths(model) if v is model.spare]
+    assert art.meta["keras_inventory"]["unread_variables"] == [{"path": spare_path, "shape": [2, 6], "values": 12}]
+    audit = art.meta["audit"]
+    assert audit["passed"] and audit["unread"] == [spare_path] and audit["unread_trainable_values"] == 12
+    assert audit["keras_trainable_values"] == audit["torch_trainable_values"] == 4 * 3 + 3
+    tp = art.meta["train_parity"]
+    assert tp["passed"] and [r["path"] for r in tp["rows"] if r["unread"]] == [spare_path]
