@@ -170,16 +170,22 @@ def audit(module: nn.Module, inventory: dict[str, Any], *, trainable: bool = Tru
                             f"variable: it would train values the Keras model holds fixed (e.g. the gamma of a "
                             f"BatchNormalization(scale=False))")
     layers = inventory.get("layers", [])
-    # a Dropout of rate 0 is the identity (Keras MultiHeadAttention's default): nothing to keep
-    keras_rates = Counter(round(float(ly["rate"]), 6) for ly in layers if ly["kind"] == DROPOUT and ly["rate"] > 0)
-    torch_rates = Counter(round(float(m.p), 6) for m in module.modules() if isinstance(m, nn.Dropout) and m.p > 0)
-    for rate, n in (keras_rates - torch_rates).items():
-        names = [ly["name"] for ly in layers if ly["kind"] == DROPOUT and round(float(ly["rate"]), 6) == rate]
+    # a Dropout of rate 0 is the identity (Keras MultiHeadAttention's default): nothing to keep. Each
+    # Keras Dropout must meet a torch Dropout module of the same rate *and* mask (elementwise, per
+    # sample, per (sample, channel)): a SpatialDropout as an elementwise nn.Dropout would train otherwise
+    keras_rates = Counter((round(float(ly["rate"]), 6), _keras_mask(ly)) for ly in layers
+                          if ly["kind"] == DROPOUT and ly["rate"] > 0)
+    torch_rates = Counter((round(float(m.p), 6), _torch_mask(m)) for m in module.modules()
+                          if isinstance(m, nn.Dropout) and m.p > 0)
+    for (rate, mask), n in (keras_rates - torch_rates).items():
+        names = [ly["name"] for ly in layers if ly["kind"] == DROPOUT and round(float(ly["rate"]), 6) == rate
+                 and _keras_mask(ly) == mask]
         shaped = [ly["name"] for ly in layers if ly["kind"] == DROPOUT and ly.get("noise_shape") is not None]
         why = (f"; {shaped[:5]} have a noise_shape: only a per-sample one (None, 1, ..., 1), e.g. stochastic depth, "
-               f"is kept; replace the others (SpatialDropout) or keep the bridge frozen (to_ort())" if shaped else "")
-        problems.append(f"Keras Dropout layer(s) {names[:5]} with rate {rate} ({n} missing) are not Dropout modules in "
-                        f"torch: fine-tuning would run without them{why}")
+               f"and SpatialDropout1D/2D/3D (per channel) are kept; replace the others or keep the bridge frozen "
+               f"(to_ort())" if shaped else "")
+        problems.append(f"Keras Dropout layer(s) {names[:5]} with rate {rate} and a {mask} mask ({n} missing) are not "
+                        f"Dropout modules with that mask in torch: fine-tuning would run without them{why}")
     n_bn_keras = sum(1 for ly in layers if ly["kind"] == BATCH_NORM)
     n_bn_torch = sum(1 for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
     if n_bn_torch < n_bn_keras:
@@ -203,6 +209,29 @@ def audit(module: nn.Module, inventory: dict[str, Any], *, trainable: bool = Tru
         unread_trainable_values=unread_values,
         counts={"variables": len(inventory.get("variables", [])), "parameters": len(params), "buffers": len(buffers),
                 "batch_norms": n_bn_torch, "dropouts": sum(torch_rates.values())})
+
+
+def _keras_mask(layer: dict[str, Any]) -> str:
+    """The mask a Keras Dropout of the inventory draws: ``"elementwise"`` (no ``noise_shape``),
+    ``"per-sample"`` (``(None, 1, ..., 1)``), ``"per-channel"`` (SpatialDropout*) or ``"other"``."""
+    ns = layer.get("noise_shape")
+    if ns is None:
+        return "elementwise"
+    if isinstance(ns, str):
+        return "per-channel" if "SpatialDropout" in ns else "other"
+    dims = list(ns)
+    return "per-sample" if len(dims) >= 2 and all(d == 1 for d in dims[1:]) else "other"
+
+
+def _torch_mask(module: nn.Module) -> str:
+    """The mask a converted torch Dropout module draws (see :func:`_keras_mask`)."""
+    from mmbridge.convert.ops.dropout import ChannelDropout, PerSampleDropout
+
+    if isinstance(module, ChannelDropout):
+        return "per-channel"
+    if isinstance(module, PerSampleDropout):
+        return "per-sample"
+    return "elementwise" if type(module) is nn.Dropout else "other"
 
 
 def artifact_meta(source: Any) -> dict[str, Any] | None:

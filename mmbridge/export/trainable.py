@@ -81,6 +81,7 @@ from typing import Any
 from mmbridge.graph.markers import (  # noqa: F401  (re-exported: the names this module writes)
     BN_BESSEL,
     BN_MARK,
+    CHANNEL_MARK,
     DROPOUT_MARK,
     LN_MARK,
     STATE_MARK,
@@ -304,6 +305,22 @@ def trainable_patches(model: Any = None) -> Iterator[VariableReads]:
         one = tf.raw_ops.PlaceholderWithDefault(input=tf.ones([], inputs.dtype), shape=[], name=mark)
         return inputs * one
 
+    from keras.src.layers.regularization.spatial_dropout import BaseSpatialDropout
+
+    orig_sdo = BaseSpatialDropout.call
+
+    def sdo_call(self: Any, inputs: Any, training: Any = False) -> Any:
+        # SpatialDropout1D/2D/3D (its own call): one mask value per (sample, channel)
+        if not tf.inside_function() or training or not self.rate:
+            return orig_sdo(self, inputs, training=training)
+        channels = _spatial_channels(self, inputs)
+        if channels is None or not inputs.dtype.is_floating:
+            _SKIPPED.append(f"{type(self).__name__} {self.name!r} removed (input shape {inputs.shape}, dtype "
+                            f"{inputs.dtype.name}): a SpatialDropout is kept for a floating input whose channel "
+                            f"dimension is static")
+            return orig_sdo(self, inputs, training=training)
+        return _marked_channel_dropout(tf, inputs, float(self.rate), channels)
+
     from keras.src.layers.normalization.layer_normalization import LayerNormalization
 
     orig_ln = LayerNormalization.call
@@ -329,8 +346,8 @@ def trainable_patches(model: Any = None) -> Iterator[VariableReads]:
 
     orig_prelu = PReLU.call
     for obj, attr, new in ((kcore.Variable, "__tf_tensor__", read), (BatchNormalization, "call", bn_call),
-                           (Dropout, "call", do_call), (LayerNormalization, "call", ln_call),
-                           (PReLU, "call", prelu_call)):
+                           (Dropout, "call", do_call), (BaseSpatialDropout, "call", sdo_call),
+                           (LayerNormalization, "call", ln_call), (PReLU, "call", prelu_call)):
         patched.append((obj, attr, getattr(obj, attr)))
         setattr(obj, attr, new)
     try:
@@ -456,11 +473,15 @@ def _tf_keras_patches(model: Any, tf: Any, reads: VariableReads | None = None) -
                 or self.rate == 0:
             return orig_do(self, inputs, training=training)
         spatial = type(self)._get_noise_shape is not Dropout._get_noise_shape
+        channels = _spatial_channels(self, inputs) if spatial else None
+        if channels is not None and inputs.dtype.is_floating:  # SpatialDropout1D/2D/3D: per (sample, channel)
+            return _marked_channel_dropout(tf, inputs, float(self.rate), channels)
         noise = None if spatial else _per_sample_noise(self.noise_shape, len(inputs.shape))
         if noise is None or not inputs.dtype.is_floating:
             _SKIPPED.append(f"{type(self).__name__} {self.name!r} removed (noise_shape={self.noise_shape}"
-                            f"{', one mask value per channel' if spatial else ''}): only plain Dropout and a "
-                            f"per-sample noise_shape (None, 1, ..., 1) are kept")
+                            f"{', one mask value per channel' if spatial else ''}): only plain Dropout, a "
+                            f"per-sample noise_shape (None, 1, ..., 1) and SpatialDropout1D/2D/3D on a static "
+                            f"channel dimension are kept")
             return orig_do(self, inputs, training=training)
         mark = f"{DROPOUT_MARK}{encode_float(self.rate)}" + (NOISE_MARK if noise else "")
         one = tf.raw_ops.PlaceholderWithDefault(input=tf.ones([], inputs.dtype), shape=[], name=mark)
@@ -505,6 +526,39 @@ def _tf_keras_patches(model: Any, tf: Any, reads: VariableReads | None = None) -
 #: Suffix of a Dropout marker (and of its ONNX Dropout node's name) whose Keras layer has a per-sample
 #: ``noise_shape`` ``(None, 1, ..., 1)``: :mod:`mmbridge.convert.ops.dropout` reads the same string.
 NOISE_MARK = "__mmb_noise_per_sample"
+
+
+# CHANNEL_MARK (mmbridge.graph.markers): the Dropout marker suffix of a SpatialDropout1D/2D/3D, one
+# mask value per (sample, channel). That marker is not a scalar but ones shaped like the mask without
+# its batch axis ([1, 1, 1, C] for an NHWC SpatialDropout2D): the Mul's broadcasting ties it to the
+# layout of the tensor it multiplies in the ONNX graph, so the channel axis at the node is the marker's
+# axis of size C, wherever tf2onnx moved transposes; postprocess writes it into the node name.
+
+
+def _spatial_channels(layer: Any, inputs: Any) -> tuple[int, int] | None:
+    """``(channel axis, channels)`` of a Keras ``SpatialDropout*`` call on ``inputs`` (its
+    ``data_format``; SpatialDropout1D is channels-last), or None when the rank does not match the
+    layer's or the channel dimension is not static."""
+    rank = len(inputs.shape)
+    want = {"SpatialDropout1D": 3, "SpatialDropout2D": 4, "SpatialDropout3D": 5}
+    expected = next((r for cls in type(layer).__mro__ for n, r in want.items() if cls.__name__ == n), None)
+    if expected is None or rank != expected:
+        return None
+    axis = 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else rank - 1
+    c = inputs.shape[axis]
+    return None if c is None else (axis, int(c))
+
+
+def _marked_channel_dropout(tf: Any, inputs: Any, rate: float, channels: tuple[int, int]) -> Any:
+    """``inputs * ones`` where ``ones`` is a :data:`CHANNEL_MARK` Dropout marker of shape ``[1, .., C, .., 1]``
+    (rank of ``inputs``, ``C`` at the channel axis): the identity at inference, which :func:`postprocess`
+    turns into a per-(sample, channel) Dropout."""
+    axis, c = channels
+    shape = [1] * len(inputs.shape)
+    shape[axis] = c
+    mark = f"{DROPOUT_MARK}{encode_float(rate)}{CHANNEL_MARK}"
+    one = tf.raw_ops.PlaceholderWithDefault(input=tf.ones(shape, inputs.dtype), shape=shape, name=mark)
+    return inputs * one
 
 
 def _per_sample_noise(noise_shape: Any, rank: int) -> bool | None:
@@ -640,6 +694,15 @@ def postprocess(model: Any) -> list[str]:
         data = [x for x in node.input if x != mark][0]
         pos = list(g.node).index(node)
         node_name = node.name + "__dropout" + (NOISE_MARK if NOISE_MARK in mark else "")
+        if CHANNEL_MARK in mark:  # SpatialDropout: the marker's axis of size C is the channel axis here
+            dims = list(inits[mark].dims)
+            axes = [i for i, d in enumerate(dims) if d != 1]
+            if len(axes) > 1 or 0 in axes:  # not a [1, .., C, .., 1] mask: leave the Mul, the audit refuses it
+                _SKIPPED.append(f"SpatialDropout marker {mark!r} of shape {dims} is not [1, .., C, .., 1] at node "
+                                f"{node.name!r}: not kept")
+                continue
+            # C == 1: one value per (sample, channel) is one per sample
+            node_name = node.name + "__dropout" + (f"{CHANNEL_MARK}_a{axes[0]}" if axes else NOISE_MARK)
         if opset >= 12:
             ratio_name = mark.rsplit(":", 1)[0] + "__ratio"
             if ratio_name not in inits:

@@ -226,12 +226,101 @@ def test_stochastic_depth_dropout_is_kept_per_sample(keras, tmp_path):
     assert 16 < n_dropped < 48
 
 
-def test_spatial_dropout_is_refused_and_nothing_is_cached(keras, tmp_path):
+def _spatial_model(keras, kind: str):
+    """(model, input shape without batch, channels C, export kwargs); C differs from every other dim."""
+    layers = keras.layers
+    if kind == "1d":
+        inp = keras.Input((12, 3))
+        h = layers.SpatialDropout1D(0.5)(layers.Conv1D(5, 3, padding="same")(inp))
+        return keras.Model(inp, layers.Dense(2)(layers.GlobalAveragePooling1D()(h))), (12, 3), 5, {}
+    if kind in ("2d", "2d_nchw_input"):
+        inp = keras.Input((6, 7, 3), name="image")
+        h = layers.SpatialDropout2D(0.5)(layers.Conv2D(5, 3, padding="same")(inp))
+        model = keras.Model(inp, layers.Dense(2)(layers.GlobalAveragePooling2D()(h)))
+        return model, (6, 7, 3), 5, ({"inputs_as_nchw": ["image"]} if kind == "2d_nchw_input" else {})
+    if kind == "2d_channels_first":  # on the input itself: channel axis 1
+        inp = keras.Input((5, 6, 7))
+        h = layers.SpatialDropout2D(0.5, data_format="channels_first")(inp)
+        return keras.Model(inp, layers.Dense(2)(layers.Flatten()(h))), (5, 6, 7), 5, {}
+    inp = keras.Input((3, 4, 6, 2))
+    h = layers.SpatialDropout3D(0.5)(layers.Conv3D(5, 2, padding="same")(inp))
+    return keras.Model(inp, layers.Dense(2)(layers.GlobalAveragePooling3D()(h))), (3, 4, 6, 2), 5, {}
+
+
+def _varying_axes(kept: torch.Tensor) -> set[int]:
+    """The axes along which a 0/1 keep mask takes more than one value."""
+    out = set()
+    for ax in range(kept.dim()):
+        if not torch.equal(kept.amax(dim=ax), kept.amin(dim=ax)):
+            out.add(ax)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["1d", "2d", "2d_nchw_input", "2d_channels_first", "3d"])
+def test_spatial_dropout_is_kept_with_one_mask_value_per_sample_and_channel(keras, tmp_path, kind):
+    """Failed before: SpatialDropout1D/2D/3D was refused (audit: Dropout missing). Now it is a
+    ChannelDropout whose mask varies along the batch and the channel axis only (C = 5, unlike every
+    other dim, so the axis is found from the values, not from the module's own claim)."""
+    from mmbridge.convert.ops.dropout import ChannelDropout
+
+    keras.utils.set_random_seed(6)
+    model, shape, channels, kw = _spatial_model(keras, kind)
+    art = _export_trainable(keras, model, tmp_path, **kw)
+    assert art.meta["audit"]["passed"] and art.meta["audit"]["counts"]["dropouts"] == 1
+    assert art.meta["train_parity"]["passed"], art.meta["train_parity"]["first_failure"]
+    tm = art.to_torch()
+    drops = [m for m in tm.modules() if isinstance(m, ChannelDropout)]
+    assert len(drops) == 1 and drops[0].p == 0.5
+    seen = []
+    drops[0].register_forward_hook(lambda mod, i, o: seen.append((i[0].detach(), o.detach())))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((64,) + shape, generator=g) + 0.5
+    if kw.get("inputs_as_nchw"):
+        x = x.permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        tm(x)
+        torch.testing.assert_close(seen[-1][1], seen[-1][0], rtol=0, atol=0)  # eval: identity
+        tm.train()
+        torch.manual_seed(1)
+        tm(x)
+    inp_t, out_t = seen[-1]
+    assert bool((inp_t != 0).all())
+    kept = (out_t != 0).to(torch.float32)
+    torch.testing.assert_close(out_t, kept * inp_t * 2.0)  # kept values scaled by 1 / (1 - p)
+    axes = _varying_axes(kept)
+    assert len(axes) == 2 and 0 in axes, axes  # batch and one more axis ...
+    (ax,) = axes - {0}
+    assert inp_t.shape[ax] == channels and sum(d == channels for d in inp_t.shape[1:]) == 1  # ... the channels
+    assert drops[0].channel_axis % inp_t.dim() == ax
+    frac = float(1 - kept.mean())
+    assert 0.35 < frac < 0.65, frac
+
+
+def test_audit_refuses_a_spatial_dropout_that_became_an_elementwise_dropout(keras, tmp_path):
+    """The audit compares masks, not only rates: a SpatialDropout as a plain nn.Dropout (what the
+    converter made before CHANNEL_MARK) would train with another noise and is refused."""
+    from mmbridge.convert.ops.dropout import ChannelDropout
+    from mmbridge.export.contract import keras_inventory
+
+    keras.utils.set_random_seed(6)
+    model, _, _, _ = _spatial_model(keras, "2d")
+    art = _export_trainable(keras, model, tmp_path)
+    tm = art.to_torch()
+    for parent in tm.modules():
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, ChannelDropout):
+                setattr(parent, child_name, torch.nn.Dropout(child.p))
+    report = audit(tm, keras_inventory(model))
+    assert not report.passed
+    assert any("spatial_dropout2d" in p and "per-channel mask" in p for p in report.problems), report.problems
+
+
+def test_dropout_with_another_noise_shape_is_refused_and_nothing_is_cached(keras, tmp_path):
     keras.utils.set_random_seed(6)
     inp = keras.Input((8, 8, 3))
-    h = keras.layers.SpatialDropout2D(0.3)(keras.layers.Conv2D(4, 3, padding="same")(inp))
+    h = keras.layers.Dropout(0.3, noise_shape=(None, 8, 1, 1))(keras.layers.Conv2D(4, 3, padding="same")(inp))
     model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h)))
-    with pytest.raises(mmbridge.ConversionError, match=r"spatial_dropout2d.*not Dropout modules.*SpatialDropout"):
+    with pytest.raises(mmbridge.ConversionError, match=r"dropout.*not Dropout modules.*noise_shape"):
         _export_trainable(keras, model, tmp_path)
     assert not list(tmp_path.rglob("meta.json"))
 

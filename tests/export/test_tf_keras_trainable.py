@@ -119,14 +119,31 @@ def test_tf_keras_text_model_embedding_attention_layernorm(tf_keras, tmp_path):
     assert sum(isinstance(m, torch.nn.LayerNorm) for m in tm.modules()) == 2
 
 
-def test_tf_keras_spatial_dropout_is_refused_naming_the_layer(tf_keras, tmp_path):
+def test_tf_keras_spatial_dropout_is_kept_per_sample_and_channel(tf_keras, tmp_path):
+    """Failed before: refused (audit: Dropout missing). Now a ChannelDropout: one mask value per
+    (sample, channel); the channel axis is found from the values (C = 5, unlike H = 4, W = 6)."""
+    from mmbridge.convert.ops.dropout import ChannelDropout
+
+    tf_keras.utils.set_random_seed(3)
     layers = tf_keras.layers
-    inp = tf_keras.Input((6, 6, 3))
-    x = layers.SpatialDropout2D(0.25, name="sd")(layers.Conv2D(4, 3)(inp))
+    inp = tf_keras.Input((6, 8, 3))
+    x = layers.SpatialDropout2D(0.25, name="sd")(layers.Conv2D(5, 3)(inp))
     model = tf_keras.Model(inp, layers.Dense(2)(layers.GlobalAveragePooling2D()(x)))
-    with pytest.raises(mmbridge.ConversionError, match=r"\['sd'\].*noise_shape"):
-        mmbridge.export(model, trainable=True, cache_dir=tmp_path)
-    assert not list(tmp_path.rglob("meta.json"))
+    art = mmbridge.export(model, trainable=True, cache_dir=tmp_path)
+    assert art.meta["audit"]["passed"] and art.meta["train_parity"]["passed"]
+    tm = art.to_torch().train()
+    (drop,) = [m for m in tm.modules() if isinstance(m, ChannelDropout)]
+    assert drop.p == 0.25
+    seen = []
+    drop.register_forward_hook(lambda mod, i, o: seen.append((i[0].detach(), o.detach())))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        tm(torch.rand(64, 6, 8, 3) + 0.5)
+    inp_t, out_t = seen[-1]
+    kept = (out_t != 0).to(torch.float32)
+    torch.testing.assert_close(out_t, kept * inp_t / 0.75)
+    varying = {ax for ax in range(kept.dim()) if not torch.equal(kept.amax(dim=ax), kept.amin(dim=ax))}
+    assert varying == {0, drop.channel_axis % kept.dim()} and inp_t.shape[drop.channel_axis] == 5
 
 
 def test_tf_keras_inference_export_still_converts_frozen(tf_keras, tmp_path):
