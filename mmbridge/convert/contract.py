@@ -29,8 +29,10 @@ read one whose marker was lost included, is still refused.
   never changes) may instead be folded into constants (listed in ``constants``);
 * no torch ``Parameter`` exists that no Keras variable accounts for (e.g. a BatchNorm with
   ``scale=False`` must not gain a trainable gamma);
-* every Keras **Dropout** is an ``nn.Dropout`` (or :class:`NoiseShapeDropout`-like module with a
-  ``noise_shape``) with the same rate; every Keras **BatchNormalization** is a torch BatchNorm
+* every Keras **Dropout** is a torch Dropout module with the same rate and the same mask:
+  ``nn.Dropout`` (elementwise), :class:`~mmbridge.convert.ops.dropout.PerSampleDropout`
+  (``noise_shape=(None, 1, ..., 1)``) or :class:`~mmbridge.convert.ops.dropout.ChannelDropout`
+  (``SpatialDropout1D/2D/3D``); every Keras **BatchNormalization** is a torch BatchNorm
   module (train / eval modes and running statistics).
 
 A failure names the Keras layer and variable and says what to do.

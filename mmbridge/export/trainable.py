@@ -25,6 +25,9 @@ module fixes it in two steps, both called by :func:`mmbridge.export` when ``trai
    * ``keras.layers.Dropout`` (no ``noise_shape``, or a per-sample ``(None, 1, ..., 1)`` one:
      stochastic depth) emits ``x * 1`` where the ``1`` is a placeholder named
      ``mmb_dropout__r<rate>`` (+ :data:`NOISE_MARK` for a per-sample mask);
+     ``SpatialDropout1D/2D/3D`` emits ``x * ones([1, .., C, .., 1])`` (C at its channel axis) named
+     ``mmb_dropout__r<rate>`` + :data:`~mmbridge.graph.markers.CHANNEL_MARK`: one mask value per
+     (sample, channel);
    * ``keras.layers.PReLU`` computes ``relu(x) - alpha * relu(-x)`` (bit-identical to Keras'
      ``relu(x) + (-alpha) * relu(-x)``), so tf2onnx cannot fold ``Neg(alpha)`` into an unnamed constant.
 
@@ -48,7 +51,9 @@ module fixes it in two steps, both called by :func:`mmbridge.export` when ``trai
    * every ``BatchNormalization`` under ``mmb_bn__m<momentum>`` gets ``momentum=<momentum>``
      (ONNX and Keras share the convention ``running = running * momentum + batch * (1 - momentum)``;
      torch's ``momentum`` is ``1 - keras_momentum``);
-   * every ``Mul(x, mmb_dropout__r<rate>)`` becomes ``Dropout(x, ratio=<rate>)``.
+   * every ``Mul(x, mmb_dropout__r<rate>)`` becomes ``Dropout(x, ratio=<rate>)``; for a
+     SpatialDropout marker the node name gets ``<CHANNEL_MARK>_a<axis>``, the axis of size C of the
+     marker as it sits in the ONNX graph (the channel axis in the layout there).
 
 The initializer names then tell :func:`mmbridge.convert.core.to_torch` exactly which
 tensors are Keras trainable weights (``nn.Parameter``) and which are Keras state (buffers), so the
@@ -59,7 +64,8 @@ name scope ``mmb_ln__e<epsilon>`` and, at opset >= 17, :func:`postprocess` repla
 ops of each such scope by one ONNX ``LayerNormalization`` (``nn.LayerNorm`` in torch).
 
 Not kept (listed in the notes :func:`postprocess` returns): BatchNorm with ``axis`` other than the
-last or with ``renorm``; Dropout with another ``noise_shape`` (``SpatialDropout*``); the
+last or with ``renorm``; Dropout with another ``noise_shape`` (not per sample, not a
+``SpatialDropout*``'s); the
 exporter's training contract (weight audit, :mod:`mmbridge.convert.contract`) then refuses the
 export. :func:`check_trainable_source` refuses mixed-precision policies before tracing. Other
 LayerNormalizations stay decomposed, their ``gamma`` / ``beta`` still trainable initializers.
@@ -392,9 +398,10 @@ def _tf_keras_patches(model: Any, tf: Any, reads: VariableReads | None = None) -
       ``fused``: tf-keras' fused kernel moves the moving variance towards the *unbiased* batch variance
       (``_bessels_correction_test_only`` is True in tf-keras 2.21, so the correction is not removed),
       its non-fused path (2-D inputs) towards the population variance, as Keras 3 does;
-    * ``Dropout.call`` (plain, or a per-sample ``noise_shape``) emits the Dropout marker; a
-      ``SpatialDropout*`` (its own ``_get_noise_shape``) or another ``noise_shape`` is left to tf-keras
-      and listed (the audit then refuses the export, naming the layer);
+    * ``Dropout.call`` (plain, or a per-sample ``noise_shape``) emits the Dropout marker, and a
+      ``SpatialDropout1D/2D/3D`` (its own ``_get_noise_shape``) the per-channel one, as for Keras 3;
+      another ``noise_shape`` is left to tf-keras and listed (the audit then refuses the export,
+      naming the layer);
     * ``LayerNormalization.call`` (last axis, ``center`` and ``scale``, float32) runs its non-fused
       formula (``tf.nn.moments`` + ``tf.nn.batch_normalization``, same value up to float32 rounding)
       under ``mmb_ln__e<epsilon>``, so :func:`postprocess` makes it one ONNX ``LayerNormalization``;
