@@ -73,7 +73,8 @@ def render(rows: list[dict], atol: float, seconds: float, source: str | None = N
         "* **ORT / torch max abs**: largest |difference| to TF's outputs on the export's sample inputs "
         f"(golden.npz); the tests require ≤ {atol:g}. In brackets, relative to the largest |output| (randomly",
         "  initialised CNNs without a top give outputs as small as 1e-15, where an absolute bound says little);",
-        "* **params torch / Keras**: `requires_grad` scalars of `art.to_torch()` vs Keras `trainable_weights`;",
+        "* **params torch / Keras**: `requires_grad` scalars of `art.to_torch()` vs Keras `trainable_weights`"
+        " (✓: equal once the values the forward never reads, shown as \"+N never read\", are set apart);",
         "* **bf16**: a forward under `torch.autocast('cpu', bfloat16)` is finite and within 10 % of the output scale"
         " (relative error shown);",
         "* **graph breaks**: `torch._dynamo.explain(module)(*inputs).graph_break_count` (recurrent models: at the",
@@ -101,8 +102,11 @@ def render(rows: list[dict], atol: float, seconds: float, source: str | None = N
                          + _gap(gaps, r, "torch"))
             lines.append(f"{head_cells} **no** (note {note}) | – / {'–' if kp is None else f'{kp:,}'} | – | – | – |")
             continue
-        same = "" if kp is None else (" ✓" if kp == r["torch_params"] else " ✗")
+        unread = int(r.get("unread_params") or 0)  # Keras trainable values the forward never reads
+        same = "" if kp is None else (" ✓" if kp - unread == r["torch_params"] else " ✗")
         params = f"{r['torch_params']:,} / {'–' if kp is None else f'{kp:,}'}{same}"
+        if unread:
+            params += f" (+{unread:,} never read, note UNREAD)"
         bf = ("ok" if r.get("bf16_ok") else "**no**") + (f" ({r['bf16_rel_err']:.0e})" if "bf16_rel_err" in r else "")
         gb = str(r["graph_breaks"]) if r.get("graph_breaks") is not None else f"**fails** (note {len(notes) + 1})"
         if "compile_max_abs" not in r:
@@ -118,7 +122,12 @@ def render(rows: list[dict], atol: float, seconds: float, source: str | None = N
         if r.get("compile_error"):
             notes.append(f"{r['family']} {r['model']}: torch.compile failed: {_one_line(r['compile_error'], 120)}"
                          + _gap(gaps, r, "dynamo"))
-        if r.get("keras_params") is not None and r.get("torch_params") != r["keras_params"]:
+        if unread:
+            notes.append(f"{r['family']} {r['model']}: {unread:,} Keras trainable values are never read by the "
+                         f"forward ({', '.join(r.get('unread') or [])}): no gradient in Keras either, so they are not "
+                         f"in the torch module; the export records them (keras_inventory['unread_variables'])")
+            lines[-1] = lines[-1].replace("note UNREAD", f"note {len(notes)}", 1)
+        if r.get("keras_params") is not None and r.get("torch_params") != r["keras_params"] - unread:
             notes.append(f"{r['family']} {r['model']}: parameter count differs" + _gap(gaps, r, "params"))
             lines[-1] = lines[-1].replace(" ✗ |", f" ✗ (note {len(notes)}) |", 1)
     tail = ["", "A Keras count marked – has no Keras model in this process (a SavedModel directory is exported in",

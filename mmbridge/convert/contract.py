@@ -10,6 +10,15 @@ artifact's metadata as an *inventory* (:func:`mmbridge.export.contract.keras_inv
      "layers": [{"name": "dropout", "class": "Dropout", "kind": "dropout", "rate": 0.5,
                  "noise_shape": null}, {"name": "bn", "kind": "batch_norm", ...}, ...]}
 
+A trainable export adds ``"unread_variables": [{"path": "token_embedding/reverse_embeddings",
+"shape": [16, 100], "values": 1600}]``: the trainable variables the traced forward never reads
+(:meth:`mmbridge.export.trainable.VariableReads.unread`; e.g. an untied ``ReversibleEmbedding``'s
+``reverse_embeddings`` in a keras-hub backbone, which only a CausalLM head reads). They are in no
+graph, so they have no torch tensor, and Keras gives them no gradient either (train parity checks
+that they stay unchanged). The audit exempts exactly those (listed in ``unread``) and counts their
+values apart (``unread_trainable_values``); any other trainable variable without a torch tensor, a
+read one whose marker was lost included, is still refused.
+
 :func:`audit` checks a converted module against it, with no TensorFlow:
 
 * every Keras **trainable** variable is exactly one torch ``Parameter`` with ``requires_grad``
@@ -20,8 +29,10 @@ artifact's metadata as an *inventory* (:func:`mmbridge.export.contract.keras_inv
   never changes) may instead be folded into constants (listed in ``constants``);
 * no torch ``Parameter`` exists that no Keras variable accounts for (e.g. a BatchNorm with
   ``scale=False`` must not gain a trainable gamma);
-* every Keras **Dropout** is an ``nn.Dropout`` (or :class:`NoiseShapeDropout`-like module with a
-  ``noise_shape``) with the same rate; every Keras **BatchNormalization** is a torch BatchNorm
+* every Keras **Dropout** is a torch Dropout module with the same rate and the same mask:
+  ``nn.Dropout`` (elementwise), :class:`~mmbridge.convert.ops.dropout.PerSampleDropout`
+  (``noise_shape=(None, 1, ..., 1)``) or :class:`~mmbridge.convert.ops.dropout.ChannelDropout`
+  (``SpatialDropout1D/2D/3D``); every Keras **BatchNormalization** is a torch BatchNorm
   module (train / eval modes and running statistics).
 
 A failure names the Keras layer and variable and says what to do.
@@ -51,13 +62,17 @@ class AuditReport:
     Attributes:
         passed: no problem was found.
         problems: one sentence per problem (Keras layer / variable, what is wrong, what to do).
-        keras_trainable_values: scalar values in the Keras trainable variables.
+        keras_trainable_values: scalar values in the Keras trainable variables the forward reads.
         torch_trainable_values: scalar values in the module's ``requires_grad`` parameters.
         matched: Keras variable path -> torch parameter / buffer name.
         counts: ``{"variables", "parameters", "buffers", "batch_norms", "dropouts"}`` found.
         constants: Keras non-trainable variables outside BatchNormalization (``Normalization``'s
             adapted mean / variance) that the graph holds as folded constants: Keras never changes
             them in training either, so that is allowed.
+        unread: Keras trainable variables the traced forward never reads (the inventory's
+            ``unread_variables``) and that have no torch tensor: exempt, not counted in
+            ``keras_trainable_values``.
+        unread_trainable_values: scalar values in ``unread``.
     """
 
     passed: bool
@@ -67,10 +82,20 @@ class AuditReport:
     matched: dict[str, str]
     counts: dict[str, int]
     constants: list[str] = dataclasses.field(default_factory=list)
+    unread: list[str] = dataclasses.field(default_factory=list)
+    unread_trainable_values: int = 0
+
+    def summary(self) -> str:
+        """``"N trainable values in Keras and torch, plus M never read by the forward ([paths])"``."""
+        text = f"{self.keras_trainable_values:,} trainable values in Keras, {self.torch_trainable_values:,} in torch"
+        if self.unread:
+            text += (f", plus {self.unread_trainable_values:,} never read by the forward (no gradient in Keras "
+                     f"either, not in the torch module): {self.unread}")
+        return text
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (what the artifact's ``meta.json`` stores under ``"audit"``)."""
-        return dataclasses.asdict(self)
+        """JSON-ready form (what the artifact's ``meta.json`` stores under ``"audit"``; with ``summary``)."""
+        return dict(dataclasses.asdict(self), summary=self.summary())
 
     def raise_if_failed(self, what: str) -> None:
         """Raise :class:`~mmbridge.errors.ConversionError` listing every problem, if any."""
@@ -106,6 +131,8 @@ def audit(module: nn.Module, inventory: dict[str, Any], *, trainable: bool = Tru
     matched: dict[str, str] = {}
     constants: list[str] = []
     bn_layers = {ly["name"] for ly in inventory.get("layers", []) if ly["kind"] == BATCH_NORM}
+    unread_paths = {u["path"] for u in inventory.get("unread_variables", [])}
+    unread: list[str] = []
     for var in inventory.get("variables", []):
         pattern = marker_pattern(var["marker"])
         keys = [k for k, src in sources.items() if pattern.search(src) and (k in params or k in buffers)]
@@ -115,6 +142,9 @@ def audit(module: nn.Module, inventory: dict[str, Any], *, trainable: bool = Tru
             numel *= int(d)
         if not keys and not var["trainable"] and var.get("layer", "").rsplit("/", 1)[-1] not in bn_layers:
             constants.append(var["path"])  # e.g. Normalization's adapted statistics: fixed in Keras training too
+            continue
+        if not keys and var["trainable"] and var["path"] in unread_paths:
+            unread.append(var["path"])  # never read by the traced forward: no gradient in Keras either
             continue
         if not keys:
             problems.append(f"{where} has no torch tensor: tf2onnx folded it into a constant, so it would not train. "
@@ -142,35 +172,68 @@ def audit(module: nn.Module, inventory: dict[str, Any], *, trainable: bool = Tru
                             f"variable: it would train values the Keras model holds fixed (e.g. the gamma of a "
                             f"BatchNormalization(scale=False))")
     layers = inventory.get("layers", [])
-    # a Dropout of rate 0 is the identity (Keras MultiHeadAttention's default): nothing to keep
-    keras_rates = Counter(round(float(ly["rate"]), 6) for ly in layers if ly["kind"] == DROPOUT and ly["rate"] > 0)
-    torch_rates = Counter(round(float(m.p), 6) for m in module.modules() if isinstance(m, nn.Dropout) and m.p > 0)
-    for rate, n in (keras_rates - torch_rates).items():
-        names = [ly["name"] for ly in layers if ly["kind"] == DROPOUT and round(float(ly["rate"]), 6) == rate]
+    # a Dropout of rate 0 is the identity (Keras MultiHeadAttention's default): nothing to keep. Each
+    # Keras Dropout must meet a torch Dropout module of the same rate *and* mask (elementwise, per
+    # sample, per (sample, channel)): a SpatialDropout as an elementwise nn.Dropout would train otherwise
+    keras_rates = Counter((round(float(ly["rate"]), 6), _keras_mask(ly)) for ly in layers
+                          if ly["kind"] == DROPOUT and ly["rate"] > 0)
+    torch_rates = Counter((round(float(m.p), 6), _torch_mask(m)) for m in module.modules()
+                          if isinstance(m, nn.Dropout) and m.p > 0)
+    for (rate, mask), n in (keras_rates - torch_rates).items():
+        names = [ly["name"] for ly in layers if ly["kind"] == DROPOUT and round(float(ly["rate"]), 6) == rate
+                 and _keras_mask(ly) == mask]
         shaped = [ly["name"] for ly in layers if ly["kind"] == DROPOUT and ly.get("noise_shape") is not None]
         why = (f"; {shaped[:5]} have a noise_shape: only a per-sample one (None, 1, ..., 1), e.g. stochastic depth, "
-               f"is kept; replace the others (SpatialDropout) or keep the bridge frozen (to_ort())" if shaped else "")
-        problems.append(f"Keras Dropout layer(s) {names[:5]} with rate {rate} ({n} missing) are not Dropout modules in "
-                        f"torch: fine-tuning would run without them{why}")
+               f"and SpatialDropout1D/2D/3D (per channel) are kept; replace the others or keep the bridge frozen "
+               f"(to_ort())" if shaped else "")
+        problems.append(f"Keras Dropout layer(s) {names[:5]} with rate {rate} and a {mask} mask ({n} missing) are not "
+                        f"Dropout modules with that mask in torch: fine-tuning would run without them{why}")
     n_bn_keras = sum(1 for ly in layers if ly["kind"] == BATCH_NORM)
     n_bn_torch = sum(1 for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
     if n_bn_torch < n_bn_keras:
         names = [ly["name"] for ly in layers if ly["kind"] == BATCH_NORM]
         problems.append(f"{n_bn_keras} Keras BatchNormalization layers ({names[:5]}...) but {n_bn_torch} torch BatchNorm "
                         f"modules: the others were folded into convolutions and would train without batch statistics")
-    keras_values = 0
+    keras_values = unread_values = 0
     for v in inventory.get("variables", []):
         if v["trainable"]:
             n = 1
             for d in v["shape"]:
                 n *= int(d)
-            keras_values += n
+            if v["path"] in unread:
+                unread_values += n
+            else:
+                keras_values += n
     torch_values = sum(p.numel() for p in params.values() if p.requires_grad)
     return AuditReport(
         passed=not problems, problems=problems, keras_trainable_values=keras_values,
-        torch_trainable_values=torch_values, matched=matched, constants=constants,
+        torch_trainable_values=torch_values, matched=matched, constants=constants, unread=unread,
+        unread_trainable_values=unread_values,
         counts={"variables": len(inventory.get("variables", [])), "parameters": len(params), "buffers": len(buffers),
                 "batch_norms": n_bn_torch, "dropouts": sum(torch_rates.values())})
+
+
+def _keras_mask(layer: dict[str, Any]) -> str:
+    """The mask a Keras Dropout of the inventory draws: ``"elementwise"`` (no ``noise_shape``),
+    ``"per-sample"`` (``(None, 1, ..., 1)``), ``"per-channel"`` (SpatialDropout*) or ``"other"``."""
+    ns = layer.get("noise_shape")
+    if ns is None:
+        return "elementwise"
+    if isinstance(ns, str):
+        return "per-channel" if "SpatialDropout" in ns else "other"
+    dims = list(ns)
+    return "per-sample" if len(dims) >= 2 and all(d == 1 for d in dims[1:]) else "other"
+
+
+def _torch_mask(module: nn.Module) -> str:
+    """The mask a converted torch Dropout module draws (see :func:`_keras_mask`)."""
+    from mmbridge.convert.ops.dropout import ChannelDropout, PerSampleDropout
+
+    if isinstance(module, ChannelDropout):
+        return "per-channel"
+    if isinstance(module, PerSampleDropout):
+        return "per-sample"
+    return "elementwise" if type(module) is nn.Dropout else "other"
 
 
 def artifact_meta(source: Any) -> dict[str, Any] | None:

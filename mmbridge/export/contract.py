@@ -57,17 +57,24 @@ def _iter_layers(model: Any) -> list[Any]:
     return list(getattr(model, "_flatten_layers", lambda **k: [])(include_self=False, recursive=True))
 
 
-def keras_inventory(model: Any) -> dict[str, Any]:
+def keras_inventory(model: Any, unread: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The Keras side of the training contract (see the module doc and :mod:`mmbridge.convert.contract`).
 
     Args:
         model: a Keras 3 or tf-keras model or layer (variables read through ``.weights``, named by
             :func:`~mmbridge.export.trainable.variable_paths`).
+        unread: the trainable variables the traced forward never reads, as a trainable export found
+            them (:meth:`mmbridge.export.trainable.VariableReads.unread`); recorded as
+            ``"unread_variables"`` when given (also when empty), omitted when None.
 
     Returns:
         ``{"variables": [{"path", "marker", "shape", "trainable", "layer"}], "layers": [{"name",
-        "class", "kind", ...}]}``; ``kind`` is ``"batch_norm"`` (with momentum, epsilon, scale,
-        center) or ``"dropout"`` (with rate and noise_shape).
+        "class", "kind", ...}]}`` (+ ``"unread_variables": [{"path", "shape", "values"}]``);
+        ``kind`` is ``"batch_norm"`` (with momentum, epsilon, scale, center) or ``"dropout"``
+        (with rate and noise_shape).
+
+    Raises:
+        ValueError: an ``unread`` path that is not a trainable variable of ``model``.
     """
     import sys
 
@@ -96,7 +103,17 @@ def keras_inventory(model: Any) -> dict[str, Any]:
                 ns = "one mask value per channel (SpatialDropout)"
             layers.append({"name": layer.name, "class": type(layer).__name__, "kind": DROPOUT, "rate": float(layer.rate),
                            "noise_shape": ns})
-    return {"variables": variables, "layers": layers}
+    out: dict[str, Any] = {"variables": variables, "layers": layers}
+    if unread is not None:
+        trainable_paths = {v["path"] for v in variables if v["trainable"]}
+        stray = [u["path"] for u in unread if u["path"] not in trainable_paths]
+        if stray:
+            raise ValueError(f"keras_inventory(unread=...): {stray} are not trainable variables of "
+                             f"{getattr(model, 'name', '?')!r}; pass what VariableReads.unread() returned for this model")
+        out["unread_variables"] = [{"path": u["path"], "shape": [int(d) for d in u["shape"]],
+                                    "values": int(u.get("values", int(np.prod(u["shape"], dtype=np.int64))))}
+                                   for u in unread]
+    return out
 
 
 @dataclasses.dataclass
@@ -109,6 +126,9 @@ class VariableParity:
     tolerance: float
     moved: float
     passed: bool
+    unread: bool = False
+    """The forward never reads it (``keras_inventory["unread_variables"]``): it has no torch tensor,
+    and passes when Keras' steps left it exactly unchanged (``moved == 0``)."""
 
 
 @dataclasses.dataclass
@@ -136,6 +156,9 @@ class TrainParityReport:
         if self.problems:
             return self.problems[0]
         for r in self.rows:
+            if not r.passed and r.unread:
+                return (f"Keras variable {r.path!r} is recorded as never read by the forward, yet Keras' "
+                        f"{self.steps} SGD steps moved it by {r.moved:.3g}")
             if not r.passed:
                 return (f"Keras variable {r.path!r} differs by {r.max_abs:.3g} after {self.steps} SGD steps "
                         f"(float32 noise floor {r.floor:.3g}, tolerance {r.tolerance:.3g})")
@@ -218,8 +241,14 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
     rng = np.random.default_rng(seed)
     weights = _float_weights(model)
     if [v["path"] for v in inventory["variables"]] != [p for w, p in variable_paths(model) if _is_float(w)]:
-        inventory = keras_inventory(model)  # an inventory of another model version: list this one's
+        # an inventory of another model version: list this one's (keeping what the export found unread)
+        unread_paths = {v["path"] for v in keras_inventory(model)["variables"] if v["trainable"]}
+        inventory = keras_inventory(model, unread=[u for u in inventory.get("unread_variables", [])
+                                                   if u["path"] in unread_paths])
+    unread = {u["path"] for u in inventory.get("unread_variables", [])}
     initial = [np.array(v.numpy(), copy=True) for v in weights]
+    path_of = {id(w): p for w, p in variable_paths(model)}
+    trainable_paths = [path_of.get(id(w), "?") for w in model.trainable_weights]
     tf_keras = is_tf_keras(model)
     layers_mod = (sys.modules["tf_keras"] if tf_keras else keras).layers
     dropouts = [ly for ly in _iter_layers(model) if isinstance(ly, layers_mod.Dropout)]
@@ -281,6 +310,11 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
                 loss_k = tf.add_n([tf.reduce_mean(tf.square(o - t)) for o, t in zip(flat_k, targets)
                                    if o.dtype.is_floating])
             grads = tape.gradient(loss_k, model.trainable_weights)
+            for g, path in zip(grads, trainable_paths):
+                if path in unread and g is not None:  # the export's read log was wrong: say so, never exempt
+                    problems.append(f"Keras variable {path!r} is recorded as never read by the forward "
+                                    f"(keras_inventory['unread_variables']) but Keras computes a gradient for it")
+                    unread.discard(path)
             pairs = [(g, w) for g, w in zip(grads, model.trainable_weights) if g is not None]
             if opt_k is not None:
                 opt_k.apply_gradients(pairs)
@@ -301,6 +335,11 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
     rows = []
     t64 = {**dict(m64.named_parameters()), **dict(m64.named_buffers())}
     for var, init, value in zip(inventory["variables"], initial, after):
+        if var["path"] in unread and var["path"] not in layouts:
+            # never read by the forward: Keras' SGD must have left it exactly as it was (no gradient)
+            moved = float(np.max(np.abs(value - init))) if value.size else 0.0
+            rows.append(VariableParity(var["path"], moved, 0.0, 0.0, moved, moved == 0.0, unread=True))
+            continue
         lay = layouts.get(var["path"])
         if lay is None:
             continue

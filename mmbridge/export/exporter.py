@@ -484,9 +484,12 @@ def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = Fal
     (a tf-keras model's variables are marked by its own paths).
 
     Returns:
-        ``(graph_def, input tensor names, output tensor names, output keys, tables)``; only the
+        ``(graph_def, input tensor names, output tensor names, output keys, tables, unread)``; only the
         placeholders of ``specs`` are inputs (captured tensors become constants); ``tables``
-        holds the contents of captured lookup tables (:func:`mmbridge.export.handlers.table_contents`).
+        holds the contents of captured lookup tables (:func:`mmbridge.export.handlers.table_contents`);
+        ``unread``: for a trainable export of a Keras object, its trainable variables the trace never
+        read (:meth:`mmbridge.export.trainable.VariableReads.unread`: ``[{"path", "shape", "values"}]``),
+        else ``[]``.
     """
     from tf2onnx import tf_loader
 
@@ -494,9 +497,10 @@ def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = Fal
 
     if training:
         from mmbridge.export.augment import training_patches
-    with export_patches(), (trainable_patches(keras_obj) if trainable else contextlib.nullcontext()), \
+    with export_patches(), (trainable_patches(keras_obj) if trainable else contextlib.nullcontext()) as reads, \
             (training_patches() if training else contextlib.nullcontext()):
         cf = fn.get_concrete_function()
+    unread = reads.unread(keras_obj, cf) if reads is not None and keras_obj is not None else []
     from mmbridge.export.handlers import table_contents
 
     tables = table_contents(cf)
@@ -515,7 +519,7 @@ def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = Fal
     if len(flat_keys) != len(outputs):
         flat_keys = [f"output_{i}" for i in range(len(outputs))]
     graph_def = tf_loader.from_function(cf, inputs, outputs)
-    return graph_def, inputs, outputs, flat_keys, tables
+    return graph_def, inputs, outputs, flat_keys, tables, unread
 
 
 def _convert(graph_def: Any, inputs: list[str], outputs: list[str], opset: int, inputs_as_nchw: list[str] | None,
@@ -851,7 +855,7 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
     unknown_nchw = set(nchw) - {s.name for s in specs}
     if unknown_nchw:
         raise SpecError(f"inputs_as_nchw names {sorted(unknown_nchw)} that are not inputs {[s.name for s in specs]}")
-    graph_def, in_names, out_names, out_keys, tables = freeze()
+    graph_def, in_names, out_names, out_keys, tables, unread = freeze()
     try:
         model = _convert(graph_def, in_names, out_names, opset, [n for n in in_names if n.split(":")[0] in nchw],
                          name, tables, training=options.training)
@@ -1113,7 +1117,7 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
             meta["augmentation"] = rec
     if keras_obj is not None:
         meta.update(_training_contract(keras_obj, name, options, model, specs, samples, sample_fn, nchw,
-                                       module=torch_module))
+                                       module=torch_module, unread=unread))
         meta["export_seconds"] = round(time.perf_counter() - t0, 3)
     elif getattr(obj, "keras_variables", None) is not None and not options.trainable:
         # an inference export of a Keras-written SavedModel: its Keras variables, so that to_torch() follows
@@ -1195,7 +1199,8 @@ def _distribution(model: Any, ref_draws: Mapping[str, np.ndarray], onnx_one: Map
     return record
 def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, specs: Sequence[TensorSpec],
                        samples: Samples | None, sample_fn: Callable[[int, int], Samples] | None,
-                       nchw: Sequence[str], module: Any = None) -> dict[str, Any]:
+                       nchw: Sequence[str], module: Any = None,
+                       unread: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """The training contract of a Keras export, as meta entries.
 
     ``keras_inventory`` always (it makes :func:`mmbridge.to_torch` follow the artifact: an inference
@@ -1206,6 +1211,9 @@ def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, 
     :func:`mmbridge.export.contract.train_parity`); ``contract_seconds`` is what both cost.
     ``module``: the ``to_torch(model, trainable=True)`` the backend check already converted
     (:mod:`mmbridge.export.backends`), reused instead of converting again; None converts here.
+    ``unread``: the trainable variables the traced forward never reads (``_freeze``); recorded as
+    ``keras_inventory["unread_variables"]``, which the audit and train parity exempt (Keras gives them
+    no gradient: train parity checks that, too).
 
     Raises:
         ConversionError: the module does not convert, or the audit fails (names the Keras layer /
@@ -1214,7 +1222,7 @@ def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, 
     """
     from mmbridge.export.contract import keras_inventory, train_parity
 
-    inventory = keras_inventory(obj)
+    inventory = keras_inventory(obj, unread=unread if options.trainable else None)
     out: dict[str, Any] = {"keras_inventory": inventory}
     if not options.trainable:
         return out
@@ -1236,6 +1244,8 @@ def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, 
     seconds["audit"] = round(time.perf_counter() - t0 - seconds["to_torch"], 3)
     out["audit"] = report.to_dict()
     report.raise_if_failed(what)
+    if report.unread:  # not an approximation (Keras never trains them either), but the counts differ: say why
+        logger.info("%s: %s", what, report.summary())
     floats = [o for o in model.graph.output if o.type.tensor_type.elem_type in (1, 10, 11, 16)]
     if not any(v["trainable"] for v in inventory["variables"]):
         out["train_parity"] = {"skipped": "the model has no trainable variables", "passed": None}

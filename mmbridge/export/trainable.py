@@ -25,8 +25,16 @@ module fixes it in two steps, both called by :func:`mmbridge.export` when ``trai
    * ``keras.layers.Dropout`` (no ``noise_shape``, or a per-sample ``(None, 1, ..., 1)`` one:
      stochastic depth) emits ``x * 1`` where the ``1`` is a placeholder named
      ``mmb_dropout__r<rate>`` (+ :data:`NOISE_MARK` for a per-sample mask);
+     ``SpatialDropout1D/2D/3D`` emits ``x * ones([1, .., C, .., 1])`` (C at its channel axis) named
+     ``mmb_dropout__r<rate>`` + :data:`~mmbridge.graph.markers.CHANNEL_MARK`: one mask value per
+     (sample, channel);
    * ``keras.layers.PReLU`` computes ``relu(x) - alpha * relu(-x)`` (bit-identical to Keras'
      ``relu(x) + (-alpha) * relu(-x)``), so tf2onnx cannot fold ``Neg(alpha)`` into an unnamed constant.
+
+   It yields a :class:`VariableReads` that records which variables the trace read; the exporter
+   lists the model's trainable variables the forward never reads (an untied ``ReversibleEmbedding``'s
+   ``reverse_embeddings``) as ``meta["keras_inventory"]["unread_variables"]``, which the training
+   contract exempts (:mod:`mmbridge.convert.contract`).
 
    TF's outputs are unchanged (the parity check against TF still runs on this graph).
 
@@ -43,7 +51,9 @@ module fixes it in two steps, both called by :func:`mmbridge.export` when ``trai
    * every ``BatchNormalization`` under ``mmb_bn__m<momentum>`` gets ``momentum=<momentum>``
      (ONNX and Keras share the convention ``running = running * momentum + batch * (1 - momentum)``;
      torch's ``momentum`` is ``1 - keras_momentum``);
-   * every ``Mul(x, mmb_dropout__r<rate>)`` becomes ``Dropout(x, ratio=<rate>)``.
+   * every ``Mul(x, mmb_dropout__r<rate>)`` becomes ``Dropout(x, ratio=<rate>)``; for a
+     SpatialDropout marker the node name gets ``<CHANNEL_MARK>_a<axis>``, the axis of size C of the
+     marker as it sits in the ONNX graph (the channel axis in the layout there).
 
 The initializer names then tell :func:`mmbridge.convert.core.to_torch` exactly which
 tensors are Keras trainable weights (``nn.Parameter``) and which are Keras state (buffers), so the
@@ -54,7 +64,8 @@ name scope ``mmb_ln__e<epsilon>`` and, at opset >= 17, :func:`postprocess` repla
 ops of each such scope by one ONNX ``LayerNormalization`` (``nn.LayerNorm`` in torch).
 
 Not kept (listed in the notes :func:`postprocess` returns): BatchNorm with ``axis`` other than the
-last or with ``renorm``; Dropout with another ``noise_shape`` (``SpatialDropout*``); the
+last or with ``renorm``; Dropout with another ``noise_shape`` (not per sample, not a
+``SpatialDropout*``'s); the
 exporter's training contract (weight audit, :mod:`mmbridge.convert.contract`) then refuses the
 export. :func:`check_trainable_source` refuses mixed-precision policies before tracing. Other
 LayerNormalizations stay decomposed, their ``gamma`` / ``beta`` still trainable initializers.
@@ -76,6 +87,7 @@ from typing import Any
 from mmbridge.graph.markers import (  # noqa: F401  (re-exported: the names this module writes)
     BN_BESSEL,
     BN_MARK,
+    CHANNEL_MARK,
     DROPOUT_MARK,
     LN_MARK,
     STATE_MARK,
@@ -157,8 +169,57 @@ def _marked_batch_norm(tf: Any, layer: Any, inputs: Any, rank: int, scope: str) 
     return y
 
 
+class VariableReads:
+    """Which Keras variables the traced function read: what :func:`trainable_patches` yields.
+
+    The patched reads (Keras 3 ``Variable.__tf_tensor__``; tf-keras' ``_read_variable_op`` /
+    ``sparse_read`` / ``gather_nd``) record every floating variable they mark while a
+    ``tf.function`` is traced (``read``: ids of the Keras 3 ``Variable`` / tf-keras ``tf.Variable``
+    objects). :meth:`unread` then lists the model's trainable variables that were read neither
+    through a patched read nor in any other way TensorFlow saw (``ConcreteFunction.graph.variables``,
+    the ``tf.Variable`` s the traced graph accessed, reads in nested ``tf.while_loop`` / ``tf.cond``
+    bodies included). Such a variable is not in the traced forward at all (LlamaBackbone's untied
+    ``token_embedding/reverse_embeddings``, which only a CausalLM's ``reverse=True`` call reads), so
+    Keras gives it no gradient either. A variable read in any way is never listed, so a read whose
+    marker was lost (folded by tf2onnx) is still refused by the audit.
+    """
+
+    def __init__(self) -> None:
+        self.read: set[int] = set()
+
+    def unread(self, model: Any, concrete_fn: Any) -> list[dict[str, Any]]:
+        """The trainable floating variables of ``model`` that the trace of ``concrete_fn`` never read.
+
+        Args:
+            model: the Keras 3 or tf-keras model or layer traced under :func:`trainable_patches`.
+            concrete_fn: the ``tf.function``'s ``ConcreteFunction`` traced under the patches.
+
+        Returns:
+            ``[{"path", "shape", "values"}]`` in ``model.weights`` order: the path of
+            :func:`variable_paths`, the Keras shape (list of ints) and its number of scalar values.
+        """
+        from mmbridge.export._tf import import_tensorflow
+
+        tf = import_tensorflow()
+        accessed = {id(v) for v in getattr(concrete_fn.graph, "variables", ())}
+        out = []
+        for v, path in variable_paths(model):
+            if not v.trainable or not tf.as_dtype(v.dtype).is_floating:
+                continue
+            inner = getattr(v, "_value", None)  # a Keras 3 Variable's tf.Variable (tf-keras: the variable itself)
+            ids = {id(v)} | ({id(inner)} if inner is not None else set())
+            if ids & (self.read | accessed):
+                continue
+            shape = [int(d) for d in v.shape]
+            values = 1
+            for d in shape:
+                values *= d
+            out.append({"path": path, "shape": shape, "values": values})
+        return out
+
+
 @contextlib.contextmanager
-def trainable_patches(model: Any = None) -> Iterator[None]:
+def trainable_patches(model: Any = None) -> Iterator[VariableReads]:
     """Patches active while tracing a ``trainable=True`` export; undone on exit.
 
     Patched (Keras 3, TensorFlow backend): the variable read of ``keras.Variable``,
@@ -174,28 +235,33 @@ def trainable_patches(model: Any = None) -> Iterator[None]:
             tf-keras model; a Keras 3 variable knows its own path).
 
     Yields:
-        None. :func:`postprocess` must run on the tf2onnx output of the graph traced here.
+        A :class:`VariableReads`: the variables the patched reads saw while tracing (its
+        :meth:`~VariableReads.unread` lists the trainable ones the forward never reads).
+        :func:`postprocess` must run on the tf2onnx output of the graph traced here.
     """
     from mmbridge.export._tf import import_tensorflow
 
     tf = import_tensorflow()
     patched: list[tuple[Any, str, Any]] = []
     _SKIPPED.clear()
+    reads = VariableReads()
     if model is not None and is_tf_keras(model):
-        with _tf_keras_patches(model, tf):
-            yield
+        with _tf_keras_patches(model, tf, reads):
+            yield reads
         return
     try:
         from keras.src.backend.tensorflow import core as kcore
         from keras.src.layers.normalization.batch_normalization import BatchNormalization
         from keras.src.layers.regularization.dropout import Dropout
     except ImportError:  # another Keras layout: only the ONNX-side rewrites apply
-        yield
+        yield reads  # nothing recorded: unread() then relies on the graph's accessed variables alone
         return
 
     orig_read = kcore.Variable.__tf_tensor__
 
     def read(self: Any, dtype: Any = None, name: Any = None) -> Any:
+        if tf.inside_function():
+            reads.read.add(id(self))
         if not tf.inside_function() or not tf.as_dtype(self.dtype).is_floating:
             # integer / bool variables (counters, seed state) are read where they are used: a read
             # hoisted out of a loop body would see a stale value
@@ -245,6 +311,22 @@ def trainable_patches(model: Any = None) -> Iterator[None]:
         one = tf.raw_ops.PlaceholderWithDefault(input=tf.ones([], inputs.dtype), shape=[], name=mark)
         return inputs * one
 
+    from keras.src.layers.regularization.spatial_dropout import BaseSpatialDropout
+
+    orig_sdo = BaseSpatialDropout.call
+
+    def sdo_call(self: Any, inputs: Any, training: Any = False) -> Any:
+        # SpatialDropout1D/2D/3D (its own call): one mask value per (sample, channel)
+        if not tf.inside_function() or training or not self.rate:
+            return orig_sdo(self, inputs, training=training)
+        channels = _spatial_channels(self, inputs)
+        if channels is None or not inputs.dtype.is_floating:
+            _SKIPPED.append(f"{type(self).__name__} {self.name!r} removed (input shape {inputs.shape}, dtype "
+                            f"{inputs.dtype.name}): a SpatialDropout is kept for a floating input whose channel "
+                            f"dimension is static")
+            return orig_sdo(self, inputs, training=training)
+        return _marked_channel_dropout(tf, inputs, float(self.rate), channels)
+
     from keras.src.layers.normalization.layer_normalization import LayerNormalization
 
     orig_ln = LayerNormalization.call
@@ -270,12 +352,12 @@ def trainable_patches(model: Any = None) -> Iterator[None]:
 
     orig_prelu = PReLU.call
     for obj, attr, new in ((kcore.Variable, "__tf_tensor__", read), (BatchNormalization, "call", bn_call),
-                           (Dropout, "call", do_call), (LayerNormalization, "call", ln_call),
-                           (PReLU, "call", prelu_call)):
+                           (Dropout, "call", do_call), (BaseSpatialDropout, "call", sdo_call),
+                           (LayerNormalization, "call", ln_call), (PReLU, "call", prelu_call)):
         patched.append((obj, attr, getattr(obj, attr)))
         setattr(obj, attr, new)
     try:
-        yield
+        yield reads
     finally:
         for obj, attr, orig in reversed(patched):
             setattr(obj, attr, orig)
@@ -301,8 +383,10 @@ def _marked_read(tf: Any, read: Callable[[], Any], mark: str, cache: dict[tuple[
 
 
 @contextlib.contextmanager
-def _tf_keras_patches(model: Any, tf: Any) -> Iterator[None]:
+def _tf_keras_patches(model: Any, tf: Any, reads: VariableReads | None = None) -> Iterator[None]:
     """The tf-keras (Keras 2) counterparts of :func:`trainable_patches`' Keras 3 patches.
+
+    ``reads`` (:class:`VariableReads`) records each of ``model``'s variables read while tracing.
 
     * the read of each of ``model``'s floating ``tf.Variable`` s (``BaseResourceVariable._read_variable_op``,
       and ``sparse_read`` / ``gather_nd``, which tf-keras' ``Embedding`` uses) goes through a
@@ -314,9 +398,10 @@ def _tf_keras_patches(model: Any, tf: Any) -> Iterator[None]:
       ``fused``: tf-keras' fused kernel moves the moving variance towards the *unbiased* batch variance
       (``_bessels_correction_test_only`` is True in tf-keras 2.21, so the correction is not removed),
       its non-fused path (2-D inputs) towards the population variance, as Keras 3 does;
-    * ``Dropout.call`` (plain, or a per-sample ``noise_shape``) emits the Dropout marker; a
-      ``SpatialDropout*`` (its own ``_get_noise_shape``) or another ``noise_shape`` is left to tf-keras
-      and listed (the audit then refuses the export, naming the layer);
+    * ``Dropout.call`` (plain, or a per-sample ``noise_shape``) emits the Dropout marker, and a
+      ``SpatialDropout1D/2D/3D`` (its own ``_get_noise_shape``) the per-channel one, as for Keras 3;
+      another ``noise_shape`` is left to tf-keras and listed (the audit then refuses the export,
+      naming the layer);
     * ``LayerNormalization.call`` (last axis, ``center`` and ``scale``, float32) runs its non-fused
       formula (``tf.nn.moments`` + ``tf.nn.batch_normalization``, same value up to float32 rounding)
       under ``mmb_ln__e<epsilon>``, so :func:`postprocess` makes it one ONNX ``LayerNormalization``;
@@ -347,6 +432,8 @@ def _tf_keras_patches(model: Any, tf: Any) -> Iterator[None]:
         mark = marks.get(id(self))
         if mark is None or not tf.inside_function():
             return orig_read(self, no_copy=no_copy)
+        if reads is not None:
+            reads.read.add(id(self))
         return _marked_read(tf, lambda: orig_read(self, no_copy=no_copy), mark, cache)
 
     def sparse_read(self: Any, indices: Any, name: Any = None) -> Any:
@@ -393,11 +480,15 @@ def _tf_keras_patches(model: Any, tf: Any) -> Iterator[None]:
                 or self.rate == 0:
             return orig_do(self, inputs, training=training)
         spatial = type(self)._get_noise_shape is not Dropout._get_noise_shape
+        channels = _spatial_channels(self, inputs) if spatial else None
+        if channels is not None and inputs.dtype.is_floating:  # SpatialDropout1D/2D/3D: per (sample, channel)
+            return _marked_channel_dropout(tf, inputs, float(self.rate), channels)
         noise = None if spatial else _per_sample_noise(self.noise_shape, len(inputs.shape))
         if noise is None or not inputs.dtype.is_floating:
             _SKIPPED.append(f"{type(self).__name__} {self.name!r} removed (noise_shape={self.noise_shape}"
-                            f"{', one mask value per channel' if spatial else ''}): only plain Dropout and a "
-                            f"per-sample noise_shape (None, 1, ..., 1) are kept")
+                            f"{', one mask value per channel' if spatial else ''}): only plain Dropout, a "
+                            f"per-sample noise_shape (None, 1, ..., 1) and SpatialDropout1D/2D/3D on a static "
+                            f"channel dimension are kept")
             return orig_do(self, inputs, training=training)
         mark = f"{DROPOUT_MARK}{encode_float(self.rate)}" + (NOISE_MARK if noise else "")
         one = tf.raw_ops.PlaceholderWithDefault(input=tf.ones([], inputs.dtype), shape=[], name=mark)
@@ -442,6 +533,39 @@ def _tf_keras_patches(model: Any, tf: Any) -> Iterator[None]:
 #: Suffix of a Dropout marker (and of its ONNX Dropout node's name) whose Keras layer has a per-sample
 #: ``noise_shape`` ``(None, 1, ..., 1)``: :mod:`mmbridge.convert.ops.dropout` reads the same string.
 NOISE_MARK = "__mmb_noise_per_sample"
+
+
+# CHANNEL_MARK (mmbridge.graph.markers): the Dropout marker suffix of a SpatialDropout1D/2D/3D, one
+# mask value per (sample, channel). That marker is not a scalar but ones shaped like the mask without
+# its batch axis ([1, 1, 1, C] for an NHWC SpatialDropout2D): the Mul's broadcasting ties it to the
+# layout of the tensor it multiplies in the ONNX graph, so the channel axis at the node is the marker's
+# axis of size C, wherever tf2onnx moved transposes; postprocess writes it into the node name.
+
+
+def _spatial_channels(layer: Any, inputs: Any) -> tuple[int, int] | None:
+    """``(channel axis, channels)`` of a Keras ``SpatialDropout*`` call on ``inputs`` (its
+    ``data_format``; SpatialDropout1D is channels-last), or None when the rank does not match the
+    layer's or the channel dimension is not static."""
+    rank = len(inputs.shape)
+    want = {"SpatialDropout1D": 3, "SpatialDropout2D": 4, "SpatialDropout3D": 5}
+    expected = next((r for cls in type(layer).__mro__ for n, r in want.items() if cls.__name__ == n), None)
+    if expected is None or rank != expected:
+        return None
+    axis = 1 if getattr(layer, "data_format", "channels_last") == "channels_first" else rank - 1
+    c = inputs.shape[axis]
+    return None if c is None else (axis, int(c))
+
+
+def _marked_channel_dropout(tf: Any, inputs: Any, rate: float, channels: tuple[int, int]) -> Any:
+    """``inputs * ones`` where ``ones`` is a :data:`CHANNEL_MARK` Dropout marker of shape ``[1, .., C, .., 1]``
+    (rank of ``inputs``, ``C`` at the channel axis): the identity at inference, which :func:`postprocess`
+    turns into a per-(sample, channel) Dropout."""
+    axis, c = channels
+    shape = [1] * len(inputs.shape)
+    shape[axis] = c
+    mark = f"{DROPOUT_MARK}{encode_float(rate)}{CHANNEL_MARK}"
+    one = tf.raw_ops.PlaceholderWithDefault(input=tf.ones(shape, inputs.dtype), shape=shape, name=mark)
+    return inputs * one
 
 
 def _per_sample_noise(noise_shape: Any, rank: int) -> bool | None:
@@ -577,6 +701,15 @@ def postprocess(model: Any) -> list[str]:
         data = [x for x in node.input if x != mark][0]
         pos = list(g.node).index(node)
         node_name = node.name + "__dropout" + (NOISE_MARK if NOISE_MARK in mark else "")
+        if CHANNEL_MARK in mark:  # SpatialDropout: the marker's axis of size C is the channel axis here
+            dims = list(inits[mark].dims)
+            axes = [i for i, d in enumerate(dims) if d != 1]
+            if len(axes) > 1 or 0 in axes:  # not a [1, .., C, .., 1] mask: leave the Mul, the audit refuses it
+                _SKIPPED.append(f"SpatialDropout marker {mark!r} of shape {dims} is not [1, .., C, .., 1] at node "
+                                f"{node.name!r}: not kept")
+                continue
+            # C == 1: one value per (sample, channel) is one per sample
+            node_name = node.name + "__dropout" + (f"{CHANNEL_MARK}_a{axes[0]}" if axes else NOISE_MARK)
         if opset >= 12:
             ratio_name = mark.rsplit(":", 1)[0] + "__ratio"
             if ratio_name not in inits:

@@ -19,6 +19,10 @@ LN_MARK = "mmb_ln__e"
 #: variance towards the *unbiased* (Bessel-corrected, ``n / (n - 1)``) batch variance: tf-keras'
 #: fused BatchNormalization. Without it, the population variance (Keras 3, ONNX's spec).
 BN_BESSEL = "__mmb_bessel"
+#: Suffix of a Dropout marker whose Keras layer is a ``SpatialDropout1D/2D/3D`` (one mask value per
+#: (sample, channel)); its ONNX Dropout node's name ends with ``<CHANNEL_MARK>_a<axis>``, the
+#: channel axis in the graph's layout at that node (``mmbridge.convert.ops.dropout`` reads it).
+CHANNEL_MARK = "__mmb_noise_per_channel"
 
 
 def encode_float(x: float) -> str:

@@ -116,7 +116,7 @@ def test_train_parity_fails_on_a_wrong_batchnorm_momentum(exported):
 def test_trainable_export_records_inventory_audit_and_train_parity(exported, name):
     model, art, inv = exported[name]
     meta = art.meta
-    assert meta["keras_inventory"] == inv
+    assert meta["keras_inventory"] == dict(inv, unread_variables=[])  # a trainable export lists what is never read
     assert meta["audit"]["passed"] and meta["audit"]["keras_trainable_values"] == meta["audit"]["torch_trainable_values"]
     tp = meta["train_parity"]
     assert tp["passed"] and tp["steps"] == 3 and tp["batch"] >= 4
@@ -226,12 +226,101 @@ def test_stochastic_depth_dropout_is_kept_per_sample(keras, tmp_path):
     assert 16 < n_dropped < 48
 
 
-def test_spatial_dropout_is_refused_and_nothing_is_cached(keras, tmp_path):
+def _spatial_model(keras, kind: str):
+    """(model, input shape without batch, channels C, export kwargs); C differs from every other dim."""
+    layers = keras.layers
+    if kind == "1d":
+        inp = keras.Input((12, 3))
+        h = layers.SpatialDropout1D(0.5)(layers.Conv1D(5, 3, padding="same")(inp))
+        return keras.Model(inp, layers.Dense(2)(layers.GlobalAveragePooling1D()(h))), (12, 3), 5, {}
+    if kind in ("2d", "2d_nchw_input"):
+        inp = keras.Input((6, 7, 3), name="image")
+        h = layers.SpatialDropout2D(0.5)(layers.Conv2D(5, 3, padding="same")(inp))
+        model = keras.Model(inp, layers.Dense(2)(layers.GlobalAveragePooling2D()(h)))
+        return model, (6, 7, 3), 5, ({"inputs_as_nchw": ["image"]} if kind == "2d_nchw_input" else {})
+    if kind == "2d_channels_first":  # on the input itself: channel axis 1
+        inp = keras.Input((5, 6, 7))
+        h = layers.SpatialDropout2D(0.5, data_format="channels_first")(inp)
+        return keras.Model(inp, layers.Dense(2)(layers.Flatten()(h))), (5, 6, 7), 5, {}
+    inp = keras.Input((3, 4, 6, 2))
+    h = layers.SpatialDropout3D(0.5)(layers.Conv3D(5, 2, padding="same")(inp))
+    return keras.Model(inp, layers.Dense(2)(layers.GlobalAveragePooling3D()(h))), (3, 4, 6, 2), 5, {}
+
+
+def _varying_axes(kept: torch.Tensor) -> set[int]:
+    """The axes along which a 0/1 keep mask takes more than one value."""
+    out = set()
+    for ax in range(kept.dim()):
+        if not torch.equal(kept.amax(dim=ax), kept.amin(dim=ax)):
+            out.add(ax)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["1d", "2d", "2d_nchw_input", "2d_channels_first", "3d"])
+def test_spatial_dropout_is_kept_with_one_mask_value_per_sample_and_channel(keras, tmp_path, kind):
+    """Failed before: SpatialDropout1D/2D/3D was refused (audit: Dropout missing). Now it is a
+    ChannelDropout whose mask varies along the batch and the channel axis only (C = 5, unlike every
+    other dim, so the axis is found from the values, not from the module's own claim)."""
+    from mmbridge.convert.ops.dropout import ChannelDropout
+
+    keras.utils.set_random_seed(6)
+    model, shape, channels, kw = _spatial_model(keras, kind)
+    art = _export_trainable(keras, model, tmp_path, **kw)
+    assert art.meta["audit"]["passed"] and art.meta["audit"]["counts"]["dropouts"] == 1
+    assert art.meta["train_parity"]["passed"], art.meta["train_parity"]["first_failure"]
+    tm = art.to_torch()
+    drops = [m for m in tm.modules() if isinstance(m, ChannelDropout)]
+    assert len(drops) == 1 and drops[0].p == 0.5
+    seen = []
+    drops[0].register_forward_hook(lambda mod, i, o: seen.append((i[0].detach(), o.detach())))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((64,) + shape, generator=g) + 0.5
+    if kw.get("inputs_as_nchw"):
+        x = x.permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        tm(x)
+        torch.testing.assert_close(seen[-1][1], seen[-1][0], rtol=0, atol=0)  # eval: identity
+        tm.train()
+        torch.manual_seed(1)
+        tm(x)
+    inp_t, out_t = seen[-1]
+    assert bool((inp_t != 0).all())
+    kept = (out_t != 0).to(torch.float32)
+    torch.testing.assert_close(out_t, kept * inp_t * 2.0)  # kept values scaled by 1 / (1 - p)
+    axes = _varying_axes(kept)
+    assert len(axes) == 2 and 0 in axes, axes  # batch and one more axis ...
+    (ax,) = axes - {0}
+    assert inp_t.shape[ax] == channels and sum(d == channels for d in inp_t.shape[1:]) == 1  # ... the channels
+    assert drops[0].channel_axis % inp_t.dim() == ax
+    frac = float(1 - kept.mean())
+    assert 0.35 < frac < 0.65, frac
+
+
+def test_audit_refuses_a_spatial_dropout_that_became_an_elementwise_dropout(keras, tmp_path):
+    """The audit compares masks, not only rates: a SpatialDropout as a plain nn.Dropout (what the
+    converter made before CHANNEL_MARK) would train with another noise and is refused."""
+    from mmbridge.convert.ops.dropout import ChannelDropout
+    from mmbridge.export.contract import keras_inventory
+
+    keras.utils.set_random_seed(6)
+    model, _, _, _ = _spatial_model(keras, "2d")
+    art = _export_trainable(keras, model, tmp_path)
+    tm = art.to_torch()
+    for parent in tm.modules():
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, ChannelDropout):
+                setattr(parent, child_name, torch.nn.Dropout(child.p))
+    report = audit(tm, keras_inventory(model))
+    assert not report.passed
+    assert any("spatial_dropout2d" in p and "per-channel mask" in p for p in report.problems), report.problems
+
+
+def test_dropout_with_another_noise_shape_is_refused_and_nothing_is_cached(keras, tmp_path):
     keras.utils.set_random_seed(6)
     inp = keras.Input((8, 8, 3))
-    h = keras.layers.SpatialDropout2D(0.3)(keras.layers.Conv2D(4, 3, padding="same")(inp))
+    h = keras.layers.Dropout(0.3, noise_shape=(None, 8, 1, 1))(keras.layers.Conv2D(4, 3, padding="same")(inp))
     model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h)))
-    with pytest.raises(mmbridge.ConversionError, match=r"spatial_dropout2d.*not Dropout modules.*SpatialDropout"):
+    with pytest.raises(mmbridge.ConversionError, match=r"dropout.*not Dropout modules.*noise_shape"):
         _export_trainable(keras, model, tmp_path)
     assert not list(tmp_path.rglob("meta.json"))
 
@@ -277,3 +366,131 @@ def test_verify_with_source_loads_the_export_stage_itself(monkeypatch):
         parity._train_record(object(), 1, source=object())
     seen = [f.__name__ for f in parity.TRAIN_PARITY_RUNNER]
     assert seen == ["rerun_train_parity"]
+
+
+# -- trainable variables the forward never reads (issue 13: LlamaBackbone's untied reverse_embeddings) --
+def _with_spare_weight(keras):
+    """A subclassed model owning a trainable weight its ``call`` never reads (like an untied
+    ``ReversibleEmbedding``'s ``reverse_embeddings`` in a keras-hub backbone)."""
+    keras.utils.set_random_seed(8)
+
+    class WithSpare(keras.Model):
+        def __init__(self):
+            super().__init__(name="with_spare")
+            self.dense = keras.layers.Dense(3, name="dense")
+            self.spare = self.add_weight(shape=(4, 2), name="spare", initializer="random_normal")
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = WithSpare()
+    model(np.zeros((1, 5), np.float32))
+    return model
+
+
+@pytest.fixture(scope="module")
+def spare_export(keras, tmp_path_factory):
+    model = _with_spare_weight(keras)
+    art = mmbridge.export(model, trainable=True, cache_dir=tmp_path_factory.mktemp("spare"),
+                          input_specs=[mmbridge.TensorSpec("x", ("batch", 5))])
+    return model, art
+
+
+def test_a_trainable_weight_the_forward_never_reads_is_recorded_and_exempt(spare_export, tf):
+    """Failed before: the audit refused 'with_spare/spare' ("has no torch tensor") though Keras never
+    trains it either."""
+    model, art = spare_export
+    inv = art.meta["keras_inventory"]
+    assert inv["unread_variables"] == [{"path": "with_spare/spare", "shape": [4, 2], "values": 8}]
+    audit_rec = art.meta["audit"]
+    assert audit_rec["passed"] and audit_rec["unread"] == ["with_spare/spare"]
+    assert audit_rec["keras_trainable_values"] == audit_rec["torch_trainable_values"] == 5 * 3 + 3
+    assert audit_rec["unread_trainable_values"] == 8
+    assert audit_rec["summary"] == ("18 trainable values in Keras, 18 in torch, plus 8 never read by the forward "
+                                    "(no gradient in Keras either, not in the torch module): ['with_spare/spare']")
+    tm = art.to_torch()  # to_torch's own audit exempts it too
+    assert tb.parameter_count(tm) == sum(int(np.prod(w.shape)) for w in model.trainable_weights) - 8
+    tp = art.meta["train_parity"]
+    assert tp["passed"] and len(tp["rows"]) == len(model.weights)
+    spare_row = [r for r in tp["rows"] if r["unread"]]
+    assert spare_row == [{"path": "with_spare/spare", "max_abs": 0.0, "floor": 0.0, "tolerance": 0.0, "moved": 0.0,
+                          "passed": True, "unread": True}]
+    # the claim behind the exemption, checked on Keras itself: no gradient, unchanged by an SGD step
+    import keras
+
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(x, training=True)))
+    grads = dict(zip([w.path for w in model.trainable_weights], tape.gradient(loss, model.trainable_weights)))
+    assert grads["with_spare/spare"] is None and grads["with_spare/dense/kernel"] is not None
+    initial = [np.array(w.numpy()) for w in model.weights]
+    try:
+        keras.optimizers.SGD(0.1).apply_gradients([(g, w) for g, w in zip(grads.values(), model.trainable_weights)
+                                                   if g is not None])
+        np.testing.assert_array_equal(model.spare.numpy(), initial[[w.path for w in model.weights].index(
+            "with_spare/spare")])
+        assert not np.array_equal(model.dense.kernel.numpy(), initial[[w.path for w in model.weights].index(
+            "with_spare/dense/kernel")])  # the step did train the read weights
+    finally:
+        for w, v in zip(model.weights, initial):
+            w.assign(v)
+
+
+def test_train_parity_refuses_an_unread_record_that_keras_contradicts(spare_export):
+    """The exemption is checked, not trusted: a variable recorded as unread that Keras does train fails."""
+    from mmbridge.export.contract import train_parity
+
+    model, art = spare_export
+    inv = dict(art.meta["keras_inventory"])
+    inv["unread_variables"] = inv["unread_variables"] + [{"path": "with_spare/dense/kernel", "shape": [5, 3],
+                                                          "values": 15}]
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.normal(size=(8, 5)).astype(np.float32)} for _ in range(3)]
+    report = train_parity(model, art.to_torch(), batches, input_names=["x"], inventory=inv)
+    assert not report.passed
+    assert any("'with_spare/dense/kernel' is recorded as never read" in p for p in report.problems), report.problems
+
+
+def test_a_read_weight_whose_marker_is_lost_is_still_refused(keras, tmp_path, monkeypatch):
+    """A variable the forward reads is never exempt: drop one marker after tf2onnx (as a fold would)
+    and the export is refused naming it, while the unread spare weight alone would pass."""
+    from mmbridge.export import trainable
+
+    orig = trainable.postprocess
+
+    def lose_kernel_marker(model):
+        notes = orig(model)
+        g = model.graph
+        old = next(t.name for t in g.initializer if "dense__kernel" in t.name)
+        new = old.replace(trainable.VAR_MARK, "folded_")
+        for t in list(g.initializer) + list(g.input):
+            if t.name == old:
+                t.name = new
+        for n in g.node:
+            n.input[:] = [new if x == old else x for x in n.input]
+        return notes
+
+    monkeypatch.setattr(trainable, "postprocess", lose_kernel_marker)
+    with pytest.raises(mmbridge.ConversionError, match=r"'with_spare/dense/kernel'.*has no torch tensor") as ei:
+        mmbridge.export(_with_spare_weight(keras), trainable=True, cache_dir=tmp_path,
+                        input_specs=[mmbridge.TensorSpec("x", ("batch", 5))])
+    assert "with_spare/spare" not in str(ei.value)
+    assert not list(tmp_path.rglob("meta.json"))
+
+
+def test_a_read_weight_that_tf2onnx_folds_is_refused_not_exempt(keras, tmp_path):
+    """A real lost marker: ``exp(-w)`` of a weight is folded into an unnamed constant by tf2onnx. The
+    weight *is* read while tracing, so it is not recorded as unread and the audit refuses it."""
+    keras.utils.set_random_seed(9)
+
+    class NegScale(keras.layers.Layer):
+        def build(self, shape):
+            self.w = self.add_weight(shape=(shape[-1],), name="w", initializer="ones")
+
+        def call(self, x):
+            return x * keras.ops.exp(-self.w)
+
+    inp = keras.Input((5,))
+    model = keras.Model(inp, NegScale(name="neg_scale")(keras.layers.Dense(3)(inp)))
+    with pytest.raises(mmbridge.ConversionError, match=r"'neg_scale/w'.*has no torch tensor"):
+        _export_trainable(keras, model, tmp_path)

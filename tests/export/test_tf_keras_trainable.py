@@ -119,14 +119,31 @@ def test_tf_keras_text_model_embedding_attention_layernorm(tf_keras, tmp_path):
     assert sum(isinstance(m, torch.nn.LayerNorm) for m in tm.modules()) == 2
 
 
-def test_tf_keras_spatial_dropout_is_refused_naming_the_layer(tf_keras, tmp_path):
+def test_tf_keras_spatial_dropout_is_kept_per_sample_and_channel(tf_keras, tmp_path):
+    """Failed before: refused (audit: Dropout missing). Now a ChannelDropout: one mask value per
+    (sample, channel); the channel axis is found from the values (C = 5, unlike H = 4, W = 6)."""
+    from mmbridge.convert.ops.dropout import ChannelDropout
+
+    tf_keras.utils.set_random_seed(3)
     layers = tf_keras.layers
-    inp = tf_keras.Input((6, 6, 3))
-    x = layers.SpatialDropout2D(0.25, name="sd")(layers.Conv2D(4, 3)(inp))
+    inp = tf_keras.Input((6, 8, 3))
+    x = layers.SpatialDropout2D(0.25, name="sd")(layers.Conv2D(5, 3)(inp))
     model = tf_keras.Model(inp, layers.Dense(2)(layers.GlobalAveragePooling2D()(x)))
-    with pytest.raises(mmbridge.ConversionError, match=r"\['sd'\].*noise_shape"):
-        mmbridge.export(model, trainable=True, cache_dir=tmp_path)
-    assert not list(tmp_path.rglob("meta.json"))
+    art = mmbridge.export(model, trainable=True, cache_dir=tmp_path)
+    assert art.meta["audit"]["passed"] and art.meta["train_parity"]["passed"]
+    tm = art.to_torch().train()
+    (drop,) = [m for m in tm.modules() if isinstance(m, ChannelDropout)]
+    assert drop.p == 0.25
+    seen = []
+    drop.register_forward_hook(lambda mod, i, o: seen.append((i[0].detach(), o.detach())))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        tm(torch.rand(64, 6, 8, 3) + 0.5)
+    inp_t, out_t = seen[-1]
+    kept = (out_t != 0).to(torch.float32)
+    torch.testing.assert_close(out_t, kept * inp_t / 0.75)
+    varying = {ax for ax in range(kept.dim()) if not torch.equal(kept.amax(dim=ax), kept.amin(dim=ax))}
+    assert varying == {0, drop.channel_axis % kept.dim()} and inp_t.shape[drop.channel_axis] == 5
 
 
 def test_tf_keras_inference_export_still_converts_frozen(tf_keras, tmp_path):
@@ -208,3 +225,30 @@ def test_tf_keras_bidirectional_lstm_reads_its_kernels_outside_the_loop(tf_keras
     assert audit["passed"], audit["problems"]
     assert audit["keras_trainable_values"] == audit["torch_trainable_values"] == _n_trainable(model) == 986
     assert tp["passed"] and tp["worst_ratio"] < 1.0, tp["first_failure"]
+
+
+def test_tf_keras_weight_the_forward_never_reads_is_recorded_and_exempt(tf_keras, tmp_path):
+    """The tf-keras read patch records reads too: a subclassed tf-keras model's unused trainable weight
+    is listed as unread and exempt (failed before: "has no torch tensor"), the read ones are kept."""
+    tf_keras.utils.set_random_seed(2)
+
+    class WithSpare(tf_keras.Model):
+        def __init__(self):
+            super().__init__(name="tfk_spare")
+            self.dense = tf_keras.layers.Dense(3, name="dense")
+            self.spare = self.add_weight(shape=(2, 6), name="spare", initializer="random_normal")
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = WithSpare()
+    model(np.zeros((1, 4), np.float32))
+    art = mmbridge.export(model, trainable=True, cache_dir=tmp_path,
+                          input_specs=[mmbridge.TensorSpec("x", ("batch", 4))])
+    (spare_path,) = [p for v, p in mmbridge.export.trainable.variable_paths(model) if v is model.spare]
+    assert art.meta["keras_inventory"]["unread_variables"] == [{"path": spare_path, "shape": [2, 6], "values": 12}]
+    audit = art.meta["audit"]
+    assert audit["passed"] and audit["unread"] == [spare_path] and audit["unread_trainable_values"] == 12
+    assert audit["keras_trainable_values"] == audit["torch_trainable_values"] == 4 * 3 + 3
+    tp = art.meta["train_parity"]
+    assert tp["passed"] and [r["path"] for r in tp["rows"] if r["unread"]] == [spare_path]
