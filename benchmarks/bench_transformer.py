@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="results/transformer", help="output directory (and the export cache)")
     args = ap.parse_args(argv)
 
-    import mmbridge  # noqa: F401  (torch's stack before TensorFlow)
     import torch
 
+    import mmbridge  # noqa: F401  (torch's stack before TensorFlow)
     from mmbridge.bench.harness import HarnessConfig
     from mmbridge.bench.suites import SuiteContext, _transformer_case
     from mmbridge.export._tf import import_tensorflow

@@ -18,6 +18,9 @@ order; the one exception, GELU, is documented there and tested to a few ulp):
   modules (the ones tf2onnx puts around each einsum of Keras ``MultiHeadAttention``) -> direct
   ``Tensor.reshape`` / ``permute`` / ``squeeze`` / ``unsqueeze`` calls in the graph, without a
   module call each.
+* :func:`fuse_embedding_lookup`: ``Gather(table, ids, axis=0)`` of a 2-D weight (and the
+  ``Cast`` / ``Less`` / ``Add`` / ``Where`` wrap of negative ids that Keras 3's ``Embedding``
+  puts before it) -> one :class:`EmbeddingLookup` (``F.embedding``: the same rows, bit for bit).
 """
 
 from __future__ import annotations
