@@ -872,8 +872,33 @@ def _transformer_case(ctx: SuiteContext, tf: Any, tf_note: str | None, batch: in
     rows = measure_case("encoders", case, variants, baseline="torch_native", items_per_call=batch,
                         config=ctx.config, params=params, log=ctx.log)
     if mods:
-        rows += _memory_rows(ctx, "tiny_transformer", {**mods, "torch_native": twin}, x_t, batch)
+        # the twin's eval no-grad forward is one fused kernel whose tensors tensor_memory cannot see;
+        # torch_native_op_by_op is the same twin with that fast path off (memory rows only)
+        rows += _memory_rows(ctx, "tiny_transformer", {**mods, "torch_native": twin,
+                                                       "torch_native_op_by_op": _NoMHAFastPath(twin)}, x_t, batch)
     return rows
+
+
+def _NoMHAFastPath(module: Any) -> Any:  # noqa: N802  (a class factory: torch is imported lazily)
+    """``module`` called with ``torch.backends.mha`` fast path off (``nn.TransformerEncoderLayer``
+    then runs op by op, each tensor visible to :func:`mmbridge.bench.harness.tensor_memory`)."""
+    import torch
+    from torch import nn
+
+    class NoFastPath(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: Any) -> Any:
+            before = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                return self.inner(*args)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(before)
+
+    return NoFastPath(module)
 
 
 def _memory_rows(ctx: SuiteContext, kind: str, models: dict[str, Any], x: Any, batch: int) -> list[Result]:
