@@ -512,8 +512,9 @@ def _wrapped_ids(gm: fx.GraphModule, idx: Any, n_rows: int) -> Any:
 def fuse_embedding_lookup(gm: fx.GraphModule) -> int:
     """``Gather(table, ids, axis=0)`` of a 2-D weight -> :class:`EmbeddingLookup` (one ``index_select``).
 
-    onnx2torch's ``OnnxGather`` indexes ``table[(ids.long(),)]`` (``aten::index``: about 17x
-    slower than ``index_select`` for a ``[16, 32]`` lookup into a ``[1000, 64]`` table here). When the
+    onnx2torch's ``OnnxGather`` indexes ``table[(ids.long(),)]`` (``aten::index``, a general
+    advanced-indexing kernel, several times slower than ``index_select``'s row copies for a
+    ``[16, 32]`` lookup into a ``[1000, 64]`` table on this CPU). When the
     ids are ``Where(Less(ids, 0), ids + N, ids)`` (what Keras 3's ``Embedding`` exports: ``Cast``,
     ``Less``, ``Add``, ``Where``) with ``N`` the table's row count, the lookup takes ``ids``
     itself: :class:`EmbeddingLookup` applies the same wrap (``Gather`` of the wrapped id is the
@@ -545,7 +546,6 @@ def fuse_embedding_lookup(gm: fx.GraphModule) -> int:
     return done
 
 
-
 def _run_xformer(gm: fx.GraphModule) -> dict[str, int]:
-    """The Transformer passes (issue 16, item 5), after :func:`lower_views` (they match its view calls)."""
+    """The Transformer passes (issue 16, item 5), run after the others by :func:`run_all`."""
     return {"embedding": fuse_embedding_lookup(gm)}
