@@ -4,6 +4,9 @@ happened (module types), on a tiny ONNX graph and on a real Keras graph."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -82,6 +85,14 @@ def test_keras_take_becomes_one_embedding_lookup_with_equal_values_and_grads(ids
     assert pu.shape == pf.shape == (N, D)
     torch.testing.assert_close(pf.grad, pu.grad, rtol=0, atol=0)
     assert pf.grad[3].abs().sum() > 0
+    # the fused module keeps the weights where they were (only the wrap's two constants go) and survives copies
+    assert [k for k, _ in fu.named_parameters()] == [k for k, _ in un.named_parameters()]
+    assert set(un.state_dict()) - set(fu.state_dict()) == {"weights.zero", "weights.n"}
+    assert fu.mmbridge_sources.items() <= un.mmbridge_sources.items()
+    fu.eval()
+    for clone in (copy.deepcopy(fu), pickle.loads(pickle.dumps(fu))):
+        with torch.no_grad():
+            torch.testing.assert_close(clone(ids), fu(ids), rtol=0, atol=0)
 
 
 def test_gather_without_the_wrap_keeps_numpy_take_semantics(monkeypatch):
