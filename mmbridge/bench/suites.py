@@ -499,6 +499,18 @@ def _unfused_to_torch(art: Any, *, trainable: bool, device: str) -> tuple[Any, s
         fusions.run_all = orig
 
 
+def _no_embedding_fusion_to_torch(art: Any, *, trainable: bool, device: str) -> tuple[Any, str | None]:
+    """``to_torch`` without :func:`mmbridge.convert.fusions.fuse_embedding_lookup` (every other fusion on)."""
+    from mmbridge.convert import fusions
+
+    orig = fusions.fuse_embedding_lookup
+    fusions.fuse_embedding_lookup = lambda gm: 0
+    try:
+        return _to_torch(art, trainable=trainable, device=device)
+    finally:
+        fusions.fuse_embedding_lookup = orig
+
+
 def _numeric_us_cases(ctx: SuiteContext, tf: Any, tf_note: str | None, batch: int, feats: int) -> list[Result]:
     """Issue 16 goals on a microsecond graph (``clip((x - mu) / sd, -5, 5)``, ``[64, 6]``).
 
@@ -836,6 +848,8 @@ def _transformer_case(ctx: SuiteContext, tf: Any, tf_note: str | None, batch: in
                             input_specs=[TensorSpec("tokens", ("batch", _TX["seq"]), "int32",
                                                     value_range=(0, _TX["vocab"] - 1))])
     for name, conv, what in (("torch_converted", _to_torch, "to_torch(trainable=True), fused, eval, no_grad; goal <= 1.10x"),
+                             ("torch_converted_no_embedding_fusion", _no_embedding_fusion_to_torch,
+                              "the same without fusions.fuse_embedding_lookup (onnx2torch's Gather + Keras's negative-id wrap)"),
                              ("torch_converted_unfused", _unfused_to_torch, "the same with the fusions off")):
         mod, tnote = (None, note) if art is None else conv(art, trainable=True, device=ctx.device)
         if mod is None:
@@ -858,8 +872,33 @@ def _transformer_case(ctx: SuiteContext, tf: Any, tf_note: str | None, batch: in
     rows = measure_case("encoders", case, variants, baseline="torch_native", items_per_call=batch,
                         config=ctx.config, params=params, log=ctx.log)
     if mods:
-        rows += _memory_rows(ctx, "tiny_transformer", {**mods, "torch_native": twin}, x_t, batch)
+        # the twin's eval no-grad forward is one fused kernel whose tensors tensor_memory cannot see;
+        # torch_native_op_by_op is the same twin with that fast path off (memory rows only)
+        rows += _memory_rows(ctx, "tiny_transformer", {**mods, "torch_native": twin,
+                                                       "torch_native_op_by_op": _NoMHAFastPath(twin)}, x_t, batch)
     return rows
+
+
+def _NoMHAFastPath(module: Any) -> Any:  # noqa: N802  (a class factory: torch is imported lazily)
+    """``module`` called with ``torch.backends.mha`` fast path off (``nn.TransformerEncoderLayer``
+    then runs op by op, each tensor visible to :func:`mmbridge.bench.harness.tensor_memory`)."""
+    import torch
+    from torch import nn
+
+    class NoFastPath(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: Any) -> Any:
+            before = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                return self.inner(*args)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(before)
+
+    return NoFastPath(module)
 
 
 def _memory_rows(ctx: SuiteContext, kind: str, models: dict[str, Any], x: Any, batch: int) -> list[Result]:

@@ -18,6 +18,9 @@ order; the one exception, GELU, is documented there and tested to a few ulp):
   modules (the ones tf2onnx puts around each einsum of Keras ``MultiHeadAttention``) -> direct
   ``Tensor.reshape`` / ``permute`` / ``squeeze`` / ``unsqueeze`` calls in the graph, without a
   module call each.
+* :func:`fuse_embedding_lookup`: ``Gather(table, ids, axis=0)`` of a 2-D weight (and the
+  ``Cast`` / ``Less`` / ``Add`` / ``Where`` wrap of negative ids that Keras 3's ``Embedding``
+  puts before it) -> one :class:`EmbeddingLookup` (``F.embedding``: the same rows, bit for bit).
 """
 
 from __future__ import annotations
@@ -438,6 +441,111 @@ def lower_views(gm: fx.GraphModule) -> int:
 def run_all(gm: fx.GraphModule) -> dict[str, int]:
     """The passes in order (GELU first: its pattern contains constant-operand Mul / Sub nodes)."""
     counts = {"gelu": fuse_gelu(gm), "constant_elementwise": fuse_constant_elementwise(gm), "views": lower_views(gm)}
+    counts.update(_run_xformer(gm))
     gm.graph.lint()
     gm.recompile()
     return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding lookups (issue 16, item 5)
+# ---------------------------------------------------------------------------------------------
+class EmbeddingLookup(nn.Module):
+    """ONNX ``Gather(table, ids, axis=0)`` on a 2-D table, as ``F.embedding`` (``index_select``).
+
+    ``forward(table, ids)``: ``table`` float ``[N, D]`` (the graph's weight), ``ids`` int32 / int64
+    of any shape ``S`` -> ``table[ids]``, ``[*S, D]``, the table's dtype. Negative ids count from
+    the end (ONNX ``Gather`` / ``numpy.take``: ``id + N`` for ``-N <= id < 0``), as onnx2torch's
+    ``OnnxGather`` (advanced indexing) does; the rows are copied, so the values are the same bits.
+    An id outside ``[-N, N)`` raises ``IndexError`` from torch ("index out of range"), as ONNX
+    Runtime refuses it (onnx2torch's indexing wrapped ids in ``[-2N, -N)`` a second time when the
+    graph had already added ``N``). The gradient of ``table`` is ``embedding``'s dense backward
+    (an ``index_add`` of the output gradient rows); ``OnnxGather``'s was ``index_put`` with
+    accumulation: the same sums, possibly added in another order where an id repeats.
+    """
+
+    def forward(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        idx = ids if ids.dtype == torch.int64 else ids.long()
+        idx = torch.where(idx < 0, idx + table.shape[0], idx)
+        return nn.functional.embedding(idx, table)
+
+
+def _int_scalar(gm: fx.GraphModule, node: Any) -> int | None:
+    t = _const_tensor(gm, node)
+    if t is None or t.numel() != 1 or t.is_floating_point() or t.dtype == torch.bool:
+        return None
+    return int(t.reshape(()).item())
+
+
+def _wrapped_ids(gm: fx.GraphModule, idx: Any, n_rows: int) -> Any:
+    """``ids`` when ``idx`` is ``Where(Less(ids, 0), ids + N, ids)`` with ``N = n_rows`` (Keras 3's
+    ``ops.take`` on an ``Embedding``; ``Less`` may compare ``Cast(ids)`` to a float, which keeps the
+    sign of every integer), else None."""
+    from onnx2torch.node_converters.comparisons import OnnxCompare
+    from onnx2torch.node_converters.where import OnnxWhere
+
+    from mmbridge.convert.ops.cast import Cast
+
+    if not isinstance(_module(gm, idx), OnnxWhere) or len(idx.args) != 3 or idx.kwargs:
+        return None
+    cond, added, ids = idx.args
+    if _binop(gm, added) != "add" or not isinstance(ids, fx.Node):
+        return None
+    a, b = added.args
+    other = b if a is ids else a if b is ids else None
+    if other is None or _int_scalar(gm, other) != n_rows:
+        return None
+    less = _module(gm, cond)
+    if not isinstance(less, OnnxCompare) or less.compare_function is not torch.less or len(cond.args) != 2:
+        return None
+    lhs, zero = cond.args
+    if lhs is not ids:
+        cast = _module(gm, lhs)
+        if not (isinstance(cast, Cast) and cast.dtype.is_floating_point and lhs.args and lhs.args[0] is ids):
+            return None
+    z = _const_tensor(gm, zero)
+    if z is None or z.numel() != 1 or float(z.reshape(()).item()) != 0.0:
+        return None
+    return ids
+
+
+def fuse_embedding_lookup(gm: fx.GraphModule) -> int:
+    """``Gather(table, ids, axis=0)`` of a 2-D weight -> :class:`EmbeddingLookup` (one ``index_select``).
+
+    onnx2torch's ``OnnxGather`` indexes ``table[(ids.long(),)]`` (``aten::index``, a general
+    advanced-indexing kernel, several times slower than ``index_select``'s row copies for a
+    ``[16, 32]`` lookup into a ``[1000, 64]`` table on this CPU). When the
+    ids are ``Where(Less(ids, 0), ids + N, ids)`` (what Keras 3's ``Embedding`` exports: ``Cast``,
+    ``Less``, ``Add``, ``Where``) with ``N`` the table's row count, the lookup takes ``ids``
+    itself: :class:`EmbeddingLookup` applies the same wrap (``Gather`` of the wrapped id is the
+    ``Gather`` of the id for every id in ``[-N, N)``), and the four nodes go. Returns the number of
+    lookups replaced.
+    """
+    from onnx2torch.node_converters.gather import OnnxGather
+
+    done = 0
+    for node in list(gm.graph.nodes):
+        mod = _module(gm, node)
+        if not isinstance(mod, OnnxGather) or mod._axis != 0 or len(node.args) != 2 or node.kwargs:
+            continue
+        table, idx = node.args
+        if not isinstance(table, fx.Node) or table.op != "get_attr" or not isinstance(idx, fx.Node):
+            continue
+        try:
+            value = operator.attrgetter(table.target)(gm)
+        except AttributeError:
+            continue
+        if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
+            continue
+        ids = _wrapped_ids(gm, idx, int(value.shape[0]))
+        _replace_module(gm, node.target, EmbeddingLookup())
+        node.args = (table, idx if ids is None else ids)
+        done += 1
+    if done:
+        gm.graph.eliminate_dead_code()
+    return done
+
+
+def _run_xformer(gm: fx.GraphModule) -> dict[str, int]:
+    """The Transformer passes (issue 16, item 5), run after the others by :func:`run_all`."""
+    return {"embedding": fuse_embedding_lookup(gm)}
