@@ -715,7 +715,7 @@ class ORTModule(nn.Module):
         and any call the fast path does not take, goes through ``nn.Module.__call__`` unchanged.
         """
         fast = self._fast
-        if (fast is not None and not kwargs and self._compiled_call_impl is None
+        if (fast is not None and not kwargs and self._compiled_call_impl is None and nn.Module.__call__ is _MODULE_CALL
                 and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
                          or self._backward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]
                          or _GLOBAL_HOOKS[2] or _GLOBAL_HOOKS[3])
@@ -727,7 +727,7 @@ class ORTModule(nn.Module):
             else:
                 if out is not None:
                     return out
-        return _MODULE_CALL(self, *args, **kwargs)
+        return nn.Module.__call__(self, *args, **kwargs)  # looked up now: fx's tracer patches it
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Run the graph; see the class docstring for arguments, returns and errors."""
