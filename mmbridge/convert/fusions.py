@@ -185,10 +185,23 @@ def _maximum_(t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 # what nn.Module._call_impl checks before calling forward directly (torch.nn.modules.module)
-_GLOBAL_HOOKS = (_nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks,
-                 _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks)
+_G_FWD, _G_FWD_PRE = _nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks
+_G_BWD, _G_BWD_PRE = _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks
 _MODULE_CALL = nn.Module.__call__
 _tracing_state = torch._C._get_tracing_state
+
+
+def _no_call_hooks(d: dict[str, Any]) -> bool:
+    """True when ``nn.Module._call_impl`` would call ``forward`` directly for the module whose
+    ``__dict__`` is ``d``: no hooks of its own or global ones, not ``module.compile()``d, no
+    ``torch.jit`` trace running, and ``nn.Module.__call__`` not patched (fx's tracer does)."""
+    try:
+        return (d.get("_compiled_call_impl") is None and not (  # a class attribute until compile()
+            d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+            or _G_FWD or _G_FWD_PRE or _G_BWD or _G_BWD_PRE)
+            and nn.Module.__call__ is _MODULE_CALL and not _tracing_state())
+    except KeyError:  # a module not set up by nn.Module.__init__ / __setstate__: the stock call
+        return False
 _is_compiling = torch.compiler.is_compiling  # under torch.compile: Min + Max as two ops, no data-dependent check
 
 _IN_PLACE = {"add": torch.Tensor.add_, "sub": torch.Tensor.sub_, "mul": torch.Tensor.mul_, "div": torch.Tensor.div_,
@@ -245,30 +258,32 @@ class ConstantElementwise(nn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """``nn.Module.__call__`` without its two Python frames when no hook, ``compile()`` or
         ``torch.jit`` trace applies (exactly when ``nn.Module._call_impl`` calls ``forward``
-        directly); otherwise ``nn.Module.__call__`` itself."""
-        if (self._compiled_call_impl is None and nn.Module.__call__ is _MODULE_CALL
-                and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
-                         or self._backward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]
-                         or _GLOBAL_HOOKS[2] or _GLOBAL_HOOKS[3])
-                and not _tracing_state()):
-            return self.forward(*args, **kwargs)
+        directly, :func:`_no_call_hooks`); otherwise ``nn.Module.__call__`` itself."""
+        d = self.__dict__
+        if _no_call_hooks(d):
+            fwd = d.get("forward")  # an instance-level forward wins, as in nn.Module._call_impl
+            return fwd(*args, **kwargs) if fwd is not None else type(self).forward(self, *args, **kwargs)
         return nn.Module.__call__(self, *args, **kwargs)  # looked up now: fx's tracer patches it
 
     def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-        if self._own_names is not None:
+        # nn.Module defines __getattr__, which puts every self.<attr> on CPython's slow path: the
+        # attributes are read from __dict__ (they are plain attributes; the buffers are in _buffers)
+        d = self.__dict__
+        names = d["_own_names"]
+        if names is not None:
             # read each call: .to() / load_state_dict replace these entries; one C call
-            getter = self.__dict__.get("_getter")
+            getter = d.get("_getter")
             if getter is None:
-                getter = self._getter = operator.itemgetter(*self._own_names)
-            consts = getter(self._buffers)
-            if len(self._own_names) == 1:
+                getter = self._getter = operator.itemgetter(*names)
+            consts = getter(d["_buffers"])
+            if len(names) == 1:
                 consts = (consts,)
-        elif self.slots:
-            own = self._buffers
-            consts = [own[v] if kind == "own" else args[v] for kind, v in self.slots]
+        elif d["slots"]:
+            own = d["_buffers"]
+            consts = [own[v] if kind == "own" else args[v] for kind, v in d["slots"]]
         else:
             consts = args
-        steps = self.steps
+        steps = d["steps"]
         op, k, rev, lo, hi = steps[0]
         if op == "clip":
             t = torch.clamp(x, lo, hi)
@@ -276,7 +291,7 @@ class ConstantElementwise(nn.Module):
             t = _OUT_OF_PLACE[op](consts[k], x) if rev else _OUT_OF_PLACE[op](x, consts[k])
         if len(steps) == 1:
             return t
-        ok = self._inplace_cache.get((t.shape, t.dtype))
+        ok = d["_inplace_cache"].get((t.shape, t.dtype))
         if ok is None:
             ok = self._inplace_ok(t, consts)
         if (t.requires_grad and torch.is_grad_enabled()) or not ok:
@@ -439,13 +454,11 @@ def fast_call(gm: fx.GraphModule) -> fx.GraphModule:
     original = cls.__call__
 
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if (self._compiled_call_impl is None and nn.Module.__call__ is _MODULE_CALL
-                and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
-                         or self._backward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]
-                         or _GLOBAL_HOOKS[2] or _GLOBAL_HOOKS[3])
-                and not _tracing_state()):
+        d = self.__dict__
+        if _no_call_hooks(d):
+            fwd = d.get("forward")  # an instance-level forward wins, as in nn.Module._call_impl
             try:
-                return self.forward(*args, **kwargs)
+                return fwd(*args, **kwargs) if fwd is not None else cls.forward(self, *args, **kwargs)
             except Exception as e:
                 _fx_error_context(e)
                 raise

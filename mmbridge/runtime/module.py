@@ -236,10 +236,23 @@ except Exception:  # noqa: BLE001 - pragma: no cover - other torch builds
 
 
 # what nn.Module._call_impl checks before calling forward directly (torch.nn.modules.module)
-_GLOBAL_HOOKS = (_nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks,
-                 _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks)
+_G_FWD, _G_FWD_PRE = _nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks
+_G_BWD, _G_BWD_PRE = _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks
 _MODULE_CALL = nn.Module.__call__
 _tracing_state = torch._C._get_tracing_state
+
+
+def _no_call_hooks(d: dict[str, Any]) -> bool:
+    """True when ``nn.Module._call_impl`` would call ``forward`` directly for the module whose
+    ``__dict__`` is ``d``: no hooks of its own or global ones, not ``module.compile()``d, no
+    ``torch.jit`` trace running, and ``nn.Module.__call__`` not patched (fx's tracer does)."""
+    try:
+        return (d.get("_compiled_call_impl") is None and not (  # a class attribute until compile()
+            d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+            or _G_FWD or _G_FWD_PRE or _G_BWD or _G_BWD_PRE)
+            and nn.Module.__call__ is _MODULE_CALL and not _tracing_state())
+    except KeyError:  # a module not set up by nn.Module.__init__ / __setstate__: the stock call
+        return False
 
 
 class _Runner:
@@ -310,9 +323,11 @@ class _Runner:
             self._cdev = ort.OrtDevice.make(device.type, self.device_id)._get_c_device()
             ro = ort.RunOptions()  # the pybind RunOptions itself
             self._run = lambda: cs.run_with_iobinding(cb, ro)
+            self._c_run: Any = (cs.run_with_iobinding, cb, ro)  # the same call without the lambda frame
             self._get_outputs = cb.get_outputs
         else:  # pragma: no cover - other onnxruntime builds
             self._cdev = None
+            self._c_run = None
             dt = device.type
 
             def bind_in(name, _dev, et, shape, ptr):
@@ -398,7 +413,8 @@ class _Runner:
         getrefcount, storage_use_count, empty, tensor_type = sys.getrefcount, _storage_use_count, torch.empty, torch.Tensor
         runner = self
 
-        if n_in == 1 and single and base is not None:  # the common case, without the loops
+        if n_in == 1 and single and base is not None and self._c_run is not None:  # the common case, no loops
+            c_run, c_binding, c_options = self._c_run
             (dt0, shape0), = checks
             (_, oname, ocode, odtype, oshape), = outs_spec
             pool0 = pools[0]
@@ -442,7 +458,7 @@ class _Runner:
                         bind_out(oname, cdev, ocode, oshape, ptr)
                         out_bound[0] = ptr
                     try:
-                        run()
+                        c_run(c_binding, c_options)
                     except BaseException:
                         runner.out_bound = [None]
                         raise
@@ -714,12 +730,15 @@ class ORTModule(nn.Module):
         calls ``forward`` directly), the fast path of :meth:`forward` runs here; any other call,
         and any call the fast path does not take, goes through ``nn.Module.__call__`` unchanged.
         """
-        fast = self._fast
-        if (fast is not None and not kwargs and self._compiled_call_impl is None and nn.Module.__call__ is _MODULE_CALL
-                and not (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
-                         or self._backward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]
-                         or _GLOBAL_HOOKS[2] or _GLOBAL_HOOKS[3])
-                and not _tracing_state()):
+        # nn.Module defines __getattr__, so every self.<attr> takes CPython's slow attribute path;
+        # one read of __dict__ and dict subscripts are cheaper (the same attributes nn.Module reads)
+        # (the conditions of _no_call_hooks, inlined: this is the per-call path)
+        d = self.__dict__
+        fast = d.get("_fast")
+        if (fast is not None and not kwargs and d.get("_compiled_call_impl") is None and not (
+                d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+                or _G_FWD or _G_FWD_PRE or _G_BWD or _G_BWD_PRE)
+                and nn.Module.__call__ is _MODULE_CALL and not _tracing_state()):
             try:
                 out = fast(args)
             except Exception:  # noqa: BLE001 - the full path retries / reports it
