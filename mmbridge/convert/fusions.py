@@ -14,6 +14,11 @@ order; the one exception, GELU, is documented there and tested to a few ulp):
   as a Keras ``Normalization`` + clip exports -> one :class:`ConstantElementwise` that applies the
   same ops with plain torch functions, in place on its own first result when no gradient is
   recorded (onnx2torch's ``Min`` / ``Max`` stack and reduce their broadcast operands).
+* :func:`fast_call` (run by ``to_torch`` after ``recompile()``): the converted module's
+  ``__call__`` (and ``ConstantElementwise``'s) call ``forward`` directly when
+  ``nn.Module._call_impl`` would (no hooks, not ``compile()``d, no jit trace, fx's tracer not
+  patching ``nn.Module.__call__``), without fx's and ``nn.Module``'s call wrappers (four Python
+  frames); the same values and errors.
 * :func:`lower_views`: ``Reshape`` (constant target), ``Transpose``, ``Squeeze`` and ``Unsqueeze``
   modules (the ones tf2onnx puts around each einsum of Keras ``MultiHeadAttention``) -> direct
   ``Tensor.reshape`` / ``permute`` / ``squeeze`` / ``unsqueeze`` calls in the graph, without a
@@ -220,7 +225,9 @@ class ConstantElementwise(nn.Module):
     The first op writes a new tensor; when no gradient is recorded, the constants have its dtype
     and do not broadcast it to a larger shape, the later ops run in place on that tensor (same
     kernels, same values, no intermediate tensors). Otherwise every op is out of place, exactly
-    as the unfused graph.
+    as the unfused graph. ``Min`` + ``Max`` become one ``clamp_`` only when the bounds are
+    ordered (checked, cached per bound tensor and version) and not under ``torch.compile``
+    (there: the two ops, no data-dependent check, no graph break).
     """
 
     def __init__(self, steps: tuple[tuple[str, int | None, bool, float | None, float | None], ...],

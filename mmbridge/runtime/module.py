@@ -25,12 +25,17 @@ takes and returns torch tensors without copying them through numpy:
   that output is never pre-allocated again, and this is logged once.
 * **Repeated calls (CPU).** After a validated call, a positional call with the same input
   types, dtypes, shapes, contiguity and device (CPU, no input requiring grad, every output shape
-  known) takes a fast path: inputs are rebound only when their data pointer or shape changed,
-  and each output comes from a two-deep pool of tensors ORT wrote before, reused (and its binding
-  kept) only when nothing outside the pool references it: no Python reference, no other holder
-  of its TensorImpl (autograd, DLPack) and no view on its storage. A result the caller still
-  holds is therefore never overwritten; otherwise a fresh tensor is allocated. Anything else
-  goes through the full path above.
+  known) takes a fast path: a closure built once for that signature (``_Runner.make_fast``),
+  called from ``ORTModule.__call__`` without ``nn.Module.__call__``'s frames when no hook,
+  ``module.compile()``, jit trace or patched ``nn.Module.__call__`` (fx's tracer) applies (any
+  of those: ``nn.Module.__call__`` as usual). Inputs are rebound only when their data pointer or
+  shape changed, and each output comes from a two-deep pool of tensors ORT wrote before, reused
+  (and its binding kept) only when nothing outside the pool references it (no Python
+  reference, no other holder of its TensorImpl (autograd, DLPack), no view on its storage) and
+  its pointer, shape and contiguity are unchanged (an in-place ``t_()`` / ``resize_`` /
+  ``set_`` by the caller retires it). A result the caller still holds is therefore never
+  overwritten; otherwise a fresh tensor is allocated. Anything else goes through the full path
+  above.
 * **CUDA streams.** The session is created with ``user_compute_stream`` = torch's current
   stream on that device (or a dedicated stream when that is the legacy default stream). If a
   call comes from another current stream, the session stream first waits on it (a CUDA event,
