@@ -244,20 +244,6 @@ except Exception:  # noqa: BLE001 - pragma: no cover - other torch builds
 _G_FWD, _G_FWD_PRE = _nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks
 _G_BWD, _G_BWD_PRE = _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks
 _MODULE_CALL = nn.Module.__call__
-_tracing_state = torch._C._get_tracing_state
-
-
-def _no_call_hooks(d: dict[str, Any]) -> bool:
-    """True when ``nn.Module._call_impl`` would call ``forward`` directly for the module whose
-    ``__dict__`` is ``d``: no hooks of its own or global ones, not ``module.compile()``d, no
-    ``torch.jit`` trace running, and ``nn.Module.__call__`` not patched (fx's tracer does)."""
-    try:
-        return (d.get("_compiled_call_impl") is None and not (  # a class attribute until compile()
-            d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
-            or _G_FWD or _G_FWD_PRE or _G_BWD or _G_BWD_PRE)
-            and nn.Module.__call__ is _MODULE_CALL and not _tracing_state())
-    except KeyError:  # a module not set up by nn.Module.__init__ / __setstate__: the stock call
-        return False
 
 
 class _Runner:
@@ -428,9 +414,10 @@ class _Runner:
             acquire, release = lock.acquire, lock.release
 
             def fast1(args: tuple) -> Any:
-                if len(args) != 1:
+                try:
+                    (t,) = args
+                except ValueError:
                     return None
-                t = args[0]
                 if type(t) is not tensor_type or t.dtype is not dt0 or not t.is_cpu or t.requires_grad:
                     return None
                 sh = t.shape
@@ -731,19 +718,22 @@ class ORTModule(nn.Module):
         """``nn.Module.__call__``, without its two Python frames on the CPU fast path.
 
         When the module has no hooks (its own or torch's global ones), is not ``module.compile()``d
-        and no ``torch.jit`` trace is running (exactly the case in which ``nn.Module._call_impl``
-        calls ``forward`` directly), the fast path of :meth:`forward` runs here; any other call,
-        and any call the fast path does not take, goes through ``nn.Module.__call__`` unchanged.
+        and ``nn.Module.__call__`` is not patched (fx's tracer does), the case in which
+        ``nn.Module._call_impl`` calls ``forward`` directly, the fast path of :meth:`forward` runs
+        here; any other call, and any call the fast path does not take, goes through
+        ``nn.Module.__call__`` unchanged.
         """
         # nn.Module defines __getattr__, so every self.<attr> takes CPython's slow attribute path;
         # one read of __dict__ and dict subscripts are cheaper (the same attributes nn.Module reads)
-        # (the conditions of _no_call_hooks, inlined: this is the per-call path)
+        # (nn.Module._call_impl's conditions for calling forward directly; a jit trace is not
+        # checked: under one, nn.Module.__call__ would run this same fast path inside forward and
+        # add only a trace scope name, and an onnxruntime call cannot be traced either way)
         d = self.__dict__
-        fast = d.get("_fast")
+        fast = d["_fast"]
         if (fast is not None and not kwargs and d.get("_compiled_call_impl") is None and not (
                 d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
                 or _G_FWD or _G_FWD_PRE or _G_BWD or _G_BWD_PRE)
-                and nn.Module.__call__ is _MODULE_CALL and not _tracing_state()):
+                and nn.Module.__call__ is _MODULE_CALL):
             try:
                 out = fast(args)
             except Exception:  # noqa: BLE001 - the full path retries / reports it

@@ -232,6 +232,15 @@ def test_fast_calls_keep_hooks_fx_tracing_and_compile(monkeypatch):
     fx_tracer.is_leaf_module = lambda m, qn: isinstance(m, fusions.ConstantElementwise)
     graph = fx_tracer.trace(fu)
     assert [n.op for n in graph.nodes].count("call_module") == 1
+    # a bad input fails the same way with and without the fast call
+    stock = copy.deepcopy(fu)  # deepcopy rebuilds the GraphModule class: fx's stock __call__
+    assert type(stock).__call__ is not type(fu).__call__
+    errors = []
+    for m in (fu, stock):
+        with pytest.raises(RuntimeError) as info:
+            m(torch.ones(2, F + 1))
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
     torch._dynamo.reset()
     explained = torch._dynamo.explain(fu)(x)
     assert explained.graph_break_count == 0, explained.break_reasons
