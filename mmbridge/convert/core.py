@@ -157,6 +157,7 @@ def to_torch(source: Any, *, trainable: bool | None = None, allow_unverified: bo
     _materialise_weights(gm, model, nodes, trainable)
     _fuse_linear(gm, nodes)
     _fuse_silu(gm)
+    from mmbridge.convert import fusions as _fusions
     from mmbridge.convert.fusions import run_all as _run_fusions  # GELU, constant element-wise chains, views
 
     gm.mmbridge_fusions = _run_fusions(gm)
@@ -168,6 +169,7 @@ def to_torch(source: Any, *, trainable: bool | None = None, allow_unverified: bo
             del mod.onnx_mapping
     gm.graph.lint()
     gm.recompile()
+    _fusions.fast_call(gm)  # after recompile(), which resets __call__ (issue 16 item 4)
     if not trainable:
         for p in gm.parameters():
             p.requires_grad_(False)

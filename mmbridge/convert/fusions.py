@@ -14,6 +14,11 @@ order; the one exception, GELU, is documented there and tested to a few ulp):
   as a Keras ``Normalization`` + clip exports -> one :class:`ConstantElementwise` that applies the
   same ops with plain torch functions, in place on its own first result when no gradient is
   recorded (onnx2torch's ``Min`` / ``Max`` stack and reduce their broadcast operands).
+* :func:`fast_call` (run by ``to_torch`` after ``recompile()``): the converted module's
+  ``__call__`` (and ``ConstantElementwise``'s) call ``forward`` directly when
+  ``nn.Module._call_impl`` would (no hooks, not ``compile()``d, no jit trace, fx's tracer not
+  patching ``nn.Module.__call__``), without fx's and ``nn.Module``'s call wrappers (four Python
+  frames); the same values and errors.
 * :func:`lower_views`: ``Reshape`` (constant target), ``Transpose``, ``Squeeze`` and ``Unsqueeze``
   modules (the ones tf2onnx puts around each einsum of Keras ``MultiHeadAttention``) -> direct
   ``Tensor.reshape`` / ``permute`` / ``squeeze`` / ``unsqueeze`` calls in the graph, without a
@@ -30,6 +35,7 @@ import operator
 from typing import Any
 
 import torch
+import torch.nn.modules.module as _nn_module
 from torch import fx, nn
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
@@ -186,6 +192,26 @@ def _maximum_(t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.maximum(t, c, out=t)
 
 
+# what nn.Module._call_impl checks before calling forward directly (torch.nn.modules.module)
+_G_FWD, _G_FWD_PRE = _nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks
+_G_BWD, _G_BWD_PRE = _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks
+_MODULE_CALL = nn.Module.__call__
+_tracing_state = torch._C._get_tracing_state
+
+
+def _no_call_hooks(d: dict[str, Any]) -> bool:
+    """True when ``nn.Module._call_impl`` would call ``forward`` directly for the module whose
+    ``__dict__`` is ``d``: no hooks of its own or global ones, not ``module.compile()``d, no
+    ``torch.jit`` trace running, and ``nn.Module.__call__`` not patched (fx's tracer does)."""
+    try:
+        return (d.get("_compiled_call_impl") is None and not (  # a class attribute until compile()
+            d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+            or _G_FWD or _G_FWD_PRE or _G_BWD or _G_BWD_PRE)
+            and nn.Module.__call__ is _MODULE_CALL and not _tracing_state())
+    except KeyError:  # a module not set up by nn.Module.__init__ / __setstate__: the stock call
+        return False
+_is_compiling = torch.compiler.is_compiling  # under torch.compile: Min + Max as two ops, no data-dependent check
+
 _IN_PLACE = {"add": torch.Tensor.add_, "sub": torch.Tensor.sub_, "mul": torch.Tensor.mul_, "div": torch.Tensor.div_,
              "min": _minimum_, "max": _maximum_}
 
@@ -202,7 +228,9 @@ class ConstantElementwise(nn.Module):
     The first op writes a new tensor; when no gradient is recorded, the constants have its dtype
     and do not broadcast it to a larger shape, the later ops run in place on that tensor (same
     kernels, same values, no intermediate tensors). Otherwise every op is out of place, exactly
-    as the unfused graph.
+    as the unfused graph. ``Min`` + ``Max`` become one ``clamp_`` only when the bounds are
+    ordered (checked, cached per bound tensor and version) and not under ``torch.compile``
+    (there: the two ops, no data-dependent check, no graph break).
     """
 
     def __init__(self, steps: tuple[tuple[str, int | None, bool, float | None, float | None], ...],
@@ -237,16 +265,35 @@ class ConstantElementwise(nn.Module):
                 self._inplace_cache[key] = ok
         return ok
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``nn.Module.__call__`` without its two Python frames when no hook, ``compile()`` or
+        ``torch.jit`` trace applies (exactly when ``nn.Module._call_impl`` calls ``forward``
+        directly, :func:`_no_call_hooks`); otherwise ``nn.Module.__call__`` itself."""
+        d = self.__dict__
+        if _no_call_hooks(d):
+            fwd = d.get("forward")  # an instance-level forward wins, as in nn.Module._call_impl
+            return fwd(*args, **kwargs) if fwd is not None else type(self).forward(self, *args, **kwargs)
+        return nn.Module.__call__(self, *args, **kwargs)  # looked up now: fx's tracer patches it
+
     def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-        if self._own_names is not None:
-            own = self._buffers  # read each call: .to() / load_state_dict replace these entries
-            consts = [own[v] for v in self._own_names]
-        elif self.slots:
-            own = self._buffers
-            consts = [own[v] if kind == "own" else args[v] for kind, v in self.slots]
+        # nn.Module defines __getattr__, which puts every self.<attr> on CPython's slow path: the
+        # attributes are read from __dict__ (they are plain attributes; the buffers are in _buffers)
+        d = self.__dict__
+        names = d["_own_names"]
+        if names is not None:
+            # read each call: .to() / load_state_dict replace these entries; one C call
+            getter = d.get("_getter")
+            if getter is None:
+                getter = self._getter = operator.itemgetter(*names)
+            consts = getter(d["_buffers"])
+            if len(names) == 1:
+                consts = (consts,)
+        elif d["slots"]:
+            own = d["_buffers"]
+            consts = [own[v] if kind == "own" else args[v] for kind, v in d["slots"]]
         else:
             consts = args
-        steps = self.steps
+        steps = d["steps"]
         op, k, rev, lo, hi = steps[0]
         if op == "clip":
             t = torch.clamp(x, lo, hi)
@@ -254,7 +301,10 @@ class ConstantElementwise(nn.Module):
             t = _OUT_OF_PLACE[op](consts[k], x) if rev else _OUT_OF_PLACE[op](x, consts[k])
         if len(steps) == 1:
             return t
-        if (t.requires_grad and torch.is_grad_enabled()) or not self._inplace_ok(t, consts):
+        ok = d["_inplace_cache"].get((t.shape, t.dtype))
+        if ok is None:
+            ok = self._inplace_ok(t, consts)
+        if (t.requires_grad and torch.is_grad_enabled()) or not ok:
             for step in steps[1:]:
                 t = self._step(t, step, consts)
             return t
@@ -270,7 +320,7 @@ class ConstantElementwise(nn.Module):
                 # Min(hi) then Max(lo) (a TF clip_by_value) as one clamp_(lo, hi): the same values
                 # when lo <= hi everywhere (checked, cached per buffer version); Max then Min always
                 c_lo, c_hi = (consts[steps[i + 1][1]], consts[k]) if op == "min" else (consts[k], consts[steps[i + 1][1]])
-                if op == "max" or self._ordered(c_lo, c_hi):
+                if op == "max" or (not _is_compiling() and self._ordered(c_lo, c_hi)):
                     t.clamp_(c_lo, c_hi)
                 else:
                     _IN_PLACE[op](t, consts[k])
@@ -282,10 +332,14 @@ class ConstantElementwise(nn.Module):
         return t
 
     def _ordered(self, lo: torch.Tensor, hi: torch.Tensor) -> bool:
-        key = (lo.data_ptr(), lo._version, hi.data_ptr(), hi._version)
-        if self._ordered_key != key:
-            self._ordered_val = bool((lo <= hi).all())
-            self._ordered_key = key
+        """``(lo <= hi).all()``, cached per (tensor object, version counter) of both bounds: a
+        buffer replaced (``.to()``, assignment) is another object, one changed in place
+        (``load_state_dict``, ``copy_``, ``set_``) has a new version."""
+        key = self._ordered_key
+        if key is not None and key[0] is lo and key[1] is hi and key[2] == lo._version and key[3] == hi._version:
+            return self._ordered_val
+        self._ordered_val = bool((lo <= hi).all())
+        self._ordered_key = (lo, hi, lo._version, hi._version)
         return self._ordered_val
 
     def extra_repr(self) -> str:
@@ -389,6 +443,54 @@ def fuse_constant_elementwise(gm: fx.GraphModule) -> int:
                 gm.graph.erase_node(const)
         folded += len(chain)
     return folded
+
+
+def fast_call(gm: fx.GraphModule) -> fx.GraphModule:
+    """Give ``gm`` (one ``to_torch`` result) a ``__call__`` without ``fx``'s call wrappers.
+
+    ``fx.GraphModule.__call__`` is ``call_wrapped`` -> ``_WrappedCall.__call__`` ->
+    ``nn.Module.__call__`` -> ``_call_impl`` -> ``forward``: four Python frames, ~1 us per call on
+    a small CPU graph. Every GraphModule has its own class (``GraphModule.__new__``), so this sets
+    that class's ``__call__`` to one that calls ``forward`` directly when ``nn.Module._call_impl``
+    would (no hooks, not ``compile()``d, no ``torch.jit`` trace), and otherwise the original
+    ``__call__``. An exception from the generated code prints the same "generated forward
+    function" context as ``_WrappedCall``. ``recompile()``, pickling and ``deepcopy`` give back
+    the stock ``__call__`` (slower, same values); ``torch.compile`` traces ``forward`` as before.
+    Returns ``gm``.
+    """
+    cls = type(gm)
+    if cls is fx.GraphModule or not issubclass(cls, fx.GraphModule) or "forward" not in vars(cls):
+        return gm  # not a per-instance GraphModuleImpl class: leave it alone
+    original = cls.__call__
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        d = self.__dict__
+        if _no_call_hooks(d):
+            fwd = d.get("forward")  # an instance-level forward wins, as in nn.Module._call_impl
+            try:
+                return fwd(*args, **kwargs) if fwd is not None else cls.forward(self, *args, **kwargs)
+            except Exception as e:
+                _fx_error_context(e)
+                raise
+        return original(self, *args, **kwargs)
+
+    cls.__call__ = __call__
+    return gm
+
+
+def _fx_error_context(e: Exception) -> None:
+    """What ``torch.fx.graph_module._WrappedCall`` does with an exception raised in generated code:
+    print the failing line of the generated forward with context, and drop the traceback."""
+    import sys
+    import traceback
+
+    wrapped = getattr(fx.graph_module, "_WrappedCall", None)
+    if e.__traceback__ is None or wrapped is None:
+        return
+    top = traceback.StackSummary.extract(traceback.walk_tb(e.__traceback__))[-1]
+    if "eval_with_key" in top.filename:
+        print(wrapped._generate_error_message(top), file=sys.stderr)
+        raise e.with_traceback(None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,12 +25,17 @@ takes and returns torch tensors without copying them through numpy:
   that output is never pre-allocated again, and this is logged once.
 * **Repeated calls (CPU).** After a validated call, a positional call with the same input
   types, dtypes, shapes, contiguity and device (CPU, no input requiring grad, every output shape
-  known) takes a fast path: inputs are rebound only when their data pointer or shape changed,
-  and each output comes from a two-deep pool of tensors ORT wrote before, reused (and its binding
-  kept) only when nothing outside the pool references it: no Python reference, no other holder
-  of its TensorImpl (autograd, DLPack) and no view on its storage. A result the caller still
-  holds is therefore never overwritten; otherwise a fresh tensor is allocated. Anything else
-  goes through the full path above.
+  known) takes a fast path: a closure built once for that signature (``_Runner.make_fast``),
+  called from ``ORTModule.__call__`` without ``nn.Module.__call__``'s frames when no hook,
+  ``module.compile()``, jit trace or patched ``nn.Module.__call__`` (fx's tracer) applies (any
+  of those: ``nn.Module.__call__`` as usual). Inputs are rebound only when their data pointer or
+  shape changed, and each output comes from a two-deep pool of tensors ORT wrote before, reused
+  (and its binding kept) only when nothing outside the pool references it (no Python
+  reference, no other holder of its TensorImpl (autograd, DLPack), no view on its storage) and
+  its pointer, shape and contiguity are unchanged (an in-place ``t_()`` / ``resize_`` /
+  ``set_`` by the caller retires it). A result the caller still holds is therefore never
+  overwritten; otherwise a fresh tensor is allocated. Anything else goes through the full path
+  above.
 * **CUDA streams.** The session is created with ``user_compute_stream`` = torch's current
   stream on that device (or a dedicated stream when that is the legacy default stream). If a
   call comes from another current stream, the session stream first waits on it (a CUDA event,
@@ -74,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.modules.module as _nn_module
 from torch import nn
 
 from mmbridge.errors import RuntimeBackendError, SpecError
@@ -199,28 +205,45 @@ def _static_output_plan(model: Any, specs: Sequence[TensorSpec]) -> list[list[An
     return plan
 
 
-def _holders(c: torch.Tensor) -> tuple[int, int, int]:
-    """Python reference count, TensorImpl and StorageImpl use counts of ``c``."""
-    return sys.getrefcount(c), c._use_count(), torch._C._storage_Use_Count(c.untyped_storage()._cdata)
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
-def _refcount_baselines() -> tuple[int, int, int]:
-    """What :func:`_holders` gives for a tensor held only by a runner's output pool, called the
-    way :meth:`_Runner.run_cpu_fast` calls it (calibrated once, so it follows the interpreter).
+def _pool_entry(o: torch.Tensor) -> tuple[torch.Tensor, Any, int, int]:
+    """A pooled output: ``(tensor, its storage object, StorageImpl address, data pointer)``.
+
+    The pool holds the storage object itself, so the StorageImpl stays alive and its use count
+    can be read from the cached address without building a storage object per call. A tensor
+    whose storage was swapped (``set_``) or reallocated (``resize_``) shows another data pointer
+    (and its old storage one holder fewer), so it is never reused."""
+    st = o.untyped_storage()
+    return o, st, st._cdata, o.data_ptr()
+
+
+def _inline_baselines() -> tuple[int, int, int]:
+    """What ``(sys.getrefcount(c), c._use_count(), storage use count)`` give for a tensor held
+    only by a runner's output pool (:func:`_pool_entry`), read with the statement shape of the
+    fast path's pool loop (calibrated once, so it follows the interpreter and the torch build).
 
     The fast path lets ORT overwrite a pooled output only when its counts equal these: no Python
     reference outside the pool, no other holder of its TensorImpl (autograd, DLPack, C++) and no
-    view or other tensor on its storage. A tensor the caller can still see is never reused."""
-    pool = [torch.empty(1)]
-    for c in pool:
-        return _holders(c)
+    view or other tensor on its storage, and its pointer, shape and contiguity are the ones it
+    was made with. A tensor the caller can still see is never reused."""
+    pool = [_pool_entry(torch.empty(1))]
+    for c, _st, cdata, _ptr in pool:
+        return sys.getrefcount(c), c._use_count(), _storage_use_count(cdata)
     raise AssertionError
 
 
 try:  # private torch APIs (Tensor._use_count, torch._C._storage_Use_Count): without them, no reuse
-    _REF_BASE: tuple[int, int, int] | None = _refcount_baselines()
+    _INLINE_BASE: tuple[int, int, int] | None = _inline_baselines()
 except Exception:  # noqa: BLE001 - pragma: no cover - other torch builds
-    _REF_BASE = None
+    _INLINE_BASE = None
+
+
+# what nn.Module._call_impl checks before calling forward directly (torch.nn.modules.module)
+_G_FWD, _G_FWD_PRE = _nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks
+_G_BWD, _G_BWD_PRE = _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks
+_MODULE_CALL = nn.Module.__call__
 
 
 class _Runner:
@@ -278,8 +301,8 @@ class _Runner:
         # per input, the (data_ptr, shape) bound last: an unchanged input is not bound again
         self.bound: list[Any] = [None] * len(self.in_spec)
         # fast path outputs: per output up to two tensors ORT wrote before, reused only when nothing
-        # outside this pool references them (see _refcount_baselines), and the (pointer, shape) bound last
-        self.out_pool: list[list[torch.Tensor]] = [[] for _ in owner.output_names]
+        # outside this pool references them (see _inline_baselines), and the (pointer, shape) bound last
+        self.out_pool: list[list[tuple]] = [[] for _ in owner.output_names]  # _pool_entry tuples
         self.out_next = [0] * len(owner.output_names)
         self.out_bound: list[Any] = [None] * len(owner.output_names)
         self.out_spec = list(zip(owner.output_names, owner._out_codes, owner._out_dtypes))
@@ -291,9 +314,11 @@ class _Runner:
             self._cdev = ort.OrtDevice.make(device.type, self.device_id)._get_c_device()
             ro = ort.RunOptions()  # the pybind RunOptions itself
             self._run = lambda: cs.run_with_iobinding(cb, ro)
+            self._c_run: Any = (cs.run_with_iobinding, cb, ro)  # the same call without the lambda frame
             self._get_outputs = cb.get_outputs
         else:  # pragma: no cover - other onnxruntime builds
             self._cdev = None
+            self._c_run = None
             dt = device.type
 
             def bind_in(name, _dev, et, shape, ptr):
@@ -355,47 +380,137 @@ class _Runner:
         return outs
 
 
-    def run_cpu_fast(self, tensors: Sequence[torch.Tensor], out_shapes: Sequence[tuple]) -> list[torch.Tensor]:
-        """:meth:`run` for CPU inputs whose output shapes are all known (no ORT-allocated output).
+    def make_fast(self, key: tuple, out_shapes: Sequence[tuple], in_dtypes: Sequence[torch.dtype]) -> Any:
+        """A closure ``fast(args)`` for repeated CPU calls with input shapes ``key`` and known
+        output shapes: the result of the call (a tensor, or a tuple), or ``None`` when ``args``
+        do not qualify (the caller then takes the full path).
 
-        The per-call work left is what cannot move to construction: rebinding an input whose
-        pointer or shape changed, one ``torch.empty`` + ``bind_output`` per output (a fresh tensor
-        every call, so earlier results are never overwritten) and the run itself.
+        Everything that does not depend on the call is bound here, once. Per call: one check
+        per input (exact ``torch.Tensor`` type, the graph's dtype, CPU, the cached shape, no
+        grad, contiguous: each of the full path's conditions), ``bind_input`` only when the
+        tensor's pointer or shape changed, and per output a pooled tensor that nothing outside
+        the pool references (:func:`_inline_baselines`; otherwise a fresh ``torch.empty``,
+        so a result the caller still holds is never overwritten), ``bind_output`` only when
+        the pointer changed, and the pybind ``run_with_iobinding`` call.
         """
-        cdev, bind_in, bind_out, bound = self._cdev, self._bind_in, self._bind_out, self.bound
-        with self.lock:
-            for i, t in enumerate(tensors):
-                now = (t.data_ptr(), t.shape)
-                if bound[i] != now:
-                    name, code = self.in_spec[i]
-                    bind_in(name, cdev, code, now[1], now[0])
-                    bound[i] = now
-            outs = []
-            for j, ((name, code, dtype), shape) in enumerate(zip(self.out_spec, out_shapes)):
-                pool = self.out_pool[j]
-                o = None
-                for c in pool if _REF_BASE is not None else ():
-                    if _holders(c) == _REF_BASE and c.shape == shape:
-                        o = c
-                        break
-                if o is None:
-                    o = torch.empty(shape, dtype=dtype)
-                    if len(pool) < 2:
-                        pool.append(o)
-                    else:
-                        pool[self.out_next[j]] = o
-                        self.out_next[j] ^= 1
-                ptr = o.data_ptr()
-                if self.out_bound[j] != (ptr, shape):
-                    bind_out(name, cdev, code, shape, ptr)
-                    self.out_bound[j] = (ptr, shape)
-                outs.append(o)
-            try:
-                self._run()
-            except BaseException:
-                self.out_bound = [None] * len(self.out_spec)
-                raise
-        return outs
+        n_in = len(key)
+        checks = tuple(zip(in_dtypes, key))
+        outs_spec = tuple((j, name, code, dtype, tuple(shape))
+                          for j, ((name, code, dtype), shape) in enumerate(zip(self.out_spec, out_shapes)))
+        single = len(outs_spec) == 1
+        lock, bound, in_spec, pools, out_next = self.lock, self.bound, self.in_spec, self.out_pool, self.out_next
+        cdev, bind_in, bind_out, run = self._cdev, self._bind_in, self._bind_out, self._run
+        base = _INLINE_BASE
+        getrefcount, storage_use_count, empty, tensor_type = sys.getrefcount, _storage_use_count, torch.empty, torch.Tensor
+        runner = self
+
+        if n_in == 1 and single and base is not None and self._c_run is not None:  # the common case, no loops
+            c_run, c_binding, c_options = self._c_run
+            (dt0, shape0), = checks
+            (_, oname, ocode, odtype, oshape), = outs_spec
+            pool0 = pools[0]
+            b0, b1, b2 = base
+            (in_name, in_code), = in_spec
+            acquire, release = lock.acquire, lock.release
+
+            def fast1(args: tuple) -> Any:
+                try:
+                    (t,) = args
+                except ValueError:
+                    return None
+                if type(t) is not tensor_type or t.dtype is not dt0 or not t.is_cpu or t.requires_grad:
+                    return None
+                sh = t.shape
+                if sh != shape0 or not t.is_contiguous():
+                    return None
+                iptr = t.data_ptr()
+                acquire()
+                try:
+                    b = bound[0]  # (pointer, shape) bound last; the full path binds fresh Size objects
+                    if b is None or b[0] != iptr or b[1] is not shape0:
+                        bind_in(in_name, cdev, in_code, shape0, iptr)
+                        bound[0] = (iptr, shape0)
+                    o = None
+                    for c, _st, cdata, ptr in pool0:  # the statement shape _inline_baselines calibrates
+                        if (getrefcount(c) == b0 and c._use_count() == b1 and storage_use_count(cdata) == b2
+                                and c.data_ptr() == ptr and c.shape == oshape and c.is_contiguous()):
+                            o = c
+                            break
+                    if o is None:
+                        o = empty(oshape, dtype=odtype)
+                        entry = _pool_entry(o)
+                        ptr = entry[3]
+                        if len(pool0) < 2:
+                            pool0.append(entry)
+                        else:
+                            pool0[out_next[0]] = entry
+                            out_next[0] ^= 1
+                    out_bound = runner.out_bound
+                    if out_bound[0] != ptr:
+                        bind_out(oname, cdev, ocode, oshape, ptr)
+                        out_bound[0] = ptr
+                    try:
+                        c_run(c_binding, c_options)
+                    except BaseException:
+                        runner.out_bound = [None]
+                        raise
+                finally:
+                    release()
+                return o
+
+            with lock:
+                self.out_bound = [None]
+            return fast1
+
+        def fast(args: tuple) -> Any:
+            if len(args) != n_in:
+                return None
+            for t, (dt, shape) in zip(args, checks):
+                if (type(t) is not tensor_type or t.dtype is not dt or not t.is_cpu or t.shape != shape
+                        or t.requires_grad or not t.is_contiguous()):
+                    return None
+            with lock:
+                for i, t in enumerate(args):
+                    now = (t.data_ptr(), t.shape)
+                    if bound[i] != now:  # the binding keeps the last (pointer, shape): rebind a change only
+                        name, code = in_spec[i]
+                        bind_in(name, cdev, code, now[1], now[0])
+                        bound[i] = now
+                outs = []
+                out_bound = runner.out_bound
+                for j, name, code, dtype, shape in outs_spec:
+                    pool = pools[j]
+                    o = None
+                    if base is not None:
+                        for c, _st, cdata, ptr in pool:  # the statement shape _inline_baselines calibrates
+                            if (getrefcount(c) == base[0] and c._use_count() == base[1]
+                                    and storage_use_count(cdata) == base[2] and c.data_ptr() == ptr
+                                    and c.shape == shape and c.is_contiguous()):
+                                o = c
+                                break
+                    if o is None:
+                        o = empty(shape, dtype=dtype)
+                        entry = _pool_entry(o)
+                        ptr = entry[3]
+                        if len(pool) < 2:
+                            pool.append(entry)
+                        else:
+                            pool[out_next[j]] = entry
+                            out_next[j] ^= 1
+                    if out_bound[j] != ptr:  # shape is fixed per fast plan; a new plan resets out_bound
+                        bind_out(name, cdev, code, shape, ptr)
+                        out_bound[j] = ptr
+                    outs.append(o)
+                try:
+                    run()
+                except BaseException:
+                    runner.out_bound = [None] * len(outs_spec)
+                    raise
+            return outs[0] if single else tuple(outs)
+
+        with lock:
+            self.out_bound = [None] * len(outs_spec)  # outputs bound by another plan have other shapes
+        return fast
 
 
 class ORTModule(nn.Module):
@@ -500,7 +615,8 @@ class ORTModule(nn.Module):
     # -- runtime state (not pickled) --------------------------------------------------------
     def _init_runtime_state(self) -> None:
         self._runners: dict[torch.device, _Runner] = {}
-        self._fast: tuple | None = None  # (runner, input shapes, output shapes) of the forward fast path
+        self._fast: Any = None  # the forward fast path (_Runner.make_fast), or None
+        self._fast_key: tuple | None = None  # (runner, input shapes, output shapes) it was made for
         self._runner_lock = threading.Lock()
         self._shape_cache: dict[tuple, list[Any]] = {}
         self._data_dependent: set[int] = set()
@@ -509,7 +625,7 @@ class ORTModule(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for key in ("_runners", "_fast", "_runner_lock", "_shape_cache", "_logged", "_logged_threads"):
+        for key in ("_runners", "_fast", "_fast_key", "_runner_lock", "_shape_cache", "_logged", "_logged_threads"):
             state.pop(key, None)
         state["_data_dependent"] = set(self._data_dependent)
         return state
@@ -554,7 +670,7 @@ class ORTModule(nn.Module):
                 f"'cuda'. Use to_torch(...) for other devices."
             )
         self._device = device
-        self._fast = None
+        self._fast = self._fast_key = None
         self._runners = {d: r for d, r in self._runners.items() if _same_device(d, device)}
 
     def _runner_for(self, device: torch.device) -> _Runner:
@@ -598,6 +714,35 @@ class ORTModule(nn.Module):
         )
 
     # -- forward ---------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``nn.Module.__call__``, without its two Python frames on the CPU fast path.
+
+        When the module has no hooks (its own or torch's global ones), is not ``module.compile()``d
+        and ``nn.Module.__call__`` is not patched (fx's tracer does), the case in which
+        ``nn.Module._call_impl`` calls ``forward`` directly, the fast path of :meth:`forward` runs
+        here; any other call, and any call the fast path does not take, goes through
+        ``nn.Module.__call__`` unchanged.
+        """
+        # nn.Module defines __getattr__, so every self.<attr> takes CPython's slow attribute path;
+        # one read of __dict__ and dict subscripts are cheaper (the same attributes nn.Module reads)
+        # (nn.Module._call_impl's conditions for calling forward directly; a jit trace is not
+        # checked: under one, nn.Module.__call__ would run this same fast path inside forward and
+        # add only a trace scope name, and an onnxruntime call cannot be traced either way)
+        d = self.__dict__
+        fast = d["_fast"]
+        if (fast is not None and not kwargs and d.get("_compiled_call_impl") is None and not (
+                d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+                or _G_FWD or _G_FWD_PRE or _G_BWD or _G_BWD_PRE)
+                and nn.Module.__call__ is _MODULE_CALL):
+            try:
+                out = fast(args)
+            except Exception:  # noqa: BLE001 - the full path retries / reports it
+                self._fast = self._fast_key = None
+            else:
+                if out is not None:
+                    return out
+        return nn.Module.__call__(self, *args, **kwargs)  # looked up now: fx's tracer patches it
+
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Run the graph; see the class docstring for arguments, returns and errors."""
         fast = self._fast
@@ -605,19 +750,13 @@ class ORTModule(nn.Module):
             # Fast path (CPU): the same positional signature as the last validated call. Every
             # check of the full path still holds: same dtypes and shapes (so the spec check and
             # the output shapes are the cached ones), contiguous, CPU, no input requiring grad.
-            runner, key, out_shapes = fast
-            if len(args) == len(key):
-                for t, dt, shape in zip(args, self._in_dtypes, key):
-                    if (type(t) is not torch.Tensor or t.dtype is not dt or not t.is_cpu or t.shape != shape
-                            or t.requires_grad or not t.is_contiguous()):
-                        break
-                else:
-                    try:
-                        outs = runner.run_cpu_fast(args, out_shapes)
-                    except Exception:  # noqa: BLE001 - the full path retries / reports it
-                        self._fast = None
-                    else:
-                        return outs[0] if len(outs) == 1 else tuple(outs)
+            try:
+                out = fast(args)
+            except Exception:  # noqa: BLE001 - the full path retries / reports it
+                self._fast = self._fast_key = None
+            else:
+                if out is not None:
+                    return out
         tensors = list(args) if not kwargs and len(args) == len(self._in_names) else self._gather(args, kwargs)
         in_dtypes = self._in_dtypes
         device = None
@@ -659,7 +798,10 @@ class ORTModule(nn.Module):
                 a is t for a, t in zip(args, tensors)):
             shapes = self._shape_cache.get(key)
             if shapes is not None and all(sh is not None and all(d > 0 for d in sh) for sh in shapes):
-                self._fast = (runner, key, shapes)
+                fast_key = (runner, key, tuple(shapes))
+                if self._fast_key != fast_key:
+                    self._fast = runner.make_fast(key, shapes, self._in_dtypes)
+                    self._fast_key = fast_key
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _run(self, runner: _Runner, tensors: list[torch.Tensor], key: tuple, out_shapes: list[Any]) -> list[torch.Tensor]:
@@ -780,7 +922,7 @@ class ORTModule(nn.Module):
             logger.warning("ORTModule %r: a run with pre-allocated outputs failed (%s) and succeeded with "
                            "onnxruntime-allocated outputs", self.name, str(exc).splitlines()[0][:200])
         self._shape_cache.clear()
-        self._fast = None
+        self._fast = self._fast_key = None
         return outs
 
     def extra_repr(self) -> str:

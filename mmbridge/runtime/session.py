@@ -131,9 +131,12 @@ def bare_runners(model: Any, inputs: dict[str, Any], *, cuda: bool = False, thre
 
     Returns:
         ``(run_session, run_bare, note)``: ``run_session()`` runs ``session.run`` with numpy in
-        and out; ``run_bare()`` runs ``run_with_iobinding`` on OrtValues bound once (ORT's floor:
-        no per-call allocation or binding); both ``None`` and ``note`` saying why when CUDA was
-        asked for and onnxruntime has no CUDA execution provider.
+        and out; ``run_bare()`` runs the public ``InferenceSession.run_with_iobinding`` on
+        OrtValues bound once (no per-call allocation or binding); ``run_bare.floor()`` the same
+        run as the pybind call itself (``sess._sess.run_with_iobinding(binding._iobinding,
+        run_options)``, without the public wrapper's Python frame: ORT's floor from Python);
+        both ``None`` and ``note`` saying why when CUDA was asked for and onnxruntime has no CUDA
+        execution provider.
     """
     import numpy as np
     import onnxruntime as ort
@@ -165,7 +168,19 @@ def bare_runners(model: Any, inputs: dict[str, Any], *, cuda: bool = False, thre
         sess.run_with_iobinding(binding)
         return keep
 
+    c_sess, c_binding = getattr(sess, "_sess", None), getattr(binding, "_iobinding", None)
+    if c_sess is not None and c_binding is not None:
+        run_options = ort.RunOptions()
+        c_run = c_sess.run_with_iobinding
+
+        def run_floor() -> Any:
+            c_run(c_binding, run_options)
+            return keep
+    else:  # pragma: no cover - other onnxruntime builds
+        run_floor = run_bare
+
     run_bare.keep = keep  # type: ignore[attr-defined]
+    run_bare.floor = run_floor  # type: ignore[attr-defined]
     return run_session, run_bare, None
 
 

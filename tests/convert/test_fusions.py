@@ -208,3 +208,41 @@ def test_einsum_dense_bias_after_reshape_folds_into_linear():
     y = fu(x).sum()
     y.backward()
     assert lins[0].bias.grad is not None
+
+
+def test_fast_calls_keep_hooks_fx_tracing_and_compile(monkeypatch):
+    """The converted module's and ConstantElementwise's ``__call__`` (no fx / nn.Module call
+    wrappers when nothing needs them) still run hooks, let fx trace the module as a leaf and
+    keep torch.compile at 0 graph breaks, with values bit-equal to the unfused module."""
+    un, fu = _pair(numeric_model(), monkeypatch=monkeypatch)
+    x = _x()
+    assert type(fu).__call__ is not torch.fx.GraphModule.__call__  # the fast call is installed
+    seen = []
+    h1 = fu.register_forward_hook(lambda m, a, out: seen.append("gm"))
+    h2 = fu.Max_3.register_forward_hook(lambda m, a, out: seen.append("fused"))
+    with torch.no_grad():
+        assert _same(fu(x), un(x))
+    assert seen == ["fused", "gm"]
+    h1.remove()
+    h2.remove()
+    with torch.no_grad():
+        assert _same(fu(x), un(x)) and seen == ["fused", "gm"]
+    # fx sees the fused module as a call_module leaf (its tracer patches nn.Module.__call__)
+    fx_tracer = torch.fx.Tracer()
+    fx_tracer.is_leaf_module = lambda m, qn: isinstance(m, fusions.ConstantElementwise)
+    graph = fx_tracer.trace(fu)
+    assert [n.op for n in graph.nodes].count("call_module") == 1
+    # a bad input fails the same way with and without the fast call
+    stock = copy.deepcopy(fu)  # deepcopy rebuilds the GraphModule class: fx's stock __call__
+    assert type(stock).__call__ is not type(fu).__call__
+    errors = []
+    for m in (fu, stock):
+        with pytest.raises(RuntimeError) as info:
+            m(torch.ones(2, F + 1))
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fu)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    with torch.no_grad():
+        assert _same(torch.compile(fu, backend="eager")(x), un(x))

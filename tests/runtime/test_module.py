@@ -578,7 +578,7 @@ def test_fast_path_reuses_a_dropped_output_and_rebinds_new_inputs():
     ptrs = []
     for _ in range(4):
         ptrs.append(mod(x).data_ptr())  # dropped at once
-    runner = mod._fast[0]
+    runner = mod._fast_key[0]
     # the pool holds the outputs; reusing one is opportunistic (only when torch reports no other
     # reference: seen to hold alone, not always after hundreds of other tests in one process)
     assert len(runner.out_pool[0]) >= 1 and len(ptrs) == 4
@@ -603,3 +603,44 @@ def test_fast_path_keeps_the_frozen_backward_error():
     assert y.requires_grad
     with pytest.raises(RuntimeBackendError, match="frozen"):
         y.sum().backward()
+
+
+def test_fast_path_never_reuses_an_output_the_caller_changed_in_place():
+    """A dropped result whose layout the caller changed in place (``t_()`` keeps a square shape,
+    ``resize_`` / ``set_`` move the data) is not handed out again: the next result is fresh and
+    contiguous with the right values (reusing the transposed tensor would return its values
+    transposed)."""
+    mod = mmbridge.to_ort(mul2_model(), intra_op_threads=1)
+    x = torch.arange(9, dtype=torch.float32).reshape(3, 3)
+    for _ in range(3):
+        mod(x)
+    for change in (lambda y: y.t_(), lambda y: y.resize_(2, 2), lambda y: y.set_(torch.zeros(3, 3).untyped_storage())):
+        for _ in range(3):  # both pool entries end up changed
+            change(mod(x))
+        z = mod(x)
+        assert z.is_contiguous() and z.stride() == (3, 1)
+        torch.testing.assert_close(z, x * 2, rtol=0, atol=0)
+
+
+def test_fast_path_runs_module_and_global_hooks():
+    """``ORTModule.__call__`` skips ``nn.Module.__call__`` only when no hook is registered."""
+    mod = mmbridge.to_ort(mul2_model(), intra_op_threads=1)
+    x = torch.ones(2, 3)
+    for _ in range(3):
+        mod(x)
+    assert mod._fast is not None
+    seen = []
+    h = mod.register_forward_hook(lambda m, args, out: seen.append(("fwd", out.clone())))
+    hp = mod.register_forward_pre_hook(lambda m, args: seen.append(("pre", args[0].clone())))
+    assert torch.equal(mod(x), x * 2)
+    assert [k for k, _ in seen] == ["pre", "fwd"] and torch.equal(seen[1][1], x * 2)
+    h.remove()
+    hp.remove()
+    g = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(("global", m)))
+    try:
+        mod(x)
+    finally:
+        g.remove()
+    assert seen[-1] == ("global", mod)
+    n = len(seen)
+    assert torch.equal(mod(x), x * 2) and len(seen) == n  # hooks removed: nothing recorded
