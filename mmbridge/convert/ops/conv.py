@@ -16,7 +16,7 @@ Conv is onnx2torch's (``Conv-22`` too: it only added types).
 "same" padding: tf2onnx writes ``Conv`` with ``pads=[0, 0, 1, 1]``, which onnx2torch runs as
 ``Sequential(OnnxPadStatic, Conv2d)``, and Keras ``ZeroPadding2D`` + ``Conv2D``), computing the
 same values with less memory: autograd saves the unpadded input and re-pads it in backward, and a
-no-grad forward on CPU pads and convolves a quarter of the batch at a time. Put in place by
+no-grad forward on CPU pads and convolves half of the batch at a time. Put in place by
 :func:`mmbridge.convert.fusions.fuse_pad_conv`.
 """
 
@@ -118,7 +118,7 @@ def conv_transpose(node: OnnxNode, graph: OnnxGraph):
 # ---------------------------------------------------------------------------------------------
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
-NO_GRAD_CHUNKS = 4  # a no-grad forward on CPU pads and convolves its batch in up to 4 parts (>= 2 samples each)
+NO_GRAD_CHUNKS = 2  # a no-grad forward on CPU pads and convolves its batch in up to 2 parts (>= 2 samples each)
 
 
 def _padded_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pads: list[int],
@@ -127,21 +127,12 @@ def _padded_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return _CONV_FN[weight.dim() - 2](F.pad(x, pads), weight, bias, stride, 0, dilation, groups)
 
 
-def _crop(grad: torch.Tensor, pads: list[int], shape: torch.Size) -> torch.Tensor:
-    """The part of ``grad`` (the gradient of the padded input) that lies over the unpadded input (a view)."""
-    for j in range(len(pads) // 2):
-        if pads[2 * j] or pads[2 * j + 1]:
-            dim = grad.dim() - 1 - j
-            grad = grad.narrow(dim, pads[2 * j], shape[dim])
-    return grad
-
-
 class _PadConvFn(torch.autograd.Function):
     """Zero pad + convolution whose backward re-pads the saved unpadded input.
 
     Forward: the same kernels as ``F.pad`` + ``F.convNd`` (bit-equal). Backward: aten's
     ``convolution_backward`` (what autograd's ``ConvolutionBackward0`` calls) on the re-padded
-    input, and the input gradient cropped to the input (what ``F.pad``'s backward does); the
+    input, and the input gradient cropped by a negative ``F.pad`` (what ``F.pad``'s backward does); the
     padded copy lives only during the forward and during this backward, not in between.
     """
 
@@ -158,10 +149,14 @@ class _PadConvFn(torch.autograd.Function):
         pads, stride, dilation, groups, bias_sizes = ctx.conf
         zeros = [0] * (weight.dim() - 2)
         need = ctx.needs_input_grad
+        padded = F.pad(x, pads)
         gi, gw, gb = torch.ops.aten.convolution_backward(
-            grad, F.pad(x, pads), weight, bias_sizes, list(stride), zeros, list(dilation), False, zeros, groups,
+            grad, padded, weight, bias_sizes, list(stride), zeros, list(dilation), False, zeros, groups,
             [need[0], need[1], bias_sizes is not None and need[2]])
-        return (_crop(gi, pads, x.shape) if need[0] else None, gw if need[1] else None,
+        del padded
+        if need[0]:  # F.pad's own backward (constant_pad_nd_backward): a cropping pad, same layout
+            gi = F.pad(gi, [-p for p in pads])
+        return (gi if need[0] else None, gw if need[1] else None,
                 gb if bias_sizes is not None and need[2] else None, None, None, None, None)
 
 
@@ -194,7 +189,9 @@ def pad_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p
       autocast does for a convolution, and the cast input is what is saved;
     * no-grad forward on CPU (not under ``torch.compile``), batch ``N >= 4``: the batch is padded
       and convolved in ``min(NO_GRAD_CHUNKS, N // 2)`` equal parts into one output, so the padded
-      copy held at once is about a quarter of the input's. Parts of at least 2 samples,
+      copy held at once is about half of the input's (each part costs one more convolution call:
+      oneDNN's fixed cost per call, ~0.1-0.3 ms here, is why it is 2 parts and not more; set
+      ``NO_GRAD_CHUNKS = 1`` to turn it off). Parts of at least 2 samples,
       and never for a 1x1 stride-1 kernel, because torch picks the CPU convolution backend from the
       batch size only there (``ConvParams::use_mkldnn``: a batch of 1 with a small kernel, or a
       1x1 kernel below 16 samples on one thread, runs torch's own kernel instead of oneDNN's);
