@@ -59,8 +59,16 @@ def _equal(a, b):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.fixture
+def always_chunk(monkeypatch):
+    """Split every no-grad batch (the cases here are under the 256 KiB threshold)."""
+    from mmbridge.convert.ops import conv
+
+    monkeypatch.setattr(conv, "NO_GRAD_CHUNK_MIN_BYTES", 0)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_values_and_gradients_equal_pad_then_conv(case):
+def test_values_and_gradients_equal_pad_then_conv(case, always_chunk):
     ops = _operands(case)
     with torch.no_grad():
         _equal(pad_conv(*ops), _reference(*ops))  # the chunked no-grad path (N > 1, CPU)
@@ -99,8 +107,10 @@ def test_double_backward_matches():
     torch.testing.assert_close(penalty(pad_conv), penalty(_reference), rtol=1e-5, atol=1e-4)
 
 
-def test_autocast_bf16_same_as_pad_then_conv():
+def test_autocast_bf16_same_as_pad_then_conv(always_chunk):
     ops = _operands(CASES[3])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _equal(pad_conv(*ops), _reference(*ops))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, grads = _grads(pad_conv, *ops)
         y_ref, grads_ref = _grads(_reference, *ops)
@@ -122,7 +132,24 @@ def test_saved_for_backward_is_the_unpadded_input():
     assert ref["saved_for_backward_mib"] == round(padded.untyped_storage().nbytes() / _MIB, 3)
 
 
+def test_small_no_grad_batch_is_one_call(monkeypatch):
+    """Under NO_GRAD_CHUNK_MIN_BYTES the batch is not split (one convolution call)."""
+    from mmbridge.convert.ops import conv
+
+    calls = []
+    real = conv._padded_conv
+    monkeypatch.setattr(conv, "_padded_conv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    x, w, b, *rest = _operands(CASES[0])
+    with torch.no_grad():
+        conv.pad_conv(x, w, b, *rest)
+        assert calls == [4]
+        monkeypatch.setattr(conv, "NO_GRAD_CHUNK_MIN_BYTES", 0)
+        conv.pad_conv(x, w, b, *rest)
+    assert calls == [4, 2, 2]
+
+
 def test_no_grad_holds_one_chunk_of_the_padded_copy():
+    """Default settings: a 1.06 MiB padded copy (over NO_GRAD_CHUNK_MIN_BYTES) is split."""
     x = torch.randn(16, 16, 32, 32)
     w = torch.randn(32, 16, 3, 3)
     pads, stride = [0, 1, 0, 1], [2, 2]
@@ -197,7 +224,7 @@ def _check_same(unfused, fused, x):
         _equal(fused(x), unfused(x))
 
 
-def test_conv_with_asymmetric_pads_becomes_padconv(monkeypatch):
+def test_conv_with_asymmetric_pads_becomes_padconv(monkeypatch, always_chunk):
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1])
     unfused, fused = _pair(_model([node], _weights(), ("B", 6, 5, 5)), monkeypatch)
     assert fused.mmbridge_fusions["pad_conv"] == 1
@@ -205,7 +232,7 @@ def test_conv_with_asymmetric_pads_becomes_padconv(monkeypatch):
     _check_same(unfused, fused, torch.randn(4, 4, 9, 9))
 
 
-def test_same_upper_conv_becomes_padconv_at_any_size(monkeypatch):
+def test_same_upper_conv_becomes_padconv_at_any_size(monkeypatch, always_chunk):
     node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER")
     model = _model([node], _weights(bias=False), ("B", 6, "H2", "W2"), in_shape=("B", 4, "H", "W"))
     unfused, fused = _pair(model, monkeypatch)
@@ -214,7 +241,7 @@ def test_same_upper_conv_becomes_padconv_at_any_size(monkeypatch):
         _check_same(unfused, fused, torch.randn(3, 4, side, side))
 
 
-def test_zero_pad_node_then_conv_becomes_one_call(monkeypatch):
+def test_zero_pad_node_then_conv_becomes_one_call(monkeypatch, always_chunk):
     pads = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads")
     nodes = [helper.make_node("Pad", ["x", "pads"], ["p"], mode="constant"),
              helper.make_node("Conv", ["p", "w", "b"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])]
@@ -251,3 +278,24 @@ def test_tensor_memory_does_not_count_a_slice_of_an_input_under_no_grad():
     with torch.no_grad():
         got = tensor_memory(lambda: F.conv2d(x[:4], w, None, 2, 1))
     assert got["peak_live_mib"] == 4 * 32 * 16 * 16 * 4 / _MIB
+
+
+def test_converted_graph_with_pad_conv_compiles_without_graph_breaks():
+    pads = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads")
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"], mode="constant"),
+             helper.make_node("Conv", ["p", "w", "b"], ["q"], kernel_shape=[3, 3], strides=[2, 2]),
+             helper.make_node("Conv", ["q", "w2"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1])]
+    w2 = numpy_helper.from_array(np.random.default_rng(1).normal(size=(6, 6, 3, 3)).astype(np.float32), "w2")
+    fused = tb.to_torch(_model(nodes, _weights() + [pads, w2], ("B", 6, 3, 3)), trainable=True)
+    assert fused.mmbridge_fusions["pad_conv"] == 2
+    x = torch.randn(4, 4, 9, 9)
+    fused(x).pow(2).sum().backward()
+    eager = {n: p.grad.clone() for n, p in fused.named_parameters()}
+    fused.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    compiled(x).pow(2).sum().backward()
+    for n, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, eager[n], rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), fused(x), rtol=0, atol=0)

@@ -119,6 +119,7 @@ def conv_transpose(node: OnnxNode, graph: OnnxGraph):
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 NO_GRAD_CHUNKS = 2  # a no-grad forward on CPU pads and convolves its batch in up to 2 parts (>= 2 samples each)
+NO_GRAD_CHUNK_MIN_BYTES = 256 * 1024  # ... when the padded copy is at least this large (else one call)
 
 
 def _padded_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pads: list[int],
@@ -160,6 +161,14 @@ class _PadConvFn(torch.autograd.Function):
                 gb if bias_sizes is not None and need[2] else None, None, None, None, None)
 
 
+def _padded_bytes(x: torch.Tensor, pads: list[int]) -> int:
+    n = x.element_size()
+    for i, size in enumerate(x.shape):
+        j = x.dim() - 1 - i  # F.pad pair of this dim
+        n *= size + (pads[2 * j] + pads[2 * j + 1] if 2 * j + 1 < len(pads) else 0)
+    return n
+
+
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """What autocast does to a convolution operand: floating tensors other than float64 -> ``dtype``."""
     if t is None or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
@@ -190,7 +199,8 @@ def pad_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p
     * no-grad forward on CPU (not under ``torch.compile``), batch ``N >= 4``: the batch is padded
       and convolved in ``min(NO_GRAD_CHUNKS, N // 2)`` equal parts into one output, so the padded
       copy held at once is about half of the input's (each part costs one more convolution call:
-      oneDNN's fixed cost per call, ~0.1-0.3 ms here, is why it is 2 parts and not more; set
+      oneDNN's fixed cost per call, ~0.1-0.3 ms here, is why it is 2 parts and not more, and why
+      a padded copy under ``NO_GRAD_CHUNK_MIN_BYTES`` (256 KiB) is not split; set
       ``NO_GRAD_CHUNKS = 1`` to turn it off). Parts of at least 2 samples,
       and never for a 1x1 stride-1 kernel, because torch picks the CPU convolution backend from the
       batch size only there (``ConvParams::use_mkldnn``: a batch of 1 with a small kernel, or a
@@ -212,7 +222,8 @@ def pad_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p
     n = x.shape[0]
     parts = min(NO_GRAD_CHUNKS, n // 2)  # every part >= 2 samples
     pointwise = all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in stride) and all(d == 1 for d in dilation)
-    if x.device.type != "cpu" or parts < 2 or pointwise or torch.compiler.is_compiling():
+    if x.device.type != "cpu" or parts < 2 or pointwise or torch.compiler.is_compiling() \
+            or _padded_bytes(x, pads) < NO_GRAD_CHUNK_MIN_BYTES:
         return _padded_conv(x, weight, bias, pads, stride, dilation, groups)
     bounds = [n * i // parts for i in range(parts + 1)]
     first = _padded_conv(x[:bounds[1]], weight, bias, pads, stride, dilation, groups)
