@@ -314,10 +314,15 @@ def tensor_memory(fn: Callable[[], Any], params: Any = ()) -> dict[str, float]:
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
+            # an output on an operand's storage is a view / alias, not an allocation (``_is_view()``
+            # is False at this dispatch level under no_grad: a slice of a pre-call tensor counted its
+            # whole storage)
+            operands = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                        if isinstance(a, torch.Tensor)}
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor) and not t._is_view():
                     key = t.untyped_storage().data_ptr()
-                    if key and key not in self.sizes:
+                    if key and key not in self.sizes and key not in operands:
                         self.sizes[key] = n = t.untyped_storage().nbytes()
                         self.live += n
                         self.peak = max(self.peak, self.live)

@@ -524,6 +524,22 @@ def _us_block(fn: Callable[[], Any], k: int = _US_BLOCK) -> Callable[[], Any]:
 
     return block
 
+def _no_pad_conv_to_torch(art: Any, *, trainable: bool, device: str) -> tuple[Any, str | None]:
+    """``to_torch`` without :func:`mmbridge.convert.fusions.fuse_pad_conv` (the before of the
+    zero-Pad + Conv rows: the padded copy saved for backward, held whole in a no-grad forward)."""
+    from mmbridge.convert import fusions
+
+    orig = fusions.fuse_pad_conv
+    fusions.fuse_pad_conv = lambda gm: 0
+    try:
+        return _to_torch(art, trainable=trainable, device=device)
+    finally:
+        fusions.fuse_pad_conv = orig
+
+
+def _pad_conv_count(mod: Any) -> int:
+    return int(getattr(mod, "mmbridge_fusions", {}).get("pad_conv", 0))
+
 
 def _numeric_us_cases(ctx: SuiteContext, tf: Any, tf_note: str | None, batch: int, feats: int) -> list[Result]:
     """Issue 16 goals on a microsecond graph (``clip((x - mu) / sd, -5, 5)``, ``[64, 6]``).
@@ -701,6 +717,26 @@ def _encoder_artifacts(ctx: SuiteContext, tf: Any, kind: str, side: int, trainab
     return ctx._memo[key]
 
 
+def _no_pad_conv_variant(ctx: SuiteContext, art: Any, x_t: Any) -> list[Variant]:
+    """``torch_converted_no_pad_conv`` (forward, no grad), only where ``fuse_pad_conv`` rewrote a conv."""
+    import torch
+
+    if art is None:
+        return []
+    mod, _ = _no_pad_conv_to_torch(art, trainable=False, device=ctx.device)
+    fused, _ = _to_torch(art, trainable=False, device=ctx.device)
+    n = _pad_conv_count(fused)
+    if mod is None or not n:
+        return []
+    mod.eval()
+
+    def run(m: Any = mod) -> Any:
+        with torch.no_grad():
+            return m(x_t)
+
+    return [Variant("torch_converted_no_pad_conv", run, f"the same without fuse_pad_conv ({n} convs), eval, no_grad")]
+
+
 def suite_encoders(ctx: SuiteContext) -> list[Result]:
     """Encoders forward and training step: TF vs ORT vs converted vs native twin (see module doc)."""
     import torch
@@ -725,6 +761,7 @@ def suite_encoders(ctx: SuiteContext) -> list[Result]:
             x_tf = tf.constant(x_nhwc)
             variants.append(Variant("tf", lambda f=fwd, x=x_tf: f(x).numpy(), "tf.function(model), numpy out"))
             variants += _bridge_variants(ctx, art, note, {"image": x_nchw}, x_t)
+            variants += _no_pad_conv_variant(ctx, art, x_t)
         twin, twin_note = _native_twin(kind)
         if twin is None:
             variants.append(Variant("torch_native", None, twin_note or ""))
@@ -1007,7 +1044,7 @@ def _train_case(ctx: SuiteContext, tf: Any, tf_note: str | None, kind: str, batc
     y_t = torch.from_numpy(y_np).to(dev)
     feat = FEATURES[kind]
     variants: list[Variant] = []
-    art = tmod = None
+    art = tmod = before = None
     if tf is None:
         variants += [Variant("tf", None, tf_note or ""), Variant("torch_converted", None, tf_note or "")]
     else:
@@ -1029,6 +1066,13 @@ def _train_case(ctx: SuiteContext, tf: Any, tf_note: str | None, kind: str, batc
                 tmod.train()
                 step = _torch_train_step(tmod, torch.nn.Linear(feat, 10).to(dev), x_t, y_t)
                 variants.append(Variant("torch_converted", step, f"to_torch(trainable=True), {step.n_params:,} trainable params"))
+                if _pad_conv_count(tmod):
+                    before, _ = _no_pad_conv_to_torch(art, trainable=True, device=ctx.device)
+                    if before is not None:
+                        before.train()
+                        bstep = _torch_train_step(before, torch.nn.Linear(feat, 10).to(dev), x_t, y_t)
+                        variants.append(Variant("torch_converted_no_pad_conv", bstep,
+                                                f"the same without fuse_pad_conv ({_pad_conv_count(tmod)} convs)"))
     twin, twin_note = _native_twin(kind)
     if twin is None:
         variants.append(Variant("torch_native", None, twin_note or ""))
@@ -1039,7 +1083,10 @@ def _train_case(ctx: SuiteContext, tf: Any, tf_note: str | None, kind: str, batc
     rows = measure_case("encoders", case, variants, baseline="torch_native", items_per_call=batch,
                         config=ctx.config, params=params, log=ctx.log)
     if tf is not None and art is not None and twin is not None and tmod is not None:
-        rows += _memory_rows(ctx, kind, {"torch_converted": tmod, "torch_native": twin}, x_t, batch)
+        mems = {"torch_converted": tmod, "torch_native": twin}
+        if before is not None:
+            mems["torch_converted_no_pad_conv"] = before
+        rows += _memory_rows(ctx, kind, mems, x_t, batch)
     return rows
 
 

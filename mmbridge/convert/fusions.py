@@ -26,6 +26,9 @@ order; the one exception, GELU, is documented there and tested to a few ulp):
 * :func:`fuse_embedding_lookup`: ``Gather(table, ids, axis=0)`` of a 2-D weight (and the
   ``Cast`` / ``Less`` / ``Add`` / ``Where`` wrap of negative ids that Keras 3's ``Embedding``
   puts before it) -> one :class:`EmbeddingLookup` (``F.embedding``: the same rows, bit for bit).
+* :func:`fuse_pad_conv`: a zero ``Pad`` before a ``Conv`` (TF's asymmetric "same" padding,
+  Keras ``ZeroPadding2D``) -> :func:`mmbridge.convert.ops.conv.pad_conv`: the same kernels,
+  without keeping the padded copy for backward (memory, not speed).
 """
 
 from __future__ import annotations
@@ -542,7 +545,8 @@ def lower_views(gm: fx.GraphModule) -> int:
 
 def run_all(gm: fx.GraphModule) -> dict[str, int]:
     """The passes in order (GELU first: its pattern contains constant-operand Mul / Sub nodes)."""
-    counts = {"gelu": fuse_gelu(gm), "constant_elementwise": fuse_constant_elementwise(gm), "views": lower_views(gm)}
+    counts = {"gelu": fuse_gelu(gm), "constant_elementwise": fuse_constant_elementwise(gm), "views": lower_views(gm),
+              "pad_conv": fuse_pad_conv(gm)}
     counts.update(_run_xformer(gm))
     gm.graph.lint()
     gm.recompile()
@@ -651,3 +655,94 @@ def fuse_embedding_lookup(gm: fx.GraphModule) -> int:
 def _run_xformer(gm: fx.GraphModule) -> dict[str, int]:
     """The Transformer passes (issue 16, item 5), run after the others by :func:`run_all`."""
     return {"embedding": fuse_embedding_lookup(gm)}
+
+
+# ---------------------------------------------------------------------------------------------
+# zero Pad + Conv (issue 16, item 5: memory)
+# ---------------------------------------------------------------------------------------------
+def _plain_conv(mod: Any) -> bool:
+    return type(mod) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and mod.padding_mode == "zeros" \
+        and not isinstance(mod.padding, str)
+
+
+def _zero_spatial_pads(pad: Any, rank: int) -> list[int] | None:
+    """``F.pad``-order pads (``2 * rank`` ints) of a constant-0 pad module of the ``rank`` spatial
+    axes only, all >= 0; None for anything else (other modes and values, N / C pads, crops)."""
+    from onnx2torch.node_converters.pad import OnnxPadStatic
+
+    from mmbridge.convert.ops.pad import Pad
+
+    if isinstance(pad, Pad) and pad.mode == "constant" and pad.value == 0.0:
+        pads = list(pad.pads)
+    elif isinstance(pad, OnnxPadStatic) and pad.mode == "constant" and float(pad.constant_value) == 0.0:
+        pads = [int(p) for p in pad.pads]
+    else:
+        return None
+    while len(pads) > 2 * rank and pads[-1] == 0 and pads[-2] == 0:
+        pads = pads[:-2]
+    if len(pads) > 2 * rank or len(pads) % 2 or min(pads, default=0) < 0:
+        return None
+    return pads + [0] * (2 * rank - len(pads))
+
+
+def fuse_pad_conv(gm: fx.GraphModule) -> int:
+    """A zero ``Pad`` before a ``Conv`` -> :func:`mmbridge.convert.ops.conv.pad_conv` (same values,
+    the padded copy neither saved for backward nor held whole in a no-grad forward on CPU).
+
+    * onnx2torch's ``Sequential(OnnxPadStatic, ConvNd)`` (a Conv with asymmetric ``pads``: TF's
+      "same" padding of a stride-2 conv) and mmbridge's ``Sequential(SamePad, ConvNd)``
+      (``auto_pad=SAME_*``) -> :class:`~mmbridge.convert.ops.conv.PadConv` with the same children
+      (``state_dict`` keys unchanged);
+    * a constant-0 ``Pad`` node (Keras ``ZeroPadding2D``) whose only user is a ``ConvNd`` module
+      -> one ``pad_conv`` call on the conv's own ``weight`` / ``bias`` (``get_attr``; the conv's
+      symmetric ``padding`` is added to the pads).
+
+    Pads of N / C, negative pads (crops), other pad values and modes (reflect, edge, wrap) stay
+    as they are. Returns the number of convolutions rewritten.
+    """
+    from mmbridge.convert.ops.conv import PadConv, pad_conv
+    from mmbridge.convert.ops.pad import Pad, SamePad
+
+    done = 0
+    for node in list(gm.graph.nodes):
+        mod = _module(gm, node)
+        if mod is None:
+            continue
+        if type(mod) is nn.Sequential and len(mod) == 2 and _plain_conv(mod[1]) and not any(mod[1].padding):
+            rank = mod[1].weight.dim() - 2
+            first = mod[0]
+            if isinstance(first, SamePad):
+                if first.value != 0.0 or len(first.kernel) != rank:
+                    continue
+                pad = first
+            else:
+                pads = _zero_spatial_pads(first, rank)
+                if pads is None:
+                    continue
+                pad = Pad(pads)
+            _replace_module(gm, node.target, PadConv(pad, mod[1]))
+            done += 1
+            continue
+        if len(node.args) != 1 or node.kwargs or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        conv = _module(gm, user)
+        if not _plain_conv(conv) or user.args != (node,) or user.kwargs:
+            continue
+        rank = conv.weight.dim() - 2
+        pads = _zero_spatial_pads(mod, rank)
+        if pads is None:
+            continue
+        for j in range(rank):  # the conv's own symmetric padding, F.pad order (last axis first)
+            pads[2 * j] += int(conv.padding[rank - 1 - j])
+            pads[2 * j + 1] += int(conv.padding[rank - 1 - j])
+        with gm.graph.inserting_before(user):
+            w = gm.graph.get_attr(f"{user.target}.weight")
+            b = gm.graph.get_attr(f"{user.target}.bias") if conv.bias is not None else None
+            fused = gm.graph.call_function(pad_conv, (node.args[0], w, b, tuple(pads), tuple(conv.stride),
+                                                      tuple(conv.dilation), int(conv.groups)))
+        user.replace_all_uses_with(fused)
+        gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        done += 1
+    return done

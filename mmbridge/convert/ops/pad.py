@@ -88,7 +88,8 @@ class SamePad(nn.Module):
         self.upper = upper
         self.value = value
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pads_for(self, x: torch.Tensor) -> list[Any]:
+        """The ``F.pad`` pads (last spatial axis first, 2 per spatial axis) for input ``x``."""
         pads: list[Any] = []
         for i in reversed(range(len(self.kernel))):  # F.pad: last axis first
             size = x.shape[2 + i]
@@ -97,7 +98,10 @@ class SamePad(nn.Module):
             total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
             small = total // 2
             pads += [small, total - small] if self.upper else [total - small, small]
-        return nn.functional.pad(x, pads, value=self.value)
+        return pads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(x, self.pads_for(x), value=self.value)
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel}, strides={self.strides}, {'SAME_UPPER' if self.upper else 'SAME_LOWER'}"
