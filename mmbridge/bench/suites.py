@@ -544,37 +544,101 @@ def _pad_conv_count(mod: Any) -> int:
 def _numeric_us_cases(ctx: SuiteContext, tf: Any, tf_note: str | None, batch: int, feats: int) -> list[Result]:
     """Issue 16 goals on a microsecond graph (``clip((x - mu) / sd, -5, 5)``, ``[64, 6]``).
 
-    * ``ort overhead``: ``to_ort()`` module vs a bare ``run_with_iobinding`` on pre-bound
-      OrtValues (goal <= 1.5x). The baseline ``ort_iobinding_floor`` is the pybind call
+    The graph is exported here (TensorFlow), then measured twice by :func:`numeric_us_rows`:
+    in a child process that never imports TensorFlow (``python -m mmbridge.bench.us_graph``;
+    the goal rows, under the plain case names: a training process reads prepared artifacts
+    without TF, ``mmbridge prepare``), and in this process, where TensorFlow is loaded (case
+    names ending in ``[TensorFlow in the process]``): with TF in the process every call on
+    this graph measured 1.5-3x slower here, and the Python-heavy ones more (docs/benchmarks.md).
+    """
+    from mmbridge.specs import TensorSpec
+
+    rng = np.random.default_rng(1)
+    x_np = rng.normal(3.0, 2.0, size=(batch, feats)).astype(np.float32)
+    mu = rng.normal(3.0, 0.1, size=(feats,)).astype(np.float32)
+    sd = rng.uniform(1.5, 2.5, size=(feats,)).astype(np.float32)
+    art, note = (None, tf_note) if tf is None else _export(
+        ctx, _tf_numeric_fn(tf, feats, mu, sd), name=f"bench_pre_numeric_{feats}_us", role="preprocess",
+        input_specs=[TensorSpec("features", ("batch", feats), "float32", "NC")])
+    if art is None:
+        return numeric_us_rows(ctx, None, note, x_np, mu, sd)
+    ctx.log(f"  numeric [B,{feats}] b{batch}: child process (no TensorFlow)")
+    child = us_graph_child_rows(ctx, art, x_np, mu, sd)
+    here = numeric_us_rows(ctx, art, note, x_np, mu, sd, suffix=US_TF_SUFFIX)
+    for r in here:
+        r.extra["tensorflow_loaded"] = "tensorflow" in sys.modules
+    return child + here
+
+
+US_TF_SUFFIX = " [TensorFlow in the process]"
+"""Case-name suffix of the microsecond-graph rows measured in the bench's own process (TF loaded)."""
+
+US_CASES = ("ORT module vs bare IO binding", "converted vs hand-written torch")
+US_ORT_VARIANTS = ("ort_iobinding_floor", "ort_iobinding_bare", "ort_module", "ort_module_no_grad")
+US_TORCH_VARIANTS = ("torch_converted", "torch_converted_unfused", "torch_native")
+
+
+def us_graph_child_rows(ctx: SuiteContext, art: Any, x_np: np.ndarray, mu: np.ndarray, sd: np.ndarray, *,
+                        timeout_s: float = 600.0) -> list[Result]:
+    """:func:`numeric_us_rows` of ``art`` in a child process without TensorFlow
+    (``python -m mmbridge.bench.us_graph``; see that module); ``status="skipped"`` rows saying why
+    when the child fails."""
+    batch, feats = x_np.shape
+    names = [f"numeric [B,{feats}] norm + clip, b{batch}: {c}" for c in US_CASES]
+    with tempfile.TemporaryDirectory() as tmpdir:
+        data, out = Path(tmpdir) / "data.npz", Path(tmpdir) / "rows.json"
+        np.savez(data, x=x_np, mu=mu, sd=sd)
+        cmd = [sys.executable, "-m", "mmbridge.bench.us_graph", "--artifact", str(art.path), "--data", str(data),
+               "--device", ctx.device, "--threads", str(ctx.threads or 0), "--harness", json.dumps(ctx.config.to_dict()),
+               "--out", str(out)]
+        why = ""
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                                  env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+            if proc.returncode != 0 or not out.is_file():
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                why = f"microsecond-graph child failed (exit {proc.returncode}): {tail[0][:300]}"
+        except subprocess.TimeoutExpired:
+            why = f"microsecond-graph child killed after {timeout_s:.0f} s"
+        if why:
+            return (skipped_case("preprocess", names[0], US_ORT_VARIANTS, "ort_iobinding_floor", why)
+                    + skipped_case("preprocess", names[1], US_TORCH_VARIANTS, "torch_native", why))
+        return [Result.from_dict(d) for d in json.loads(out.read_text())]
+
+
+def numeric_us_rows(ctx: SuiteContext, art: Any, note: str | None, x_np: np.ndarray, mu: np.ndarray, sd: np.ndarray,
+                    *, suffix: str = "") -> list[Result]:
+    """The two microsecond-graph cases of issue 16 on an exported ``clip((x - mu) / sd, -5, 5)``.
+
+    * ``ORT module vs bare IO binding``: ``to_ort()`` module vs a bare ``run_with_iobinding`` on
+      pre-bound OrtValues (goal <= 1.5x). The baseline ``ort_iobinding_floor`` is the pybind call
       (``sess._sess.run_with_iobinding``), the honest floor; ``ort_iobinding_bare`` the same
       through the public ``InferenceSession`` wrapper; ``ort_module`` is a plain call (no ``no_grad``
       wrapper: nothing requires grad), ``ort_module_no_grad`` the same inside ``torch.no_grad()``.
-    * ``converted vs hand-written``: ``to_torch`` (fused, and with the fusions off) vs the
+    * ``converted vs hand-written torch``: ``to_torch`` (fused, and with the fusions off) vs the
       hand-written torch expression (goal <= 2x); all inside ``torch.no_grad()``.
 
     Each timed call is a block of ``_US_BLOCK`` calls (``items_per_call`` counts them), so that
     the harness calibrates the calls per repetition on ~1 ms instead of one microsecond call (a
     single call descheduled on a loaded machine made it pick 3 calls per repetition), and at
     least 15 interleaved rounds are run (cheap here) instead of the suite's 5.
+
+    Args:
+        ctx: the suite context (device, threads, harness settings, log).
+        art: the exported graph (``None``: both cases are skipped rows with ``note``).
+        x_np: float32 ``[B, F]`` features; ``mu``, ``sd``: float32 ``[F]``, the graph's constants.
+        suffix: appended to both case names.
     """
     import torch
 
-    from mmbridge.specs import TensorSpec
-
     dev = torch.device(ctx.device)
-    rng = np.random.default_rng(1)
-    x_np = rng.normal(3.0, 2.0, size=(batch, feats)).astype(np.float32)
-    mu = rng.normal(3.0, 0.1, size=(feats,)).astype(np.float32)
-    sd = rng.uniform(1.5, 2.5, size=(feats,)).astype(np.float32)
+    batch, feats = x_np.shape
     x_t = torch.from_numpy(x_np).to(dev)
     mu_t, sd_t = torch.from_numpy(mu).to(dev), torch.from_numpy(sd).to(dev)
     params = {"batch": batch, "features": feats, "calls_per_timed_call": _US_BLOCK}
     cfg = dataclasses.replace(ctx.config, repeats=max(ctx.config.repeats, 15))
-    case_ort = f"numeric [B,{feats}] norm + clip, b{batch}: ORT module vs bare IO binding"
-    case_t = f"numeric [B,{feats}] norm + clip, b{batch}: converted vs hand-written torch"
-    art, note = (None, tf_note) if tf is None else _export(
-        ctx, _tf_numeric_fn(tf, feats, mu, sd), name=f"bench_pre_numeric_{feats}_us", role="preprocess",
-        input_specs=[TensorSpec("features", ("batch", feats), "float32", "NC")])
+    case_ort = f"numeric [B,{feats}] norm + clip, b{batch}: {US_CASES[0]}{suffix}"
+    case_t = f"numeric [B,{feats}] norm + clip, b{batch}: {US_CASES[1]}{suffix}"
     rows: list[Result] = []
     if art is None:
         rows += skipped_case("preprocess", case_ort, ["ort_iobinding_floor", "ort_iobinding_bare", "ort_module",

@@ -18,7 +18,7 @@ import pytest
 
 from mmbridge.bench import BenchRun, HarnessConfig, Result, Variant, measure_case
 from mmbridge.bench import report as bench_report
-from mmbridge.bench.suites import SUITES
+from mmbridge.bench.suites import SUITES, US_TF_SUFFIX
 
 REPO = Path(__file__).resolve().parents[2]
 ROW_KEYS = {"suite", "case", "variant", "baseline", "status", "note", "timing", "items_per_call", "samples_per_s",
@@ -161,6 +161,15 @@ def test_cli_tiny_runs_every_suite(tmp_path):
     assert keras_torch["keras_torch_backend"]["params"]["keras_backend"] == "torch"
     counts = {v: r["note"].split(",")[1] for v, r in keras_torch.items()}  # "train step, N trainable params"
     assert len(set(counts.values())) == 1, counts
+    # issue 16's microsecond graph: measured in a TF-free child (the goal rows) and in this TF-loaded process
+    us = [r for r in doc["results"] if "norm + clip, b64" in r["case"]]
+    child = [r for r in us if not r["case"].endswith(US_TF_SUFFIX)]
+    assert {r["variant"] for r in child if r["status"] == "ok"} == {
+        "ort_iobinding_floor", "ort_iobinding_bare", "ort_module", "ort_module_no_grad", "torch_converted",
+        "torch_converted_unfused", "torch_native"}, child
+    assert not any(r["extra"]["tensorflow_loaded"] for r in child)
+    assert {r["case"] + US_TF_SUFFIX for r in child} == {r["case"] for r in us if r["case"].endswith(US_TF_SUFFIX)}
+    assert [r["extra"]["max_abs_diff_vs_unfused"] for r in child if r["variant"] == "torch_converted"] == [0.0]
     md = (out / "bench.md").read_text()
     for suite in SUITES:
         assert f"## {suite}" in md
