@@ -206,6 +206,7 @@ def _static_output_plan(model: Any, specs: Sequence[TensorSpec]) -> list[list[An
 
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+_CPU = torch.device("cpu")
 
 
 def _pool_entry(o: torch.Tensor) -> tuple[torch.Tensor, Any, int, int]:
@@ -219,23 +220,26 @@ def _pool_entry(o: torch.Tensor) -> tuple[torch.Tensor, Any, int, int]:
     return o, st, st._cdata, o.data_ptr()
 
 
-def _inline_baselines() -> tuple[int, int, int]:
-    """What ``(sys.getrefcount(c), c._use_count(), storage use count)`` give for a tensor held
+def _inline_baselines() -> tuple[int, int, int, int]:
+    """What ``(sys.getrefcount(c), c._use_count(), storage use count, sys.getrefcount(storage
+    object))`` give for a tensor held
     only by a runner's output pool (:func:`_pool_entry`), read with the statement shape of the
     fast path's pool loop (calibrated once, so it follows the interpreter and the torch build).
 
     The fast path lets ORT overwrite a pooled output only when its counts equal these: no Python
     reference outside the pool, no other holder of its TensorImpl (autograd, DLPack, C++) and no
-    view or other tensor on its storage, and its pointer, shape and contiguity are the ones it
-    was made with. A tensor the caller can still see is never reused."""
+    view or other tensor on its storage, no Python reference to its storage object (torch hands
+    back the same ``untyped_storage()`` object the pool holds, so a caller keeping only
+    ``y.untyped_storage()`` adds no use count, only a reference), and its pointer, shape and
+    contiguity are the ones it was made with. A tensor the caller can still see is never reused."""
     pool = [_pool_entry(torch.empty(1))]
-    for c, _st, cdata, _ptr in pool:
-        return sys.getrefcount(c), c._use_count(), _storage_use_count(cdata)
+    for c, st, cdata, _ptr in pool:
+        return sys.getrefcount(c), c._use_count(), _storage_use_count(cdata), sys.getrefcount(st)
     raise AssertionError
 
 
 try:  # private torch APIs (Tensor._use_count, torch._C._storage_Use_Count): without them, no reuse
-    _INLINE_BASE: tuple[int, int, int] | None = _inline_baselines()
+    _INLINE_BASE: tuple[int, int, int, int] | None = _inline_baselines()
 except Exception:  # noqa: BLE001 - pragma: no cover - other torch builds
     _INLINE_BASE = None
 
@@ -409,7 +413,7 @@ class _Runner:
             (dt0, shape0), = checks
             (_, oname, ocode, odtype, oshape), = outs_spec
             pool0 = pools[0]
-            b0, b1, b2 = base
+            b0, b1, b2, b3 = base
             (in_name, in_code), = in_spec
             acquire, release = lock.acquire, lock.release
 
@@ -431,13 +435,14 @@ class _Runner:
                         bind_in(in_name, cdev, in_code, shape0, iptr)
                         bound[0] = (iptr, shape0)
                     o = None
-                    for c, _st, cdata, ptr in pool0:  # the statement shape _inline_baselines calibrates
+                    for c, st, cdata, ptr in pool0:  # the statement shape _inline_baselines calibrates
                         if (getrefcount(c) == b0 and c._use_count() == b1 and storage_use_count(cdata) == b2
-                                and c.data_ptr() == ptr and c.shape == oshape and c.is_contiguous()):
+                                and getrefcount(st) == b3 and c.data_ptr() == ptr and c.shape == oshape
+                                and c.is_contiguous()):
                             o = c
                             break
                     if o is None:
-                        o = empty(oshape, dtype=odtype)
+                        o = empty(oshape, dtype=odtype, device=_CPU)  # not torch's default device
                         entry = _pool_entry(o)
                         ptr = entry[3]
                         if len(pool0) < 2:
@@ -482,14 +487,15 @@ class _Runner:
                     pool = pools[j]
                     o = None
                     if base is not None:
-                        for c, _st, cdata, ptr in pool:  # the statement shape _inline_baselines calibrates
+                        for c, st, cdata, ptr in pool:  # the statement shape _inline_baselines calibrates
                             if (getrefcount(c) == base[0] and c._use_count() == base[1]
-                                    and storage_use_count(cdata) == base[2] and c.data_ptr() == ptr
+                                    and storage_use_count(cdata) == base[2] and getrefcount(st) == base[3]
+                                    and c.data_ptr() == ptr
                                     and c.shape == shape and c.is_contiguous()):
                                 o = c
                                 break
                     if o is None:
-                        o = empty(shape, dtype=dtype)
+                        o = empty(shape, dtype=dtype, device=_CPU)  # not torch's default device
                         entry = _pool_entry(o)
                         ptr = entry[3]
                         if len(pool) < 2:
@@ -717,7 +723,8 @@ class ORTModule(nn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """``nn.Module.__call__``, without its two Python frames on the CPU fast path.
 
-        When the module has no hooks (its own or torch's global ones), is not ``module.compile()``d
+        When the module has no hooks (its own or torch's global ones), is not ``module.compile()``d,
+        its ``forward`` is :meth:`ORTModule.forward` (not a subclass's, not one set on the instance)
         and ``nn.Module.__call__`` is not patched (fx's tracer does), the case in which
         ``nn.Module._call_impl`` calls ``forward`` directly, the fast path of :meth:`forward` runs
         here; any other call, and any call the fast path does not take, goes through
@@ -730,7 +737,10 @@ class ORTModule(nn.Module):
         # add only a trace scope name, and an onnxruntime call cannot be traced either way)
         d = self.__dict__
         fast = d["_fast"]
-        if (fast is not None and not kwargs and d.get("_compiled_call_impl") is None and not (
+        # only when forward is this class's own: a subclass's forward or one set on the instance
+        # (accelerate's convert_outputs_to_fp32 wraps it so) must run
+        if (fast is not None and not kwargs and "forward" not in d and type(self).forward is _ORT_FORWARD
+                and d.get("_compiled_call_impl") is None and not (
                 d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
                 or _G_FWD or _G_FWD_PRE or _G_BWD or _G_BWD_PRE)
                 and nn.Module.__call__ is _MODULE_CALL):
@@ -928,6 +938,9 @@ class ORTModule(nn.Module):
     def extra_repr(self) -> str:
         ins = ", ".join(f"{s.name}{list(s.shape)}:{s.dtype}" for s in self.input_specs)
         return f"name={self.name!r}, inputs=[{ins}], outputs={self.output_names}, device={self._device}, strict={self.strict}"
+
+
+_ORT_FORWARD = ORTModule.forward  # ORTModule.__call__ takes its fast path only under this forward
 
 
 def frozen_message(name: str) -> str:

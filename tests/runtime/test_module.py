@@ -622,6 +622,46 @@ def test_fast_path_never_reuses_an_output_the_caller_changed_in_place():
         torch.testing.assert_close(z, x * 2, rtol=0, atol=0)
 
 
+def test_fast_path_never_overwrites_a_storage_the_caller_kept():
+    """Keeping only ``y.untyped_storage()`` of a result (torch returns the pool's own storage object,
+    so no use count rises) keeps its values: the pool does not hand that buffer to the next call
+    (it was overwritten with the next result before, on main too)."""
+    mod = mmbridge.to_ort(mul2_model(), intra_op_threads=1)
+    x = torch.ones(2, 3)
+    for _ in range(3):
+        mod(x)
+    kept = []
+    for k in range(3):  # both pool entries held through their storage only
+        y = mod(x * (k + 1))
+        kept.append((y.untyped_storage(), 2.0 * (k + 1)))
+        del y
+    mod(x * 5)
+    for st, want in kept:
+        assert torch.tensor([], dtype=torch.float32).set_(st).tolist() == [want] * 6
+
+
+def test_fast_path_runs_a_subclass_or_instance_forward():
+    """A forward of a subclass, or one set on the instance (accelerate's ``convert_outputs_to_fp32``
+    wraps it so), runs on every call: ``__call__``'s fast path is only for ORTModule's own forward
+    (it returned the bare graph's 2.0 from the second call on before)."""
+    from mmbridge.runtime.module import ORTModule
+
+    class Scaled(ORTModule):
+        def forward(self, x):
+            return super().forward(x * 10)
+
+    base = mmbridge.to_ort(mul2_model(), intra_op_threads=1)
+    m2 = mul2_model()
+    sub = Scaled(m2, source=m2.SerializeToString(), intra_op_threads=1)
+    x = torch.ones(2, 3)
+    assert [float(sub(x)[0, 0]) for _ in range(3)] == [20.0, 20.0, 20.0]
+    orig = base.forward
+    base.forward = lambda t: orig(t + 1)
+    assert [float(base(x)[0, 0]) for _ in range(3)] == [4.0, 4.0, 4.0]
+    del base.forward
+    assert [float(base(x)[0, 0]) for _ in range(3)] == [2.0, 2.0, 2.0]
+
+
 def test_fast_path_runs_module_and_global_hooks():
     """``ORTModule.__call__`` skips ``nn.Module.__call__`` only when no hook is registered."""
     mod = mmbridge.to_ort(mul2_model(), intra_op_threads=1)
