@@ -335,14 +335,16 @@ class ConstantElementwise(nn.Module):
         return t
 
     def _ordered(self, lo: torch.Tensor, hi: torch.Tensor) -> bool:
-        """``(lo <= hi).all()``, cached per (tensor object, version counter) of both bounds: a
-        buffer replaced (``.to()``, assignment) is another object, one changed in place
-        (``load_state_dict``, ``copy_``, ``set_``) has a new version."""
+        """``(lo <= hi).all()``, cached per (tensor object, version counter, data pointer) of both
+        bounds: a buffer replaced (``.to()``, assignment) is another object, one changed in place
+        (``load_state_dict``, ``copy_``, ``set_``) has a new version, and one given new data with
+        ``buf.data = t`` (which bumps neither) has another data pointer."""
         key = self._ordered_key
-        if key is not None and key[0] is lo and key[1] is hi and key[2] == lo._version and key[3] == hi._version:
+        if (key is not None and key[0] is lo and key[1] is hi and key[2] == lo._version and key[3] == hi._version
+                and key[4] == lo.data_ptr() and key[5] == hi.data_ptr()):
             return self._ordered_val
         self._ordered_val = bool((lo <= hi).all())
-        self._ordered_key = (lo, hi, lo._version, hi._version)
+        self._ordered_key = (lo, hi, lo._version, hi._version, lo.data_ptr(), hi.data_ptr())
         return self._ordered_val
 
     def extra_repr(self) -> str:

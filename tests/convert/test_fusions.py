@@ -106,6 +106,14 @@ def test_numeric_chain_state_dict_copy_pickle_and_buffer_changes(monkeypatch):
     un.load_state_dict({**un.state_dict(), un_lo: torch.tensor(1.0), un_hi: torch.tensor(-1.0)})
     with torch.no_grad():
         assert _same(fu(x), un(x))
+    # ... and through `buf.data = t`, which bumps neither the object nor its version counter
+    un2, fu2 = _pair(numeric_model(), monkeypatch=monkeypatch)
+    with torch.no_grad():
+        fu2(x)  # caches "ordered"
+        for m, lo, hi in ((fu2, name_lo, name_hi), (un2, un_lo, un_hi)):
+            m.get_buffer(lo).data = torch.tensor(1.0)
+            m.get_buffer(hi).data = torch.tensor(-1.0)
+        assert _same(fu2(x), un2(x))
 
 
 def test_sub_div_clip_and_reversed_operands(monkeypatch):
