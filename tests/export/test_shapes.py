@@ -248,21 +248,6 @@ def test_a_size_ort_refuses_is_skipped_not_refused(keras, tmp_path):
     assert art.meta["backends"]["torch"]["matches"] is True and art.meta["backends"]["torch"]["shapes"] == 2
 
 
-def test_a_size_where_tf_returns_an_empty_output_is_skipped(tf, tmp_path):
-    """A VALID 5x2 pool of the 4x5 'small' size: TF returns (1, 0, 2, 3), onnxruntime (1, 1, 2, 3) and
-    torch raises. Not a size anyone feeds: skipped and recorded (the export was refused before)."""
-    fn = tf.function(lambda x: tf.nn.avg_pool(x, [1, 5, 2, 1], [1, 2, 2, 1], "VALID"),
-                     input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="x")])
-    x = np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 3)).astype(np.float32)
-    art = mmbridge.export(fn, sample_inputs={"x": x}, name="pool52", cache_dir=tmp_path)
-    ps = art.meta["parity_shapes"]
-    assert [s["shapes"]["x"] for s in ps["skipped"]] == [[1, 4, 5, 3]]
-    assert ps["skipped"][0]["reason"].startswith("TensorFlow returns an empty output at this size (output 'output' "
-                                                 "shape [1, 0, 2, 3]")
-    assert [c["shapes"]["x"] for c in ps["checked"]] == [[2, 8, 8, 3], [3, 9, 11, 3]]
-    assert art.meta["backends"]["torch"]["matches"] is True and art.meta["backends"]["torch"]["shapes"] == 2
-
-
 def test_size_targets_of_a_resize(keras, tmp_path):
     art = mmbridge.export(keras.layers.Resizing(12, 10), input_specs=IMAGE, name="resize", cache_dir=tmp_path,
                           tolerance=mmbridge.Tolerance(1e-3, 1e-4, "bilinear weights, see test_exporter"))
