@@ -89,8 +89,10 @@ class AuditReport:
         """``"N trainable values in Keras and torch, plus M never read by the forward ([paths])"``."""
         text = f"{self.keras_trainable_values:,} trainable values in Keras, {self.torch_trainable_values:,} in torch"
         if self.unread:
-            text += (f", plus {self.unread_trainable_values:,} never read by the forward (no gradient in Keras "
-                     f"either, not in the torch module): {self.unread}")
+            text += (f", plus {self.unread_trainable_values:,} not read by the exported forward (the inference "
+                     f"trace, training=False; no gradient in Keras from it either, not in the torch module): "
+                     f"{self.unread}. A variable the model reads only in training (an add_loss head, a "
+                     f"training-only branch) is not trained by the torch module")
         return text
 
     def to_dict(self) -> dict[str, Any]:

@@ -1244,8 +1244,9 @@ def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, 
     seconds["audit"] = round(time.perf_counter() - t0 - seconds["to_torch"], 3)
     out["audit"] = report.to_dict()
     report.raise_if_failed(what)
-    if report.unread:  # not an approximation (Keras never trains them either), but the counts differ: say why
-        logger.info("%s: %s", what, report.summary())
+    if report.unread:  # Keras' forward gives them no gradient either, but the counts differ and a
+        # training-only read (add_loss) would not be in the trace: say it where users see it
+        logger.warning("%s: %s", what, report.summary())
     floats = [o for o in model.graph.output if o.type.tensor_type.elem_type in (1, 10, 11, 16)]
     if not any(v["trainable"] for v in inventory["variables"]):
         out["train_parity"] = {"skipped": "the model has no trainable variables", "passed": None}
