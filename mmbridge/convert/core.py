@@ -160,10 +160,15 @@ def to_torch(source: Any, *, trainable: bool | None = None, allow_unverified: bo
     from mmbridge.convert import fusions as _fusions
     from mmbridge.convert.fusions import run_all as _run_fusions  # GELU, constant element-wise chains, views
 
+    constants_before = dict(gm.named_buffers())
     gm.mmbridge_fusions = _run_fusions(gm)
     gm.graph.eliminate_dead_code()  # Constant nodes whose value a converter folded into its module
     gm.delete_all_unused_submodules()
     _drop_unused_weights(gm)
+    after = dict(gm.named_buffers())
+    dropped = {k: v.detach() for k, v in constants_before.items() if k not in after}
+    if dropped:  # a state_dict saved before a fusion dropped them still loads (strict), when they are equal
+        gm._register_load_state_dict_pre_hook(FoldedConstants(dropped))
     for _, mod in list(gm.named_modules()):
         if hasattr(mod, "onnx_mapping"):
             del mod.onnx_mapping
@@ -744,6 +749,33 @@ def _fuse_silu(gm: fx.GraphModule) -> int:
         gm.graph.lint()
         gm.recompile()
     return fused
+
+
+class FoldedConstants:
+    """``load_state_dict`` pre-hook of a converted module: accepts the constant buffers a fusion
+    made unused (the negative-id wrap of an embedding lookup, GELU's 0.5 / sqrt 2, ...), which a
+    state_dict saved from a module converted without that fusion (an older mmbridge) still holds.
+
+    Each such key is taken out of the loaded dict when its value equals the constant the graph
+    had (same shape, ``torch.equal``); another value is a load error naming the key (the fused
+    module could not use it: it computes with the graph's constant). Picklable (a plain object).
+    """
+
+    def __init__(self, constants: dict[str, torch.Tensor]):
+        self.constants = dict(constants)
+
+    def __call__(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing_keys: list,
+                 unexpected_keys: list, error_msgs: list) -> None:
+        for name, value in self.constants.items():
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            got = state_dict.pop(key)
+            if not (isinstance(got, torch.Tensor) and got.shape == value.shape
+                    and torch.equal(got.to(value.dtype).cpu(), value.cpu())):
+                error_msgs.append(f"{key!r} is a constant of the ONNX graph that a fusion folded away (the module "
+                                  f"computes with {value.flatten()[:4].tolist()}), but the state_dict holds another "
+                                  f"value: convert with the fusions off, or drop the key from the state_dict")
 
 
 def _drop_unused_weights(gm: fx.GraphModule) -> None:

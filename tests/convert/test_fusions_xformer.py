@@ -88,6 +88,12 @@ def test_keras_take_becomes_one_embedding_lookup_with_equal_values_and_grads(ids
     # the fused module keeps the weights where they were (only the wrap's two constants go) and survives copies
     assert [k for k, _ in fu.named_parameters()] == [k for k, _ in un.named_parameters()]
     assert set(un.state_dict()) - set(fu.state_dict()) == {"weights.zero", "weights.n"}
+    # a state_dict of the unfused module (what an older mmbridge converted) still loads strictly;
+    # the dropped constants must hold the graph's values
+    fu.load_state_dict(un.state_dict(), strict=True)
+    bad = {**un.state_dict(), "weights.n": un.state_dict()["weights.n"] + 1}
+    with pytest.raises(RuntimeError, match="'weights.n' is a constant of the ONNX graph that a fusion folded away"):
+        fu.load_state_dict(bad, strict=True)
     assert fu.mmbridge_sources.items() <= un.mmbridge_sources.items()
     fu.eval()
     for clone in (copy.deepcopy(fu), pickle.loads(pickle.dumps(fu))):
