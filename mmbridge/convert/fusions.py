@@ -26,9 +26,9 @@ order; the one exception, GELU, is documented there and tested to a few ulp):
 * :func:`fuse_embedding_lookup`: ``Gather(table, ids, axis=0)`` of a 2-D weight (and the
   ``Cast`` / ``Less`` / ``Add`` / ``Where`` wrap of negative ids that Keras 3's ``Embedding``
   puts before it) -> one :class:`EmbeddingLookup` (``F.embedding``: the same rows, bit for bit).
-* :func:`fuse_pad_conv`: a zero ``Pad`` before a ``Conv`` (TF's asymmetric "same" padding,
-  Keras ``ZeroPadding2D``) -> :func:`mmbridge.convert.ops.conv.pad_conv`: the same kernels,
-  without keeping the padded copy for backward (memory, not speed).
+* :func:`fuse_pad_conv`: onnx2torch's ``Sequential(zero pad, ConvNd)`` (TF's asymmetric "same"
+  padding) -> :class:`mmbridge.convert.ops.conv.PadConv`: the same kernels, without keeping the
+  padded copy for backward (memory, not speed).
 """
 
 from __future__ import annotations
@@ -694,15 +694,15 @@ def fuse_pad_conv(gm: fx.GraphModule) -> int:
     * onnx2torch's ``Sequential(OnnxPadStatic, ConvNd)`` (a Conv with asymmetric ``pads``: TF's
       "same" padding of a stride-2 conv) and mmbridge's ``Sequential(SamePad, ConvNd)``
       (``auto_pad=SAME_*``) -> :class:`~mmbridge.convert.ops.conv.PadConv` with the same children
-      (``state_dict`` keys unchanged);
-    * a constant-0 ``Pad`` node (Keras ``ZeroPadding2D``) whose only user is a ``ConvNd`` module
-      -> one ``pad_conv`` call on the conv's own ``weight`` / ``bias`` (``get_attr``; the conv's
-      symmetric ``padding`` is added to the pads).
+      (``state_dict`` keys and module paths unchanged; it calls its children, hooks included,
+      whenever they are not the plain modules it fuses, see there).
 
-    Pads of N / C, negative pads (crops), other pad values and modes (reflect, edge, wrap) stay
-    as they are. Returns the number of convolutions rewritten.
+    A separate ``Pad`` node before a Conv module (Keras ``ZeroPadding2D``) is not fused: a fused
+    call would bypass the conv module (its hooks, a replacement of it). Pads of N / C, negative pads
+    (crops), other pad values and modes (reflect, edge, wrap) stay as they are. Returns the number
+    of convolutions rewritten.
     """
-    from mmbridge.convert.ops.conv import PadConv, pad_conv
+    from mmbridge.convert.ops.conv import PadConv
     from mmbridge.convert.ops.pad import Pad, SamePad
 
     done = 0
@@ -724,27 +724,4 @@ def fuse_pad_conv(gm: fx.GraphModule) -> int:
                 pad = Pad(pads)
             _replace_module(gm, node.target, PadConv(pad, mod[1]))
             done += 1
-            continue
-        if len(node.args) != 1 or node.kwargs or len(node.users) != 1:
-            continue
-        user = next(iter(node.users))
-        conv = _module(gm, user)
-        if not _plain_conv(conv) or user.args != (node,) or user.kwargs:
-            continue
-        rank = conv.weight.dim() - 2
-        pads = _zero_spatial_pads(mod, rank)
-        if pads is None:
-            continue
-        for j in range(rank):  # the conv's own symmetric padding, F.pad order (last axis first)
-            pads[2 * j] += int(conv.padding[rank - 1 - j])
-            pads[2 * j + 1] += int(conv.padding[rank - 1 - j])
-        with gm.graph.inserting_before(user):
-            w = gm.graph.get_attr(f"{user.target}.weight")
-            b = gm.graph.get_attr(f"{user.target}.bias") if conv.bias is not None else None
-            fused = gm.graph.call_function(pad_conv, (node.args[0], w, b, tuple(pads), tuple(conv.stride),
-                                                      tuple(conv.dilation), int(conv.groups)))
-        user.replace_all_uses_with(fused)
-        gm.graph.erase_node(user)
-        gm.graph.erase_node(node)
-        done += 1
     return done

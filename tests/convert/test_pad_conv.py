@@ -177,6 +177,10 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(xg.grad, xr.grad, rtol=0, atol=0)
     with torch.no_grad():
         _equal(compiled(x), _reference(x, mod[1].weight, None, *rest))
+        # a hook added after compiling is honoured (dynamo guards on the hook dicts and recompiles)
+        handle = mod[1].register_forward_hook(lambda m, args, out: out * 2)
+        _equal(compiled(x), 2 * _reference(x, mod[1].weight, None, *rest))
+        handle.remove()
 
 
 # ------------------------------------------------------------------------------------------
@@ -241,13 +245,16 @@ def test_same_upper_conv_becomes_padconv_at_any_size(monkeypatch, always_chunk):
         _check_same(unfused, fused, torch.randn(3, 4, side, side))
 
 
-def test_zero_pad_node_then_conv_becomes_one_call(monkeypatch, always_chunk):
+def test_zero_pad_node_then_conv_is_not_fused(monkeypatch):
+    """A separate Pad node (Keras ZeroPadding2D) stays: fusing it into a call on the conv's weight
+    bypassed the conv module (its hooks, a replacement of it)."""
     pads = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads")
     nodes = [helper.make_node("Pad", ["x", "pads"], ["p"], mode="constant"),
              helper.make_node("Conv", ["p", "w", "b"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])]
     unfused, fused = _pair(_model(nodes, _weights() + [pads], ("B", 6, 6, 6)), monkeypatch)
-    assert fused.mmbridge_fusions["pad_conv"] == 1
-    assert [n.target for n in fused.graph.nodes if n.op == "call_function"] == [pad_conv]
+    assert fused.mmbridge_fusions["pad_conv"] == 0
+    assert pad_conv not in [n.target for n in fused.graph.nodes if n.op == "call_function"]
+    assert [(n, type(m)) for n, m in fused.named_modules()][1:] == [(n, type(m)) for n, m in unfused.named_modules()][1:]
     _check_same(unfused, fused, torch.randn(4, 4, 9, 9))
 
 
@@ -287,7 +294,7 @@ def test_converted_graph_with_pad_conv_compiles_without_graph_breaks():
              helper.make_node("Conv", ["q", "w2"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1])]
     w2 = numpy_helper.from_array(np.random.default_rng(1).normal(size=(6, 6, 3, 3)).astype(np.float32), "w2")
     fused = tb.to_torch(_model(nodes, _weights() + [pads, w2], ("B", 6, 3, 3)), trainable=True)
-    assert fused.mmbridge_fusions["pad_conv"] == 2
+    assert fused.mmbridge_fusions["pad_conv"] == 1  # the Conv with pads=[0, 0, 1, 1]; the Pad node stays
     x = torch.randn(4, 4, 9, 9)
     fused(x).pow(2).sum().backward()
     eager = {n: p.grad.clone() for n, p in fused.named_parameters()}
@@ -299,3 +306,165 @@ def test_converted_graph_with_pad_conv_compiles_without_graph_breaks():
         torch.testing.assert_close(p.grad, eager[n], rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), fused(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# PadConv calls its children whenever they are hooked or replaced (checked at call time)
+# ------------------------------------------------------------------------------------------
+def _asym_pair(monkeypatch):
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1])
+    unfused, fused = _pair(_model([node], _weights(), ("B", 6, 5, 5)), monkeypatch)
+    (path,) = [n for n, m in fused.named_modules() if isinstance(m, PadConv)]
+    return unfused, fused, path
+
+
+@pytest.fixture
+def count_fused():
+    """How many times PadConv took the fused path (conv.pad_conv called). Its own MonkeyPatch:
+    _pair undoes the test's ``monkeypatch``."""
+    from mmbridge.convert.ops import conv
+
+    calls = []
+    real = conv.pad_conv
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(conv, "pad_conv", lambda *a: calls.append(1) or real(*a))
+        yield calls
+
+
+def test_named_modules_and_state_dict_keys_unchanged(monkeypatch):
+    unfused, fused, path = _asym_pair(monkeypatch)
+    assert [n for n, _ in fused.named_modules()] == [n for n, _ in unfused.named_modules()]
+    assert list(fused.state_dict()) == list(unfused.state_dict())
+    assert type(fused.get_submodule(f"{path}.1")) is torch.nn.Conv2d
+
+
+def test_forward_hook_on_conv_fires_and_changes_output(monkeypatch, count_fused):
+    unfused, fused, path = _asym_pair(monkeypatch)
+    x = torch.randn(4, 4, 9, 9)
+    with torch.no_grad():
+        ref = unfused(x)
+        _equal(fused(x), ref)
+        assert len(count_fused) == 1  # plain children: the fused path
+        seen = []
+        handle = fused.get_submodule(f"{path}.1").register_forward_hook(
+            lambda m, args, out: seen.append(args[0].shape) or out * 2)
+        _equal(fused(x), ref * 2)
+        assert seen == [torch.Size([4, 4, 10, 10])]  # the hook saw the padded input
+        assert len(count_fused) == 1
+        handle.remove()
+        _equal(fused(x), ref)
+        assert len(count_fused) == 2  # back to the fused path once the hook is gone
+
+
+def test_pre_hook_and_backward_hook_on_children_fire(monkeypatch, count_fused):
+    unfused, fused, path = _asym_pair(monkeypatch)
+    x = torch.randn(4, 4, 9, 9)
+    pad = fused.get_submodule(f"{path}.0")
+    handle = pad.register_forward_pre_hook(lambda m, args: (args[0] + 1,))
+    with torch.no_grad():
+        _equal(fused(x), unfused(x + 1))
+    handle.remove()
+    grads = []
+    conv = fused.get_submodule(f"{path}.1")
+    handle = conv.register_full_backward_hook(lambda m, gin, gout: grads.append(gout[0].shape))
+    fused(x.requires_grad_(True)).sum().backward()
+    handle.remove()
+    assert grads == [torch.Size([4, 6, 4, 4])]  # dL/d(conv output)
+    assert count_fused == []
+
+
+def test_global_module_hook_sees_the_conv(monkeypatch, count_fused):
+    _, fused, path = _asym_pair(monkeypatch)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(type(m).__name__))
+    try:
+        with torch.no_grad():
+            fused(torch.randn(2, 4, 9, 9))
+    finally:
+        handle.remove()
+    assert "Conv2d" in seen and "Pad" in seen
+    assert count_fused == []
+
+
+def test_replacing_or_parametrizing_the_conv_changes_the_output(monkeypatch, count_fused):
+    unfused, fused, path = _asym_pair(monkeypatch)
+    x = torch.randn(4, 4, 9, 9)
+    with torch.no_grad():
+        ref = unfused(x)
+    block = fused.get_submodule(path)
+
+    class Wrapper(torch.nn.Module):  # what PEFT LoRA / a QAT prepare puts at the conv's path
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, t):
+            return self.inner(t) + 1.0
+
+    conv = block[1]
+    block[1] = Wrapper(conv)
+    with torch.no_grad():
+        _equal(fused(x), ref + 1.0)
+    block[1] = conv
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    torch.nn.utils.parametrize.register_parametrization(conv, "weight", Double())  # subclasses Conv2d
+    with torch.no_grad():
+        want = F.conv2d(F.pad(x, [0, 1, 0, 1]), conv.parametrizations.weight.original * 2, conv.bias, 2)
+        _equal(fused(x), want)
+    assert count_fused == []
+
+
+# ------------------------------------------------------------------------------------------
+# torch.func and forward-mode AD (the fused Function has no vmap / jvp rule: unfused ops there)
+# ------------------------------------------------------------------------------------------
+def test_func_grad_and_per_sample_grads_equal_unfused(monkeypatch):
+    unfused, fused, _ = _asym_pair(monkeypatch)
+    x = torch.randn(3, 4, 9, 9, generator=torch.Generator().manual_seed(2))
+
+    def loss(model):
+        return lambda params, t: torch.func.functional_call(model, params, (t,)).pow(2).sum()
+
+    params = {n: p.detach() for n, p in unfused.named_parameters()}
+    got = torch.func.grad(loss(fused))(params, x)
+    want = torch.func.grad(loss(unfused))(params, x)
+    unfused.zero_grad(set_to_none=True)
+    unfused(x).pow(2).sum().backward()
+    for n, p in unfused.named_parameters():
+        _equal(got[n], want[n])
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-5)
+
+    def one(model):
+        return lambda params, t: loss(model)(params, t.unsqueeze(0))
+
+    got = torch.func.vmap(torch.func.grad(one(fused)), in_dims=(None, 0))(params, x)
+    want = torch.func.vmap(torch.func.grad(one(unfused)), in_dims=(None, 0))(params, x)
+    for n in params:
+        assert got[n].shape == (3, *params[n].shape)
+        _equal(got[n], want[n])
+
+
+def test_forward_ad_jvp_equals_unfused(monkeypatch):
+    unfused, fused, _ = _asym_pair(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    x, dx = torch.randn(4, 4, 9, 9, generator=g), torch.randn(4, 4, 9, 9, generator=g)
+    from torch.autograd import forward_ad
+
+    outs = []
+    for m in (unfused, fused):
+        with forward_ad.dual_level():
+            y = m(forward_ad.make_dual(x, dx))
+            outs.append([t.detach().clone() for t in forward_ad.unpack_dual(y)])
+    _equal(outs[1][0], outs[0][0])
+    _equal(outs[1][1], outs[0][1])
+    _, t_fused = torch.func.jvp(fused, (x,), (dx,))
+    torch.testing.assert_close(t_fused, outs[0][1], rtol=0, atol=0)
+    # a dual weight (tangent on the parameters), grad mode on
+    params = {n: p.detach() for n, p in unfused.named_parameters()}
+    tangents = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+    res = [torch.func.jvp(lambda p, m=m: torch.func.functional_call(m, p, (x,)), (params,), (tangents,))[1]
+           for m in (unfused, fused)]
+    _equal(res[1], res[0])

@@ -14,8 +14,8 @@ Conv is onnx2torch's (``Conv-22`` too: it only added types).
 
 :class:`PadConv` / :func:`pad_conv`: a zero ``Pad`` followed by a ``Conv`` (TF's asymmetric
 "same" padding: tf2onnx writes ``Conv`` with ``pads=[0, 0, 1, 1]``, which onnx2torch runs as
-``Sequential(OnnxPadStatic, Conv2d)``, and Keras ``ZeroPadding2D`` + ``Conv2D``), computing the
-same values with less memory: autograd saves the unpadded input and re-pads it in backward, and a
+``Sequential(OnnxPadStatic, Conv2d)``; a separate Keras ``ZeroPadding2D`` Pad node is left alone),
+computing the same values with less memory: autograd saves the unpadded input and re-pads it in backward, and a
 no-grad forward on CPU pads and convolves half of the batch at a time. Put in place by
 :func:`mmbridge.convert.fusions.fuse_pad_conv`.
 """
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from torch import nn
+from torch.autograd import forward_ad
 
 from mmbridge.convert.ops._common import TO_ORT, const, delegate, register, result
 from mmbridge.convert.ops.pad import Pad, SamePad
@@ -161,6 +162,17 @@ class _PadConvFn(torch.autograd.Function):
                 gb if bias_sizes is not None and need[2] else None, None, None, None, None)
 
 
+def _under_transform(*tensors: torch.Tensor | None) -> bool:
+    """True under a functorch transform (``torch.func.grad`` / ``vmap`` / ``jvp``...) or when an
+    operand is a forward-AD dual tensor: :class:`_PadConvFn` (an old-style autograd.Function, no
+    ``setup_context`` / vmap rule / ``jvp``) raises there, so :func:`pad_conv` runs the unfused ops."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if forward_ad._current_level < 0:  # no dual level entered: no tensor can carry a tangent
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def _padded_bytes(x: torch.Tensor, pads: list[int]) -> int:
     n = x.element_size()
     for i, size in enumerate(x.shape):
@@ -191,6 +203,10 @@ def pad_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p
         ``[N, M, *out]``: the values of the unfused ``F.pad`` + ``F.convNd`` (the same kernels on
         the same operands: bit-equal), gradients the same as autograd's through them.
 
+    Under a functorch transform (``torch.func.grad``, ``vmap``, ``jvp``, ``functional_call`` inside
+    them) or with a forward-AD dual operand it runs the unfused ``F.pad`` + ``F.convNd`` (same
+    values, the unfused memory): :class:`_PadConvFn` has no vmap / jvp rule.
+
     Memory, where it differs from the unfused ops:
 
     * when a gradient is recorded: :class:`_PadConvFn` saves ``x``, not its padded copy (the
@@ -211,6 +227,8 @@ def pad_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p
     """
     pads = [int(p) for p in pads]
     stride, dilation = [int(s) for s in stride], [int(d) for d in dilation]
+    if _under_transform(x, weight, bias):
+        return _padded_conv(x, weight, bias, pads, stride, dilation, groups)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         dev = x.device.type
         if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
@@ -238,11 +256,35 @@ def pad_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p
     return out
 
 
+_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _hooked(mod: nn.Module) -> bool:
+    """A module with forward / backward (pre-)hooks of its own (``_forward_hooks`` also holds the
+    with-kwargs and always-called ones)."""
+    return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """``nn.modules.module.register_module_forward_hook`` & co. are set (they fire on every module call)."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
+
+
 class PadConv(nn.Sequential):
     """``Sequential(pad, conv)`` (a zero :class:`~mmbridge.convert.ops.pad.Pad` or
     :class:`~mmbridge.convert.ops.pad.SamePad`, then ``nn.Conv{1,2,3}d`` with ``padding=0``)
     computed by :func:`pad_conv`: the same values, less memory (see there). Keeps the children
-    ``0`` / ``1`` of the Sequential it replaces, so ``state_dict`` keys do not change.
+    ``0`` / ``1`` of the Sequential it replaces, so ``state_dict`` keys and ``named_modules`` do not
+    change.
+
+    The fused path is taken only while, checked at every call, child ``1`` is exactly an
+    ``nn.Conv1d/2d/3d`` (not a subclass: LoRA / QAT / parametrized wrappers) with zero padding,
+    child ``0`` exactly a zero ``Pad`` / ``SamePad``, and neither child nor any global module hook
+    (``nn.modules.module.register_module_forward_hook`` & co.) has a hook (prune / ``spectral_norm``
+    pre-hooks, Grad-CAM forward hooks). Otherwise ``conv(pad(x))``: the children are called as the
+    ``nn.Sequential`` did, hooks and replaced modules included.
 
     Raises:
         ValueError: ``pad`` is not a zero pad of the spatial axes, or ``conv`` has its own padding.
@@ -261,7 +303,20 @@ class PadConv(nn.Sequential):
                              f"zero SamePad, got {pad}")
         super().__init__(pad, conv)
 
+    def _fusable(self, pad: nn.Module, conv: nn.Module) -> bool:
+        if type(conv) not in _PLAIN_CONVS or conv.padding_mode != "zeros" or isinstance(conv.padding, str) \
+                or any(conv.padding):
+            return False
+        if type(pad) is SamePad:
+            if pad.value != 0.0:
+                return False
+        elif type(pad) is not Pad or pad.mode != "constant" or pad.value != 0.0:
+            return False
+        return not (_hooked(pad) or _hooked(conv) or _global_hooks())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad, conv = self._modules["0"], self._modules["1"]
+        if not self._fusable(pad, conv):
+            return conv(pad(x))
         pads = pad.pads_for(x) if isinstance(pad, SamePad) else pad.pads
         return pad_conv(x, conv.weight, conv.bias, pads, conv.stride, conv.dilation, conv.groups)
