@@ -104,9 +104,43 @@ class Env:
 
 def _app(arch: str, size: int, **kw):
     def build(env):
-        return getattr(env.keras.applications, arch)(weights=None, include_top=False, pooling="avg",
-                                                     input_shape=(size, size, 3), **kw)
+        keras = env.keras
+        keras.backend.clear_session()  # the zoo run builds ~40 of these in one process: free the last one's graph
+        keras.utils.set_random_seed(0)
+        return getattr(keras.applications, arch)(weights=None, include_top=False, pooling="avg",
+                                                 input_shape=(size, size, 3), **kw)
     return build
+
+
+APP_MIN_SIZE = {"Xception": 71, "InceptionV3": 75, "InceptionResNetV2": 75}
+"""Smallest square input (px) ``keras.applications`` accepts with ``include_top=False`` where it is not 32
+(Keras' ``obtain_input_shape`` / the architectures' valid-padded stems: Xception 71, the Inceptions 75)."""
+
+APP_KWARGS = {"MobileNetV2": dict(alpha=0.35), "ConvNeXtTiny": dict(size=64)}
+"""Per-model overrides kept from the first zoo rows (MobileNetV2 at alpha 0.35, ConvNeXtTiny at 64 px)."""
+
+APPLICATIONS: tuple[str, ...] = (
+    # distinct layer types first (the zoo run goes in this order): Inception's asymmetric convs and
+    # valid pools, Xception's separable convs, MobileNetV3's hard-swish / squeeze-excite, EfficientNetV2's
+    # fused MBConv, ResNetV2's pre-activation, depthwise MobileNet, VGG's plain stack
+    "InceptionV3", "Xception", "MobileNetV3Small", "EfficientNetV2B0", "ResNet50V2", "InceptionResNetV2",
+    "MobileNet", "VGG16", "MobileNetV3Large",
+    # the families of the first zoo rows
+    "MobileNetV2", "EfficientNetB0", "ResNet50", "DenseNet121", "ConvNeXtTiny", "NASNetMobile",
+    # bigger variants of the families above, roughly by cost
+    "EfficientNetV2B1", "EfficientNetV2B2", "EfficientNetB1", "EfficientNetB2", "EfficientNetV2B3", "EfficientNetB3",
+    "VGG19", "DenseNet169", "DenseNet201", "ResNet101", "ResNet101V2", "EfficientNetV2S", "ConvNeXtSmall",
+    "ResNet152", "ResNet152V2", "EfficientNetB4", "EfficientNetB5", "ConvNeXtBase", "EfficientNetV2M",
+    "EfficientNetB6", "NASNetLarge", "ConvNeXtLarge", "EfficientNetB7", "EfficientNetV2L", "ConvNeXtXLarge",
+)
+"""Every model constructor of ``keras.applications`` (keras 3.15); :func:`test_applications_cover_the_module`
+fails when a Keras version adds or drops one."""
+
+
+def _app_case(arch: str) -> Case:
+    kw = dict(APP_KWARGS.get(arch, {}))
+    size = kw.pop("size", APP_MIN_SIZE.get(arch, 32))
+    return Case("keras.applications", arch, _app(arch, size, **kw))
 
 
 def _hub(cls: str, **kw):
@@ -314,12 +348,8 @@ CASES: list[Case] = [
     Case("keras-hub", "LlamaBackbone", _llama),
     Case("keras-hub", "ViTBackbone", _vit),
     Case("keras-hub", "ResNetBackbone", _hub_resnet),
-    Case("keras.applications", "MobileNetV2", _app("MobileNetV2", 32, alpha=0.35)),
-    Case("keras.applications", "EfficientNetB0", _app("EfficientNetB0", 32)),
-    Case("keras.applications", "ResNet50", _app("ResNet50", 32)),
-    Case("keras.applications", "DenseNet121", _app("DenseNet121", 32)),
-    Case("keras.applications", "ConvNeXtTiny", _app("ConvNeXtTiny", 64)),
-    Case("keras.applications", "NASNetMobile", _app("NASNetMobile", 32)),
+    # every keras.applications constructor, weights=None, include_top=False, pooling="avg", smallest input
+    *(_app_case(a) for a in APPLICATIONS),
     # MobileNetV2's train parity (3 SGD steps on 396k weights) costs ~1 min on 2 loaded cores: a zoo row;
     # the default run keeps the tf-keras grouped-conv row and tests/export/test_tf_keras_trainable.py
     Case("tf-keras", "MobileNetV2", _tfk_mobilenet),
@@ -363,7 +393,7 @@ def measure(case: Case, cache_dir: str, tmp: str) -> dict[str, Any]:
     from mmbridge.convert import core as tb
     from mmbridge.parity import load_golden
 
-    row: dict[str, Any] = {"family": case.family, "model": case.name}
+    row: dict[str, Any] = {"family": case.family, "model": case.name, "loadavg_1min": round(os.getloadavg()[0], 1)}
     t0 = time.perf_counter()
     try:
         src = case.build(Env(tmp))
@@ -388,6 +418,7 @@ def measure(case: Case, cache_dir: str, tmp: str) -> dict[str, Any]:
     row["ref_scale"] = max(float(np.abs(np.asarray(r, np.float64)).max()) for r in ref.values())
     row["ort_max_abs"] = _max_abs(mmbridge.parity.run_ort(art.onnx_path, inputs), ref)
     row["inputs"] = {s.name: [s.dtype, s.value_range] for s in art.input_specs}
+    row["input_shape"] = {s.name: list(s.shape) for s in art.input_specs}
     # a directory: the Keras side of the audit recorded at export (a tf-keras SavedModel reloaded for training)
     row["keras_params"] = (keras_trainable_count(src) if not isinstance(src, str)
                            else (art.meta.get("audit") or {}).get("keras_trainable_values"))
@@ -516,6 +547,15 @@ def test_family_exports_with_parity(case, workdir):
     assert row["compile_max_abs"] <= COMPILE_ATOL, row
     if case.family not in ("recurrent",):  # Loop bodies run in Python (trip count, condition): breaks there
         assert row["graph_breaks"] == 0, row
+
+
+def test_applications_cover_the_module(keras):
+    """The zoo's keras.applications rows are every model constructor the installed Keras exports."""
+    exported = {n for n in dir(keras.applications) if n[:1].isupper() and callable(getattr(keras.applications, n))}
+    assert len(APPLICATIONS) == len(set(APPLICATIONS)), "APPLICATIONS lists a model twice"
+    assert set(APPLICATIONS) == exported, (f"keras {keras.__version__}: add {sorted(exported - set(APPLICATIONS))}, "
+                                           f"drop {sorted(set(APPLICATIONS) - exported)} (APPLICATIONS)")
+    assert {c.name for c in CASES if c.family == "keras.applications"} == exported
 
 
 def test_bert_samples_respect_the_vocabularies(keras):
