@@ -46,6 +46,11 @@ COMPILE_BACKEND_ENV = "MMBRIDGE_COMPILE_BACKEND"
 """The ``torch.compile`` backend :func:`compile_row` uses (default: ``inductor`` for the zoo table (``MMBRIDGE_ZOO=1``), ``aot_eager`` in the default run, where inductor's C++ compiles cost minutes on 2 cores)."""
 
 
+ZOO_COMPILE_ENV = "MMBRIDGE_ZOO_COMPILE"
+"""``0``: the zoo rows skip :func:`compile_row` (the compile column says "not run"; the big
+keras.applications variants on 2 cores), graph breaks are still counted."""
+
+
 # ---------------------------------------------------------------------------------------------
 # the cases
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +450,7 @@ def measure(case: Case, cache_dir: str, tmp: str) -> dict[str, Any]:
             row["bf16_ok"] = False
             row["bf16_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
     row["torch_params"] = tb.parameter_count(tm, trainable_only=True)
-    if case.compile_by_default or os.environ.get("MMBRIDGE_ZOO"):
+    if case.compile_by_default or (os.environ.get("MMBRIDGE_ZOO") and os.environ.get(ZOO_COMPILE_ENV, "1") != "0"):
         row.update(compile_row(tm, art.input_specs))
     try:
         import torch._dynamo as dynamo
