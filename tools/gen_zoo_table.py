@@ -127,8 +127,9 @@ def render(rows: list[dict], atol: float, seconds: float, source: str | None = N
         "with a 1 in every row). Columns:",
         "",
         "* **ORT / torch max abs**: largest |difference| to TF's outputs on the export's sample inputs "
-        f"(golden.npz); the tests require ≤ {atol:g}. In brackets, relative to the largest |output| (randomly",
-        "  initialised CNNs without a top give outputs as small as 1e-15, where an absolute bound says little);",
+        f"(golden.npz); the tests require ≤ {atol:g} and ≤ 1e-4 × the largest |output| (`parity_bound`). In brackets,",
+        "  relative to the largest |output| (randomly initialised CNNs without a top give outputs as small as 1e-15,",
+        "  where an absolute bound alone says little);",
         "* **params torch / Keras**: `requires_grad` scalars of `art.to_torch()` vs Keras `trainable_weights`"
         " (✓: equal once the values the forward never reads, shown as \"+N never read\", are set apart);",
         "* **bf16**: a forward under `torch.autocast('cpu', bfloat16)` is finite and within 10 % of the output scale"
@@ -173,8 +174,8 @@ def render_section(name: str, rows: list[dict], atol: float, command: str, gaps:
            f"{time.strftime('%Y-%m-%d', time.gmtime())} from the rows of a test run ({len(rows)} rows, "
            f"{total:.0f} s of export in all, on 2 CPU cores shared with other jobs, {load}). Measured with:", "",
            f"    {command}", "",
-           f"Columns as in the table above; the tests require ORT / torch max abs ≤ {atol:g}. The export time includes",
-           "the training contract's checks (audit and train parity).", "",
+           f"Columns as in the table above; the tests require ORT / torch max abs ≤ {atol:g} and ≤ 1e-4 × the largest",
+           "|output|. The export time includes the training contract's checks (audit and train parity).", "",
            "| family | model (input) | export | ORT max abs | torch max abs | params torch / Keras | bf16 | graph breaks | compile |",
            "|---|---|---|---|---|---|---|---|---|", *lines, ""]
     if notes:
