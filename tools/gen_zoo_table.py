@@ -8,6 +8,9 @@ Usage (from the repository root)::
     # or from a test run (the rows the tests measured, no second export):
     MMBRIDGE_ZOO=1 MMBRIDGE_ZOO_ROWS=/tmp/rows.jsonl PYTHONPATH=. python -m pytest tests/export/test_families.py
     PYTHONPATH=. python tools/gen_zoo_table.py --rows /tmp/rows.jsonl
+    # keras.applications, one model per process, as its own section of docs/zoo.md (the rest kept):
+    MMBRIDGE_COMPILE_BACKEND=aot_eager PYTHON=.venv/bin/python tools/zoo_rows.sh /tmp/apps.jsonl 420 InceptionV3 Xception
+    PYTHONPATH=. python tools/gen_zoo_table.py --rows /tmp/apps.jsonl --section keras.applications
 
 Every case is exported with ``trainable=True`` and no ``sample_inputs`` into a fresh cache; a
 case that fails is a row with its error. The rows are also written as JSON (``--json``).
