@@ -8,6 +8,9 @@ Usage (from the repository root)::
     # or from a test run (the rows the tests measured, no second export):
     MMBRIDGE_ZOO=1 MMBRIDGE_ZOO_ROWS=/tmp/rows.jsonl PYTHONPATH=. python -m pytest tests/export/test_families.py
     PYTHONPATH=. python tools/gen_zoo_table.py --rows /tmp/rows.jsonl
+    # keras.applications, one model per process, as its own section of docs/zoo.md (the rest kept):
+    MMBRIDGE_COMPILE_BACKEND=aot_eager PYTHON=.venv/bin/python tools/zoo_rows.sh /tmp/apps.jsonl 420 InceptionV3 Xception
+    PYTHONPATH=. python tools/gen_zoo_table.py --rows /tmp/apps.jsonl --section keras.applications
 
 Every case is exported with ``trainable=True`` and no ``sample_inputs`` into a fresh cache; a
 case that fails is a row with its error. The rows are also written as JSON (``--json``).
@@ -52,6 +55,62 @@ def _one_line(text: str, n: int = 260) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+def table_lines(rows: list[dict], gaps: dict, note_prefix: str = "") -> tuple[list[str], list[str]]:
+    """The table rows (Markdown lines) and their numbered notes' texts; a note is referenced as
+    ``note {note_prefix}{n}`` (a prefix keeps two tables' notes apart on one page). A row with
+    ``not_run`` (a reason) was not measured and says so."""
+    p = note_prefix
+    lines: list[str] = []
+    notes: list[str] = []
+    for r in rows:
+        if r.get("not_run"):
+            lines.append(f"| {r['family']} | {r.get('label', r['model'])} | not run here (note {p}{len(notes) + 1}) | – | – | – | – | – | – |")
+            notes.append(f"{r['family']} {r['model']}: {r['not_run']}")
+            continue
+        if not r.get("export"):
+            lines.append(f"| {r['family']} | {r.get('label', r['model'])} | **no** (note {p}{len(notes) + 1}) | – | – | – | – | – | – |")
+            notes.append(f"{r['family']} {r['model']}: {r.get('error', '')}")
+            continue
+        kp = r.get("keras_params")
+        head_cells = (f"| {r['family']} | {r.get('label', r['model'])} | ok ({r.get('export_s', 0):.0f} s) | "
+                      f"{_fmt_err(r['ort_max_abs'], r.get('ref_scale'))} |")
+        if r.get("torch_error"):
+            note = len(notes) + 1
+            notes.append(f"{r['family']} {r['model']}: to_torch: {_one_line(r['torch_error'])}"
+                         + _gap(gaps, r, "torch"))
+            lines.append(f"{head_cells} **no** (note {p}{note}) | – / {'–' if kp is None else f'{kp:,}'} | – | – | – |")
+            continue
+        unread = int(r.get("unread_params") or 0)  # Keras trainable values the forward never reads
+        same = "" if kp is None else (" ✓" if kp - unread == r["torch_params"] else " ✗")
+        params = f"{r['torch_params']:,} / {'–' if kp is None else f'{kp:,}'}{same}"
+        if unread:
+            params += f" (+{unread:,} never read, note UNREAD)"
+        bf = ("ok" if r.get("bf16_ok") else "**no**") + (f" ({r['bf16_rel_err']:.0e})" if "bf16_rel_err" in r else "")
+        gb = str(r["graph_breaks"]) if r.get("graph_breaks") is not None else f"**fails** (note {p}{len(notes) + 1})"
+        if "compile_max_abs" not in r:
+            comp = "not run"
+        elif r["compile_max_abs"] is None:
+            comp = f"**fails** (note {p}{len(notes) + 1 + bool(r.get('dynamo_error'))})"
+        else:
+            comp = f"ok ({r.get('compile_backend')}, {r['compile_max_abs']:.0e})"
+        lines.append(f"{head_cells} {_fmt_err(r.get('torch_max_abs'), r.get('ref_scale'))} | {params} | {bf} | {gb} | {comp} |")
+        if r.get("dynamo_error"):
+            notes.append(f"{r['family']} {r['model']}: dynamo.explain failed: {_one_line(r['dynamo_error'], 120)}"
+                         + _gap(gaps, r, "dynamo"))
+        if r.get("compile_error"):
+            notes.append(f"{r['family']} {r['model']}: torch.compile failed: {_one_line(r['compile_error'], 120)}"
+                         + _gap(gaps, r, "dynamo"))
+        if unread:
+            notes.append(f"{r['family']} {r['model']}: {unread:,} Keras trainable values are never read by the "
+                         f"forward ({', '.join(r.get('unread') or [])}): no gradient in Keras either, so they are not "
+                         f"in the torch module; the export records them (keras_inventory['unread_variables'])")
+            lines[-1] = lines[-1].replace("note UNREAD", f"note {p}{len(notes)}", 1)
+        if r.get("keras_params") is not None and r.get("torch_params") != r["keras_params"] - unread:
+            notes.append(f"{r['family']} {r['model']}: parameter count differs" + _gap(gaps, r, "params"))
+            lines[-1] = lines[-1].replace(" ✗ |", f" ✗ (note {p}{len(notes)}) |", 1)
+    return lines, notes
+
+
 def render(rows: list[dict], atol: float, seconds: float, source: str | None = None,
            gaps: dict | None = None) -> str:
     """The Markdown page; ``gaps`` maps ``(family, model)`` to the known-gap reasons of its case."""
@@ -71,8 +130,9 @@ def render(rows: list[dict], atol: float, seconds: float, source: str | None = N
         "with a 1 in every row). Columns:",
         "",
         "* **ORT / torch max abs**: largest |difference| to TF's outputs on the export's sample inputs "
-        f"(golden.npz); the tests require ≤ {atol:g}. In brackets, relative to the largest |output| (randomly",
-        "  initialised CNNs without a top give outputs as small as 1e-15, where an absolute bound says little);",
+        f"(golden.npz); the tests require ≤ {atol:g} and ≤ 1e-4 × the largest |output| (`parity_bound`). In brackets,",
+        "  relative to the largest |output| (randomly initialised CNNs without a top give outputs as small as 1e-15,",
+        "  where an absolute bound alone says little);",
         "* **params torch / Keras**: `requires_grad` scalars of `art.to_torch()` vs Keras `trainable_weights`"
         " (✓: equal once the values the forward never reads, shown as \"+N never read\", are set apart);",
         "* **bf16**: a forward under `torch.autocast('cpu', bfloat16)` is finite and within 10 % of the output scale"
@@ -86,55 +146,59 @@ def render(rows: list[dict], atol: float, seconds: float, source: str | None = N
         "| family | model | export | ORT max abs | torch max abs | params torch / Keras | bf16 | graph breaks | compile |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    lines = []
-    notes = []
-    for r in rows:
-        if not r.get("export"):
-            lines.append(f"| {r['family']} | {r['model']} | **no** (note {len(notes) + 1}) | – | – | – | – | – | – |")
-            notes.append(f"{r['family']} {r['model']}: {r.get('error', '')}")
-            continue
-        kp = r.get("keras_params")
-        head_cells = (f"| {r['family']} | {r['model']} | ok ({r.get('export_s', 0):.0f} s) | "
-                      f"{_fmt_err(r['ort_max_abs'], r.get('ref_scale'))} |")
-        if r.get("torch_error"):
-            note = len(notes) + 1
-            notes.append(f"{r['family']} {r['model']}: to_torch: {_one_line(r['torch_error'])}"
-                         + _gap(gaps, r, "torch"))
-            lines.append(f"{head_cells} **no** (note {note}) | – / {'–' if kp is None else f'{kp:,}'} | – | – | – |")
-            continue
-        unread = int(r.get("unread_params") or 0)  # Keras trainable values the forward never reads
-        same = "" if kp is None else (" ✓" if kp - unread == r["torch_params"] else " ✗")
-        params = f"{r['torch_params']:,} / {'–' if kp is None else f'{kp:,}'}{same}"
-        if unread:
-            params += f" (+{unread:,} never read, note UNREAD)"
-        bf = ("ok" if r.get("bf16_ok") else "**no**") + (f" ({r['bf16_rel_err']:.0e})" if "bf16_rel_err" in r else "")
-        gb = str(r["graph_breaks"]) if r.get("graph_breaks") is not None else f"**fails** (note {len(notes) + 1})"
-        if "compile_max_abs" not in r:
-            comp = "not run"
-        elif r["compile_max_abs"] is None:
-            comp = f"**fails** (note {len(notes) + 1 + bool(r.get('dynamo_error'))})"
-        else:
-            comp = f"ok ({r.get('compile_backend')}, {r['compile_max_abs']:.0e})"
-        lines.append(f"{head_cells} {_fmt_err(r.get('torch_max_abs'), r.get('ref_scale'))} | {params} | {bf} | {gb} | {comp} |")
-        if r.get("dynamo_error"):
-            notes.append(f"{r['family']} {r['model']}: dynamo.explain failed: {_one_line(r['dynamo_error'], 120)}"
-                         + _gap(gaps, r, "dynamo"))
-        if r.get("compile_error"):
-            notes.append(f"{r['family']} {r['model']}: torch.compile failed: {_one_line(r['compile_error'], 120)}"
-                         + _gap(gaps, r, "dynamo"))
-        if unread:
-            notes.append(f"{r['family']} {r['model']}: {unread:,} Keras trainable values are never read by the "
-                         f"forward ({', '.join(r.get('unread') or [])}): no gradient in Keras either, so they are not "
-                         f"in the torch module; the export records them (keras_inventory['unread_variables'])")
-            lines[-1] = lines[-1].replace("note UNREAD", f"note {len(notes)}", 1)
-        if r.get("keras_params") is not None and r.get("torch_params") != r["keras_params"] - unread:
-            notes.append(f"{r['family']} {r['model']}: parameter count differs" + _gap(gaps, r, "params"))
-            lines[-1] = lines[-1].replace(" ✗ |", f" ✗ (note {len(notes)}) |", 1)
+    lines, notes = table_lines(rows, gaps)
     tail = ["", "A Keras count marked – has no Keras model in this process (a SavedModel directory is exported in",
             "a child process); a torch count marked – has no torch module (see the note).", ""]
     if notes:
         tail += ["## Notes", ""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)] + [""]
     return "\n".join(head + lines + tail)
+
+
+SECTION_BEGIN = "<!-- zoo-section:{name}:begin -->"
+SECTION_END = "<!-- zoo-section:{name}:end -->"
+
+
+def render_section(name: str, rows: list[dict], atol: float, command: str, gaps: dict | None = None) -> str:
+    """A self-contained section for ``docs/zoo.md``: a heading, how it was measured (``command``, date,
+    the 1-minute load average the rows recorded), the table of ``rows`` (the model cell shows the input
+    shape the row was exported at) and its notes, numbered ``<initial>1..`` so they do not collide with
+    the main table's. Columns as in the main table."""
+    p = "".join(w[0] for w in name.replace(".", " ").split()).upper()[:2] or "S"
+    labelled = []
+    for r in rows:
+        shape = next(iter((r.get("input_shape") or {}).values()), None)
+        labelled.append({**r, "label": r["model"] + (f" ({'×'.join(str(d) for d in shape[1:3])})" if shape else "")})
+    lines, notes = table_lines(labelled, gaps or {}, note_prefix=p)
+    loads = [r["loadavg_1min"] for r in rows if r.get("loadavg_1min") is not None]
+    load = f"1-minute load average {min(loads):g}–{max(loads):g} at the rows' starts" if loads else "load not recorded"
+    total = sum(r.get("export_s", 0) for r in rows)
+    out = [SECTION_BEGIN.format(name=name), f"## {name}", "",
+           f"Rendered by `tools/gen_zoo_table.py --rows ... --section {name!r}` on "
+           f"{time.strftime('%Y-%m-%d', time.gmtime())} from the rows of a test run ({len(rows)} rows, "
+           f"{total:.0f} s of export in all, on 2 CPU cores shared with other jobs, {load}). Measured with:", "",
+           f"    {command}", "",
+           f"Columns as in the table above; the tests require ORT / torch max abs ≤ {atol:g} and ≤ 1e-4 × the largest",
+           "|output|. The export time includes the training contract's checks (audit and train parity).", "",
+           "| family | model (input) | export | ORT max abs | torch max abs | params torch / Keras | bf16 | graph breaks | compile |",
+           "|---|---|---|---|---|---|---|---|---|", *lines, ""]
+    if notes:
+        out += [f"### Notes ({name})", ""] + [f"{p}{i}. {n}" for i, n in enumerate(notes, 1)] + [""]
+    return "\n".join(out + [SECTION_END.format(name=name)]) + "\n"
+
+
+def splice_section(page: str, name: str, section: str) -> str:
+    """``page`` with the section ``name`` replaced by ``section`` (appended when the page has none)."""
+    begin, end = SECTION_BEGIN.format(name=name), SECTION_END.format(name=name)
+    if begin in page and end in page:
+        i, j = page.index(begin), page.index(end) + len(end)
+        return page[:i] + section.rstrip("\n") + page[j:]
+    return page.rstrip("\n") + "\n\n" + section
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _gaps(mod) -> dict:
@@ -156,12 +220,28 @@ def main(argv: list[str] | None = None) -> int:
                     help="render the rows a test run wrote (MMBRIDGE_ZOO_ROWS=...) instead of measuring")
     ap.add_argument("--update", default=None, metavar="JSON",
                     help="rows of an earlier run (--json): re-measure only the selected cases, keep the others")
+    ap.add_argument("--section", default=None, metavar="NAME",
+                    help="with --rows: render the rows as the section NAME of --out (replaced, or appended), "
+                         "keeping the rest of the page; the rows are in the cases' order")
+    ap.add_argument("--command", default=None, help="with --section: the command that measured the rows (shown)")
     args = ap.parse_args(argv)
+    if args.section and not args.rows:
+        ap.error("--section needs --rows (the rows file of a test run)")
     mod = _cases_module()
     if args.rows:
         got = [json.loads(ln) for ln in Path(args.rows).read_text().splitlines() if ln.strip()]
         by_key = {(r["family"], r["model"]): r for r in got}
         rows = [by_key[(c.family, c.name)] for c in mod.CASES if (c.family, c.name) in by_key]
+        if args.section:
+            out = Path(args.out)
+            page = out.read_text() if out.exists() else ""
+            section = render_section(args.section, rows, mod.PARITY_ATOL,
+                                     args.command or f"MMBRIDGE_ZOO=1 {mod.ROWS_ENV}={args.rows} PYTHONPATH=. "
+                                                     "python -m pytest tests/export/test_families.py",
+                                     gaps=_gaps(mod))
+            _atomic_write(out, splice_section(page, args.section, section))
+            print(f"wrote section {args.section!r} of {args.out} ({len(rows)} rows)")
+            return 0
         Path(args.out).write_text(render(rows, mod.PARITY_ATOL, sum(r.get("export_s", 0) for r in rows),
                                          source="the rows of a `pytest tests/export/test_families.py` run "
                                                 f"({mod.ROWS_ENV}=...; export time only)",

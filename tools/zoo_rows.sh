@@ -1,0 +1,34 @@
+#!/bin/bash
+# Measure keras.applications zoo rows one model per process (a crash or an out-of-memory kill costs one
+# row; TF's graph state does not pile up), appending each row to ROWS for
+#   PYTHONPATH=. python tools/gen_zoo_table.py --rows ROWS --section keras.applications
+#
+# usage (repository root): tools/zoo_rows.sh ROWS LIMIT_S MODEL...
+#   ROWS     the rows file (JSON lines; MMBRIDGE_ZOO_ROWS)
+#   LIMIT_S  seconds one model's test may run; past it the row says "not measured" and why
+#   MODEL    keras.applications constructor names (tests/export/test_families.py APPLICATIONS)
+# env: PYTHON (default python), MMBRIDGE_COMPILE_BACKEND, MMBRIDGE_ZOO_COMPILE=0 (skip the compile column),
+#      ZOO_DEADLINE (epoch seconds: a model is not started with under 150 s left; its row says so)
+set -u
+rows=$1; lim=$2; shift 2
+py=${PYTHON:-python}
+mkdir -p "${ZOO_LOGS:-/tmp/zoo_logs}"
+for m in "$@"; do
+  limit=$lim
+  if [ -n "${ZOO_DEADLINE:-}" ]; then
+    left=$(( ZOO_DEADLINE - $(date +%s) ))
+    if [ $left -lt 150 ]; then
+      echo "{\"family\": \"keras.applications\", \"model\": \"$m\", \"export\": false, \"not_run\": \"not attempted in this run: the run's time budget ran out (rows run one at a time on a shared 2-core CPU)\"}" >> "$rows"
+      echo "$m: not attempted"; continue
+    fi
+    [ $left -lt $limit ] && limit=$left
+  fi
+  load=$(cut -d' ' -f1 /proc/loadavg); t0=$(date +%s)
+  MMBRIDGE_ZOO=1 MMBRIDGE_ZOO_ROWS="$rows" PYTHONPATH=. timeout "$limit" "$py" -m pytest -q -p no:cacheprovider \
+    "tests/export/test_families.py::test_family_exports_with_parity[keras.applications-$m]" > "${ZOO_LOGS:-/tmp/zoo_logs}/$m.log" 2>&1
+  rc=$?
+  echo "$m: rc=$rc $(( $(date +%s) - t0 )) s (load $load at start)"
+  if [ $rc = 124 ]; then
+    echo "{\"family\": \"keras.applications\", \"model\": \"$m\", \"export\": false, \"not_run\": \"not measured here: its test ran past the ${limit} s limit on the shared 2-core CPU (1-minute load $load at its start)\"}" >> "$rows"
+  fi
+done
