@@ -1,6 +1,7 @@
 """The foundation zoo through the *trainable* export at opset 18 and the torch backend (issue 3).
 
-``keras.applications`` ResNet50, MobileNetV2 (alpha 0.35), EfficientNetB0 and ConvNeXtTiny with
+``keras.applications`` MobileNetV2 (alpha 0.35), EfficientNetB0, ConvNeXtTiny (and ResNet50 with
+``MMBRIDGE_ZOO=1``) with
 ``weights=None``, ``include_top=False``, ``pooling="avg"``, exported with ``trainable=True`` at
 opset 18 (test_export.py covers the inference export at the default opset 17). Each converted
 module must have exactly Keras's trainable-parameter count and every BatchNormalization as a
@@ -31,6 +32,10 @@ from mmbridge.parity import TOLERANCES
 pytestmark = [pytest.mark.tf, pytest.mark.slow]
 
 ZOO = {"ResNet50": 32, "MobileNetV2": 32, "EfficientNetB0": 32, "ConvNeXtTiny": 64}
+if not os.environ.get("MMBRIDGE_ZOO"):
+    # ResNet50 (~4 min of export, contract and DDP here) runs with MMBRIDGE_ZOO=1 only, to keep CI well
+    # under 30 minutes: its layers are MobileNetV2's and EfficientNetB0's (Conv, BatchNorm, ReLU, Add)
+    del ZOO["ResNet50"]
 BN_COUNTS = {"ResNet50": 53, "MobileNetV2": 52, "EfficientNetB0": 49, "ConvNeXtTiny": 0}
 
 

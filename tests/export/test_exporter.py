@@ -145,7 +145,12 @@ def test_recurrent_text_encoders(keras, tmp_path, cell):
     _check(art, lambda t: model(t, training=False), {"tokens": tokens})
 
 
-ZOO = ["ResNet50", "MobileNetV2", "EfficientNetB0", "ConvNeXtTiny"]
+#: ResNet50 (107 s here) runs with MMBRIDGE_ZOO=1 only, to keep CI well under 30 minutes: its layers
+#: (Conv, BatchNorm, ReLU, residual Add) are MobileNetV2's and EfficientNetB0's, which run by default,
+#: and tests/export/test_families.py + docs/zoo.md cover it and every other keras.applications model
+ZOO = [pytest.param("ResNet50", marks=pytest.mark.skipif(not os.environ.get("MMBRIDGE_ZOO"),
+                                                        reason="zoo row: run with MMBRIDGE_ZOO=1 (CI time)")),
+       "MobileNetV2", "EfficientNetB0", "ConvNeXtTiny"]
 
 
 @pytest.mark.slow
