@@ -166,7 +166,8 @@ def to_torch(source: Any, *, trainable: bool | None = None, allow_unverified: bo
     gm.delete_all_unused_submodules()
     _drop_unused_weights(gm)
     after = dict(gm.named_buffers())
-    dropped = {k: v.detach() for k, v in constants_before.items() if k not in after}
+    # small constants only (scalars, a wrap's N, GELU's 0.5): nothing weight-sized is kept alive for this
+    dropped = {k: v.detach().clone() for k, v in constants_before.items() if k not in after and v.numel() <= 1024}
     if dropped:  # a state_dict saved before a fusion dropped them still loads (strict), when they are equal
         gm._register_load_state_dict_pre_hook(FoldedConstants(dropped))
     for _, mod in list(gm.named_modules()):
@@ -758,7 +759,8 @@ class FoldedConstants:
 
     Each such key is taken out of the loaded dict when its value equals the constant the graph
     had (same shape, ``torch.equal``); another value is a load error naming the key (the fused
-    module could not use it: it computes with the graph's constant). Picklable (a plain object).
+    module could not use it: it computes with the graph's constant). Only constants of at most
+    1,024 values are kept for this (a copy each). Picklable (a plain object).
     """
 
     def __init__(self, constants: dict[str, torch.Tensor]):
