@@ -55,6 +55,32 @@ def _one_line(text: str, n: int = 260) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+def _train_parity_cell(r: dict) -> str:
+    """The train-parity cell: worst |Keras - torch| / tolerance over the variables (< 1 passes; the
+    export refuses otherwise), "Keras floor" where Keras' own float32 sensitivity had to be measured,
+    and how many variables the steps moved by less than their measured noise ("below noise": there
+    the check could not tell a frozen weight from a trained one)."""
+    if r.get("train_parity_skipped"):
+        return "skipped"
+    ratio = r.get("train_parity_worst_ratio")
+    if ratio is None:
+        return "not recorded"
+    extra = [f"b{r['train_parity_batch']}"] if r.get("train_parity_batch") else []
+    if r.get("train_parity_keras_floor"):
+        extra.append("Keras floor")
+    if r.get("train_parity_inconclusive"):
+        of = f"/{r['train_parity_variables']}" if r.get("train_parity_variables") else ""
+        extra.append(f"{r['train_parity_inconclusive']}{of} below noise")
+    return f"ok ({ratio:.2f}{', ' + ', '.join(extra) if extra else ''})"
+
+
+def _train_step_cell(r: dict) -> str:
+    """torch / Keras training-step time (medians of interleaved rounds, one process) and the two medians."""
+    if r.get("train_step_ratio") is None:
+        return "not run" if not r.get("train_step_not_run") else "not run (" + _one_line(r["train_step_not_run"], 60) + ")"
+    return f"{r['train_step_ratio']:.2f}× ({r['torch_train_step_ms']:.3g} / {r['keras_train_step_ms']:.3g} ms, b{r['train_step_batch']})"
+
+
 def table_lines(rows: list[dict], gaps: dict, note_prefix: str = "") -> tuple[list[str], list[str]]:
     """The table rows (Markdown lines) and their numbered notes' texts; a note is referenced as
     ``note {note_prefix}{n}`` (a prefix keeps two tables' notes apart on one page). A row with
@@ -64,11 +90,11 @@ def table_lines(rows: list[dict], gaps: dict, note_prefix: str = "") -> tuple[li
     notes: list[str] = []
     for r in rows:
         if r.get("not_run"):
-            lines.append(f"| {r['family']} | {r.get('label', r['model'])} | not run here (note {p}{len(notes) + 1}) | – | – | – | – | – | – |")
+            lines.append(f"| {r['family']} | {r.get('label', r['model'])} | not run here (note {p}{len(notes) + 1}) | – | – | – | – | – | – | – | – |")
             notes.append(f"{r['family']} {r['model']}: {r['not_run']}")
             continue
         if not r.get("export"):
-            lines.append(f"| {r['family']} | {r.get('label', r['model'])} | **no** (note {p}{len(notes) + 1}) | – | – | – | – | – | – |")
+            lines.append(f"| {r['family']} | {r.get('label', r['model'])} | **no** (note {p}{len(notes) + 1}) | – | – | – | – | – | – | – | – |")
             notes.append(f"{r['family']} {r['model']}: {r.get('error', '')}")
             continue
         kp = r.get("keras_params")
@@ -78,7 +104,7 @@ def table_lines(rows: list[dict], gaps: dict, note_prefix: str = "") -> tuple[li
             note = len(notes) + 1
             notes.append(f"{r['family']} {r['model']}: to_torch: {_one_line(r['torch_error'])}"
                          + _gap(gaps, r, "torch"))
-            lines.append(f"{head_cells} **no** (note {p}{note}) | – / {'–' if kp is None else f'{kp:,}'} | – | – | – |")
+            lines.append(f"{head_cells} **no** (note {p}{note}) | – / {'–' if kp is None else f'{kp:,}'} | – | – | – | {_train_parity_cell(r)} | – |")
             continue
         unread = int(r.get("unread_params") or 0)  # Keras trainable values the forward never reads
         same = "" if kp is None else (" ✓" if kp - unread == r["torch_params"] else " ✗")
@@ -93,7 +119,8 @@ def table_lines(rows: list[dict], gaps: dict, note_prefix: str = "") -> tuple[li
             comp = f"**fails** (note {p}{len(notes) + 1 + bool(r.get('dynamo_error'))})"
         else:
             comp = f"ok ({r.get('compile_backend')}, {r['compile_max_abs']:.0e})"
-        lines.append(f"{head_cells} {_fmt_err(r.get('torch_max_abs'), r.get('ref_scale'))} | {params} | {bf} | {gb} | {comp} |")
+        lines.append(f"{head_cells} {_fmt_err(r.get('torch_max_abs'), r.get('ref_scale'))} | {params} | {bf} | {gb} | {comp} | "
+                     f"{_train_parity_cell(r)} | {_train_step_cell(r)} |")
         if r.get("dynamo_error"):
             notes.append(f"{r['family']} {r['model']}: dynamo.explain failed: {_one_line(r['dynamo_error'], 120)}"
                          + _gap(gaps, r, "dynamo"))
@@ -141,10 +168,20 @@ def render(rows: list[dict], atol: float, seconds: float, source: str | None = N
         "  ONNX `Loop`, which runs in Python);",
         "* **compile**: `torch.compile(module, backend=...)` vs the eager module, largest |difference| over batch 2 / 3",
         "  and, where the input has a dynamic sequence length, length 8 / 11 (`compile_row`; the tests require",
-        "  ≤ 1e-05; backend `inductor` with `MMBRIDGE_ZOO=1`, `aot_eager` in the default run, or `MMBRIDGE_COMPILE_BACKEND`).",
+        "  ≤ 1e-05; backend `inductor` with `MMBRIDGE_ZOO=1`, `aot_eager` in the default run, or `MMBRIDGE_COMPILE_BACKEND`);",
+        "* **train parity**: the trainable export's check (`mmbridge.export.contract.train_parity`: 3 SGD steps on",
+        "  Keras and on torch, every variable compared against a measured float32 noise floor): the worst",
+        "  |difference| / tolerance (< 1 passes; the export is refused otherwise), the batch, \"Keras floor\" where",
+        "  Keras' own float32 sensitivity had to be measured (a second Keras run from a one-ulp perturbed start),",
+        "  and how many variables of all the steps moved by less than their measured noise (\"below noise\": random",
+        "  deep CNNs without a top output as little as 1e-20, so many of their variables barely move in 3 steps; there",
+        "  the check cannot tell a frozen weight from a trained one, and the audit's exact parameter match is the proof);",
+        "* **train step torch / Keras**: one SGD step of `art.to_torch(trainable=True)` vs the Keras model's",
+        "  `tf.function` step on the same golden batch, medians of 7 interleaved rounds in one process (ms;",
+        "  `train_step_row`, measured with `MMBRIDGE_ZOO=1`; < 1: torch is faster).",
         "",
-        "| family | model | export | ORT max abs | torch max abs | params torch / Keras | bf16 | graph breaks | compile |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| family | model | export | ORT max abs | torch max abs | params torch / Keras | bf16 | graph breaks | compile | train parity | train step torch / Keras |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines, notes = table_lines(rows, gaps)
     tail = ["", "A Keras count marked – has no Keras model in this process (a SavedModel directory is exported in",
@@ -179,8 +216,8 @@ def render_section(name: str, rows: list[dict], atol: float, command: str, gaps:
            f"    {command}", "",
            f"Columns as in the table above; the tests require ORT / torch max abs ≤ {atol:g} and ≤ 1e-4 × the largest",
            "|output|. The export time includes the training contract's checks (audit and train parity).", "",
-           "| family | model (input) | export | ORT max abs | torch max abs | params torch / Keras | bf16 | graph breaks | compile |",
-           "|---|---|---|---|---|---|---|---|---|", *lines, ""]
+           "| family | model (input) | export | ORT max abs | torch max abs | params torch / Keras | bf16 | graph breaks | compile | train parity | train step torch / Keras |",
+           "|---|---|---|---|---|---|---|---|---|---|---|", *lines, ""]
     if notes:
         out += [f"### Notes ({name})", ""] + [f"{p}{i}. {n}" for i, n in enumerate(notes, 1)] + [""]
     return "\n".join(out + [SECTION_END.format(name=name)]) + "\n"

@@ -422,6 +422,12 @@ def measure(case: Case, cache_dir: str, tmp: str) -> dict[str, Any]:
     row["export_s"] = round(time.perf_counter() - t0, 1)
     tp, audit = art.meta.get("train_parity") or {}, art.meta.get("audit") or {}
     row["train_parity_worst_ratio"] = tp.get("worst_ratio")  # recorded by the trainable export (< 1 passes)
+    row["train_parity_skipped"] = tp.get("skipped")
+    # Keras' own float32 floor had to be measured (a second Keras run), and variables whose noise was as large as their movement
+    row["train_parity_keras_floor"] = tp.get("keras_floor_measured")
+    row["train_parity_inconclusive"] = tp.get("inconclusive")
+    row["train_parity_batch"] = tp.get("batch")
+    row["train_parity_variables"] = len(tp.get("rows") or [])
     row["batch_norms"] = (audit.get("counts") or {}).get("batch_norms")
     # Keras trainable weights the traced forward never reads (an untied ReversibleEmbedding's reverse_embeddings):
     # no gradient in Keras, no torch tensor; the params column counts them apart
@@ -470,7 +476,82 @@ def measure(case: Case, cache_dir: str, tmp: str) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         row["graph_breaks"] = None
         row["dynamo_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+    if os.environ.get("MMBRIDGE_ZOO") and os.environ.get(ZOO_TIMING_ENV, "1") != "0":
+        if isinstance(src, str):
+            row["train_step_not_run"] = "a SavedModel directory: no Keras model in this process to time"
+        else:
+            try:
+                row.update(train_step_row(src, art, inputs))
+            except Exception as exc:  # noqa: BLE001 - a row records why it failed
+                row["train_step_not_run"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     return row
+
+
+#: ``MMBRIDGE_ZOO_TIMING=0`` skips the training-step column of the zoo rows (it is measured with MMBRIDGE_ZOO=1).
+ZOO_TIMING_ENV = "MMBRIDGE_ZOO_TIMING"
+
+
+def train_step_row(model: Any, art: Any, inputs: dict[str, np.ndarray], rounds: int = 7) -> dict[str, Any]:
+    """One SGD training step of the converted torch module vs the Keras original, in one process.
+
+    Keras: the model's forward with ``training=True`` inside a ``tf.function`` (as ``model.fit``'s
+    train step runs), ``GradientTape`` gradients and ``w.assign_sub(lr * g)``; torch:
+    ``art.to_torch(trainable=True).train()``, ``backward`` and ``torch.optim.SGD.step``. Both take
+    ``mean(out ** 2)`` summed over the floating outputs, on the export's golden inputs (their batch;
+    NHWC for Keras, the torch module's layout for torch). Two warm-up steps each (the tf.function
+    trace), then ``rounds`` interleaved rounds; medians in ms and their ratio (torch / Keras, < 1:
+    torch is faster). A row for the table, not a speed assertion (those live in benchmarks/).
+    """
+    import statistics
+
+    from mmbridge.export._tf import import_tensorflow
+    from mmbridge.export.sources import _caller, call_structure
+
+    tf = import_tensorflow()
+    tf_specs = art.meta.get("tf_inputs", art.meta["inputs"])
+    nchw = {d["name"] for d in art.meta["inputs"] if d.get("layout") == "NCHW"}
+    tf_names = [d["name"] for d in tf_specs]
+    keras_xs = tuple(tf.constant(np.transpose(inputs[n], (0, 2, 3, 1)) if n in nchw else inputs[n]) for n in tf_names)
+    keras_call = _caller(model, call_structure(model), tf_names, tf, training=True)
+    variables = list(model.trainable_weights)
+    lr = 1e-4
+
+    @tf.function
+    def keras_step(xs: Any) -> Any:
+        with tf.GradientTape() as tape:
+            outs = [o for o in tf.nest.flatten(keras_call(xs)) if o.dtype.is_floating]
+            loss = tf.add_n([tf.reduce_mean(tf.square(o)) for o in outs])
+        for g, w in zip(tape.gradient(loss, variables), variables):
+            if g is not None:
+                w.assign_sub(lr * tf.convert_to_tensor(g))
+        return loss
+
+    tm = art.to_torch(trainable=True).train()
+    opt = torch.optim.SGD([q for q in tm.parameters() if q.requires_grad], lr=lr)
+    torch_xs = [torch.from_numpy(np.asarray(inputs[s.name])) for s in art.input_specs]
+
+    def torch_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = tm(*torch_xs)
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.is_floating_point()]
+        sum((o ** 2).mean() for o in outs).backward()
+        opt.step()
+
+    def timed(fn: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    keras_once = lambda: keras_step(keras_xs).numpy()  # noqa: E731 - .numpy() waits for the step
+    for _ in range(2):
+        keras_once(), torch_step()
+    k_ms, t_ms = [], []
+    for _ in range(rounds):
+        k_ms.append(timed(keras_once))
+        t_ms.append(timed(torch_step))
+    k, t = statistics.median(k_ms), statistics.median(t_ms)
+    return {"keras_train_step_ms": round(k, 3), "torch_train_step_ms": round(t, 3), "train_step_ratio": t / k,
+            "train_step_batch": int(torch_xs[0].shape[0]), "train_step_rounds": rounds}
 
 
 def compile_sizes(specs) -> list[dict[str, np.ndarray]]:
