@@ -60,3 +60,23 @@ def test_cli_renders_a_rows_file_as_a_section(tool, tmp_path):
     assert tool.main(["--rows", str(rows), "--section", "keras.applications", "--out", str(out), "--command", "C"]) == 0
     text = out.read_text()
     assert text.startswith("# Zoo\n\nkept\n") and "InceptionV3 (75×75)" in text and "<!-- zoo-section:keras.applications:end -->" in text
+
+
+def test_train_parity_and_train_step_cells(tool):
+    row = dict(ROWS[0], train_parity_worst_ratio=0.1234, train_parity_batch=4, train_parity_keras_floor=True,
+               train_parity_inconclusive=7, train_parity_variables=20, train_step_ratio=1.234,
+               torch_train_step_ms=12.3, keras_train_step_ms=9.97, train_step_batch=2)
+    lines, _ = tool.table_lines([row, ROWS[1], dict(ROWS[0], train_parity_skipped="no trainable variables")], {})
+    assert lines[0].endswith("| ok (0.12, b4, Keras floor, 7/20 below noise) | 1.23× (12.3 / 9.97 ms, b2) |")
+    assert lines[1].count("| – ") == 8  # a refused export: the 8 measured columns empty, the table stays 11 wide
+    assert lines[2].endswith("| skipped | not run |")
+    assert all(ln.count("|") == 12 for ln in lines)
+
+
+def test_rendering_the_main_table_keeps_the_page_sections(tool, tmp_path):
+    sec = tool.render_section("keras.applications", ROWS, 1e-4, "CMD")
+    page = tool.splice_section("# old main table\n", "keras.applications", sec)
+    kept = tool.existing_sections(page)
+    assert [n for n, _ in kept] == ["keras.applications"] and kept[0][1].strip() == sec.strip()
+    fresh = tool.splice_section("# new main table\n", *kept[0])
+    assert fresh.startswith("# new main table") and "InceptionV3 (75×75)" in fresh and "old main" not in fresh

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import sys
 import tempfile
 import time
@@ -139,8 +140,9 @@ def table_lines(rows: list[dict], gaps: dict, note_prefix: str = "") -> tuple[li
 
 
 def render(rows: list[dict], atol: float, seconds: float, source: str | None = None,
-           gaps: dict | None = None) -> str:
-    """The Markdown page; ``gaps`` maps ``(family, model)`` to the known-gap reasons of its case."""
+           gaps: dict | None = None, measured_with: str | None = None) -> str:
+    """The Markdown page; ``gaps`` maps ``(family, model)`` to the known-gap reasons of its case;
+    ``measured_with``: the command(s) that measured ``rows`` (shown under the regeneration commands)."""
     gaps = gaps or {}
     head = [
         "# Model zoo: what exports, and how well",
@@ -151,6 +153,8 @@ def render(rows: list[dict], atol: float, seconds: float, source: str | None = N
         f"    {COMMAND}                  # measures every case (about 10 min)",
         f"    {ROWS_COMMAND}",
         "",
+        *([f"The rows below were measured with (one run; 1-minute load average {_load_range(rows)} at the rows' starts):",
+           "", *[f"    {c}" for c in measured_with.split(" ;; ")], ""] if measured_with else []),
         "Every model is built from a tiny config with random weights (no downloads) and exported with",
         "`mmbridge.export(model, trainable=True)` **without `sample_inputs`**: the parity samples come from the",
         "model (token ids below its vocabularies, segment ids below its segment vocabulary, padding masks 1/0",
@@ -191,6 +195,11 @@ def render(rows: list[dict], atol: float, seconds: float, source: str | None = N
     return "\n".join(head + lines + tail)
 
 
+def _load_range(rows: list[dict]) -> str:
+    loads = [r["loadavg_1min"] for r in rows if r.get("loadavg_1min") is not None]
+    return f"{min(loads):g}–{max(loads):g}" if loads else "not recorded"
+
+
 SECTION_BEGIN = "<!-- zoo-section:{name}:begin -->"
 SECTION_END = "<!-- zoo-section:{name}:end -->"
 
@@ -221,6 +230,18 @@ def render_section(name: str, rows: list[dict], atol: float, command: str, gaps:
     if notes:
         out += [f"### Notes ({name})", ""] + [f"{p}{i}. {n}" for i, n in enumerate(notes, 1)] + [""]
     return "\n".join(out + [SECTION_END.format(name=name)]) + "\n"
+
+
+def existing_sections(page: str) -> list[tuple[str, str]]:
+    """The ``(name, text)`` of every section block of ``page`` (between its begin / end markers), in order."""
+    found = []
+    for m in re.finditer(r"<!-- zoo-section:(.+?):begin -->", page):
+        name = m.group(1)
+        end = SECTION_END.format(name=name)
+        j = page.find(end, m.start())
+        if j >= 0:
+            found.append((name, page[m.start():j + len(end)] + "\n"))
+    return found
 
 
 def splice_section(page: str, name: str, section: str) -> str:
@@ -260,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--section", default=None, metavar="NAME",
                     help="with --rows: render the rows as the section NAME of --out (replaced, or appended), "
                          "keeping the rest of the page; the rows are in the cases' order")
-    ap.add_argument("--command", default=None, help="with --section: the command that measured the rows (shown)")
+    ap.add_argument("--command", default=None, help="with --rows: the command(s) that measured the rows, shown on the "
+                                                    "page (separate several with ' ;; ')")
     args = ap.parse_args(argv)
     if args.section and not args.rows:
         ap.error("--section needs --rows (the rows file of a test run)")
@@ -279,11 +301,16 @@ def main(argv: list[str] | None = None) -> int:
             _atomic_write(out, splice_section(page, args.section, section))
             print(f"wrote section {args.section!r} of {args.out} ({len(rows)} rows)")
             return 0
-        Path(args.out).write_text(render(rows, mod.PARITY_ATOL, sum(r.get("export_s", 0) for r in rows),
-                                         source="the rows of a `pytest tests/export/test_families.py` run "
-                                                f"({mod.ROWS_ENV}=...; export time only)",
-                                         gaps=_gaps(mod)))
-        print(f"wrote {args.out} ({len(rows)} rows)")
+        page = render(rows, mod.PARITY_ATOL, sum(r.get("export_s", 0) for r in rows),
+                      source="the rows of a `pytest tests/export/test_families.py` run "
+                             f"({mod.ROWS_ENV}=...; export time only)",
+                      gaps=_gaps(mod), measured_with=args.command)
+        out = Path(args.out)
+        kept = existing_sections(out.read_text()) if out.exists() else []
+        for name, section in kept:  # the --section blocks of the page (rendered from other runs) stay
+            page = splice_section(page, name, section)
+        _atomic_write(out, page)
+        print(f"wrote {args.out} ({len(rows)} rows; kept sections {[n for n, _ in kept]})")
         return 0
     cases = [c for c in mod.CASES if (not args.fast or not c.slow)
              and (not args.only or any(o.lower() in c.name.lower() for o in args.only))]

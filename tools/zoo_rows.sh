@@ -8,8 +8,16 @@
 #   LIMIT_S  seconds one model's test may run; past it the row says "not measured" and why
 #   MODEL    keras.applications constructor names (tests/export/test_families.py APPLICATIONS)
 # env: PYTHON (default python), MMBRIDGE_COMPILE_BACKEND, MMBRIDGE_ZOO_COMPILE=0 (skip the compile column),
-#      ZOO_DEADLINE (epoch seconds: a model is not started with under 150 s left; its row says so)
+#      ZOO_DEADLINE (epoch seconds: a model is not started with under 150 s left; its row says so),
+#      ZOO_THREADS (default 1): TensorFlow's and torch's CPU threads in each row's process. One thread each keeps
+#      the train-step column fair and meaningful on a shared machine: torch's OpenMP parallel regions stall when
+#      other jobs take the cores (a 2-core machine at load 4 made one BatchNorm of a [2, 32, 8, 8] tensor take
+#      47 ms), and TF's pool behaves differently; ZOO_THREADS=0 leaves both libraries' defaults
 set -u
+threads=${ZOO_THREADS:-1}
+if [ "$threads" != 0 ]; then
+  export TF_NUM_INTRAOP_THREADS=$threads TF_NUM_INTEROP_THREADS=$threads OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
+fi
 rows=$1; lim=$2; shift 2
 py=${PYTHON:-python}
 mkdir -p "${ZOO_LOGS:-/tmp/zoo_logs}"

@@ -500,7 +500,8 @@ def train_step_row(model: Any, art: Any, inputs: dict[str, np.ndarray], rounds: 
     ``mean(out ** 2)`` summed over the floating outputs, on the export's golden inputs (their batch;
     NHWC for Keras, the torch module's layout for torch). Two warm-up steps each (the tf.function
     trace), then ``rounds`` interleaved rounds; medians in ms and their ratio (torch / Keras, < 1:
-    torch is faster). A row for the table, not a speed assertion (those live in benchmarks/).
+    torch is faster), with each side's thread count (``tools/zoo_rows.sh`` runs both at 1). A row
+    for the table, not a speed assertion (those live in benchmarks/).
     """
     import statistics
 
@@ -551,7 +552,9 @@ def train_step_row(model: Any, art: Any, inputs: dict[str, np.ndarray], rounds: 
         t_ms.append(timed(torch_step))
     k, t = statistics.median(k_ms), statistics.median(t_ms)
     return {"keras_train_step_ms": round(k, 3), "torch_train_step_ms": round(t, 3), "train_step_ratio": t / k,
-            "train_step_batch": int(torch_xs[0].shape[0]), "train_step_rounds": rounds}
+            "train_step_batch": int(torch_xs[0].shape[0]), "train_step_rounds": rounds,
+            # threads of each side (tools/zoo_rows.sh pins both to 1: TF_NUM_INTRAOP_THREADS, OMP_NUM_THREADS)
+            "torch_threads": torch.get_num_threads(), "tf_intra_op_threads": os.environ.get("TF_NUM_INTRAOP_THREADS", "default")}
 
 
 def compile_sizes(specs) -> list[dict[str, np.ndarray]]:
