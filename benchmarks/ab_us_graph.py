@@ -26,6 +26,12 @@ The clock is the thread's CPU time (``time.thread_time``; ``--clock wall`` for
 which wall time adds to whichever variant happened to run then. Printed: per variant the
 median per-call time (IQR) in us, and the median (IQR) of the per-round ratios of the pairs
 the issue's goals name, with the load average.
+
+Call form (``--form``): ``held`` (default) times ``out = fn()``, so the previous result is alive
+while the next call runs, as in a user's ``y = module(x)`` loop and in the bench's 100-call
+blocks (``mmbridge.bench.suites._us_block``); ``dropped`` times ``fn()`` with the result
+dropped at once (this script's form before: it hid the ``bind_output`` per call that main's
+module paid when the caller held the last result; docs/benchmarks.md has both forms).
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--clock", choices=("thread", "wall"), default="thread")
+    ap.add_argument("--form", choices=("held", "dropped"), default="held",
+                    help="held: out = fn() (the last result alive during the next call); dropped: fn()")
     args = ap.parse_args(argv)
 
     import onnx
@@ -147,14 +155,21 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(300):
             fn()
     res: dict[str, list[float]] = {k: [] for k in variants}
+    held = args.form == "held"
     for _ in range(args.rounds):
         for k, fn in variants.items():
+            out = None
             t0 = clock()
-            for _ in range(args.calls):
-                fn()
+            if held:
+                for _ in range(args.calls):
+                    out = fn()
+            else:
+                for _ in range(args.calls):
+                    fn()
             res[k].append((clock() - t0) / args.calls * 1e6)
-    print(f"clock={args.clock} rounds={args.rounds} calls={args.calls} batch={args.batch} features={args.features} "
-          f"torch={torch.__version__}")
+            del out
+    print(f"clock={args.clock} form={args.form} rounds={args.rounds} calls={args.calls} batch={args.batch} "
+          f"features={args.features} torch={torch.__version__}")
     for k, v in res.items():
         lo, med, hi = _quartiles(v)
         print(f"  {k:28s} {med:7.2f} us  (IQR {lo:.2f}-{hi:.2f})")

@@ -28,13 +28,17 @@ takes and returns torch tensors without copying them through numpy:
   known) takes a fast path: a closure built once for that signature (``_Runner.make_fast``),
   called from ``ORTModule.__call__`` without ``nn.Module.__call__``'s frames when no hook,
   ``module.compile()``, jit trace or patched ``nn.Module.__call__`` (fx's tracer) applies (any
-  of those: ``nn.Module.__call__`` as usual). Inputs are rebound only when their data pointer or
-  shape changed, and each output comes from a two-deep pool of tensors ORT wrote before, reused
-  (and its binding kept) only when nothing outside the pool references it (no Python
-  reference, no other holder of its TensorImpl (autograd, DLPack), no view on its storage) and
-  its pointer, shape and contiguity are unchanged (an in-place ``t_()`` / ``resize_`` /
-  ``set_`` by the caller retires it). A result the caller still holds is therefore never
-  overwritten; otherwise a fresh tensor is allocated. Anything else goes through the full path
+  of those: ``nn.Module.__call__`` as usual). The closure owns two slots, each its own IO
+  binding of the session with one pooled output tensor per graph output bound to it, taken in
+  turn off a FIFO (no lock: a thread that finds no slot free takes the full path), so that a
+  ``y = module(x)`` loop, which holds the previous result while the next call runs, binds
+  nothing per call. Inputs are rebound only when their data pointer changed; a pooled output is
+  written again only when nothing outside the pool can see it (no Python reference, no other
+  holder of its TensorImpl (autograd, DLPack), no view or storage reference) and it is as fresh
+  as ``torch.empty``'s (pointer, shape and contiguity unchanged; no ``requires_grad``,
+  ``.grad``, hook or attribute the caller gave it): :func:`_pool_free`. A result the caller
+  still holds is therefore never overwritten, nor a changed one handed out again; otherwise a
+  fresh tensor is allocated and bound to that slot. Anything else goes through the full path
   above.
 * **CUDA streams.** The session is created with ``user_compute_stream`` = torch's current
   stream on that device (or a dedicated stream when that is the legacy default stream). If a
@@ -263,7 +267,8 @@ _B_REF, _B_USE, _B_STORAGE, _B_STREF = _POOL_BASE or (-1, -1, -1, -1)  # -1: nev
 # what nn.Module._call_impl checks before calling forward directly (torch.nn.modules.module)
 _G_FWD, _G_FWD_PRE = _nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks
 _G_BWD, _G_BWD_PRE = _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks
-_MODULE_CALL = nn.Module.__call__
+_Module = nn.Module
+_MODULE_CALL = nn.Module.__call__  # fx's tracer patches nn.Module.__call__ while it traces
 
 
 class _Runner:
@@ -721,12 +726,14 @@ class ORTModule(nn.Module):
         d = self.__dict__
         fast = d["_fast"]
         # only when forward is this class's own: a subclass's forward or one set on the instance
-        # (accelerate's convert_outputs_to_fp32 wraps it so) must run
-        if (fast is not None and not kwargs and "forward" not in d and type(self).forward is _ORT_FORWARD
-                and d.get("_compiled_call_impl") is None and not (
+        # (accelerate's convert_outputs_to_fp32 wraps it so) must run; module.compile() sets
+        # _compiled_call_impl on the instance (nn.Module's class attribute is None): any instance
+        # value takes nn.Module.__call__
+        if (fast is not None and not kwargs and "forward" not in d and "_compiled_call_impl" not in d
+                and type(self).forward is _ORT_FORWARD and not (
                 d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
                 or _G_FWD or _G_FWD_PRE or _G_BWD or _G_BWD_PRE)
-                and nn.Module.__call__ is _MODULE_CALL):
+                and _Module.__call__ is _MODULE_CALL):
             try:
                 out = fast(args)
             except Exception:  # noqa: BLE001 - the full path retries / reports it
