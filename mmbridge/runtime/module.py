@@ -211,6 +211,7 @@ def _static_output_plan(model: Any, specs: Sequence[TensorSpec]) -> list[list[An
 
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+_getrefcount = sys.getrefcount
 _CPU = torch.device("cpu")
 _FAST_SLOTS = 2  # IO bindings (each with its pooled outputs) per fast-path signature, taken in turn
 
@@ -232,7 +233,7 @@ def _pool_counts(entry: tuple[torch.Tensor, Any, int, int]) -> tuple[int, int, i
     :func:`_pool_free` (the same locals hold the same objects), so that the counts of a tensor
     held only by its pool entry are calibrated once (:data:`_POOL_BASE`)."""
     c, st, cdata, _ptr = entry
-    return sys.getrefcount(c), c._use_count(), _storage_use_count(cdata), sys.getrefcount(st)
+    return _getrefcount(c), c._use_count(), _storage_use_count(cdata), _getrefcount(st)
 
 
 def _pool_free(entry: tuple[torch.Tensor, Any, int, int], shape: tuple[int, ...]) -> bool:
@@ -252,8 +253,8 @@ def _pool_free(entry: tuple[torch.Tensor, Any, int, int], shape: tuple[int, ...]
     (:func:`_pool_counts` on a fresh entry, at import).
     """
     c, st, cdata, ptr = entry
-    return (sys.getrefcount(c) == _B_REF and c._use_count() == _B_USE and _storage_use_count(cdata) == _B_STORAGE
-            and sys.getrefcount(st) == _B_STREF and c.data_ptr() == ptr and c.shape == shape and c.is_contiguous()
+    return (_getrefcount(c) == _B_REF and c._use_count() == _B_USE and _storage_use_count(cdata) == _B_STORAGE
+            and _getrefcount(st) == _B_STREF and c.data_ptr() == ptr and c.shape == shape and c.is_contiguous()
             and not c.requires_grad and c.grad is None and c._backward_hooks is None and not c.__dict__)
 
 
