@@ -16,6 +16,10 @@ one torch thread:
   wrapper;
 * ``ort_module``: this tree's ``to_ort()`` module, a plain call; ``ort_module_before``: the
   ``--before`` tree's ``mmbridge/runtime/module.py`` loaded next to it (same session options);
+  with ``--parts``, where the module's time goes: ``ort_module_closure`` (its fast-path closure
+  called directly: without ``ORTModule.__call__``'s frame and hook checks) and
+  ``ort_module_no_pool_check`` (a second module whose fast path was built with
+  ``_pool_free`` answering True: without the pool-reuse condition; unsafe, timing only);
 * ``torch_native``: ``((x - mu) * (1 / sd)).clamp_(-5, 5)`` under ``torch.no_grad()``;
 * ``torch_converted``: this tree's ``to_torch()`` under ``torch.no_grad()``;
   ``torch_converted_stock_calls``: the same module with fx's and ``nn.Module``'s stock
@@ -26,6 +30,12 @@ The clock is the thread's CPU time (``time.thread_time``; ``--clock wall`` for
 which wall time adds to whichever variant happened to run then. Printed: per variant the
 median per-call time (IQR) in us, and the median (IQR) of the per-round ratios of the pairs
 the issue's goals name, with the load average.
+
+Call form (``--form``): ``held`` (default) times ``out = fn()``, so the previous result is alive
+while the next call runs, as in a user's ``y = module(x)`` loop and in the bench's 100-call
+blocks (``mmbridge.bench.suites._us_block``); ``dropped`` times ``fn()`` with the result
+dropped at once (this script's form before: it hid the ``bind_output`` per call that main's
+module paid when the caller held the last result; docs/benchmarks.md has both forms).
 """
 
 from __future__ import annotations
@@ -78,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--clock", choices=("thread", "wall"), default="thread")
+    ap.add_argument("--parts", action="store_true", help="add the ort_module_closure / ort_module_no_pool_check variants")
+    ap.add_argument("--form", choices=("held", "dropped"), default="held",
+                    help="held: out = fn() (the last result alive during the next call); dropped: fn()")
     args = ap.parse_args(argv)
 
     import onnx
@@ -102,6 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     variants["ort_bare_public"] = bare
     mod = to_ort(str(path), intra_op_threads=1)
     variants["ort_module"] = lambda: mod(x)
+    if args.parts:
+        from mmbridge.runtime import module as ort_module
+
+        mod(x)
+        closure, args_x = mod._fast, (x,)
+        variants["ort_module_closure"] = lambda: closure(args_x)
+        saved_free = ort_module._pool_free
+        ort_module._pool_free = lambda entry, shape: True  # timing only: never do this outside a benchmark
+        try:
+            unchecked = to_ort(str(path), intra_op_threads=1)
+            unchecked(x)
+            unchecked(x)  # the fast path is built here, with the patched helper bound in it
+        finally:
+            ort_module._pool_free = saved_free
+        variants["ort_module_no_pool_check"] = lambda: unchecked(x)  # overwrites held results: timing only
     if args.before is not None:
         spec = importlib.util.spec_from_file_location("_before_module", args.before / "mmbridge/runtime/module.py")
         before = importlib.util.module_from_spec(spec)
@@ -147,18 +175,26 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(300):
             fn()
     res: dict[str, list[float]] = {k: [] for k in variants}
+    held = args.form == "held"
     for _ in range(args.rounds):
         for k, fn in variants.items():
+            out = None
             t0 = clock()
-            for _ in range(args.calls):
-                fn()
+            if held:
+                for _ in range(args.calls):
+                    out = fn()
+            else:
+                for _ in range(args.calls):
+                    fn()
             res[k].append((clock() - t0) / args.calls * 1e6)
-    print(f"clock={args.clock} rounds={args.rounds} calls={args.calls} batch={args.batch} features={args.features} "
-          f"torch={torch.__version__}")
+            del out
+    print(f"clock={args.clock} form={args.form} rounds={args.rounds} calls={args.calls} batch={args.batch} "
+          f"features={args.features} torch={torch.__version__}")
     for k, v in res.items():
         lo, med, hi = _quartiles(v)
         print(f"  {k:28s} {med:7.2f} us  (IQR {lo:.2f}-{hi:.2f})")
     pairs = [("ort_module", "ort_floor"), ("ort_module", "ort_bare_public"), ("ort_bare_public", "ort_floor"),
+             ("ort_module_closure", "ort_floor"), ("ort_module_no_pool_check", "ort_floor"),
              ("ort_module_before", "ort_floor"), ("ort_module_before", "ort_bare_public"),
              ("torch_converted", "torch_native"), ("torch_converted_stock_calls", "torch_native"),
              ("torch_converted_unfused", "torch_native")]

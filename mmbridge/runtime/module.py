@@ -28,13 +28,17 @@ takes and returns torch tensors without copying them through numpy:
   known) takes a fast path: a closure built once for that signature (``_Runner.make_fast``),
   called from ``ORTModule.__call__`` without ``nn.Module.__call__``'s frames when no hook,
   ``module.compile()``, jit trace or patched ``nn.Module.__call__`` (fx's tracer) applies (any
-  of those: ``nn.Module.__call__`` as usual). Inputs are rebound only when their data pointer or
-  shape changed, and each output comes from a two-deep pool of tensors ORT wrote before, reused
-  (and its binding kept) only when nothing outside the pool references it (no Python
-  reference, no other holder of its TensorImpl (autograd, DLPack), no view on its storage) and
-  its pointer, shape and contiguity are unchanged (an in-place ``t_()`` / ``resize_`` /
-  ``set_`` by the caller retires it). A result the caller still holds is therefore never
-  overwritten; otherwise a fresh tensor is allocated. Anything else goes through the full path
+  of those: ``nn.Module.__call__`` as usual). The closure owns two slots, each its own IO
+  binding of the session with one pooled output tensor per graph output bound to it, taken in
+  turn off a FIFO (no lock: a thread that finds no slot free takes the full path), so that a
+  ``y = module(x)`` loop, which holds the previous result while the next call runs, binds
+  nothing per call. Inputs are rebound only when their data pointer changed; a pooled output is
+  written again only when nothing outside the pool can see it (no Python reference, no other
+  holder of its TensorImpl (autograd, DLPack), no view or storage reference) and it is as fresh
+  as ``torch.empty``'s (pointer, shape and contiguity unchanged; no ``requires_grad``,
+  ``.grad``, hook or attribute the caller gave it): :func:`_pool_free`. A result the caller
+  still holds is therefore never overwritten, nor a changed one handed out again; otherwise a
+  fresh tensor is allocated and bound to that slot. Anything else goes through the full path
   above.
 * **CUDA streams.** The session is created with ``user_compute_stream`` = torch's current
   stream on that device (or a dedicated stream when that is the legacy default stream). If a
@@ -74,6 +78,7 @@ import logging
 import os
 import sys
 import threading
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -206,7 +211,9 @@ def _static_output_plan(model: Any, specs: Sequence[TensorSpec]) -> list[list[An
 
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+_getrefcount = sys.getrefcount
 _CPU = torch.device("cpu")
+_FAST_SLOTS = 2  # IO bindings (each with its pooled outputs) per fast-path signature, taken in turn
 
 
 def _pool_entry(o: torch.Tensor) -> tuple[torch.Tensor, Any, int, int]:
@@ -220,34 +227,49 @@ def _pool_entry(o: torch.Tensor) -> tuple[torch.Tensor, Any, int, int]:
     return o, st, st._cdata, o.data_ptr()
 
 
-def _inline_baselines() -> tuple[int, int, int, int]:
-    """What ``(sys.getrefcount(c), c._use_count(), storage use count, sys.getrefcount(storage
-    object))`` give for a tensor held
-    only by a runner's output pool (:func:`_pool_entry`), read with the statement shape of the
-    fast path's pool loop (calibrated once, so it follows the interpreter and the torch build).
+def _pool_counts(entry: tuple[torch.Tensor, Any, int, int]) -> tuple[int, int, int, int]:
+    """``(sys.getrefcount(tensor), TensorImpl use count, StorageImpl use count,
+    sys.getrefcount(storage object))`` of a pooled output, read with exactly the statements of
+    :func:`_pool_free` (the same locals hold the same objects), so that the counts of a tensor
+    held only by its pool entry are calibrated once (:data:`_POOL_BASE`)."""
+    c, st, cdata, _ptr = entry
+    return _getrefcount(c), c._use_count(), _storage_use_count(cdata), _getrefcount(st)
 
-    The fast path lets ORT overwrite a pooled output only when its counts equal these: no Python
-    reference outside the pool, no other holder of its TensorImpl (autograd, DLPack, C++) and no
-    view or other tensor on its storage, no Python reference to its storage object (torch hands
-    back the same ``untyped_storage()`` object the pool holds, so a caller keeping only
-    ``y.untyped_storage()`` adds no use count, only a reference), and its pointer, shape and
-    contiguity are the ones it was made with. A tensor the caller can still see is never reused."""
-    pool = [_pool_entry(torch.empty(1))]
-    for c, st, cdata, _ptr in pool:
-        return sys.getrefcount(c), c._use_count(), _storage_use_count(cdata), sys.getrefcount(st)
-    raise AssertionError
+
+def _pool_free(entry: tuple[torch.Tensor, Any, int, int], shape: tuple[int, ...]) -> bool:
+    """Whether the pooled output ``entry`` (:func:`_pool_entry`) may be written by onnxruntime
+    and handed out again: the one pool-reuse condition of the fast path.
+
+    True only when nothing outside the pool can see it and it is as a fresh ``torch.empty`` of
+    ``shape`` would be: no Python reference to the tensor (``sys.getrefcount``), no other holder
+    of its TensorImpl (autograd, DLPack, C++: ``Tensor._use_count``), no view or other tensor on
+    its storage and no Python reference to its storage object (torch hands back the pool's own
+    ``untyped_storage()`` object, so a caller keeping only ``y.untyped_storage()`` adds a
+    reference, not a use count); its data pointer, shape and contiguity unchanged (a caller's
+    ``t_()`` / ``resize_`` / ``set_`` / ``.data =`` before dropping it retires it); and none
+    of the state a caller can give the tensor object: ``requires_grad``, a ``.grad``, a backward
+    hook, an attribute (such a tensor was handed out again by the next call, requiring grad or
+    with the old ``.grad``). The counts are compared with :data:`_POOL_BASE`
+    (:func:`_pool_counts` on a fresh entry, at import).
+    """
+    c, st, cdata, ptr = entry
+    return (_getrefcount(c) == _B_REF and c._use_count() == _B_USE and _storage_use_count(cdata) == _B_STORAGE
+            and _getrefcount(st) == _B_STREF and c.data_ptr() == ptr and c.shape == shape and c.is_contiguous()
+            and not c.requires_grad and c.grad is None and c._backward_hooks is None and not c.__dict__)
 
 
 try:  # private torch APIs (Tensor._use_count, torch._C._storage_Use_Count): without them, no reuse
-    _INLINE_BASE: tuple[int, int, int, int] | None = _inline_baselines()
+    _POOL_BASE: tuple[int, int, int, int] | None = _pool_counts(_pool_entry(torch.empty(1)))
 except Exception:  # noqa: BLE001 - pragma: no cover - other torch builds
-    _INLINE_BASE = None
+    _POOL_BASE = None
+_B_REF, _B_USE, _B_STORAGE, _B_STREF = _POOL_BASE or (-1, -1, -1, -1)  # -1: never equal, never reused
 
 
 # what nn.Module._call_impl checks before calling forward directly (torch.nn.modules.module)
 _G_FWD, _G_FWD_PRE = _nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks
 _G_BWD, _G_BWD_PRE = _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks
-_MODULE_CALL = nn.Module.__call__
+_Module = nn.Module
+_MODULE_CALL = nn.Module.__call__  # fx's tracer patches nn.Module.__call__ while it traces
 
 
 class _Runner:
@@ -304,11 +326,6 @@ class _Runner:
         self.in_spec = list(zip(owner._in_names, owner._in_codes))
         # per input, the (data_ptr, shape) bound last: an unchanged input is not bound again
         self.bound: list[Any] = [None] * len(self.in_spec)
-        # fast path outputs: per output up to two tensors ORT wrote before, reused only when nothing
-        # outside this pool references them (see _inline_baselines), and the (pointer, shape) bound last
-        self.out_pool: list[list[tuple]] = [[] for _ in owner.output_names]  # _pool_entry tuples
-        self.out_next = [0] * len(owner.output_names)
-        self.out_bound: list[Any] = [None] * len(owner.output_names)
         self.out_spec = list(zip(owner.output_names, owner._out_codes, owner._out_dtypes))
         # Fast path: the pybind objects behind the public wrappers (same calls, fewer Python frames).
         cb, cs = getattr(self.binding, "_iobinding", None), getattr(self.session, "_sess", None)
@@ -348,7 +365,6 @@ class _Runner:
         cdev, bind_in, bind_out = self._cdev, self._bind_in, self._bind_out
         dev = None if not self.is_cuda else self.device
         with self.lock:
-            self.out_bound = [None] * len(self.out_spec)  # rebound below: the fast path must bind again
             bound = self.bound
             for i, ((name, code), t) in enumerate(zip(self.in_spec, tensors)):
                 now = (t.data_ptr(), t.shape)
@@ -387,135 +403,108 @@ class _Runner:
     def make_fast(self, key: tuple, out_shapes: Sequence[tuple], in_dtypes: Sequence[torch.dtype]) -> Any:
         """A closure ``fast(args)`` for repeated CPU calls with input shapes ``key`` and known
         output shapes: the result of the call (a tensor, or a tuple), or ``None`` when ``args``
-        do not qualify (the caller then takes the full path).
+        do not qualify (the caller then takes the full path); ``None`` instead of a closure
+        where this onnxruntime build has no pybind ``SessionIOBinding``.
 
-        Everything that does not depend on the call is bound here, once. Per call: one check
-        per input (exact ``torch.Tensor`` type, the graph's dtype, CPU, the cached shape, no
-        grad, contiguous: each of the full path's conditions), ``bind_input`` only when the
-        tensor's pointer or shape changed, and per output a pooled tensor that nothing outside
-        the pool references (:func:`_inline_baselines`; otherwise a fresh ``torch.empty``,
-        so a result the caller still holds is never overwritten), ``bind_output`` only when
-        the pointer changed, and the pybind ``run_with_iobinding`` call.
+        Everything that does not depend on the call is bound here, once. The closure owns
+        :data:`_FAST_SLOTS` slots, each its own ``IOBinding`` of this session with one pooled
+        tensor per output bound as its output, taken in turn (a FIFO): the caller's
+        ``y = module(x)`` loop holds the previous result while the next call runs, and the
+        other slot's binding already points at a free buffer, so no output is bound again
+        (with one binding the two pooled buffers were bound in turn, one ``bind_output`` per
+        call). Per call: one check per input (exact ``torch.Tensor`` type, the graph's dtype,
+        CPU, no grad, the cached shape, contiguous: each of the full path's conditions),
+        ``bind_input`` on the slot's binding only when the tensor's pointer changed, per output
+        the slot's tensor when :func:`_pool_free` says nothing outside the pool can see it
+        (otherwise a fresh ``torch.empty``, bound once, so a result the caller still holds is
+        never overwritten), and the pybind ``run_with_iobinding`` call. A slot is taken off the
+        FIFO for the call (``deque.popleft`` / ``append``, atomic under the GIL), so no lock is
+        needed: a thread that finds no slot free takes the full path (under :attr:`lock`, on
+        the runner's own binding), and onnxruntime runs one session's bindings concurrently.
         """
-        n_in = len(key)
+        if self._c_run is None:  # pragma: no cover - other onnxruntime builds: the full path only
+            return None
+        c_run, _c_binding, c_options = self._c_run
+        shapes_in = tuple(tuple(k) for k in key)
         checks = tuple(zip(in_dtypes, key))
-        outs_spec = tuple((j, name, code, dtype, tuple(shape))
-                          for j, ((name, code, dtype), shape) in enumerate(zip(self.out_spec, out_shapes)))
-        single = len(outs_spec) == 1
-        lock, bound, in_spec, pools, out_next = self.lock, self.bound, self.in_spec, self.out_pool, self.out_next
-        cdev, bind_in, bind_out, run = self._cdev, self._bind_in, self._bind_out, self._run
-        base = _INLINE_BASE
-        getrefcount, storage_use_count, empty, tensor_type = sys.getrefcount, _storage_use_count, torch.empty, torch.Tensor
-        runner = self
+        ins = tuple((name, code, shape) for (name, code), shape in zip(self.in_spec, shapes_in))
+        outs_spec = tuple((name, code, dtype, tuple(shape)) for (name, code, dtype), shape in zip(self.out_spec, out_shapes))
+        n_in = len(ins)
+        wrappers = [self.session.io_binding() for _ in range(_FAST_SLOTS)]  # kept alive by the closure
+        # a slot: [pybind binding, input pointers bound last, pool entries bound as outputs]
+        slots: deque[list[Any]] = deque([w._iobinding, [None] * n_in, [None] * len(outs_spec)] for w in wrappers)
+        popleft, append = slots.popleft, slots.append
+        cdev, free, empty, pool_entry, tensor_type = self._cdev, _pool_free, torch.empty, _pool_entry, torch.Tensor
 
-        if n_in == 1 and single and base is not None and self._c_run is not None:  # the common case, no loops
-            c_run, c_binding, c_options = self._c_run
+        if n_in == 1 and len(outs_spec) == 1:  # the common case, without loops
             (dt0, shape0), = checks
-            (_, oname, ocode, odtype, oshape), = outs_spec
-            pool0 = pools[0]
-            b0, b1, b2, b3 = base
-            (in_name, in_code), = in_spec
-            acquire, release = lock.acquire, lock.release
+            (in_name, in_code, in_shape), = ins
+            (oname, ocode, odtype, oshape), = outs_spec
 
             def fast1(args: tuple) -> Any:
                 try:
                     (t,) = args
                 except ValueError:
                     return None
-                if type(t) is not tensor_type or t.dtype is not dt0 or not t.is_cpu or t.requires_grad:
+                if (type(t) is not tensor_type or t.dtype is not dt0 or not t.is_cpu or t.requires_grad
+                        or t.shape != shape0 or not t.is_contiguous()):
                     return None
-                sh = t.shape
-                if sh != shape0 or not t.is_contiguous():
-                    return None
-                iptr = t.data_ptr()
-                acquire()
                 try:
-                    b = bound[0]  # (pointer, shape) bound last; the full path binds fresh Size objects
-                    if b is None or b[0] != iptr or b[1] is not shape0:
-                        bind_in(in_name, cdev, in_code, shape0, iptr)
-                        bound[0] = (iptr, shape0)
-                    o = None
-                    for c, st, cdata, ptr in pool0:  # the statement shape _inline_baselines calibrates
-                        if (getrefcount(c) == b0 and c._use_count() == b1 and storage_use_count(cdata) == b2
-                                and getrefcount(st) == b3 and c.data_ptr() == ptr and c.shape == oshape
-                                and c.is_contiguous()):
-                            o = c
-                            break
-                    if o is None:
-                        o = empty(oshape, dtype=odtype, device=_CPU)  # not torch's default device
-                        entry = _pool_entry(o)
-                        ptr = entry[3]
-                        if len(pool0) < 2:
-                            pool0.append(entry)
-                        else:
-                            pool0[out_next[0]] = entry
-                            out_next[0] ^= 1
-                    out_bound = runner.out_bound
-                    if out_bound[0] != ptr:
-                        bind_out(oname, cdev, ocode, oshape, ptr)
-                        out_bound[0] = ptr
-                    try:
-                        c_run(c_binding, c_options)
-                    except BaseException:
-                        runner.out_bound = [None]
-                        raise
+                    slot = popleft()
+                except IndexError:  # every slot is in a call on another thread
+                    return None
+                try:
+                    cb, iptr, es = slot
+                    ptr = t.data_ptr()
+                    if iptr[0] != ptr:
+                        cb.bind_input(in_name, cdev, in_code, in_shape, ptr)
+                        iptr[0] = ptr
+                    e = es[0]
+                    if e is None or not free(e, oshape):
+                        e = es[0] = pool_entry(empty(oshape, dtype=odtype, device=_CPU))  # not torch's default device
+                        cb.bind_output(oname, cdev, ocode, oshape, e[3])
+                    c_run(cb, c_options)
                 finally:
-                    release()
-                return o
+                    append(slot)
+                return e[0]
 
-            with lock:
-                self.out_bound = [None]
+            fast1.slots, fast1.bindings = slots, wrappers  # type: ignore[attr-defined]  # tests read slots
             return fast1
+
+        single = len(outs_spec) == 1
 
         def fast(args: tuple) -> Any:
             if len(args) != n_in:
                 return None
             for t, (dt, shape) in zip(args, checks):
-                if (type(t) is not tensor_type or t.dtype is not dt or not t.is_cpu or t.shape != shape
-                        or t.requires_grad or not t.is_contiguous()):
+                if (type(t) is not tensor_type or t.dtype is not dt or not t.is_cpu or t.requires_grad
+                        or t.shape != shape or not t.is_contiguous()):
                     return None
-            with lock:
+            try:
+                slot = popleft()
+            except IndexError:  # every slot is in a call on another thread
+                return None
+            try:
+                cb, iptrs, es = slot
                 for i, t in enumerate(args):
-                    now = (t.data_ptr(), t.shape)
-                    if bound[i] != now:  # the binding keeps the last (pointer, shape): rebind a change only
-                        name, code = in_spec[i]
-                        bind_in(name, cdev, code, now[1], now[0])
-                        bound[i] = now
+                    ptr = t.data_ptr()
+                    if iptrs[i] != ptr:  # the slot's binding keeps the last pointer: rebind a change only
+                        name, code, shape = ins[i]
+                        cb.bind_input(name, cdev, code, shape, ptr)
+                        iptrs[i] = ptr
                 outs = []
-                out_bound = runner.out_bound
-                for j, name, code, dtype, shape in outs_spec:
-                    pool = pools[j]
-                    o = None
-                    if base is not None:
-                        for c, st, cdata, ptr in pool:  # the statement shape _inline_baselines calibrates
-                            if (getrefcount(c) == base[0] and c._use_count() == base[1]
-                                    and storage_use_count(cdata) == base[2] and getrefcount(st) == base[3]
-                                    and c.data_ptr() == ptr
-                                    and c.shape == shape and c.is_contiguous()):
-                                o = c
-                                break
-                    if o is None:
-                        o = empty(shape, dtype=dtype, device=_CPU)  # not torch's default device
-                        entry = _pool_entry(o)
-                        ptr = entry[3]
-                        if len(pool) < 2:
-                            pool.append(entry)
-                        else:
-                            pool[out_next[j]] = entry
-                            out_next[j] ^= 1
-                    if out_bound[j] != ptr:  # shape is fixed per fast plan; a new plan resets out_bound
-                        bind_out(name, cdev, code, shape, ptr)
-                        out_bound[j] = ptr
-                    outs.append(o)
-                try:
-                    run()
-                except BaseException:
-                    runner.out_bound = [None] * len(outs_spec)
-                    raise
+                for j, (name, code, dtype, shape) in enumerate(outs_spec):
+                    e = es[j]
+                    if e is None or not free(e, shape):
+                        e = es[j] = pool_entry(empty(shape, dtype=dtype, device=_CPU))
+                        cb.bind_output(name, cdev, code, shape, e[3])
+                    outs.append(e[0])
+                c_run(cb, c_options)
+            finally:
+                append(slot)
             return outs[0] if single else tuple(outs)
 
-        with lock:
-            self.out_bound = [None] * len(outs_spec)  # outputs bound by another plan have other shapes
+        fast.slots, fast.bindings = slots, wrappers  # type: ignore[attr-defined]  # tests read slots
         return fast
 
 
@@ -738,12 +727,14 @@ class ORTModule(nn.Module):
         d = self.__dict__
         fast = d["_fast"]
         # only when forward is this class's own: a subclass's forward or one set on the instance
-        # (accelerate's convert_outputs_to_fp32 wraps it so) must run
-        if (fast is not None and not kwargs and "forward" not in d and type(self).forward is _ORT_FORWARD
-                and d.get("_compiled_call_impl") is None and not (
+        # (accelerate's convert_outputs_to_fp32 wraps it so) must run; module.compile() sets
+        # _compiled_call_impl on the instance (nn.Module's class attribute is None): any instance
+        # value takes nn.Module.__call__
+        if (fast is not None and not kwargs and "forward" not in d and "_compiled_call_impl" not in d
+                and type(self).forward is _ORT_FORWARD and not (
                 d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
                 or _G_FWD or _G_FWD_PRE or _G_BWD or _G_BWD_PRE)
-                and nn.Module.__call__ is _MODULE_CALL):
+                and _Module.__call__ is _MODULE_CALL):
             try:
                 out = fast(args)
             except Exception:  # noqa: BLE001 - the full path retries / reports it
