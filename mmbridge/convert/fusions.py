@@ -284,13 +284,19 @@ class ConstantElementwise(nn.Module):
         d = self.__dict__
         names = d["_own_names"]
         if names is not None:
-            # read each call: .to() / load_state_dict replace these entries; one C call
-            getter = d.get("_getter")
-            if getter is None:
-                getter = self._getter = operator.itemgetter(*names)
-            consts = getter(d["_buffers"])
-            if len(names) == 1:
-                consts = (consts,)
+            if _is_compiling():
+                # dynamo cannot call an operator.itemgetter: a module called eagerly once (which
+                # caches the getter) and then compiled broke the graph here
+                buffers = d["_buffers"]
+                consts = tuple(buffers[n] for n in names)
+            else:
+                # read each call: .to() / load_state_dict replace these entries; one C call
+                getter = d.get("_getter")
+                if getter is None:
+                    getter = self._getter = operator.itemgetter(*names)
+                consts = getter(d["_buffers"])
+                if len(names) == 1:
+                    consts = (consts,)
         elif d["slots"]:
             own = d["_buffers"]
             consts = [own[v] if kind == "own" else args[v] for kind, v in d["slots"]]

@@ -254,3 +254,33 @@ def test_fast_calls_keep_hooks_fx_tracing_and_compile(monkeypatch):
     assert explained.graph_break_count == 0, explained.break_reasons
     with torch.no_grad():
         assert _same(torch.compile(fu, backend="eager")(x), un(x))
+
+
+def test_constant_elementwise_with_own_buffers_compiles_after_an_eager_call():
+    """A fused chain whose constants are its own buffers caches an ``operator.itemgetter`` on its first
+    eager call; dynamo cannot call one, so a module run eagerly and then compiled broke the graph at
+    its first node (EfficientNetB0, ConvNeXtTiny and tf-keras RegNetX002 gained 1 break each)."""
+    mod = fusions.ConstantElementwise((("mul", 0, False, None, None), ("add", 1, False, None, None)),
+                                      slots=(("own", "c0"), ("own", "c1")))
+    mod.register_buffer("c0", torch.full((3,), 1 / 255.0))
+    mod.register_buffer("c1", torch.tensor([-0.5, 0.0, 0.5]))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = mod
+            self.fc = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(self.pre(x))
+
+    net, x = Net().eval(), torch.rand(4, 3) * 255
+    with torch.no_grad():
+        want = net(x)  # the eager call that caches the getter
+    assert "_getter" in mod.__dict__
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(net)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    with torch.no_grad():
+        assert torch.equal(torch.compile(net, backend="eager")(x), want)
+        assert torch.equal(mod(x), x * mod.c0 + mod.c1)  # the chain itself, as the unfused ops compute it
