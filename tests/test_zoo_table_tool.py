@@ -65,8 +65,14 @@ def test_cli_renders_a_rows_file_as_a_section(tool, tmp_path):
 def test_train_parity_and_train_step_cells(tool):
     row = dict(ROWS[0], train_parity_worst_ratio=0.1234, train_parity_batch=4, train_parity_keras_floor=True,
                train_parity_inconclusive=7, train_parity_variables=20, train_step_ratio=1.234,
-               torch_train_step_ms=12.3, keras_train_step_ms=9.97, train_step_batch=2)
-    lines, _ = tool.table_lines([row, ROWS[1], dict(ROWS[0], train_parity_skipped="no trainable variables")], {})
+               torch_train_step_ms=12.3, keras_train_step_ms=9.97, train_step_batch=2, torch_threads=1,
+               tf_intra_op_threads="1")
+    lines, _ = tool.table_lines([row, ROWS[1], dict(ROWS[0], train_parity_skipped="no trainable variables"),
+                                 dict(ROWS[0], trainable_export=False)], {})
+    assert "| frozen export (trainable=False) |" in lines[3]
+    unpinned, _ = tool.table_lines([dict(row, torch_threads=2, tf_intra_op_threads="default", train_parity_passed=False)], {})
+    assert unpinned[0].endswith("| **no** (0.12, b4, Keras floor, 7/20 below noise) | 1.23× (12.3 / 9.97 ms, b2, "
+                                "threads torch 2 / TF default) |")
     assert lines[0].endswith("| ok (0.12, b4, Keras floor, 7/20 below noise) | 1.23× (12.3 / 9.97 ms, b2) |")
     assert lines[1].count("| – ") == 8  # a refused export: the 8 measured columns empty, the table stays 11 wide
     assert lines[2].endswith("| skipped | not run |")

@@ -61,6 +61,8 @@ def _train_parity_cell(r: dict) -> str:
     export refuses otherwise), "Keras floor" where Keras' own float32 sensitivity had to be measured,
     and how many variables the steps moved by less than their measured noise ("below noise": there
     the check could not tell a frozen weight from a trained one)."""
+    if r.get("trainable_export") is False:
+        return "frozen export (trainable=False)"
     if r.get("train_parity_skipped"):
         return "skipped"
     ratio = r.get("train_parity_worst_ratio")
@@ -72,14 +74,18 @@ def _train_parity_cell(r: dict) -> str:
     if r.get("train_parity_inconclusive"):
         of = f"/{r['train_parity_variables']}" if r.get("train_parity_variables") else ""
         extra.append(f"{r['train_parity_inconclusive']}{of} below noise")
-    return f"ok ({ratio:.2f}{', ' + ', '.join(extra) if extra else ''})"
+    verdict = "**no**" if r.get("train_parity_passed") is False else "ok"
+    return f"{verdict} ({ratio:.2f}{', ' + ', '.join(extra) if extra else ''})"
 
 
 def _train_step_cell(r: dict) -> str:
     """torch / Keras training-step time (medians of interleaved rounds, one process) and the two medians."""
     if r.get("train_step_ratio") is None:
         return "not run" if not r.get("train_step_not_run") else "not run (" + _one_line(r["train_step_not_run"], 60) + ")"
-    return f"{r['train_step_ratio']:.2f}× ({r['torch_train_step_ms']:.3g} / {r['keras_train_step_ms']:.3g} ms, b{r['train_step_batch']})"
+    threads = {str(r.get("torch_threads", "?")), str(r.get("tf_intra_op_threads", "?"))}
+    t = "" if threads == {"1"} else f", threads torch {r.get('torch_threads', '?')} / TF {r.get('tf_intra_op_threads', '?')}"
+    return (f"{r['train_step_ratio']:.2f}× ({r['torch_train_step_ms']:.3g} / {r['keras_train_step_ms']:.3g} ms, "
+            f"b{r['train_step_batch']}{t})")
 
 
 def table_lines(rows: list[dict], gaps: dict, note_prefix: str = "") -> tuple[list[str], list[str]]:
@@ -182,7 +188,8 @@ def render(rows: list[dict], atol: float, seconds: float, source: str | None = N
         "  the check cannot tell a frozen weight from a trained one, and the audit's exact parameter match is the proof);",
         "* **train step torch / Keras**: one SGD step of `art.to_torch(trainable=True)` vs the Keras model's",
         "  `tf.function` step on the same golden batch, medians of 7 interleaved rounds in one process (ms;",
-        "  `train_step_row`, measured with `MMBRIDGE_ZOO=1`; < 1: torch is faster).",
+        "  `train_step_row`, measured with `MMBRIDGE_ZOO=1`; < 1: torch is faster), both on one CPU thread",
+        "  (`tools/zoo_rows.sh` sets `TF_NUM_INTRAOP_THREADS` / `OMP_NUM_THREADS`; other counts are shown).",
         "",
         "| family | model | export | ORT max abs | torch max abs | params torch / Keras | bf16 | graph breaks | compile | train parity | train step torch / Keras |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -11,11 +11,17 @@
   sensitivity is measured before it is called a mismatch: the same Keras steps again from weights
   moved by one ulp each (``keras_floor`` of the row): on some deep random-init nets at small inputs
   (DenseNet169 at 32 px, batch 4) the Keras steps are far more sensitive to rounding than torch's,
-  which the torch floor alone cannot see. A real mismatch (a folded BatchNorm, a wrong momentum, an unbiased running
-  variance, a frozen weight) is deterministic: it is orders of magnitude above both floors, and a
-  one-ulp change of the start does not move it; float32 rounding is not.
+  which the torch floor alone cannot see. A real mismatch (a folded BatchNorm, a wrong momentum,
+  an unbiased running variance, a frozen weight) is deterministic: a one-ulp change of the start
+  does not move it, so where the measured noise is small beside a variable's movement it stands
+  far above both floors. Where the noise is as large as the movement
+  (:meth:`TrainParityReport.inconclusive`) the check cannot see a mismatch on that variable; those
+  are listed. Layers that draw random values in training besides Dropout (``GaussianNoise``,
+  ``GaussianDropout``, ``AlphaDropout``, ``Random*`` augmentation) are refused by name: the
+  exported graph does not have them, and noise against noise has no floor.
 
-Neither changes the Keras model: weights and Dropout rates are restored afterwards.
+Neither changes the Keras model: its weights, Dropout rates and other variables (Keras 3 seed
+generator states) are restored afterwards.
 """
 
 from __future__ import annotations
@@ -273,6 +279,12 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
     layers_mod = (sys.modules["tf_keras"] if tf_keras else keras).layers
     dropouts = [ly for ly in _iter_layers(model) if isinstance(ly, layers_mod.Dropout)]
     rates = [ly.rate for ly in dropouts]
+    problems.extend(_stochastic_layer_problems(model))
+    # every other Keras variable (Keras 3 SeedGenerator states, integer counters): reset before each
+    # Keras run and restored afterwards, so the steps leave the model exactly as it was
+    weight_ids = {id(w) for w in weights}
+    others = [v for v in getattr(model, "variables", []) if id(v) not in weight_ids]
+    others_initial = [np.array(v.numpy(), copy=True) for v in others]
 
     def torch_copy(dtype: torch.dtype) -> Any:
         m = copy.deepcopy(module).to(dtype).train()
@@ -317,6 +329,8 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
 
     def keras_steps(record_torch: bool) -> list[np.ndarray]:
         """The Keras SGD steps from the current weights (and, on the first run, the torch steps beside them)."""
+        for v, init in zip(others, others_initial):
+            v.assign(init)
         # Keras 3's SGD for Keras 3 models; plain ``w -= lr * g`` (what SGD without momentum does) for
         # tf-keras ones, whose tf.Variables a Keras 3 optimizer does not take
         opt_k = None if tf_keras else keras.optimizers.SGD(learning_rate=lr)
@@ -382,7 +396,40 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
             ly.rate = r
         for v, init in zip(weights, initial):
             v.assign(init)
+        for v, init in zip(others, others_initial):
+            v.assign(init)
     return TrainParityReport(steps=steps, lr=lr, rows=rows, problems=problems)
+
+
+#: Keras layers that draw random values in training besides Dropout (which the comparison sets to
+#: rate 0 and the audit checks): the exported inference graph has none of them.
+_NOISE_LAYERS = {"GaussianNoise": "stddev", "GaussianDropout": "rate", "AlphaDropout": "rate"}
+
+
+def _stochastic_layer_problems(model: Any) -> list[str]:
+    """One problem per Keras layer that adds randomness in training which the export does not keep:
+    ``GaussianNoise`` / ``GaussianDropout`` / ``AlphaDropout`` with a non-zero stddev / rate, and the
+    augmentation layers that act in training only (``RandomFlip``, ``RandomRotation``, ...: the
+    ``inactive`` entries of :data:`mmbridge.export.augment.LAYERS`). The torch module, converted from the inference trace, trains without
+    them; a comparison of the two would also be noise against noise (no floor can tell)."""
+    from mmbridge.export.augment import BY_NAME  # Keras 3.15's augmentation layers, by class name
+
+    out = []
+    for ly in _iter_layers(model):
+        cls = type(ly).__name__
+        attr = _NOISE_LAYERS.get(cls)
+        aug = BY_NAME.get(cls)
+        if attr is not None and float(getattr(ly, attr, 0.0) or 0.0) > 0.0:
+            what = f"{cls}, {attr} {float(getattr(ly, attr)):g}"
+        elif aug is not None and aug.inactive:  # a training-only transform (not e.g. Resizing, the same in both)
+            what = f"{cls}, an augmentation layer; at inference: {aug.inference}"
+        else:
+            continue
+        out.append(f"Keras layer {ly.name!r} ({what}) draws random values in training, which the exported graph "
+                   f"(the inference trace) does not: the torch module would train without it. Export the model "
+                   f"without it and apply it in the torch training loop (a Random* layer can be bridged on its own "
+                   f"with export(layer, training=True)), or export with trainable=False")
+    return out
 
 
 def _compare(inventory: Mapping[str, Any], initial: Sequence[np.ndarray], after: Sequence[np.ndarray],

@@ -78,6 +78,7 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -212,6 +213,7 @@ def _static_output_plan(model: Any, specs: Sequence[TensorSpec]) -> list[list[An
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 _getrefcount = sys.getrefcount
+_getweakrefcount = weakref.getweakrefcount
 _CPU = torch.device("cpu")
 _FAST_SLOTS = 2  # IO bindings (each with its pooled outputs) per fast-path signature, taken in turn
 
@@ -246,16 +248,19 @@ def _pool_free(entry: tuple[torch.Tensor, Any, int, int], shape: tuple[int, ...]
     its storage and no Python reference to its storage object (torch hands back the pool's own
     ``untyped_storage()`` object, so a caller keeping only ``y.untyped_storage()`` adds a
     reference, not a use count); its data pointer, shape and contiguity unchanged (a caller's
-    ``t_()`` / ``resize_`` / ``set_`` / ``.data =`` before dropping it retires it); and none
+    ``t_()`` / ``resize_`` / ``set_`` / ``.data =`` before dropping it retires it); none
     of the state a caller can give the tensor object: ``requires_grad``, a ``.grad``, a backward
     hook, an attribute (such a tensor was handed out again by the next call, requiring grad or
-    with the old ``.grad``). The counts are compared with :data:`_POOL_BASE`
+    with the old ``.grad``); and no weak reference (a ``weakref`` / ``WeakIdKeyDictionary`` key
+    to a dropped result would come back to life holding the next call's values). The fast paths
+    do not run under ``torch.inference_mode()``, so no pooled output is an inference tensor. The counts are compared with :data:`_POOL_BASE`
     (:func:`_pool_counts` on a fresh entry, at import).
     """
     c, st, cdata, ptr = entry
     return (_getrefcount(c) == _B_REF and c._use_count() == _B_USE and _storage_use_count(cdata) == _B_STORAGE
             and _getrefcount(st) == _B_STREF and c.data_ptr() == ptr and c.shape == shape and c.is_contiguous()
-            and not c.requires_grad and c.grad is None and c._backward_hooks is None and not c.__dict__)
+            and not c.requires_grad and c.grad is None and c._backward_hooks is None and not c.__dict__
+            and not _getweakrefcount(c))
 
 
 try:  # private torch APIs (Tensor._use_count, torch._C._storage_Use_Count): without them, no reuse
@@ -435,6 +440,7 @@ class _Runner:
         slots: deque[list[Any]] = deque([w._iobinding, [None] * n_in, [None] * len(outs_spec)] for w in wrappers)
         popleft, append = slots.popleft, slots.append
         cdev, free, empty, pool_entry, tensor_type = self._cdev, _pool_free, torch.empty, _pool_entry, torch.Tensor
+        inference_mode = torch.is_inference_mode_enabled
 
         if n_in == 1 and len(outs_spec) == 1:  # the common case, without loops
             (dt0, shape0), = checks
@@ -442,6 +448,8 @@ class _Runner:
             (oname, ocode, odtype, oshape), = outs_spec
 
             def fast1(args: tuple) -> Any:
+                if inference_mode():  # pooled outputs would be inference tensors, handed out again later
+                    return None
                 try:
                     (t,) = args
                 except ValueError:
@@ -461,12 +469,16 @@ class _Runner:
                         iptr[0] = ptr
                     e = es[0]
                     if e is None or not free(e, oshape):
-                        e = es[0] = pool_entry(empty(oshape, dtype=odtype, device=_CPU))  # not torch's default device
+                        e = pool_entry(empty(oshape, dtype=odtype, device=_CPU))  # not torch's default device
                         cb.bind_output(oname, cdev, ocode, oshape, e[3])
+                        es[0] = e  # only once bound: a failed bind leaves the slot's old, bound entry
                     c_run(cb, c_options)
+                    # held before the slot goes back: once it is on the queue another thread may take
+                    # it, and an output referenced only by the pool would look free to that call
+                    out = e[0]
                 finally:
                     append(slot)
-                return e[0]
+                return out
 
             fast1.slots, fast1.bindings = slots, wrappers  # type: ignore[attr-defined]  # tests read slots
             return fast1
@@ -474,7 +486,7 @@ class _Runner:
         single = len(outs_spec) == 1
 
         def fast(args: tuple) -> Any:
-            if len(args) != n_in:
+            if len(args) != n_in or inference_mode():
                 return None
             for t, (dt, shape) in zip(args, checks):
                 if (type(t) is not tensor_type or t.dtype is not dt or not t.is_cpu or t.requires_grad
@@ -496,8 +508,9 @@ class _Runner:
                 for j, (name, code, dtype, shape) in enumerate(outs_spec):
                     e = es[j]
                     if e is None or not free(e, shape):
-                        e = es[j] = pool_entry(empty(shape, dtype=dtype, device=_CPU))
+                        e = pool_entry(empty(shape, dtype=dtype, device=_CPU))
                         cb.bind_output(name, cdev, code, shape, e[3])
+                        es[j] = e  # only once bound
                     outs.append(e[0])
                 c_run(cb, c_options)
             finally:

@@ -527,3 +527,30 @@ def test_a_read_weight_that_tf2onnx_folds_is_refused_not_exempt(keras, tmp_path)
     model = keras.Model(inp, NegScale(name="neg_scale")(keras.layers.Dense(3)(inp)))
     with pytest.raises(mmbridge.ConversionError, match=r"'neg_scale/w'.*has no torch tensor"):
         _export_trainable(keras, model, tmp_path)
+
+
+@pytest.mark.parametrize("layer", ["GaussianNoise", "GaussianDropout", "RandomFlip"])
+def test_a_layer_with_training_randomness_is_refused_by_name_and_nothing_is_cached(keras, tmp_path, layer):
+    """GaussianNoise / GaussianDropout / augmentation layers draw random values in training that the
+    exported inference graph does not: the torch module would train without them. Train parity used to
+    refuse GaussianNoise(0.5) only by accident of size (a small stddev passed), and with Keras' own floor
+    measured by a second, differently seeded Keras run, noise against noise passed (review 4)."""
+    keras.utils.set_random_seed(0)
+    if layer == "RandomFlip":
+        inp = keras.Input((6, 6, 3), name="x")
+        h = keras.layers.RandomFlip("horizontal", name="noise")(inp)
+        h = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, name="c")(h))
+    else:
+        inp = keras.Input((8,), name="x")
+        h = keras.layers.Dense(16, activation="tanh", name="d1")(inp)
+        h = getattr(keras.layers, layer)(1e-3 if layer == "GaussianNoise" else 0.01, name="noise")(h)
+    model = keras.Model(inp, keras.layers.Dense(2, name="d2")(h))
+    before = [np.array(v.numpy()) for v in model.variables]
+    with pytest.raises(mmbridge.ParityError, match=rf"Keras layer 'noise' \({layer}.*draws random values in training"):
+        mmbridge.export(model, trainable=True, cache_dir=tmp_path, name="noisy")
+    assert not any(p.is_dir() and p.name.startswith("noisy") for p in tmp_path.iterdir())
+    for v, b in zip(model.variables, before):  # the seed generators' states too
+        np.testing.assert_array_equal(v.numpy(), b)
+    # frozen, the same model bridges (the inference graph is exactly the Keras inference forward)
+    art = mmbridge.export(model, trainable=False, cache_dir=tmp_path, name="noisy_frozen")
+    assert art.parity["passed"]

@@ -423,6 +423,8 @@ def measure(case: Case, cache_dir: str, tmp: str) -> dict[str, Any]:
     tp, audit = art.meta.get("train_parity") or {}, art.meta.get("audit") or {}
     row["train_parity_worst_ratio"] = tp.get("worst_ratio")  # recorded by the trainable export (< 1 passes)
     row["train_parity_skipped"] = tp.get("skipped")
+    row["train_parity_passed"] = tp.get("passed")
+    row["trainable_export"] = bool(art.meta.get("trainable"))  # False: bridged frozen (the case says why)
     # Keras' own float32 floor had to be measured (a second Keras run), and variables whose noise was as large as their movement
     row["train_parity_keras_floor"] = tp.get("keras_floor_measured")
     row["train_parity_inconclusive"] = tp.get("inconclusive")
@@ -544,12 +546,17 @@ def train_step_row(model: Any, art: Any, inputs: dict[str, np.ndarray], rounds: 
         return (time.perf_counter() - t0) * 1e3
 
     keras_once = lambda: keras_step(keras_xs).numpy()  # noqa: E731 - .numpy() waits for the step
-    for _ in range(2):
-        keras_once(), torch_step()
-    k_ms, t_ms = [], []
-    for _ in range(rounds):
-        k_ms.append(timed(keras_once))
-        t_ms.append(timed(torch_step))
+    saved = [np.array(v.numpy(), copy=True) for v in model.variables]  # the steps train it: restored after
+    try:
+        for _ in range(2):
+            keras_once(), torch_step()
+        k_ms, t_ms = [], []
+        for _ in range(rounds):
+            k_ms.append(timed(keras_once))
+            t_ms.append(timed(torch_step))
+    finally:
+        for v, value in zip(model.variables, saved):
+            v.assign(value)
     k, t = statistics.median(k_ms), statistics.median(t_ms)
     return {"keras_train_step_ms": round(k, 3), "torch_train_step_ms": round(t, 3), "train_step_ratio": t / k,
             "train_step_batch": int(torch_xs[0].shape[0]), "train_step_rounds": rounds,

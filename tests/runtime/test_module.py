@@ -781,3 +781,74 @@ def test_fast_path_concurrent_calls_from_threads_keep_their_results():
         t.join()
     assert errors == []
     assert len(mod._fast.slots) == 2  # every slot went back to the FIFO
+
+
+def test_fast_path_result_is_held_before_its_slot_goes_back():
+    """Between the slot's return to the queue and ``return``, the one-output fast path's result was
+    referenced only by the pool: another call running in that window (a thread switch, a trace or
+    profile hook) took the slot, saw the output free and overwrote it; the first caller then got the
+    other call's values, as the same object (review 4)."""
+    import sys
+
+    mod = mmbridge.to_ort(mul2_model(), intra_op_threads=1)
+    x, other = torch.ones(2, 3), torch.full((2, 3), 5.0)
+    for _ in range(3):
+        mod(x)  # warm: both slots bound
+    seen = {}
+
+    import linecache
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_name == "fast1" and not seen:
+            def local(f, ev, a):
+                line = linecache.getline(f.f_code.co_filename, f.f_lineno) if ev == "line" else ""
+                if "append(slot)" in line:  # the next line event is the return: the window
+                    local.after_append = True
+                elif getattr(local, "after_append", False) and line.strip().startswith("return") and not seen:
+                    seen["busy"] = True
+                    mod(other)  # takes the other slot (FIFO), its result dropped at once
+                    seen["other"] = mod(other)  # takes this call's slot: is this call's output free?
+                return local
+            return local
+        return None
+
+    sys.settrace(tracer)
+    try:
+        y = mod(x)
+    finally:
+        sys.settrace(None)
+    assert "other" in seen and y is not seen["other"]
+    assert torch.equal(y, torch.full((2, 3), 2.0)) and torch.equal(seen["other"], torch.full((2, 3), 10.0))
+
+
+def test_fast_path_outputs_are_not_inference_tensors_after_inference_mode():
+    """Calls under ``torch.inference_mode()`` filled the pool with inference tensors that later
+    normal calls handed out (backward: "Inference tensors cannot be saved for backward")."""
+    mod = mmbridge.to_ort(mul2_model(), intra_op_threads=1)
+    x = torch.ones(2, 3)
+    with torch.inference_mode():
+        for _ in range(4):
+            assert torch.equal(mod(x), torch.full((2, 3), 2.0))
+    for _ in range(4):
+        y = mod(x)
+        assert not y.is_inference()
+        w = torch.ones(3, requires_grad=True)
+        (y * w).sum().backward()  # an inference tensor could not be saved for backward
+        assert torch.equal(w.grad, torch.full((3,), 4.0))
+
+
+def test_fast_path_never_revives_a_weakly_referenced_result():
+    """A dropped result still weakly referenced (a WeakIdKeyDictionary key, a weakref) is never handed
+    out again: the weak reference would come back to life holding the next call's values."""
+    import weakref
+
+    mod = mmbridge.to_ort(mul2_model(), intra_op_threads=1)
+    x = torch.ones(2, 3)
+    for _ in range(3):
+        y = mod(x)  # warm: the fast path and its pool
+    ref = weakref.ref(y)
+    del y
+    for _ in range(3):
+        z = mod(x * 7)
+    assert ref() is None or torch.equal(ref(), torch.full((2, 3), 2.0))
+    assert torch.equal(z, torch.full((2, 3), 14.0))
