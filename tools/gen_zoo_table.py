@@ -102,7 +102,7 @@ def table_lines(rows: list[dict], gaps: dict, note_prefix: str = "") -> tuple[li
             continue
         if not r.get("export"):
             lines.append(f"| {r['family']} | {r.get('label', r['model'])} | **no** (note {p}{len(notes) + 1}) | – | – | – | – | – | – | – | – |")
-            notes.append(f"{r['family']} {r['model']}: {r.get('error', '')}")
+            notes.append(f"{r['family']} {r['model']}: {r.get('error', '')}" + _gap(gaps, r, "export"))
             continue
         kp = r.get("keras_params")
         head_cells = (f"| {r['family']} | {r.get('label', r['model'])} | ok ({r.get('export_s', 0):.0f} s) | "

@@ -36,6 +36,9 @@ for m in "$@"; do
     "tests/export/test_families.py::test_family_exports_with_parity[keras.applications-$m]" > "${ZOO_LOGS:-/tmp/zoo_logs}/$m.log" 2>&1
   rc=$?
   echo "$m: rc=$rc $(( $(date +%s) - t0 )) s (load $load at start)"
+  if [ $rc = 137 ]; then
+    echo "{\"family\": \"keras.applications\", \"model\": \"$m\", \"export\": false, \"not_run\": \"not measured here: its process was killed (SIGKILL; on this machine the kernel's out-of-memory killer, $(free -g | awk '/Mem:/{print $2}') GiB of RAM; see dmesg)\"}" >> "$rows"
+  fi
   if [ $rc = 124 ]; then
     echo "{\"family\": \"keras.applications\", \"model\": \"$m\", \"export\": false, \"not_run\": \"not measured here: its test ran past the ${limit} s limit on the shared 2-core CPU (1-minute load $load at its start)\"}" >> "$rows"
   fi

@@ -152,10 +152,21 @@ APPLICATIONS: tuple[str, ...] = (
 fails when a Keras version adds or drops one."""
 
 
+#: keras.applications rows whose export is refused for a documented reason (docs/known-limits.md); the
+#: row still runs (MMBRIDGE_ZOO=1) and its test is an xfail, not a failure
+APP_REFUSED: dict[str, str] = {
+    "EfficientNetV2L": ("random-init EfficientNetV2L at 32 px is numerically ill-conditioned: TF's own output changes "
+                        "by 100 % of its scale between TF's oneDNN and Eigen kernels (PYTHONPATH=. python "
+                        "tools/forward_sensitivity.py EfficientNetV2L 32); docs/known-limits.md"),
+}
+
+
 def _app_case(arch: str) -> Case:
     kw = dict(APP_KWARGS.get(arch, {}))
     size = kw.pop("size", APP_MIN_SIZE.get(arch, 32))
-    return Case("keras.applications", arch, _app(arch, size, **kw))
+    refused = APP_REFUSED.get(arch)
+    return Case("keras.applications", arch, _app(arch, size, **kw), xfail=refused,
+                gaps={"export": refused} if refused else {})
 
 
 def _hub(cls: str, **kw):
