@@ -169,9 +169,10 @@ class ParityReport:
             )
             small = [r for r in bad if not r.problem and r.dtype == "float32" and r.ref_scale
                      and r.max_abs / r.ref_scale <= ROUNDING_HINT_REL]
-            hint = (f" An error of at most {ROUNDING_HINT_REL:g} of the output's scale is the size float32 rounding "
-                    "reaches through a deep graph (TF's own float32 result can differ that much from float64); "
-                    "tools/parity_by_layer.py compares both against float64 layer by layer, and docs/known-limits.md "
+            hint = (f" An error of at most {ROUNDING_HINT_REL:g} of the output's scale is within what float32 rounding "
+                    "can reach through a deep graph (TF's own float32 result can differ that much from float64), but a "
+                    "conversion edge can be that small too: tools/parity_by_layer.py compares TF and onnxruntime "
+                    "against float64 layer by layer, and docs/known-limits.md "
                     "(\"Deep random nets: float32 rounding above the default atol\") says when and how to widen atol."
                     if small and len(small) == len(bad) else "")
             raise ParityError(
