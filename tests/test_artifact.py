@@ -82,3 +82,28 @@ def test_parity_compare_reports_required_atol_and_fails_on_shape_and_ints():
     with pytest.raises(AssertionError, match="does not compute what TensorFlow computes"):
         rep.raise_if_failed()
     assert ParityReport.from_dict(rep.to_dict()).to_dict() == rep.to_dict()
+
+
+def test_parity_error_states_the_error_against_the_output_scale():
+    """A float32 failure of ~1e-6 of the output's scale (NASNetLarge at 32 px: 1.7e-6 of max |y| 25.3, where TF's
+    own float32 output is 1.4e-6 off float64) names the scale and points at the rounding diagnosis; a failure of
+    5e-4 of the scale does not, and reports stored without ``ref_scale`` still load and raise."""
+    ref = np.array([[25.0, -3.0, 1e-3, 0.5]], np.float32)
+    got = ref + np.array([[4e-5, 0.0, 3e-5, 0.0]], np.float32)  # 3e-5 at |ref| 1e-3: needs atol ~3e-5 > 1e-5
+    rows = compare({"y": got}, {"y": ref}, backend="ort", stage="onnx")
+    assert not rows[0].passed and rows[0].ref_scale == pytest.approx(25.0)
+    with pytest.raises(AssertionError) as e:
+        ParityReport(rows).raise_if_failed("bridge 'deep'")
+    msg = str(e.value)
+    assert "= 1.6e-06 of the output's max |ref| 25" in msg, msg
+    assert "tools/parity_by_layer.py" in msg and "float32 rounding" in msg
+    rows = compare({"y": np.array([1.0 + 5e-4], np.float32)}, {"y": np.array([1.0], np.float32)},
+                   backend="ort", stage="onnx")
+    with pytest.raises(AssertionError) as e:
+        ParityReport(rows).raise_if_failed()
+    assert "= 0.0005 of the output's max |ref| 1" in str(e.value) and "float32 rounding" not in str(e.value)
+    old = ParityReport(rows).to_dict()
+    del old["rows"][0]["ref_scale"]  # a report written before the field existed
+    with pytest.raises(AssertionError) as e:
+        ParityReport.from_dict(old).raise_if_failed()
+    assert "of the output's max |ref|" not in str(e.value)

@@ -134,6 +134,12 @@ APP_MIN_SIZE = {"Xception": 71, "InceptionV3": 75, "InceptionResNetV2": 75}
 APP_KWARGS = {"MobileNetV2": dict(alpha=0.35), "ConvNeXtTiny": dict(size=64)}
 """Per-model overrides kept from the first zoo rows (MobileNetV2 at alpha 0.35, ConvNeXtTiny at 64 px)."""
 
+APP_EXPORT_KWARGS = {"NASNetLarge": dict(tolerance=mmbridge.Tolerance(
+    5e-5, 1e-4, reason="float32 rounding through NASNetLarge's ~1000 layers: TF float32 vs float64 needs atol 1.4e-5 "
+                       "at 32 px, ORT vs TF 2.3e-5 (docs/known-limits.md, tools/parity_by_layer.py)"))}
+"""Per-model ``mmbridge.export`` arguments: a tolerance widened only where the float64 comparison shows the
+gap is rounding (docs/known-limits.md, "Deep random nets: float32 rounding above the default atol")."""
+
 APPLICATIONS: tuple[str, ...] = (
     # distinct layer types first (the zoo run goes in this order): Inception's asymmetric convs and
     # valid pools, Xception's separable convs, MobileNetV3's hard-swish / squeeze-excite, EfficientNetV2's
@@ -166,7 +172,7 @@ def _app_case(arch: str) -> Case:
     size = kw.pop("size", APP_MIN_SIZE.get(arch, 32))
     refused = APP_REFUSED.get(arch)
     return Case("keras.applications", arch, _app(arch, size, **kw), xfail=refused,
-                gaps={"export": refused} if refused else {})
+                gaps={"export": refused} if refused else {}, export_kwargs=dict(APP_EXPORT_KWARGS.get(arch, {})))
 
 
 def _hub(cls: str, **kw):
