@@ -55,9 +55,9 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
 
 ROUNDING_HINT_REL = 1e-5
 """A float32 parity failure whose ``max_abs`` is at most this fraction of the output's max ``|ref|`` gets a
-hint in its :class:`ParityError` message: float32 rounding accumulated through a deep graph reaches that
-size (measured: NASNetLarge at 32 px, TF float32 vs TF float64 1.4e-6 of the output's scale, ORT vs TF
-1.7e-6; ``tools/parity_by_layer.py``). The check itself does not change; the hint only points at the tool
+hint in its :class:`ParityError` message (when it is also at most 10x the atol): float32 rounding
+accumulated through a deep graph comes near that size (measured: NASNetLarge at 32 px, TF float32 vs TF
+float64 1.4e-6 of the output's scale, ORT vs TF 1.7e-6, about 6x below it; ``tools/parity_by_layer.py``). The check itself does not change; the hint only points at the tool
 and the documented way to widen ``atol``."""
 
 
@@ -167,8 +167,10 @@ class ParityReport:
                 if not r.problem else f"{r.backend}:{r.output} {r.problem}"
                 for r in bad
             )
+            # tiny against the output's max |ref| and within 10x atol: one huge reference value (a -1e9 mask
+            # fill) must not make a large error on the ordinary elements look like rounding
             small = [r for r in bad if not r.problem and r.dtype == "float32" and r.ref_scale
-                     and r.max_abs / r.ref_scale <= ROUNDING_HINT_REL]
+                     and r.max_abs / r.ref_scale <= ROUNDING_HINT_REL and r.max_abs <= 10 * r.tolerance.atol]
             hint = (f" An error of at most {ROUNDING_HINT_REL:g} of the output's scale is within what float32 rounding "
                     "can reach through a deep graph (TF's own float32 result can differ that much from float64), but a "
                     "conversion edge can be that small too: tools/parity_by_layer.py compares TF and onnxruntime "
@@ -245,7 +247,9 @@ def compare(
         max_rel = float((diff / np.maximum(np.abs(rf), 1e-12)).max())
         required = float(np.max(np.maximum(diff - tol.rtol * np.abs(np.where(nonfinite, 0, rf)), 0.0)))
         ok = same_nonfinite and required <= tol.atol
-        scale = float(np.abs(np.where(nonfinite, 0.0, rf)).max())
+        # floating outputs only: a fraction of an integer output's max (class ids, counts) means nothing
+        scale = (float(np.abs(np.where(nonfinite, 0.0, rf)).max())
+                 if str(dtype).startswith("float") or dtype == "bfloat16" else None)
         rows.append(OutputParity(backend, name, r.shape, dtype, max_abs, max_rel, required, tol, bool(ok),
                                  "" if same_nonfinite else "NaN/Inf positions differ", scale))
     return rows

@@ -107,3 +107,17 @@ def test_parity_error_states_the_error_against_the_output_scale():
     with pytest.raises(AssertionError) as e:
         ParityReport.from_dict(old).raise_if_failed()
     assert "of the output's max |ref|" not in str(e.value)
+
+
+def test_rounding_hint_needs_the_error_small_beside_atol_too_and_integer_outputs_have_no_scale():
+    """One huge reference value (a -1e9 attention-mask fill) made a 0.05 error on logits of size 2 read as
+    "5e-11 of the output's scale" with the float32-rounding hint (review 5); integer outputs (class ids)
+    were given a scale too."""
+    ref = np.array([[2.0, -1.0, -1e9, -1e9]], np.float32)
+    rows = compare({"y": ref + np.array([[0.05, 0, 0, 0]], np.float32)}, {"y": ref}, backend="ort", stage="onnx")
+    with pytest.raises(AssertionError) as e:
+        ParityReport(rows).raise_if_failed("bridge 'masked'")
+    assert "max_abs=0.05" in str(e.value) and "float32 rounding" not in str(e.value)
+    ids = np.array([[3, 9]], np.int64)
+    rows = compare({"i": ids + 1}, {"i": ids}, backend="ort", stage="onnx")
+    assert not rows[0].passed and rows[0].ref_scale is None

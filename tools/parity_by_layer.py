@@ -15,8 +15,8 @@ made in a fresh process, so Keras' automatic layer names match), and then, on th
   TF float32 and for onnxruntime (``-`` where no ONNX tensor matched: a layer fused into another op).
 
 A single op where onnxruntime jumps while TF float32 does not is a conversion edge; both growing
-together with depth is float32 rounding accumulating (docs/known-limits.md, "Deep random nets at small
-inputs"). The last lines give the model output's scale and the atol each pair needs at rtol 1e-4
+together with depth is float32 rounding accumulating (docs/known-limits.md, "Deep random nets: float32
+rounding above the default atol"). The last lines give the model output's scale and the atol each pair needs at rtol 1e-4
 (the ``("onnx", "float32")`` row of ``mmbridge.parity.TOLERANCES``).
 
 Usage (repository root)::
@@ -40,7 +40,7 @@ RTOL = 1e-4
 
 def _need_atol(got: np.ndarray, ref: np.ndarray) -> float:
     """The smallest atol with ``|got - ref| <= atol + RTOL * |ref|`` everywhere (mmbridge's parity form)."""
-    return float(np.max(np.abs(got.astype(np.float64) - ref) - RTOL * np.abs(ref)))
+    return max(0.0, float(np.max(np.abs(got.astype(np.float64) - ref) - RTOL * np.abs(ref))))
 
 
 def main(argv: list[str] | None = None) -> int:

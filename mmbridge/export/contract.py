@@ -279,7 +279,8 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
     layers_mod = (sys.modules["tf_keras"] if tf_keras else keras).layers
     dropouts = [ly for ly in _iter_layers(model) if isinstance(ly, layers_mod.Dropout)]
     rates = [ly.rate for ly in dropouts]
-    problems.extend(_stochastic_layer_problems(model))
+    flagged = _stochastic_layer_problems(model)
+    problems.extend(msg for _, msg in flagged)
     # every other Keras variable (Keras 3 SeedGenerator states, integer counters): reset before each
     # Keras run and restored afterwards, so the steps leave the model exactly as it was
     weight_ids = {id(w) for w in weights}
@@ -373,6 +374,9 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
         for ly in dropouts:
             ly.rate = 0.0
         after = keras_steps(record_torch=True)
+        # any other randomness Keras drew in training (a recurrent layer's dropout / recurrent_dropout,
+        # Attention(dropout=...), a subclass of a noise layer, a drop-path layer): its seed generator moved
+        problems.extend(_drawn_randomness_problems(model, others, others_initial, {n for n, _ in flagged}))
         rows = _compare(inventory, initial, after, unread, layouts, report.matched, tensors32,
                         {**dict(m64.named_parameters()), **dict(m64.named_buffers())}, steps, keras_floor)
         if any(not r.passed and not r.unread for r in rows) and not problems:
@@ -406,8 +410,34 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
 _NOISE_LAYERS = {"GaussianNoise": "stddev", "GaussianDropout": "rate", "AlphaDropout": "rate"}
 
 
-def _stochastic_layer_problems(model: Any) -> list[str]:
-    """One problem per Keras layer that adds randomness in training which the export does not keep:
+def _drawn_randomness_problems(model: Any, others: Sequence[Any], initial: Sequence[np.ndarray],
+                               already: set[str]) -> list[str]:
+    """One problem per Keras 3 layer whose ``SeedGenerator`` state moved during the Keras steps (every
+    Dropout rate was 0, so nothing should have drawn): randomness in training that the inference
+    graph does not have, whatever the layer's class. ``already``: layer names refused by class."""
+    owner = {}
+    for ly in _iter_layers(model):
+        for sg in getattr(ly, "_seed_generators", None) or []:
+            state = getattr(sg, "state", None)
+            if state is not None:
+                owner.setdefault(id(state), ly)
+    out = []
+    seen: set[str] = set(already)
+    for v, init in zip(others, initial):
+        ly = owner.get(id(v))
+        if ly is None or ly.name in seen or np.array_equal(np.asarray(v.numpy()), init):
+            continue
+        seen.add(ly.name)
+        out.append(f"Keras layer {ly.name!r} ({type(ly).__name__}) drew random values in training (its seed "
+                   f"generator advanced with every Dropout rate at 0: e.g. an RNN's dropout / recurrent_dropout, "
+                   f"Attention(dropout=...), a drop-path or noise layer), which the exported graph (the inference "
+                   f"trace) does not: the torch module would train without it. Set that randomness to 0 in the "
+                   f"model you export, or export with trainable=False")
+    return out
+
+
+def _stochastic_layer_problems(model: Any) -> list[tuple[str, str]]:
+    """``(layer name, problem)`` per Keras layer that adds randomness in training which the export does not keep:
     ``GaussianNoise`` / ``GaussianDropout`` / ``AlphaDropout`` with a non-zero stddev / rate, and the
     augmentation layers that act in training only (``RandomFlip``, ``RandomRotation``, ...: the
     ``inactive`` entries of :data:`mmbridge.export.augment.LAYERS`). The torch module, converted from the inference trace, trains without
@@ -425,10 +455,10 @@ def _stochastic_layer_problems(model: Any) -> list[str]:
             what = f"{cls}, an augmentation layer; at inference: {aug.inference}"
         else:
             continue
-        out.append(f"Keras layer {ly.name!r} ({what}) draws random values in training, which the exported graph "
-                   f"(the inference trace) does not: the torch module would train without it. Export the model "
-                   f"without it and apply it in the torch training loop (a Random* layer can be bridged on its own "
-                   f"with export(layer, training=True)), or export with trainable=False")
+        out.append((ly.name, f"Keras layer {ly.name!r} ({what}) draws random values in training, which the exported "
+                             f"graph (the inference trace) does not: the torch module would train without it. Export "
+                             f"the model without it and apply it in the torch training loop (a Random* layer can be "
+                             f"bridged on its own with export(layer, training=True)), or export with trainable=False"))
     return out
 
 

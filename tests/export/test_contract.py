@@ -554,3 +554,23 @@ def test_a_layer_with_training_randomness_is_refused_by_name_and_nothing_is_cach
     # frozen, the same model bridges (the inference graph is exactly the Keras inference forward)
     art = mmbridge.export(model, trainable=False, cache_dir=tmp_path, name="noisy_frozen")
     assert art.parity["passed"]
+
+
+def test_randomness_drawn_by_any_layer_in_training_is_refused_by_layer_name(keras, tmp_path):
+    """Randomness that is not a layer of a known class (a subclass of a noise layer; likewise an RNN's
+    dropout or Attention(dropout=...), which train parity cannot set to 0) was seen only as a variable
+    mismatch that blamed the conversion (review 5). Any Keras 3 layer whose seed generator advances during
+    the steps is now named."""
+
+    class MyNoise(keras.layers.GaussianNoise):
+        pass
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8,), name="x")
+    h = MyNoise(0.5, name="custom_noise")(keras.layers.Dense(16, activation="tanh", name="d1")(inp))
+    model = keras.Model(inp, keras.layers.Dense(2, name="d2")(h))
+    before = [np.array(v.numpy()) for v in model.variables]
+    with pytest.raises(mmbridge.ParityError, match=r"Keras layer 'custom_noise' \(MyNoise\) drew random values in training"):
+        mmbridge.export(model, trainable=True, cache_dir=tmp_path, name="custom_noise")
+    for v, b in zip(model.variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
