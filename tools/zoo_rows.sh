@@ -10,9 +10,10 @@
 # env: PYTHON (default python), MMBRIDGE_COMPILE_BACKEND, MMBRIDGE_ZOO_COMPILE=0 (skip the compile column),
 #      ZOO_DEADLINE (epoch seconds: a model is not started with under 150 s left; its row says so),
 #      ZOO_THREADS (default 1): TensorFlow's and torch's CPU threads in each row's process. One thread each keeps
-#      the train-step column fair and meaningful on a shared machine: torch's OpenMP parallel regions stall when
-#      other jobs take the cores (a 2-core machine at load 4 made one BatchNorm of a [2, 32, 8, 8] tensor take
-#      47 ms), and TF's pool behaves differently; ZOO_THREADS=0 leaves both libraries' defaults
+#      the train-step column fair and meaningful on a shared machine: with 2 threads at load 4 on 2 cores, torch's
+#      OpenMP parallel regions stalled (EfficientNetV2B3's row measured 5.1 s per torch step vs 0.16 s for Keras;
+#      ZOO_THREADS=0 tools/zoo_rows.sh ROWS 600 EfficientNetV2B3 beside other jobs shows it); ZOO_THREADS=0 leaves
+#      both libraries' defaults
 set -u
 threads=${ZOO_THREADS:-1}
 if [ "$threads" != 0 ]; then
