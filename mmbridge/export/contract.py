@@ -200,8 +200,8 @@ class TrainParityReport:
         """Raise :class:`~mmbridge.errors.ParityError` naming the first diverging variable."""
         if not self.passed:
             raise ParityError(f"{what}: training parity failed: {self.first_failure()}. The converted module would "
-                              f"not fine-tune like the Keras model; export with trainable=True, or keep the bridge "
-                              f"frozen (to_ort() / to_torch(trainable=False))")
+                              f"not fine-tune like the Keras model; export with trainable=False and keep the bridge "
+                              f"frozen (to_ort() / to_torch(trainable=False)), or fix what the first failure names")
 
 
 def _layout(keras_value: np.ndarray, torch_value: np.ndarray) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -233,18 +233,22 @@ def _layout(keras_value: np.ndarray, torch_value: np.ndarray) -> Callable[[np.nd
 
 def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndarray]], *,
                  input_names: Sequence[str], nchw: Sequence[str] = (), inventory: Mapping[str, Any] | None = None,
-                 lr: float = 0.05, seed: int = 0) -> TrainParityReport:
+                 lr: float = 0.05, seed: int = 0, consume_module: bool = False) -> TrainParityReport:
     """Train both sides ``len(batches)`` SGD steps and compare every variable (see the module doc).
 
     Args:
         model: the Keras 3 or tf-keras model that was exported (left unchanged).
-        module: the converted torch module (``to_torch(trainable=True)``; left unchanged: a copy trains).
+        module: the converted torch module (``to_torch(trainable=True)``; left unchanged: a copy trains,
+            unless ``consume_module``).
         batches: one ``{input name: array}`` per step, in the Keras layout (images NHWC).
         input_names: the inputs in call order.
         nchw: inputs the torch module takes as NCHW (``inputs_as_nchw`` of the export).
         inventory: :func:`keras_inventory` of ``model`` (computed when None).
         lr: SGD learning rate of both sides.
         seed: seed of the regression targets (``mean((out - target)^2)`` summed over float outputs).
+        consume_module: train ``module`` itself as the float32 side (its weights change, its Dropout
+            rates become 0) instead of a copy: one copy of the weights less, for a caller that
+            discards the module afterwards (the export does).
 
     Returns:
         A :class:`TrainParityReport`. A variable passes when it differs by at most
@@ -288,13 +292,14 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
     others_initial = [np.array(v.numpy(), copy=True) for v in others]
 
     def torch_copy(dtype: torch.dtype) -> Any:
-        m = copy.deepcopy(module).to(dtype).train()
+        m = (module if consume_module and dtype == torch.float32 else copy.deepcopy(module)).to(dtype).train()
         for sub in m.modules():
             if isinstance(sub, torch.nn.Dropout):
                 sub.p = 0.0
         return m
 
-    m32, m64 = torch_copy(torch.float32), torch_copy(torch.float64)
+    m64 = torch_copy(torch.float64)  # first: a consumed module is cast in place by the float32 side
+    m32 = torch_copy(torch.float32)
     tensors32 = {**dict(m32.named_parameters()), **dict(m32.named_buffers())}
     layouts: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     for var, init in zip(inventory["variables"], initial):
@@ -365,6 +370,7 @@ def train_parity(model: Any, module: Any, batches: Sequence[Mapping[str, np.ndar
                     loss = loss_of(m(*torch_inputs(batch, dtype)), [torch.from_numpy(t).to(dtype) for t in targets])
                     loss.backward()
                     opt.step()
+                    opt.zero_grad(set_to_none=True)  # the other side's backward then runs without these
         return [np.array(v.numpy(), copy=True) for v in weights]
 
     opt32 = torch.optim.SGD([p for p in m32.parameters() if p.requires_grad], lr=lr)

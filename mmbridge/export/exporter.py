@@ -45,12 +45,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -416,6 +418,9 @@ def export_located(located: Located, options: ExportOptions, sample_inputs: Samp
         if payload is None:
             payload = freeze()[0].SerializeToString(deterministic=True)
         fingerprint = live_fingerprint(src.kind, src.specs, options, samples, payload)
+        del payload  # a serialised copy of the frozen graph (every weight), not needed past the fingerprint
+
+    freeze.release = frozen.clear  # type: ignore[attr-defined]  # _build drops the frozen graph when done with it
 
     def build():
         return _build(src, name, options, samples, freeze, tf, t0,
@@ -491,8 +496,6 @@ def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = Fal
         read (:meth:`mmbridge.export.trainable.VariableReads.unread`: ``[{"path", "shape", "values"}]``),
         else ``[]``.
     """
-    from tf2onnx import tf_loader
-
     from mmbridge.export.trainable import trainable_patches
 
     if training:
@@ -518,8 +521,69 @@ def _freeze(fn: Any, specs: Sequence[TensorSpec], tf: Any, trainable: bool = Fal
         flat_keys = ["output"]
     if len(flat_keys) != len(outputs):
         flat_keys = [f"output_{i}" for i in range(len(outputs))]
-    graph_def = tf_loader.from_function(cf, inputs, outputs)
+    graph_def = _frozen_graph_def(cf, inputs, outputs, tf)
     return graph_def, inputs, outputs, flat_keys, tables, unread
+
+
+def _reregister_functions(cf: Any, library: Any) -> None:
+    """Put back into TF's eager context the library functions of ``cf`` that freezing took away.
+
+    The frozen function that ``convert_variables_to_constants_v2`` builds reuses the names of the
+    traced function's un-inlined library functions (a Keras ``LSTM(dropout=0.5)``'s ``while`` body
+    and condition); when it is deleted, TF removes those names from the eager context, and the
+    traced function then fails to run (``Op type not registered '..._while_cond_165'``) at the
+    export's parity run. ``library``: ``cf``'s ``FunctionDefLibrary`` taken before freezing; each
+    of its functions that is missing, or registered with another definition (a frozen version that
+    outlived the frozen function), is registered again as ``cf`` had it."""
+    from tensorflow.python.eager import context
+
+    ctx = context.context()
+    for fdef in library.function:
+        name = fdef.signature.name
+        if ctx.has_function(name):
+            if ctx.get_function_def(name) == fdef:
+                continue
+            ctx.remove_function(name)
+        ctx.add_function_def(fdef)
+
+
+def _frozen_graph_def(cf: Any, inputs: list[str], outputs: list[str], tf: Any) -> Any:
+    """``tf2onnx.tf_loader.from_function(cf, inputs, outputs)``, holding fewer copies of the weights.
+
+    The same steps, on the same graph: TF's ``convert_variables_to_constants_v2`` (no control-flow
+    lowering, aggressive inlining), tf2onnx's ``fix_freezing_errors_part2`` and its grappler pass
+    (``tf_loader.tf_optimize``); on TF's "incompatible with expected resource" freezing error,
+    tf2onnx's repair path (``convert_variables_to_constants_large_model`` + ``fix_freezing_errors``),
+    as ``from_function`` takes it. Two things differ, both memory: the frozen ``ConcreteFunction``
+    (a TF graph and a function-library entry holding every weight) is dropped as soon as its
+    ``GraphDef`` is taken, and the ``GraphDef`` is not imported into a TF graph first (tf2onnx does
+    that only to drop resource inputs, which :func:`_freeze` has already refused). A ConvNeXtBase
+    export's freeze grew RSS by 6,862 MiB, 20 times its 334 MiB of weights, with those copies alive
+    during grappler (``tools/export_memory.py ConvNeXtBase 32``); now 3,455 MiB. The resulting
+    ``GraphDef`` is the one ``from_function`` gives (tested byte for byte)."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    from tf2onnx import tf_loader
+
+    library = cf.graph.as_graph_def().library  # the traced function's own, before freezing renames any
+    repair = False
+    try:
+        frozen = convert_variables_to_constants_v2(cf, lower_control_flow=False, aggressive_inlining=True)
+    except ValueError as exc:
+        if "incompatible with expected resource" not in str(exc):
+            raise
+        repair = True  # leave the except block first: its traceback holds the failed freeze's frames
+    if repair:
+        logger.warning("TF freezing failed. Attempting to fix freezing errors.")  # tf2onnx's words
+        graph_def = tf_loader.fix_freezing_errors(tf_loader.convert_variables_to_constants_large_model(cf))
+    else:
+        graph_def = frozen.graph.as_graph_def(add_shapes=True)
+        del frozen
+    if library.function or graph_def.ByteSize() >= LARGE_GRAPH_BYTES:
+        gc.collect()  # the frozen function's deleter removes the names it shares before they are put back
+        _reregister_functions(cf, library)
+    graph_def = tf_loader.fix_freezing_errors_part2(graph_def)
+    with tf.Graph().as_default():  # export_meta_graph (inside tf_optimize) refuses eager mode
+        return tf_loader.tf_optimize(inputs, outputs, graph_def)
 
 
 def _convert(graph_def: Any, inputs: list[str], outputs: list[str], opset: int, inputs_as_nchw: list[str] | None,
@@ -534,7 +598,8 @@ def _convert(graph_def: Any, inputs: list[str], outputs: list[str], opset: int, 
         from mmbridge.export.augment import random_handlers
 
         handlers = {**handlers, **random_handlers()}
-    with _quiet_tf2onnx(), _bfloat16_is_bfloat16(), deterministic_tf2onnx(graph_def):
+    with _CONVERT_LOCK, _quiet_tf2onnx(), _bfloat16_is_bfloat16(), deterministic_tf2onnx(graph_def), \
+            _collect_between_optimizers(graph_def.ByteSize()):
         try:
             model, _ = tf2onnx.convert.from_graph_def(
                 graph_def, name=name, input_names=inputs, output_names=outputs, opset=opset,
@@ -545,6 +610,74 @@ def _convert(graph_def: Any, inputs: list[str], outputs: list[str], opset: int, 
         except Exception as exc:  # tf2onnx raises bare Exceptions / ValueErrors on internal failures
             raise ExportError(f"tf2onnx could not convert {name!r} at opset {opset}: {type(exc).__name__}: {exc}") from exc
     return model
+
+
+#: The patches :func:`_convert` applies to tf2onnx's module state (optimiser table, handlers) are
+#: process-wide: one conversion at a time (threads exporting at once take turns).
+_CONVERT_LOCK = threading.RLock()
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident set size (Linux ``/proc/self/statm``), or None where there is none."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+#: :func:`_collect_between_optimizers` collects once RSS grew by this many times the graph's size (at least
+#: :data:`COLLECT_FLOOR_BYTES`) since the last collection.
+COLLECT_GROWTH = 2
+COLLECT_FLOOR_BYTES = 512 * 2**20
+#: Graphs at least this large get a full ``gc.collect()`` (~0.5 s in a process holding TF, Keras and
+#: torch) where the export drops a copy of their weights: after freezing, after the ONNX checks, and
+#: before train parity. Smaller graphs skip it; their copies are too small to matter.
+LARGE_GRAPH_BYTES = 64 * 2**20
+
+
+@contextlib.contextmanager
+def _collect_between_optimizers(graph_bytes: int) -> Iterator[None]:
+    """Run Python's cycle collector between tf2onnx's ONNX optimisers when memory piles up.
+
+    ``tf2onnx.optimizer.optimize_graph`` (error catching on, tf2onnx's default) deep-copies the whole
+    graph, constants included, before each of its 12 optimisers, and does so for every iteration
+    (3 for a ConvNeXt). Each replaced graph is garbage with reference cycles, freed only when the
+    cycle collector runs, so the copies piled up: inside the optimiser, ConvNeXtBase's RSS grew by
+    9,747 MiB, 29 times its 334 MiB of weights, to the export's peak of 13,622 MiB
+    (``tools/export_memory.py ConvNeXtBase 32``).
+    While converting, each optimiser's factory first runs ``gc.collect()`` when RSS has grown by
+    more than :data:`COLLECT_GROWTH` times ``graph_bytes`` (the TF ``GraphDef``'s size; at least
+    :data:`COLLECT_FLOOR_BYTES`) since the last collection: small graphs never pay for it (a full
+    collection costs ~0.5 s in a process holding TF, Keras and torch). Nothing else changes: the
+    same optimisers, in the same order, on the same graphs."""
+    import gc
+
+    import tf2onnx.optimizer as optimizer
+
+    threshold = max(COLLECT_GROWTH * int(graph_bytes), COLLECT_FLOOR_BYTES)
+    last = [_rss_bytes()]
+    if last[0] is None:  # no RSS to watch: nothing to decide on
+        yield
+        return
+    saved = dict(optimizer._optimizers)
+
+    def collecting(factory: Callable[[], Any]) -> Callable[[], Any]:
+        def make() -> Any:
+            now = _rss_bytes()
+            if now is not None and now - (last[0] or 0) > threshold:
+                gc.collect()
+                last[0] = _rss_bytes()
+            return factory()
+        return make
+
+    try:
+        for key, factory in saved.items():
+            optimizer._optimizers[key] = collecting(factory)
+        yield
+    finally:
+        optimizer._optimizers.clear()
+        optimizer._optimizers.update(saved)
 
 
 @contextlib.contextmanager
@@ -887,6 +1020,8 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
 
         raise explain_refusal(exc, src.obj, name) from exc
     model = check_model(model, name)
+    if model.ByteSize() >= LARGE_GRAPH_BYTES:  # a full collection costs ~0.5 s: large graphs only
+        gc.collect()  # tf2onnx's graph objects hold reference cycles (and copies of every initializer)
 
     # parity data: TF on NHWC inputs; the ONNX graph gets NCHW for inputs_as_nchw
     given_samples = samples is not None
@@ -1116,6 +1251,15 @@ def _build(src: Traceable, name: str, options: ExportOptions, samples: Samples |
         if rec is not None:
             meta["augmentation"] = rec
     if keras_obj is not None:
+        if options.trainable:
+            # the checks that need them are done: drop onnxruntime's session and TF's frozen graph (each
+            # holds the weights again) before train parity copies them (issue 13: a 196 M parameter
+            # ConvNeXtLarge needed more than 24 GiB; tools/export_memory.py prints the stages)
+            ort_session.clear()
+            graph_def = None
+            getattr(freeze, "release", lambda: None)()
+            if model.ByteSize() >= LARGE_GRAPH_BYTES:
+                gc.collect()
         meta.update(_training_contract(keras_obj, name, options, model, specs, samples, sample_fn, nchw,
                                        module=torch_module, unread=unread))
         meta["export_seconds"] = round(time.perf_counter() - t0, 3)
@@ -1259,8 +1403,9 @@ def _training_contract(obj: Any, name: str, options: ExportOptions, model: Any, 
         t1 = time.perf_counter()
         tf = _tf.import_tensorflow()
         try:
+            # the export discards the module after this: it trains as the float32 side (no copy)
             tp = train_parity(obj, module, batches, input_names=[s.name for s in specs], nchw=list(nchw),
-                              inventory=inventory)
+                              inventory=inventory, consume_module=True)
         except tf.errors.OpError as exc:  # Keras refuses a drawn training batch: name the input, how to fix
             from mmbridge.export.sources import tf_run_error
 

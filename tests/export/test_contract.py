@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -101,6 +103,27 @@ def test_train_parity_three_sgd_steps_within_the_float32_floor(exported, name):
     assert all(r.moved < 1e-3 * top for r in report.rows if r.path in weak), d["inconclusive_paths"]
     for w, b in zip(model.weights, before):  # the Keras model is left as it was
         np.testing.assert_array_equal(w.numpy(), b)
+
+
+def test_train_parity_consuming_the_module_trains_it_and_gives_the_same_report(exported):
+    """``consume_module=True`` (what the export passes: one copy of the weights less) trains the given
+    module as the float32 side; the report is the one a copy gives, value for value."""
+    from mmbridge.export.contract import train_parity
+
+    model, art, inv = exported["_cnn"]
+    inp = art.input_specs[0].name
+    batches = _batches(model, inp)
+    kept, consumed = art.to_torch(), art.to_torch()
+    before = {k: v.detach().clone() for k, v in kept.state_dict().items()}
+    a = train_parity(model, kept, batches, input_names=[inp], inventory=inv)
+    b = train_parity(model, consumed, batches, input_names=[inp], inventory=inv, consume_module=True)
+    assert a.passed and b.passed
+    assert [(r.path, r.passed) for r in a.rows] == [(r.path, r.passed) for r in b.rows]
+    for ra, rb in zip(a.rows, b.rows):  # two Keras runs from the same weights: equal up to kernel nondeterminism
+        for f in ("max_abs", "floor", "moved"):
+            assert getattr(rb, f) == pytest.approx(getattr(ra, f), rel=1e-6, abs=1e-12), (ra.path, f)
+    assert all(torch.equal(v, before[k]) for k, v in kept.state_dict().items())  # a copy trained
+    assert not all(torch.equal(v, before[k]) for k, v in consumed.state_dict().items())  # the module itself trained
 
 
 def test_train_parity_fails_on_a_wrong_batchnorm_momentum(exported):
@@ -574,3 +597,59 @@ def test_randomness_drawn_by_any_layer_in_training_is_refused_by_layer_name(kera
         mmbridge.export(model, trainable=True, cache_dir=tmp_path, name="custom_noise")
     for v, b in zip(model.variables, before):
         np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_lstm_dropout_trainable_export_is_refused_by_name_and_the_frozen_export_works(keras, tmp_path):
+    """``LSTM(3, dropout=0.5)`` with ``trainable=True`` used to fail at the export's TF parity run with
+    ``Op type not registered '..._while_cond_...'``: deleting the frozen function took the traced
+    function's un-inlined ``while`` body and condition out of TF's eager context
+    (``exporter._reregister_functions`` puts them back). Now the export reaches train parity, which
+    names the layer whose dropout the inference graph lacks; frozen, the model bridges."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5, 4), name="x")
+    model = keras.Model(inp, keras.layers.LSTM(3, dropout=0.5, name="lstm")(inp))
+    with pytest.raises(mmbridge.ParityError, match=r"Keras layer 'lstm_cell' \(LSTMCell\) drew random values in training"):
+        mmbridge.export(model, trainable=True, cache_dir=tmp_path, name="lstm_dropout")
+    assert not any(p.is_dir() and p.name.startswith("lstm_dropout") for p in tmp_path.iterdir())
+    art = mmbridge.export(model, trainable=False, cache_dir=tmp_path, name="lstm_frozen")
+    x = np.random.default_rng(0).normal(size=(2, 5, 4)).astype(np.float32)
+    with torch.no_grad():
+        got = art.to_torch()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, np.asarray(model(x, training=False)), rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_graph_def_is_tf2onnx_from_function_byte_for_byte(keras):
+    """``exporter._frozen_graph_def`` (tf2onnx's ``from_function`` without two copies of the weights)
+    gives the same GraphDef as ``from_function``, on a CNN and on an LSTM whose loop functions freezing
+    takes out of TF's context (the traced function still runs afterwards)."""
+    import tensorflow as tf
+    from tf2onnx import tf_loader
+
+    from mmbridge.export.exporter import _frozen_graph_def
+
+    keras.utils.set_random_seed(0)
+    models = []
+    inp = keras.Input((8, 8, 3), name="img")
+    models.append(keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(
+        keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(inp))))))
+    inp = keras.Input((5, 4), name="seq")
+    models.append(keras.Model(inp, keras.layers.LSTM(3, dropout=0.5)(inp)))
+    for model in models:
+        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        fn = tf.function(lambda x, m=model: m(x, training=False), input_signature=[spec])
+        cf = fn.get_concrete_function()
+        ins = [t.name for t in cf.inputs[:1]]
+        outs = [t.name for t in cf.outputs if t.dtype != tf.resource]
+        ours = _frozen_graph_def(cf, ins, outs, tf)
+        theirs = tf_loader.from_function(fn.get_concrete_function(), ins, outs)
+        if not ours.library.function:  # the CNN: the same bytes
+            assert ours.SerializeToString(deterministic=True) == theirs.SerializeToString(deterministic=True)
+        else:  # the LSTM's library functions take a fresh TF uid suffix per freeze (..._while_body_1650): names aside
+            from google.protobuf import text_format
+
+            def canonical(g):
+                return re.sub(r"_\d+\b", "_N", text_format.MessageToString(g))
+
+            assert canonical(ours) == canonical(theirs)
+        x = np.ones((2, *model.input_shape[1:]), np.float32)
+        np.testing.assert_allclose(np.asarray(fn(tf.constant(x))), np.asarray(model(x, training=False)), rtol=1e-6)
