@@ -148,17 +148,22 @@ def test_recurrent_text_encoders(keras, tmp_path, cell):
 #: ResNet50 (107 s here) runs with MMBRIDGE_ZOO=1 only, to keep CI well under 30 minutes: its layers
 #: (Conv, BatchNorm, ReLU, residual Add) are MobileNetV2's and EfficientNetB0's, which run by default,
 #: and tests/export/test_families.py + docs/zoo.md cover it and every other keras.applications model
-ZOO = [pytest.param("ResNet50", marks=pytest.mark.skipif(not os.environ.get("MMBRIDGE_ZOO"),
-                                                        reason="zoo row: run with MMBRIDGE_ZOO=1 (CI time)")),
-       "MobileNetV2", "EfficientNetB0", "ConvNeXtTiny"]
+#: ConvNeXtTiny (83 s) likewise: ConvNeXtMini (its constructor, fewer and narrower blocks: every layer type,
+#: tests/convert/test_zoo.py::build_application) runs by default
+_ZOO_ONLY = pytest.mark.skipif(not os.environ.get("MMBRIDGE_ZOO"), reason="zoo row: run with MMBRIDGE_ZOO=1 (CI time)")
+ZOO = [pytest.param("ResNet50", marks=_ZOO_ONLY), "MobileNetV2", "EfficientNetB0", "ConvNeXtMini",
+       pytest.param("ConvNeXtTiny", marks=_ZOO_ONLY)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ZOO)
 def test_keras_applications_zoo(keras, tmp_path_factory, arch):
     """weights=None, include_top=False, pooling='avg' at 64x64 (the graph is the same at 224)."""
+    from tests.convert.test_zoo import build_application
+
     keras.utils.set_random_seed(0)
-    model = getattr(keras.applications, arch)(weights=None, include_top=False, pooling="avg", input_shape=(64, 64, 3))
+    model = build_application(keras, arch, 64) if arch == "ConvNeXtMini" else \
+        getattr(keras.applications, arch)(weights=None, include_top=False, pooling="avg", input_shape=(64, 64, 3))
     cache = tmp_path_factory.mktemp(arch)
     art = mmbridge.export(model, name=arch, cache_dir=cache)
     x = np.random.default_rng(5).uniform(0, 255 if arch.startswith(("Eff", "ConvNeXt")) else 1, (2, 64, 64, 3)).astype("float32")
@@ -167,7 +172,7 @@ def test_keras_applications_zoo(keras, tmp_path_factory, arch):
     report = mmbridge.verify(art, backends=("ort_module", "torch"))
     assert report.passed and {r.backend for r in report.rows} == {"ort_module", "torch"}, str(report)
     # no TF-only op survived; grouped conv (ConvNeXt depthwise 7x7) is an ONNX Conv with group > 1
-    if arch == "ConvNeXtTiny":
+    if arch.startswith("ConvNeXt"):
         groups = [a.i for n in art.model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
         assert max(groups) > 1
 
