@@ -10,7 +10,7 @@ peak (``VmHWM``). It exports ``keras.applications.ARCH(weights=None, include_top
 pooling="avg", input_shape=(SIZE, SIZE, 3))`` into a scratch cache (``--inference`` for
 ``trainable=False``).
 
-Usage (repository root)::
+Linux only (``/proc/self/status``). Usage (repository root)::
 
     PYTHONPATH=. python tools/export_memory.py ConvNeXtBase 32
 """
@@ -55,8 +55,9 @@ class StageMemory:
 
     def _sample(self, period: float) -> None:
         while not self._stop.wait(period):
-            if self.stack:
-                row = self.rows[self.stack[-1]]
+            top = self.stack[-1:]  # one read: the main thread may pop the last stage meanwhile
+            if top:
+                row = self.rows[top[0]]
                 row["peak"] = max(row["peak"], rss_mib())
 
     def start(self) -> None:
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for owner, attr, label in ((convert_to_constants, "convert_variables_to_constants_v2", "tf.freeze_variables"),
                                (tf2onnx.tf_loader, "tf_optimize", "tf.grappler"),
-                               (tf2onnx.tf_loader, "freeze_session", "tf.freeze_session"),
+                               (tf2onnx.tf_loader, "freeze_session", "tf.freeze_session"),  # inside from_graph_def
                                (tf, "import_graph_def", "tf.import_graph_def"),
                                (tf2onnx.convert, "process_tf_graph", "tf2onnx.process_tf_graph"),
                                (tf2onnx.optimizer, "optimize_graph", "tf2onnx.optimize_graph"),
@@ -134,23 +135,31 @@ def main(argv: list[str] | None = None) -> int:
         mem.wrap(owner, attr, label)
     keras.utils.set_random_seed(0)
     before_model = rss_mib()
-    m = getattr(keras.applications, args.arch)(weights=None, include_top=False, pooling="avg",
-                                               input_shape=(args.size, args.size, 3))
+    build = getattr(keras.applications, args.arch, None)
+    if not callable(build):
+        ap.error(f"ARCH {args.arch!r} is not a keras.applications constructor (e.g. ConvNeXtBase, ResNet50)")
+    m = build(weights=None, include_top=False, pooling="avg", input_shape=(args.size, args.size, 3))
     n_params = sum(int(v.numpy().size) for v in m.weights)
     print(f"{args.arch} {args.size} px: {n_params:,} values ({n_params * 4 / _MIB:.0f} MiB float32); "
           f"RSS {before_model:.0f} MiB before the model, {rss_mib():.0f} MiB after", flush=True)
     mem.start()
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        mmbridge.export(m, trainable=not args.inference, cache_dir=tmp, name=f"{args.arch}_{args.size}")
-    mem.stop()
-    print(f"export {time.perf_counter() - t0:.0f} s")
+    try:  # a failing export (the case most worth measuring) still prints its table
+        with tempfile.TemporaryDirectory() as tmp:
+            mmbridge.export(m, trainable=not args.inference, cache_dir=tmp, name=f"{args.arch}_{args.size}")
+    finally:
+        mem.stop()
+        print(f"export {time.perf_counter() - t0:.0f} s")
+        _print_table(mem)
+    return 0
+
+
+def _print_table(mem: StageMemory) -> None:
     print(f"{'stage':24s} {'calls':>5s} {'start MiB':>10s} {'peak MiB':>10s} {'end MiB':>10s} {'seconds':>8s}")
     for key in mem.order:
         r = mem.rows[key]
         print(f"{key:24s} {r['calls']:5d} {r['start']:10.0f} {r['peak']:10.0f} {r['end']:10.0f} {r['seconds']:8.1f}")
     print(f"process peak (VmHWM) {_status_kib('VmHWM') / 1024:.0f} MiB")
-    return 0
 
 
 if __name__ == "__main__":

@@ -612,8 +612,10 @@ def _convert(graph_def: Any, inputs: list[str], outputs: list[str], opset: int, 
     return model
 
 
-#: The patches :func:`_convert` applies to tf2onnx's module state (optimiser table, handlers) are
-#: process-wide: one conversion at a time (threads exporting at once take turns).
+#: The patches :func:`_convert` applies to tf2onnx's module state (the optimiser table, the patches of
+#: :func:`deterministic_tf2onnx`) are process-wide: one conversion at a time. Tracing's own patches
+#: (``export_patches``, ``trainable_patches``) are not under it: exporting from several threads at once
+#: is not supported (processes are: the cache lock, :mod:`mmbridge.store`).
 _CONVERT_LOCK = threading.RLock()
 
 
@@ -651,8 +653,6 @@ def _collect_between_optimizers(graph_bytes: int) -> Iterator[None]:
     :data:`COLLECT_FLOOR_BYTES`) since the last collection: small graphs never pay for it (a full
     collection costs ~0.5 s in a process holding TF, Keras and torch). Nothing else changes: the
     same optimisers, in the same order, on the same graphs."""
-    import gc
-
     import tf2onnx.optimizer as optimizer
 
     threshold = max(COLLECT_GROWTH * int(graph_bytes), COLLECT_FLOOR_BYTES)

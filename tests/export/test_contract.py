@@ -618,10 +618,15 @@ def test_lstm_dropout_trainable_export_is_refused_by_name_and_the_frozen_export_
     np.testing.assert_allclose(got, np.asarray(model(x, training=False)), rtol=1e-5, atol=1e-6)
 
 
-def test_frozen_graph_def_is_tf2onnx_from_function_byte_for_byte(keras):
+def test_frozen_graph_def_equals_tf2onnx_from_function_and_the_traced_function_still_runs(keras):
     """``exporter._frozen_graph_def`` (tf2onnx's ``from_function`` without two copies of the weights)
-    gives the same GraphDef as ``from_function``, on a CNN and on an LSTM whose loop functions freezing
-    takes out of TF's context (the traced function still runs afterwards)."""
+    gives ``from_function``'s GraphDef: the same bytes on a CNN; on an LSTM whose loop functions
+    freezing takes out of TF's context (the repair path: "incompatible with expected resource"), the
+    same graph up to TF's fresh uid suffixes and the library's order; and the traced function still
+    runs right after it. (The loss of the loop functions shows in the export's own run:
+    ``test_lstm_dropout_trainable_export_...`` fails without ``_reregister_functions``; checked.)"""
+    import gc
+
     import tensorflow as tf
     from tf2onnx import tf_loader
 
@@ -636,20 +641,29 @@ def test_frozen_graph_def_is_tf2onnx_from_function_byte_for_byte(keras):
     models.append(keras.Model(inp, keras.layers.LSTM(3, dropout=0.5)(inp)))
     for model in models:
         spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
-        fn = tf.function(lambda x, m=model: m(x, training=False), input_signature=[spec])
+
+        def traced(m=model, sig=(spec,)):
+            return tf.function(lambda inputs: m(inputs, training=False), input_signature=list(sig))
+
+        fn = traced()
         cf = fn.get_concrete_function()
         ins = [t.name for t in cf.inputs[:1]]
         outs = [t.name for t in cf.outputs if t.dtype != tf.resource]
         ours = _frozen_graph_def(cf, ins, outs, tf)
-        theirs = tf_loader.from_function(fn.get_concrete_function(), ins, outs)
-        if not ours.library.function:  # the CNN: the same bytes
-            assert ours.SerializeToString(deterministic=True) == theirs.SerializeToString(deterministic=True)
-        else:  # the LSTM's library functions take a fresh TF uid suffix per freeze (..._while_body_1650): names aside
-            from google.protobuf import text_format
-
-            def canonical(g):
-                return re.sub(r"_\d+\b", "_N", text_format.MessageToString(g))
-
-            assert canonical(ours) == canonical(theirs)
+        gc.collect()
         x = np.ones((2, *model.input_shape[1:]), np.float32)
         np.testing.assert_allclose(np.asarray(fn(tf.constant(x))), np.asarray(model(x, training=False)), rtol=1e-6)
+        other = traced()
+        theirs = tf_loader.from_function(other.get_concrete_function(), ins, outs)
+        if not ours.library.function:  # the CNN: the same bytes
+            assert ours.SerializeToString(deterministic=True) == theirs.SerializeToString(deterministic=True)
+        else:  # the LSTM's library functions take a fresh TF uid suffix per trace and freeze
+            from google.protobuf import text_format
+
+            def canonical(g):  # nodes in order; library functions as a sorted list (their order follows the uids)
+                def text(m):
+                    return re.sub(r"_\d+", "_N", text_format.MessageToString(m))
+
+                return [text(n) for n in g.node], sorted(text(f) for f in g.library.function)
+
+            assert canonical(ours) == canonical(theirs)
